@@ -1,0 +1,288 @@
+"""Checkpoints: one ``.safetensors`` file per model with a JSON metadata document.
+
+The metadata (safetensors' string map, key ``advcl``) holds ``format_version``, ``kind``
+(encoder | classifier), ``arch``, ``method``, ``dataset``, ``num_classes``, ``eps``, ``config``
+(the resolved run configuration), ``metrics``, ``parent`` (sha256 of the checkpoint this one
+was made from) and ``model`` (the ModelConfig that rebuilds the network). Every write goes to a
+temporary file that is renamed into place, so a crash never leaves a half-written file. Resume
+state (optimizer, schedule, RNG) is a second safetensors file written by ``save_state``.
+Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+from .models import AdvclNet, ModelConfig
+
+FORMAT_VERSION = 1
+META_KEY = "advcl"
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    format_version: int = FORMAT_VERSION
+    kind: Literal["encoder", "classifier"]
+    arch: str
+    method: str
+    dataset: str
+    num_classes: int | None = None
+    eps: float | None = None
+    config: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    parent: str | None = None
+    model: dict[str, Any]
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, without DDP/compile wrapper prefixes."""
+    out = {}
+    for key, value in state.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+            key = key.replace("." + prefix, ".")
+        out[key] = value.detach().to("cpu").contiguous()
+    return out
+
+
+def unwrap(model: torch.nn.Module) -> AdvclNet:
+    """The AdvclNet inside DDP / torch.compile wrappers."""
+    while not isinstance(model, AdvclNet):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"not an AdvclNet: {type(model).__name__}")
+        model = inner
+    return model
+
+
+def save_model(
+    path: str | Path,
+    model: torch.nn.Module,
+    *,
+    kind: Literal["encoder", "classifier"],
+    method: str,
+    dataset: str,
+    eps: float | None = None,
+    config: dict | None = None,
+    metrics: dict | None = None,
+    parent: str | None = None,
+) -> Path:
+    """Write ``model`` and its metadata atomically; return the path."""
+    net = unwrap(model)
+    meta = Metadata(
+        kind=kind,
+        arch=net.config.arch,
+        method=method,
+        dataset=dataset,
+        num_classes=net.config.num_classes,
+        eps=eps,
+        config=config or {},
+        metrics=metrics or {},
+        parent=parent,
+        model=net.config.to_dict(),
+    )
+    tensors = clean_state_dict(net.state_dict())
+    doc = {META_KEY: meta.model_dump_json()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=doc))
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: Metadata
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.meta.model)
+
+    @property
+    def sha256(self) -> str:
+        return sha256_file(self.path)
+
+    def build(self, device: str | torch.device = "cpu") -> AdvclNet:
+        """The network with these weights, in eval mode."""
+        net = AdvclNet(self.model_config)
+        net.load_state_dict(self.tensors, strict=True)
+        return net.to(device).eval()
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """Parse the safetensors header by hand so that bad files get precise messages."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path} is not a safetensors file (bad header)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path} is not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (bad header)")
+    end = max(
+        (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+    )
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path} is truncated ({size} bytes, {8 + n + end} expected)",
+            "download or copy it again",
+        )
+    return header, size
+
+
+def read_metadata(path: str | Path) -> Metadata:
+    """Only the metadata: cheap, reads the header."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such checkpoint file: {path}")
+    header, _ = _read_header(path)
+    raw = (header.get("__metadata__") or {}).get(META_KEY)
+    if raw is None:
+        raise CheckpointError(
+            f"{path} is a safetensors file but not an advcl checkpoint (no '{META_KEY}' metadata)"
+        )
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: the advcl metadata is not valid JSON") from None
+    version = doc.get("format_version") if isinstance(doc, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format_version {version!r} (this advcl reads {FORMAT_VERSION})",
+            "upgrade advcl",
+        )
+    try:
+        return Metadata.model_validate(doc)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise CheckpointError(f"{path}: bad metadata field '{where}': {err['msg']}") from None
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        net = AdvclNet(config)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
+    """Read and validate a checkpoint: metadata, tensor names and shapes against its arch."""
+    path = Path(path)
+    meta = read_metadata(path)
+    if kind is not None and meta.kind != kind:
+        hint = "finetune it first: advcl finetune CKPT --scheme slf" if kind == "classifier" else None
+        raise CheckpointError(f"{path} is an {meta.kind} checkpoint, a {kind} is needed", hint)
+    config = ModelConfig.from_dict(meta.model)  # raises on unknown arch
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} could not be read: {e}") from None
+    want = expected_shapes(config)
+    missing = sorted(set(want) - set(tensors))
+    unexpected = sorted(set(tensors) - set(want))
+    wrong = sorted(k for k in set(want) & set(tensors) if tuple(tensors[k].shape) != want[k])
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
+        raise CheckpointError(
+            f"{path} does not match architecture '{config.arch}' ({'; '.join(parts)})"
+        )
+    return Checkpoint(path=path, meta=meta, tensors=tensors)
+
+
+# --- resume state: nested dicts/lists of tensors and JSON values --------------------------
+
+
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().to("cpu").contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _flatten(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[k, _flatten(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_flatten(v, tensors) for v in obj]
+    return obj
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__items__"}:
+            return {k: _unflatten(v, tensors) for k, v in obj["__items__"]}
+        return {k: _unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(path: str | Path, state: dict) -> Path:
+    """Save nested resume state (optimizer state dicts, RNG states, counters) atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    doc = _flatten(state, tensors)
+    if not tensors:  # safetensors needs at least one tensor to be a useful file
+        tensors["t_empty"] = torch.zeros(1)
+    meta = {"advcl_state": json.dumps(doc)}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def load_state(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no resume state at {path}")
+    header, _ = _read_header(path)
+    raw = (header.get("__metadata__") or {}).get("advcl_state")
+    if raw is None:
+        raise CheckpointError(f"{path} is not an advcl resume state file")
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _unflatten(json.loads(raw), tensors)

@@ -1,0 +1,104 @@
+"""The root ``advcl`` command. ``main()`` holds the one error handler."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from .. import __version__
+from ..errors import AdvclError
+from . import attack, evaluate, finetune, pretrain, pseudo_labels, pull, push, zoo
+from .output import Output
+
+# Typer may vendor click; take its exception classes from Typer itself.
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+app = typer.Typer(
+    name="advcl",
+    help=(
+        "Adversarial contrastive pretraining (AdvCL), robust finetuning, attacks and a model zoo.\n\n"
+        "stdout carries data (a path, a table, or JSON with --json); logs and progress go to stderr.\n\n"
+        "Example, offline on the bundled digits data:\n\n"
+        "  ckpt=$(advcl pretrain --dataset digits --arch resnet18-tiny --epochs 2 --batch-size 64)\n\n"
+        "  advcl finetune $ckpt --scheme slf --epochs 2 | advcl eval --attack pgd20"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"advcl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    pass
+
+
+app.command("pretrain")(pretrain.pretrain)
+app.add_typer(pseudo_labels.app, name="pseudo-labels")
+app.command("import")(pretrain.import_checkpoint)
+app.command("finetune")(finetune.finetune)
+app.command("attack")(attack.attack)
+app.command("eval")(evaluate.evaluate)
+app.command("pull")(pull.pull)
+app.command("push")(push.push)
+app.add_typer(zoo.app, name="zoo")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; every error ends here as one or two lines on stderr and an exit code."""
+    debug = os.environ.get("ADVCL_DEBUG") == "1"
+    out = Output()
+    try:
+        rv = app(args=argv, prog_name="advcl", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except AdvclError as e:
+        if debug:
+            raise
+        out.error(e.message, e.hint)
+        code = e.exit_code
+    except typer.Exit as e:
+        code = e.exit_code
+    except typer.Abort:
+        out.error("aborted")
+        code = 130
+    except ClickException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare group: show its help
+            out.log(e.format_message())
+            return _exit(2, argv)
+        cmd = e.ctx.command_path if getattr(e, "ctx", None) else "advcl"
+        out.error(e.format_message(), f"see `{cmd} --help`")
+        code = e.exit_code
+    except KeyboardInterrupt:
+        out.error("interrupted", "resumable runs continue with --resume")
+        code = 130
+    except BrokenPipeError:
+        code = 0
+    except Exception as e:  # a bug: say so in one line, the traceback only on request
+        if debug:
+            raise
+        out.error(f"internal error: {type(e).__name__}: {e}", "rerun with ADVCL_DEBUG=1 for the traceback and report it")
+        code = 1
+    return _exit(code, argv)
+
+
+def _exit(code: int, argv: list[str] | None) -> int:
+    sys.stdout.flush()
+    if argv is None:
+        sys.exit(code)
+    return code

@@ -1,0 +1,48 @@
+"""How an engine tells its caller about progress, without knowing about terminals.
+
+Engines take a ``Reporter`` and call it; the CLI passes one that draws rich progress bars
+on stderr, tests pass one that records, and the default does nothing.
+"""
+
+from __future__ import annotations
+
+
+class Reporter:
+    """Silent reporter; subclasses render or record."""
+
+    def start(self, name: str, total: int, unit: str = "step") -> None:
+        """A task of ``total`` units begins (an epoch loop, an evaluation)."""
+
+    def advance(self, n: int = 1, **info) -> None:
+        """``n`` units done; ``info`` holds figures to show (loss=..., img_s=...)."""
+
+    def finish(self) -> None:
+        """The current task is over."""
+
+    def log(self, message: str) -> None:
+        """A line for people (stderr in the CLI)."""
+
+    def warn(self, message: str) -> None:
+        """A warning for people."""
+
+
+class RecordingReporter(Reporter):
+    """Keeps every call; used by tests."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def start(self, name, total, unit="step"):
+        self.events.append(("start", name, total))
+
+    def advance(self, n=1, **info):
+        self.events.append(("advance", n, info))
+
+    def finish(self):
+        self.events.append(("finish",))
+
+    def log(self, message):
+        self.events.append(("log", message))
+
+    def warn(self, message):
+        self.events.append(("warn", message))

@@ -1,0 +1,21 @@
+"""Models: the CIFAR ResNet-18 with named BN sets and its heads."""
+
+from .resnet import (
+    ARCHS,
+    AdvclNet,
+    ModelConfig,
+    MultiBatchNorm2d,
+    ProjectionHead,
+    backbone_with_bn_set,
+    create_model,
+)
+
+__all__ = [
+    "ARCHS",
+    "AdvclNet",
+    "ModelConfig",
+    "MultiBatchNorm2d",
+    "ProjectionHead",
+    "backbone_with_bn_set",
+    "create_model",
+]

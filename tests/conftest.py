@@ -1,0 +1,40 @@
+import io
+import os
+import sys
+import tempfile
+
+import pytest
+import torch
+
+# Two cores and several test processes: keep each test single-threaded and deterministic.
+torch.set_num_threads(1)
+os.environ.setdefault("ADVCL_DATA_DIR", tempfile.mkdtemp(prefix="advcl-test-data-"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    """No user config, no HF token or cache from the machine leaks into a test."""
+    for key in list(os.environ):
+        if key.startswith("ADVCL_") and key != "ADVCL_DATA_DIR":
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """Run ``advcl ARGS`` in-process: returns (exit code, stdout, stderr)."""
+    from advcl_cli.cli.app import main
+
+    def run(*args, stdin: str | None = None):
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -1,0 +1,161 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from advcl_cli.checkpoint import (
+    load_checkpoint,
+    load_state,
+    read_metadata,
+    save_model,
+    save_state,
+    sha256_file,
+)
+from advcl_cli.errors import CheckpointError
+from advcl_cli.models import create_model
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    net = create_model("resnet18-tiny", bn_sets=("normal", "pgd"), proj_dim=16, pseudo_ks=(2, 5))
+    path = save_model(
+        tmp_path / "enc.safetensors",
+        net,
+        kind="encoder",
+        method="advcl",
+        dataset="digits",
+        eps=8 / 255,
+        config={"epochs": 3, "lr": 0.5},
+        metrics={"loss": 1.25},
+        parent="ab" * 32,
+    )
+    return net, path
+
+
+def test_round_trip(ckpt):
+    net, path = ckpt
+    loaded = load_checkpoint(path)
+    assert loaded.meta.kind == "encoder" and loaded.meta.method == "advcl"
+    assert loaded.meta.config == {"epochs": 3, "lr": 0.5} and loaded.meta.metrics == {"loss": 1.25}
+    assert loaded.meta.parent == "ab" * 32 and loaded.meta.eps == pytest.approx(8 / 255)
+    assert loaded.model_config == net.config
+    state = net.state_dict()
+    assert set(loaded.tensors) == set(state)
+    for k, v in state.items():
+        assert torch.equal(loaded.tensors[k], v), k
+    rebuilt = loaded.build()
+    assert not rebuilt.training
+    net.eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(rebuilt.features(x, "pgd"), net.features(x, "pgd"))
+    assert loaded.sha256 == sha256_file(path) and len(loaded.sha256) == 64
+
+
+def test_wrapper_prefixes_are_stripped(tmp_path):
+    net = create_model("resnet18-tiny", num_classes=3)
+    wrapped = torch.nn.parallel.DistributedDataParallel.__new__(torch.nn.parallel.DistributedDataParallel)
+    torch.nn.Module.__init__(wrapped)
+    wrapped.module = net
+    path = save_model(tmp_path / "c.safetensors", wrapped, kind="classifier", method="simclr", dataset="digits")
+    assert all(not k.startswith("module.") for k in load_checkpoint(path).tensors)
+
+
+def test_kind_check(ckpt):
+    _, path = ckpt
+    with pytest.raises(CheckpointError, match="finetune it first"):
+        load_checkpoint(path, kind="classifier")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_not_safetensors(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"this is a text file, not a model" * 10)
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        load_checkpoint(bad)
+
+
+def test_truncated(ckpt, tmp_path):
+    _, path = ckpt
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(cut)
+
+
+def _rewrite_meta(path, tmp_path, change):
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    doc = json.loads(header["__metadata__"]["advcl"])
+    change(doc)
+    header["__metadata__"]["advcl"] = json.dumps(doc)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    out = tmp_path / "edited.safetensors"
+    out.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    return out
+
+
+def test_unknown_format_version(ckpt, tmp_path):
+    _, path = ckpt
+    edited = _rewrite_meta(path, tmp_path, lambda d: d.update(format_version=99))
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        load_checkpoint(edited)
+
+
+def test_unknown_arch(ckpt, tmp_path):
+    _, path = ckpt
+    edited = _rewrite_meta(path, tmp_path, lambda d: d["model"].update(arch="resnet999"))
+    with pytest.raises(CheckpointError, match="unknown architecture 'resnet999'"):
+        load_checkpoint(edited)
+
+
+def test_shape_mismatch(ckpt, tmp_path):
+    _, path = ckpt
+    edited = _rewrite_meta(path, tmp_path, lambda d: d["model"].update(proj_dim=32))
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        load_checkpoint(edited)
+
+
+def test_plain_safetensors_without_metadata(tmp_path):
+    p = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(64)}, str(p))
+    with pytest.raises(CheckpointError, match="not an advcl checkpoint"):
+        read_metadata(p)
+
+
+def test_atomic_write_keeps_old_file_on_failure(ckpt, monkeypatch):
+    net, path = ckpt
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("advcl_cli.checkpoint.save_file", boom)
+    with pytest.raises(RuntimeError):
+        save_model(path, net, kind="encoder", method="advcl", dataset="digits")
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+
+
+def test_resume_state_round_trip(tmp_path):
+    net = create_model("resnet18-tiny")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net.features(torch.rand(4, 3, 32, 32)).sum().backward()
+    opt.step()
+    state = {"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "epoch": 4, "names": ["a", "b"]}
+    back = load_state(save_state(tmp_path / "state.safetensors", state))
+    assert back["epoch"] == 4 and back["names"] == ["a", "b"]
+    assert torch.equal(back["rng"], state["rng"])
+    opt2 = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(back["optimizer"])
+    for k, v in opt.state_dict()["state"].items():
+        assert torch.equal(opt2.state_dict()["state"][k]["momentum_buffer"], v["momentum_buffer"])
