@@ -1,14 +1,33 @@
-"""Distributed training through torchrun (single-process fallbacks live here too).
+"""Distributed training through torchrun, with single-process fallbacks.
 
 Engines call these functions unconditionally; with one process they are identities, so the
-CPU tests walk the same code as a multi-GPU job.
+CPU tests walk the same code as a multi-GPU job. The semantics are those of one device with
+the global batch:
+
+- every rank draws the same random numbers for the whole global batch and keeps its slice
+  (``local_slice``), so augmentations and attack starts match a single process exactly;
+- the contrastive loss sees every rank's projections (``all_gather_with_grad``: gradients flow
+  back to the rank that produced each row);
+- BatchNorm normalises with statistics of the global batch (``prepare_model`` swaps every BN
+  for ``GlobalBatchNorm``, which all-reduces sums and squares with autograd);
+- after backward, gradients are averaged with one all-reduce over a flat buffer
+  (``sync_gradients``). That plays DDP's part without its wrapper: the AdvCL step runs many
+  forwards through three BN sets and input-only gradient passes for PGD before the one weight
+  backward, which DDP's reducer is not built for. NCCL on CUDA, gloo on CPU.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -27,28 +46,176 @@ class DistContext:
 
 
 def init_distributed(device: torch.device) -> DistContext:
-    """Read torchrun's environment; a single process gets the trivial context."""
-    return DistContext()
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group.
+
+    A single process gets the trivial context. On CUDA each process uses GPU ``LOCAL_RANK``
+    (``torch.device("cuda")`` then means that GPU).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise UsageError(
+                f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible",
+                "set --nproc-per-node to the number of GPUs",
+            )
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=int(os.environ.get("ADVCL_DIST_TIMEOUT", "600")))
+        dist.init_process_group(backend=backend, timeout=timeout)
+    return DistContext(rank=rank, world_size=world, local_rank=local)
+
+
+def local_slice(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """This rank's contiguous share of a global-batch tensor (dim 0)."""
+    if not ctx.enabled:
+        return x
+    n = x.shape[0] // ctx.world_size
+    return x[ctx.rank * n : (ctx.rank + 1) * n]
+
+
+class _GatherCat(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.n, ctx.rank = x.shape[0], dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on this rank's rows
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 def all_gather_with_grad(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0, keeping gradients to the local part."""
-    return x
+    """Concatenate ``x`` from every rank along dim 0 (rank order), keeping gradients."""
+    return _GatherCat.apply(x) if ctx.enabled else x
 
 
-def prepare_model(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """Synchronise BatchNorm across ranks (identity for one process)."""
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm (1d or 2d) whose training statistics cover every rank's batch.
+
+    Sums and sums of squares are all-reduced with autograd, so gradients match one process
+    holding the global batch. Same parameters and buffers as nn.BatchNorm*, so checkpoints
+    do not change. Outside training, or with one process, it is a plain BatchNorm.
+    """
+
+    def _check_input_dim(self, x):
+        if x.dim() not in (2, 4):
+            raise ValueError(f"expected 2D or 4D input (got {x.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = [0] if x.dim() == 2 else [0, 2, 3]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
+        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
+        stats = _AllReduceSum.apply(stats)
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = stats[c : 2 * c] / n - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
+        out = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out.to(x.dtype)
+
+
+def _convert_bn(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new.to(next(iter(module.state_dict().values())).device)
+    for name, child in module.named_children():
+        setattr(module, name, _convert_bn(child))
+    return module
+
+
+def prepare_model(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """Make ``model`` ready for data parallelism: global BN and rank 0's initial weights."""
+    if not ctx.enabled:
+        return model
+    model = _convert_bn(model)
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t, src=0)
     return model
 
 
-def sync_gradients(model: torch.nn.Module, ctx: DistContext) -> None:
-    """Average gradients across ranks after backward (no-op for one process)."""
+def sync_gradients(model: nn.Module, ctx: DistContext) -> None:
+    """Average parameter gradients over ranks with one all-reduce of a flat buffer."""
+    if not ctx.enabled:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= ctx.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def reduce_mean(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """Mean of a tensor over ranks (metrics)."""
-    return x
+    """Mean of a tensor over ranks (for metrics)."""
+    if not ctx.enabled:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / ctx.world_size
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
 
 
 def shutdown(ctx: DistContext) -> None:
     """Tear down the process group, if any."""
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = [
+    "DistContext",
+    "GlobalBatchNorm",
+    "all_gather_with_grad",
+    "barrier",
+    "init_distributed",
+    "local_slice",
+    "prepare_model",
+    "reduce_mean",
+    "shutdown",
+    "sync_gradients",
+]
+
+_ = F  # functional kept for subclasses of GlobalBatchNorm
