@@ -24,7 +24,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
@@ -217,5 +216,3 @@ __all__ = [
     "shutdown",
     "sync_gradients",
 ]
-
-_ = F  # functional kept for subclasses of GlobalBatchNorm
