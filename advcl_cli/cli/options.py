@@ -34,6 +34,14 @@ EpsOpt = Annotated[
     Optional[str], typer.Option("--eps", help="L-inf budget, as 8/255 or 0.031 (default 8/255).", show_default=False)
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+ManifestOpt = Annotated[
+    Optional[Path],
+    typer.Option("--manifest", help="Zoo manifest file (default: $ADVCL_ZOO_MANIFEST or the one shipped with advcl).", show_default=False),
+]
+EndpointOpt = Annotated[
+    Optional[str],
+    typer.Option("--endpoint", help="Hub URL, e.g. a mirror (default: $ADVCL_HF_ENDPOINT, $HF_ENDPOINT or https://huggingface.co).", show_default=False),
+]
 ModelArg = Annotated[
     Optional[str],
     typer.Argument(
@@ -62,8 +70,9 @@ def model_path(value: str | None) -> Path:
         return path
     if _looks_like_name(value):
         from ..zoo import pull  # a zoo name: fetch it (or say why not)
+        from .output import Output
 
-        return pull(value)
+        return pull(value, reporter=Output().reporter())
     raise CheckpointError(f"no such checkpoint file: {value}")
 
 

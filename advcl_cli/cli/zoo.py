@@ -1,21 +1,117 @@
-"""`advcl zoo` (not built yet)."""
+"""`advcl zoo list` and `advcl zoo info NAME`: what the manifest holds; no network."""
 
-from __future__ import annotations
+from typing import Annotated
 
 import typer
 
-from ..errors import NotImplementedYet
+from .options import ConfigOpt, JsonOpt, ManifestOpt
+from .output import Output
 
-app = typer.Typer(help="The model zoo (not implemented yet).", add_completion=False, no_args_is_help=True)
+LIST_LABELS = {"sa": "SA", "pgd20": "PGD-20", "aa": "AA"}  # short headers: the table fits 80 columns
+
+app = typer.Typer(
+    help="The model zoo: named checkpoints on the Hugging Face Hub (see also `advcl pull`).",
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+def _manifest(manifest, config):
+    from ..settings import HubSettings
+    from ..zoo.manifest import load_manifest, manifest_path
+
+    settings = HubSettings.resolve(config, zoo_manifest=manifest)
+    return load_manifest(manifest_path(settings.zoo_manifest))
+
+
+def _eps(entry) -> str:
+    from ..zoo.manifest import format_eps
+
+    return format_eps(entry.eps) if entry.eps is not None else "-"
 
 
 @app.command("list")
-def list_entries() -> None:
-    """Not implemented yet."""
-    raise NotImplementedYet("zoo list")
+def list_entries(manifest: ManifestOpt = None, json_mode: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """List the zoo's models and their accuracies (percent): reported by a paper, or measured
+    here (marked *). `advcl zoo info NAME` shows each number's source.
+
+    Examples:
+
+    \b
+      advcl zoo list
+      advcl zoo list --json --manifest my-team-zoo.toml
+    """
+    zoo = _manifest(manifest, config)
+    rows, docs = [], []
+    for name, entry in zoo.entries.items():
+        row = {
+            "name": name,
+            "kind": entry.scheme or entry.kind,
+            "dataset": entry.dataset,
+            "hub": "yes" if entry.published else "no",
+        }
+        for key, label in LIST_LABELS.items():
+            m = entry.metrics.get(key)
+            row[label] = f"{m.value:.2f}{'' if m.status == 'reported' else '*'}" if m else "-"
+        rows.append(row)
+        docs.append({"name": name, "published": entry.published, **entry.model_dump(mode="json")})
+    columns = ["name", "kind", "dataset", *LIST_LABELS.values(), "hub"]
+    Output(json_mode).table(rows, columns, title=f"advcl zoo ({zoo.path}); accuracies in percent at L-inf eps 8/255, * = measured here, else reported", doc=docs)
 
 
 @app.command("info")
-def info() -> None:
-    """Not implemented yet."""
-    raise NotImplementedYet("zoo info")
+def info(
+    name: Annotated[str, typer.Argument(help="A zoo name (see `advcl zoo list`).", show_default=False)],
+    manifest: ManifestOpt = None,
+    json_mode: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Show one entry: where it lives, its metrics and their provenance, its recipe, and whether
+    it is in the local Hugging Face cache (with its sha256 checked).
+
+    Examples:
+
+    \b
+      advcl zoo info advcl-r18-cifar10-slf
+      advcl zoo info advcl-r18-cifar10-slf --json
+    """
+    from ..zoo.hub import Target, cached_file
+    from ..zoo.manifest import METRIC_NAMES
+
+    zoo = _manifest(manifest, config)
+    entry = zoo.get(name)
+    cache = {"cached": False, "path": None, "sha256_ok": None}
+    if entry.published:
+        from ..checkpoint import sha256_file
+
+        path = cached_file(Target(name, entry.repo, entry.revision, entry.filename, entry.sha256, entry))
+        if path is not None:
+            cache = {"cached": True, "path": str(path), "sha256_ok": sha256_file(path) == entry.sha256}
+    out = Output(json_mode)
+    if json_mode:
+        out.document({"name": name, "manifest": str(zoo.path), "published": entry.published, **entry.model_dump(mode="json"), "cache": cache})
+        return
+    if not entry.published:
+        where = "not published (no repo): reproduce it with the recipe below"
+    elif cache["cached"]:
+        where = f"in the local cache: {cache['path']} (sha256 {'ok' if cache['sha256_ok'] else 'MISMATCH: pull with --force-download'})"
+    else:
+        where = "not in the local cache (`advcl pull` downloads it)"
+    fields = {
+        "kind": entry.kind, "arch": entry.arch, "method": entry.method, "dataset": entry.dataset,
+        "scheme": entry.scheme, "eps": _eps(entry), "repo": entry.repo, "revision": entry.revision,
+        "filename": entry.filename if entry.published else None, "sha256": entry.sha256,
+        "paper": entry.paper, "license": entry.license, "notes": entry.notes, "local copy": where,
+    }
+    out.table([{"field": k, "value": v} for k, v in fields.items() if v is not None], ["field", "value"], title=name)
+    if entry.metrics:
+        rows = [
+            {"metric": METRIC_NAMES[k], "value": f"{m.value:.2f}", "status": m.status, "source / command": m.source or m.command}
+            for k, m in entry.metrics.items()
+        ]
+        out.table(rows, ["metric", "value", "status", "source / command"], title="metrics (percent, L-inf)")
+    if entry.recipe:
+        out.result("recipe:")
+        for line in entry.recipe:
+            out.result(f"  {line}")

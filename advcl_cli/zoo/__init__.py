@@ -1,0 +1,44 @@
+"""The model zoo: a manifest of named checkpoints on the Hugging Face Hub, pull/push, model cards.
+
+``pull(name)`` returns the local path of a verified checkpoint; ``load_model(name_or_path)``
+returns the classifier ready to evaluate, as RobustBench's ``load_model`` does for its zoo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .manifest import Entry, Manifest, Metric, load_manifest, manifest_path, write_manifest
+
+
+def pull(name: str, *, endpoint: str | None = None, manifest: str | Path | None = None, force_download: bool = False, reporter=None) -> Path:
+    """Local path of the checkpoint ``name`` (a zoo name or ``hf:ORG/REPO[@REV][:FILE]``).
+
+    Downloads into the Hugging Face cache at the pinned revision when needed, checks the sha256
+    the manifest pins, and validates the file as a checkpoint. ``endpoint`` and ``manifest``
+    default to ADVCL_HF_ENDPOINT / HF_ENDPOINT and ADVCL_ZOO_MANIFEST / the shipped manifest.
+    """
+    from .hub import fetch
+
+    return fetch(name, endpoint=endpoint, manifest=manifest, force_download=force_download, reporter=reporter).path
+
+
+def _looks_like_name(value: str) -> bool:
+    return value.startswith("hf:") or ("/" not in value and not value.endswith(".safetensors"))
+
+
+def load_model(name_or_path: str | Path, device: str = "cpu"):
+    """The classifier ``name_or_path`` (a checkpoint path or a zoo name) as an ``nn.Module`` in
+    eval mode that takes RGB images in [0, 1] (there is no normalisation to apply)."""
+    from ..checkpoint import load_checkpoint
+    from ..errors import CheckpointError
+
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        if not _looks_like_name(str(name_or_path)):
+            raise CheckpointError(f"no such checkpoint file: {name_or_path}")
+        path = pull(str(name_or_path))
+    return load_checkpoint(path, kind="classifier").build(device)
+
+
+__all__ = ["Entry", "Manifest", "Metric", "load_manifest", "load_model", "manifest_path", "pull", "write_manifest"]

@@ -1,0 +1,212 @@
+"""Pull and push through the real huggingface_hub client against a local Hub-compatible server."""
+
+import os
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from advcl_cli.checkpoint import save_model, sha256_file
+from advcl_cli.engine.report import RecordingReporter
+from advcl_cli.errors import CheckpointError, DownloadError, UsageError
+from advcl_cli.models import create_model
+from advcl_cli.zoo import load_manifest, load_model, pull
+from advcl_cli.zoo.hub import fetch, push
+from hubserver import running_server
+
+TOKEN = "hf_advcl_test_token_not_a_secret"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    with running_server(root) as url:
+        yield url, root
+
+
+@pytest.fixture
+def token(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+
+
+def make_classifier(path, seed=0, metrics=None):
+    torch.manual_seed(seed)
+    model = create_model("resnet18-tiny", num_classes=10)
+    return save_model(
+        path, model, kind="classifier", method="advcl", dataset="digits", eps=8 / 255,
+        config={"scheme": "slf", "epochs": 2}, metrics=metrics or {"clean_acc": 0.915, "pgd20_acc": 0.4225, "n_eval": 32, "eps": 8 / 255, "selection": "last epoch"},
+        parent="ab" * 32,
+    )
+
+
+def repo_name():
+    return f"advcl-test/m-{uuid.uuid4().hex[:8]}"
+
+
+def published(tmp_path, hub, seed=0, entry="tiny-slf"):
+    """Push a fresh classifier with --zoo-entry into a new manifest; return (file, manifest, result)."""
+    url, _ = hub
+    ckpt = make_classifier(tmp_path / f"clf{seed}.safetensors", seed=seed)
+    manifest = tmp_path / "zoo.toml"
+    result = push(ckpt, repo_name(), endpoint=url, manifest=manifest, zoo_entry=entry)
+    return ckpt, manifest, result
+
+
+def test_push_then_pull_by_name_at_pinned_revision(tmp_path, hub, token):
+    url, _ = hub
+    ckpt, manifest, result = published(tmp_path, hub)
+    assert re.fullmatch(r"[0-9a-f]{40}", result.commit)
+    entry = load_manifest(manifest).get("tiny-slf")
+    assert (entry.repo, entry.revision, entry.sha256) == (result.repo, result.commit, sha256_file(ckpt))
+    assert (entry.kind, entry.arch, entry.dataset, entry.scheme) == ("classifier", "resnet18-tiny", "digits", "slf")
+    assert entry.metrics["sa"].value == 91.5 and entry.metrics["sa"].status == "measured"
+
+    reporter = RecordingReporter()
+    path = pull("tiny-slf", endpoint=url, manifest=manifest, reporter=reporter)
+    assert path.read_bytes() == ckpt.read_bytes()
+    assert Path(os.environ["HF_HOME"]) in path.parents  # the standard Hugging Face cache
+    assert result.commit in str(path)
+    assert any("sha256 verified" in e[1] for e in reporter.events if e[0] == "log")
+
+
+def test_pin_holds_when_the_branch_moves(tmp_path, hub, token):
+    url, _ = hub
+    first, manifest, result = published(tmp_path, hub, seed=0)
+    second = make_classifier(tmp_path / "second.safetensors", seed=1)
+    push(second, result.repo, endpoint=url)  # main moves on; the manifest keeps the old pin
+    assert pull("tiny-slf", endpoint=url, manifest=manifest).read_bytes() == first.read_bytes()
+    latest = fetch(f"hf:{result.repo}", endpoint=url, reporter=(rec := RecordingReporter()))
+    assert latest.path.read_bytes() == second.read_bytes()
+    warning = [e[1] for e in rec.events if e[0] == "warn"][0]
+    assert "no sha256 pinned" in warning and sha256_file(second) in warning
+
+
+def test_tampered_cache_is_reported_not_deleted_and_force_download_repairs(tmp_path, hub, token):
+    url, _ = hub
+    ckpt, manifest, _ = published(tmp_path, hub)
+    path = pull("tiny-slf", endpoint=url, manifest=manifest)
+    blob = path.resolve()
+    blob.write_bytes(blob.read_bytes()[:-8] + b"tampered")
+    with pytest.raises(DownloadError) as e:
+        pull("tiny-slf", endpoint=url, manifest=manifest)
+    assert sha256_file(ckpt) in e.value.message and sha256_file(blob) in e.value.message
+    assert "--force-download" in e.value.hint
+    assert blob.exists()  # nothing the user did not ask for is removed
+    repaired = pull("tiny-slf", endpoint=url, manifest=manifest, force_download=True)
+    assert sha256_file(repaired) == sha256_file(ckpt)
+
+
+def test_unknown_repo_revision_and_file(tmp_path, hub, token):
+    url, _ = hub
+    _, _, result = published(tmp_path, hub)
+    with pytest.raises(UsageError, match="repository advcl-test/nothing-here not found"):
+        pull("hf:advcl-test/nothing-here", endpoint=url)
+    with pytest.raises(UsageError, match="revision " + "0" * 40 + " not found"):
+        pull(f"hf:{result.repo}@{'0' * 40}", endpoint=url)
+    with pytest.raises(UsageError, match="file nope.safetensors not found"):
+        pull(f"hf:{result.repo}:nope.safetensors", endpoint=url)
+    with pytest.raises(UsageError, match="bad Hub name"):
+        pull("hf:no-slash", endpoint=url)
+
+
+def test_unreachable_server_fails_with_a_clear_message(tmp_path):
+    from hubserver import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(DownloadError) as e:
+        pull("hf:advcl-test/any", endpoint=url)
+    assert e.value.message == f"cannot reach {url}"
+    assert "--endpoint" in e.value.hint and "HF_HUB_OFFLINE" in e.value.hint
+
+
+def test_offline_uses_the_cache_or_says_it_is_missing(tmp_path, hub, token, monkeypatch):
+    url, _ = hub
+    ckpt, manifest, _ = published(tmp_path, hub)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DownloadError, match="not in the local cache and HF_HUB_OFFLINE=1 is set"):
+        pull("tiny-slf", endpoint=url, manifest=manifest)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    pull("tiny-slf", endpoint=url, manifest=manifest)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    dead = "http://127.0.0.1:9"  # offline: the endpoint is never contacted
+    assert pull("tiny-slf", endpoint=dead, manifest=manifest).read_bytes() == ckpt.read_bytes()
+
+
+def test_pushing_a_corrupt_checkpoint_sends_nothing(tmp_path, hub, token):
+    url, root = hub
+    bad = tmp_path / "bad.safetensors"
+    good = make_classifier(tmp_path / "good.safetensors")
+    bad.write_bytes(good.read_bytes()[:-100])  # truncated
+    repo = repo_name()
+    with pytest.raises(CheckpointError, match="truncated"):
+        push(bad, repo, endpoint=url)
+    assert not (root / "mirrors" / "models" / repo).exists()
+
+
+def test_pushed_model_card_parses_back_with_the_metrics(tmp_path, hub, token):
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    url, _ = hub
+    ckpt, _, result = published(tmp_path, hub)
+    card_path = hf_hub_download(result.repo, "README.md", revision=result.commit, endpoint=url, cache_dir=tmp_path / "c")
+    card = ModelCard.load(card_path)
+    assert card.data.license == "mit" and card.data.library_name == "advcl"
+    assert {"adversarial-robustness", "advcl"} <= set(card.data.tags)
+    values = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert values == {"sa": 91.5, "pgd20": 42.25}
+    assert sha256_file(ckpt) in card.text and "ab" * 32 in card.text  # lineage: file and parent digests
+    assert "first 32 test images" in card.text and "advcl pull tiny-slf" in card.text
+    config = hf_hub_download(result.repo, "config.json", revision=result.commit, endpoint=url, cache_dir=tmp_path / "c")
+    assert '"kind": "classifier"' in Path(config).read_text()
+
+
+def test_dry_run_uploads_nothing(tmp_path, hub, token):
+    url, root = hub
+    ckpt = make_classifier(tmp_path / "clf.safetensors")
+    repo = repo_name()
+    result = push(ckpt, repo, endpoint=url, dry_run=True, zoo_entry="x", manifest=tmp_path / "zoo.toml")
+    assert result.commit is None and [f["path"] for f in result.files] == ["model.safetensors", "config.json", "README.md"]
+    assert not (root / "mirrors" / "models" / repo).exists() and not (tmp_path / "zoo.toml").exists()
+
+
+def test_push_without_a_token_is_refused_cleanly(tmp_path, hub, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    url, _ = hub
+    ckpt = make_classifier(tmp_path / "clf.safetensors")
+    with pytest.raises(DownloadError, match="HTTP 401") as e:
+        push(ckpt, repo_name(), endpoint=url)
+    assert "HF_TOKEN" in e.value.hint
+
+
+def test_load_model_pulls_and_returns_an_eval_mode_classifier(tmp_path, hub, token, monkeypatch):
+    url, _ = hub
+    ckpt, manifest, _ = published(tmp_path, hub)
+    monkeypatch.setenv("ADVCL_HF_ENDPOINT", url)
+    monkeypatch.setenv("ADVCL_ZOO_MANIFEST", str(manifest))
+    import advcl_cli
+
+    model = advcl_cli.load_model("tiny-slf")
+    assert isinstance(model, torch.nn.Module) and not model.training
+    x = torch.rand(4, 3, 32, 32)
+    reference = load_model(ckpt)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    assert model(x).shape == (4, 10)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        load_model("runs/missing.safetensors")
+
+
+def test_hf_endpoint_and_hf_hub_cache_are_read_at_call_time(tmp_path, hub, token, monkeypatch):
+    url, _ = hub
+    ckpt, manifest, _ = published(tmp_path, hub)
+    monkeypatch.setenv("HF_ENDPOINT", url)  # huggingface_hub's own variable, set after it was imported
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "shared-cache"))
+    path = pull("tiny-slf", manifest=manifest)
+    assert tmp_path / "shared-cache" in path.parents and path.read_bytes() == ckpt.read_bytes()
+    monkeypatch.setenv("ADVCL_HF_ENDPOINT", "http://127.0.0.1:9")  # advcl's variable wins over HF_ENDPOINT
+    with pytest.raises(DownloadError, match="cannot reach http://127.0.0.1:9"):
+        pull("tiny-slf", manifest=manifest, force_download=True)

@@ -1,0 +1,147 @@
+"""The zoo manifest: the shipped entries, validation messages, precedence, writing."""
+
+from pathlib import Path
+
+import pytest
+
+from advcl_cli.errors import UsageError
+from advcl_cli.zoo import manifest as mf
+from advcl_cli.zoo.manifest import Entry, Manifest, format_eps, load_manifest, manifest_path, parse_manifest, write_manifest
+
+PAPER_ENTRIES = [
+    "simclr-r18-cifar10",
+    "advcl-r18-cifar10",
+    "advcl-r18-cifar10-slf",
+    "advcl-r18-cifar10-alf",
+    "advcl-r18-cifar10-aff",
+    "advcl-r18-cifar100-slf",
+    "advcl-r18-cifar100-alf",
+    "advcl-r18-cifar100-aff",
+]
+GOOD = """
+[mine]
+repo = "lab/mine"
+revision = "0123456789abcdef0123456789abcdef01234567"
+sha256 = "%s"
+kind = "classifier"
+arch = "resnet18"
+method = "advcl"
+dataset = "cifar10"
+scheme = "slf"
+eps = "8/255"
+
+[mine.metrics.sa]
+value = 80.0
+status = "measured"
+command = "advcl eval mine --attack pgd20"
+""" % ("a" * 64)
+
+
+def test_shipped_manifest_holds_the_paper_models_unpublished_with_recipes():
+    zoo = load_manifest()
+    assert zoo.names() == PAPER_ENTRIES
+    assert not any(e.published for e in zoo.entries.values())
+    assert all(e.recipe and all(line.startswith(("advcl ", "labels=", "enc=", "clf=", "simclr=")) for line in e.recipe) for e in zoo.entries.values())
+    slf = zoo.get("advcl-r18-cifar10-slf")
+    assert {k: m.value for k, m in slf.metrics.items()} == {"sa": 82.36, "pgd20": 50.45, "aa": 43.18}
+    assert all(m.status == "reported" and m.source for m in slf.metrics.values())
+    assert "2111.01124" in slf.metrics["pgd20"].source and "RobustSSL" in slf.metrics["aa"].source
+    assert {k: m.value for k, m in zoo.get("advcl-r18-cifar100-aff").metrics.items()} == {"sa": 58.29, "aa": 25.26}
+    assert slf.eps == pytest.approx(8 / 255) and slf.scheme == "slf" and slf.kind == "classifier"
+    assert "ImageNet" in zoo.get("simclr-r18-cifar10").notes
+    assert any("pseudo-labels import imagenet_clPretrain_pseudo_labels.pkl" in line for line in zoo.get("advcl-r18-cifar10").recipe)
+
+
+def test_shipped_manifest_is_in_canonical_form():
+    """What advcl writes back is the file itself: updates make clean diffs."""
+    zoo = load_manifest()
+    assert mf.manifest_to_toml(zoo) == mf.SHIPPED.read_text()
+
+
+@pytest.mark.parametrize(
+    "change, entry_field, words",
+    [
+        (('revision = "0123456789abcdef0123456789abcdef01234567"', 'revision = "main"'), "revision", "40-hex"),
+        (('sha256 = "' + "a" * 64 + '"', 'sha256 = "abc"'), "sha256", "pattern"),
+        (('kind = "classifier"', 'kind = "detector"'), "kind", "encoder"),
+        (('eps = "8/255"', 'eps = "eight"'), "eps", "fraction"),
+        (('command = "advcl eval mine --attack pgd20"', 'source = "x"'), "metrics.sa", "command"),
+        (('[mine.metrics.sa]', '[mine.metrics.fgsm]'), "metrics.fgsm", "sa"),
+        (('scheme = "slf"', 'scheme = "slf"\ncolour = "red"'), "colour", "not permitted"),
+        (('sha256 = "' + "a" * 64 + '"\n', ""), "(entry)", "needs 'revision'"),
+    ],
+)
+def test_validation_errors_name_the_entry_and_the_field(change, entry_field, words):
+    text = GOOD.replace(*change)
+    assert text != GOOD
+    with pytest.raises(UsageError) as e:
+        parse_manifest(text, Path("team.toml"))
+    assert f"manifest team.toml: entry 'mine', field '{entry_field}'" in e.value.message
+    assert words in e.value.message
+
+
+def test_bad_toml_and_bad_names_are_usage_errors():
+    with pytest.raises(UsageError, match="not valid TOML"):
+        parse_manifest("[mine\n", Path("x.toml"))
+    with pytest.raises(UsageError, match="bad entry name 'Has Space'"):
+        parse_manifest(GOOD.replace("[mine]", '["Has Space"]').replace("[mine.metrics.sa]", '["Has Space".metrics.sa]'), Path("x.toml"))
+    with pytest.raises(UsageError, match="must be a table"):
+        parse_manifest('version = 1\n', Path("x.toml"))
+    with pytest.raises(UsageError, match="no such manifest file"):
+        load_manifest("missing.toml")
+
+
+def test_unknown_names_get_close_suggestions():
+    with pytest.raises(UsageError) as e:
+        load_manifest().get("advcl-r18-cifar100-sf")
+    assert "advcl-r18-cifar100-slf" in e.value.hint and "advcl zoo list" in e.value.hint
+
+
+def test_manifest_path_precedence(monkeypatch, tmp_path):
+    assert manifest_path() == mf.SHIPPED
+    monkeypatch.setenv("ADVCL_ZOO_MANIFEST", "team.toml")
+    assert manifest_path() == Path("team.toml")
+    assert manifest_path("flag.toml") == Path("flag.toml")
+    monkeypatch.delenv("ADVCL_ZOO_MANIFEST")
+    Path("advcl.toml").write_text('[hub]\nzoo_manifest = "from-config.toml"\n')
+    assert manifest_path() == Path("from-config.toml")
+
+
+def test_write_round_trips_and_goes_through_a_link(tmp_path):
+    real = tmp_path / "real.toml"
+    real.write_text("# my team's zoo\n\n" + GOOD.lstrip())
+    link = tmp_path / "zoo.toml"
+    link.symlink_to(real)
+    zoo = load_manifest(link)
+    zoo.entries["other"] = Entry(kind="encoder", arch="resnet18", method="simclr", dataset="cifar10", recipe=["advcl pretrain --method simclr"])
+    write_manifest(zoo)
+    assert link.is_symlink()  # the link survives; the file it points at was replaced atomically
+    again = load_manifest(link)
+    assert again.names() == ["mine", "other"] and again.entries == zoo.entries
+    assert real.read_text().startswith("# my team's zoo\n")
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_write_refuses_what_it_could_not_read_back(tmp_path):
+    path = tmp_path / "zoo.toml"
+    zoo = Manifest(path, {"Bad Name": Entry(kind="encoder", arch="resnet18", method="simclr", dataset="cifar10")})
+    with pytest.raises(UsageError):
+        write_manifest(zoo)
+    assert not path.exists()
+
+
+def test_the_installed_package_manifest_is_never_edited(monkeypatch, tmp_path):
+    from advcl_cli.zoo import hub
+
+    fake = tmp_path / "lib" / "site-packages" / "advcl_cli" / "zoo" / "manifest.toml"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("")
+    monkeypatch.setattr(mf, "SHIPPED", fake)
+    monkeypatch.setattr(hub, "SHIPPED", fake)
+    with pytest.raises(UsageError, match="inside the installed advcl package"):
+        hub.writable_manifest(None)
+    assert hub.writable_manifest(tmp_path / "team.toml") == tmp_path / "team.toml"
+
+
+def test_format_eps():
+    assert format_eps(8 / 255) == "8/255" and format_eps(0.03) == "0.03"
