@@ -1,10 +1,125 @@
-"""`advcl attack` (not built yet)."""
+"""`advcl attack`: adversarial examples of test images, saved as tensors (and a picture).
 
-from __future__ import annotations
+No ``from __future__ import annotations``: Typer reads the annotations at definition time.
+"""
 
-from ..errors import NotImplementedYet
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .options import ConfigOpt, DataDirOpt, DatasetOpt, DeviceOpt, EpsOpt, ImageSizeOpt, JsonOpt, ModelArg, SeedOpt, model_path
+from .output import Output
+
+AttackNameOpt = Annotated[
+    Optional[str],
+    typer.Option("--attack", "-a", help="fgsm, pgd20 (default; any pgdN), cw20 (any cwN) or autoattack.", show_default=False),
+]
+CountOpt = Annotated[Optional[int], typer.Option("--n", "-n", help="Attack the first N test images (default 64).", show_default=False)]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Where to write the tensors.")]
+GridOpt = Annotated[
+    Optional[Path],
+    typer.Option("--grid", help="Also write a PNG: clean / adversarial / amplified perturbation rows (needs advcl[plot]).", show_default=False),
+]
 
 
-def attack() -> None:
-    """Not implemented yet."""
-    raise NotImplementedYet("attack")
+def attack(
+    model: ModelArg = None,
+    attack_name: AttackNameOpt = None,
+    eps: EpsOpt = None,
+    n: CountOpt = None,
+    out: OutOpt = Path("adv.safetensors"),
+    grid: GridOpt = None,
+    dataset: DatasetOpt = None,
+    image_size: ImageSizeOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Attack the first N test images of a classifier; print the path of the saved tensors.
+
+    The safetensors file holds clean (float, [0, 1]), adversarial, labels, clean_pred and
+    adv_pred, and its metadata (key advcl_attack) holds the model's path and sha256, the
+    attack, eps, dataset, the accuracies and the class names. --grid draws up to 8 columns.
+
+    Example:
+
+    \b
+      advcl attack model.safetensors --attack pgd20 --n 64 --out adv.safetensors --grid adv.png
+
+    Reading the result in Python:
+
+    \b
+      from safetensors import safe_open
+      f = safe_open("adv.safetensors", "pt"); x_adv = f.get_tensor("adversarial")
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    from ..attacks import get_attack
+    from ..checkpoint import atomic_write
+    from ..data.augment import to_float
+    from ..engine.device import resolve_device
+    from ..engine.evaluate import adversarial_examples, load_classifier, load_test_data
+    from ..settings import AttackSettings
+
+    settings = AttackSettings.resolve(
+        config, attack=attack_name, eps=eps, n=n, dataset=dataset, image_size=image_size,
+        device=device, seed=seed, data_dir=data_dir,
+    )
+    spec = get_attack(settings.attack)
+    if grid is not None:
+        from ..plots import require_matplotlib
+
+        require_matplotlib()
+    output = Output(json_output)
+    path = model_path(model)
+    ckpt = load_classifier(path)
+    dev = resolve_device(settings.device)
+    data = load_test_data(
+        ckpt, settings.dataset, limit=settings.n, image_size=settings.image_size,
+        data_dir=settings.data_dir, download=settings.download,
+    )
+    output.log(f"{spec.name}: {spec.description}")
+    reporter = output.reporter()
+    try:
+        res = adversarial_examples(
+            ckpt.build(dev), to_float(data.images), data.labels, spec, settings.eps,
+            device=dev, seed=settings.seed, reporter=reporter,
+        )
+    finally:
+        reporter.finish()
+    count = len(data)
+    meta = {
+        "model": str(path),
+        "sha256": ckpt.sha256,
+        "attack": spec.name,
+        "attack_settings": spec.description,
+        "eps": settings.eps,
+        "dataset": data.name,
+        "split": "test",
+        "n": count,
+        "seed": settings.seed,
+        "clean_acc": (res["clean_pred"] == res["labels"]).sum().item() / count,
+        "adv_acc": (res["adv_pred"] == res["labels"]).sum().item() / count,
+        "classes": data.classes,
+    }
+    tensors = {k: v.contiguous() for k, v in res.items()}
+    atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata={"advcl_attack": json.dumps(meta)}))
+    output.log(f"clean accuracy {meta['clean_acc']:.2%}, under {spec.name} {meta['adv_acc']:.2%} ({count} images)")
+    if grid is not None:
+        from ..engine.evaluate import eps_label
+        from ..plots import adversarial_grid
+
+        adversarial_grid(
+            res["clean"], res["adversarial"], res["labels"], res["clean_pred"], res["adv_pred"], data.classes,
+            settings.eps, grid, title=f"{path.name}: {spec.name}, eps {eps_label(settings.eps)}",
+        )
+        output.log(f"wrote {grid}")
+    if json_output:
+        output.document({"path": str(out), **({"grid": str(grid)} if grid else {}), **meta})
+    else:
+        output.result(out)

@@ -1,0 +1,134 @@
+"""White-box L-inf attacks as pure tensor code on [0, 1] images.
+
+Every function takes a model that maps [0, 1] images to logits, clean images ``x`` (B, C, H, W)
+in [0, 1], labels ``y`` and an L-inf budget ``eps``, and returns adversarial images that lie in
+the eps-ball around ``x`` and in [0, 1]. Gradients are taken with respect to the input only
+(``torch.autograd.grad``), so no parameter gradients are computed or left behind. The caller
+puts the model in eval mode (``engine.evaluate`` does); these functions do not change its mode.
+
+Facts matched from the AdvCL evaluation code (``AttackPGD`` in ``finetuning_advCL_SLF.py``):
+PGD starts from ``x + U(-eps, eps)`` (not clamped at the start), ascends the summed
+cross-entropy with signed steps, and after every step projects onto the eps-ball and clamps to
+[0, 1]. PGD-20 in the papers is 20 steps of 2/255 at eps 8/255. TRADES' inner maximisation
+(``trades_loss`` in the RobustSSL finetuning code) starts from ``x + 0.001 * N(0, 1)`` and
+ascends ``KLDivLoss(reduction='sum')(log_softmax(f(x_adv)), softmax(f(x)))``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CW_KAPPA = 50.0  # the confidence of the CW-inf margin loss used in robustness evaluations
+
+
+def _project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    """Onto the L-inf ball of radius eps around x, then into [0, 1]."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+
+
+def _input_grad(loss: Tensor, x_adv: Tensor) -> Tensor:
+    (grad,) = torch.autograd.grad(loss, [x_adv])
+    return grad
+
+
+def _uniform_start(x: Tensor, eps: float, gen: torch.Generator | None) -> Tensor:
+    noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    return x + (2 * noise - 1) * eps
+
+
+def ce_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy summed over the batch (the sign of its gradient is the per-sample one)."""
+    return F.cross_entropy(logits.float(), y, reduction="sum")
+
+
+def cw_loss(logits: Tensor, y: Tensor, kappa: float = CW_KAPPA) -> Tensor:
+    """The CW margin loss summed over the batch: ``-clamp(z_y - max_{j != y} z_j + kappa, min=0)``.
+
+    Ascending it lowers the true-class margin until another class wins by ``kappa``."""
+    logits = logits.float()
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return -(true - others + kappa).clamp(min=0).sum()
+
+
+def iterative_attack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    steps: int,
+    step_size: float,
+    *,
+    loss_fn=ce_loss,
+    random_start: bool = True,
+    gen: torch.Generator | None = None,
+) -> Tensor:
+    """Signed-gradient ascent of ``loss_fn(model(x_adv), y)`` inside the eps-ball (PGD)."""
+    x = x.detach()
+    y = y.detach()
+    x_adv = _uniform_start(x, eps, gen) if random_start else x.clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn(model(x_adv), y)
+        grad = _input_grad(loss, x_adv)
+        x_adv = _project(x_adv.detach() + step_size * grad.sign(), x, eps)
+    return _project(x_adv.detach(), x, eps)
+
+
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 1, step_size: float | None = None,
+         gen: torch.Generator | None = None) -> Tensor:
+    """One signed step of size eps from the clean image (``steps``/``gen`` are ignored)."""
+    return iterative_attack(model, x, y, eps, 1, eps, random_start=False)
+
+
+def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 20, step_size: float | None = None,
+        gen: torch.Generator | None = None) -> Tensor:
+    """PGD-k on the cross-entropy with a uniform random start; step ``eps/4`` (2/255 at 8/255)."""
+    step_size = eps / 4 if step_size is None else step_size
+    return iterative_attack(model, x, y, eps, steps, step_size, loss_fn=ce_loss, gen=gen)
+
+
+def cw(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 20, step_size: float | None = None,
+       gen: torch.Generator | None = None) -> Tensor:
+    """CW-inf: PGD-k on the CW margin loss (kappa 50) with a uniform random start."""
+    step_size = eps / 4 if step_size is None else step_size
+    return iterative_attack(model, x, y, eps, steps, step_size, loss_fn=cw_loss, gen=gen)
+
+
+def trades_kl(logits_adv: Tensor, p_nat: Tensor) -> Tensor:
+    """``KLDivLoss(reduction='sum')(log_softmax(logits_adv), p_nat)``: sum over the batch."""
+    return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), p_nat, reduction="sum")
+
+
+def trades_adversary(model: nn.Module, x: Tensor, eps: float, steps: int = 10, step_size: float = 2 / 255,
+                     gen: torch.Generator | None = None) -> Tensor:
+    """TRADES' inner maximisation: start at ``x + 0.001 N(0, 1)`` and ascend the summed KL
+    between the model's softmax on ``x`` (computed once) and on ``x_adv``."""
+    x = x.detach()
+    with torch.no_grad():
+        p_nat = F.softmax(model(x).float(), dim=1)
+    x_adv = x + 0.001 * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            loss = trades_kl(model(x_adv), p_nat)
+        grad = _input_grad(loss, x_adv)
+        x_adv = _project(x_adv.detach() + step_size * grad.sign(), x, eps)
+    return _project(x_adv.detach(), x, eps)
+
+
+def trades_objective(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, beta: float = 6.0) -> Tensor:
+    """``CE(logits_nat, y) + beta * KL_sum(softmax(logits_adv) || softmax(logits_nat)) / B``
+    (batch-mean cross-entropy; the gradient flows through the clean softmax too, as in the
+    reference's ``criterion_kl(log_softmax(adv), softmax(nat))``)."""
+    p_nat = F.softmax(logits_nat.float(), dim=1)
+    return F.cross_entropy(logits_nat.float(), y) + beta * trades_kl(logits_adv, p_nat) / logits_nat.shape[0]
+
+
+def trades_loss(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, beta: float = 6.0) -> Tensor:
+    """The TRADES objective with two forward passes, clean then adversarial, in the model's
+    current mode (train mode during AFF), as in the reference."""
+    return trades_objective(model(x), model(x_adv), y, beta)

@@ -1,0 +1,87 @@
+"""Pictures: the robust-accuracy-vs-eps curve (``advcl eval --plot``) and the adversarial grid
+(``advcl attack --grid``). matplotlib is an optional extra, imported only here and only when a
+picture is asked for; without it the commands say how to install it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import atomic_write
+from .errors import UsageError
+
+INSTALL_HINT = "install the plot extra: pip install 'advcl[plot]'"
+
+
+def require_matplotlib():
+    """The pyplot module on the non-interactive Agg backend, or a UsageError."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("drawing a picture needs matplotlib", INSTALL_HINT) from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    plt = require_matplotlib()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+
+
+def robustness_curve(results: dict, path: str | Path, title: str = "") -> Path:
+    """Robust accuracy (%) against eps (in /255), one line per model and attack, starting at the
+    clean accuracy (eps 0).
+
+    ``results`` maps a label (a model's name) to what ``engine.evaluate.evaluate`` returns."""
+    plt = require_matplotlib()
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for label, result in results.items():
+        by_attack: dict[str, list[tuple[float, float]]] = {}
+        for row in result["robust"]:
+            by_attack.setdefault(row["attack"], []).append((row["eps"] * 255, 100 * row["robust_acc"]))
+        for attack, points in by_attack.items():
+            points = [(0.0, 100 * result["clean_acc"])] + sorted(points)
+            name = attack if len(results) == 1 else f"{label} {attack}"
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xlabel("eps (x/255, L-inf); 0 = clean accuracy")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "robust accuracy", fontsize=9)
+    return _save(fig, path)
+
+
+def adversarial_grid(clean, adv, labels, clean_pred, adv_pred, classes: list[str], eps: float,
+                     path: str | Path, title: str = "", columns: int = 8) -> Path:
+    """Rows: clean images, adversarial images, perturbation amplified to fill [0, 1]; each
+    column is titled with the true label and the clean / adversarial prediction."""
+    plt = require_matplotlib()
+    k = min(columns, clean.shape[0])
+    fig, axes = plt.subplots(3, k, figsize=(1.3 * k + 0.8, 4.4), squeeze=False)
+    delta = (adv - clean) / (2 * eps) + 0.5  # -eps..eps -> 0..1
+    rows = [("clean", clean), ("adversarial", adv), ("perturbation\n(amplified)", delta)]
+
+    def name(i: int) -> str:
+        return classes[i] if 0 <= i < len(classes) else str(i)
+
+    for r, (row_name, images) in enumerate(rows):
+        for c in range(k):
+            ax = axes[r][c]
+            ax.imshow(images[c].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"true {name(int(labels[c]))}\npred {name(int(clean_pred[c]))}", fontsize=7)
+            elif r == 1:
+                wrong = int(adv_pred[c]) != int(labels[c])
+                ax.set_title(f"pred {name(int(adv_pred[c]))}", fontsize=7, color="red" if wrong else "black")
+            if c == 0:
+                ax.set_ylabel(row_name, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

@@ -1,0 +1,140 @@
+"""Attacks: the registry, the eps-ball and [0, 1] invariants, and the order of their strength on
+a tiny classifier trained on digits for a couple of seconds."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from advcl_cli.attacks import get_attack
+from advcl_cli.attacks.pgd import cw_loss, fgsm, pgd, trades_adversary
+from advcl_cli.data.augment import to_float
+from advcl_cli.data.registry import load_dataset
+from advcl_cli.errors import UsageError
+from advcl_cli.models import create_model
+
+
+def train_tiny_classifier(image_size: int = 16, epochs: int = 4, seed: int = 0):
+    """A resnet18-tiny classifier on digits, trained briefly, BN statistics recomputed at the
+    end (a few hundred steps are too few for the running averages to settle)."""
+    torch.manual_seed(seed)
+    data = load_dataset("digits", "train", limit=512, image_size=image_size)
+    x, y = to_float(data.images), data.labels
+    model = create_model("resnet18-tiny", num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), 32):
+            idx = perm[i : i + 32]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the pass below
+    with torch.no_grad():
+        for i in range(0, len(y), 128):
+            model(x[i : i + 128])
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model = train_tiny_classifier()
+    test = load_dataset("digits", "test", limit=64, image_size=16)
+    return model, to_float(test.images), test.labels
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+@pytest.mark.parametrize(
+    "name, canonical, kind, steps",
+    [("fgsm", "fgsm", "fgsm", 1), ("pgd20", "pgd20", "pgd", 20), ("PGD-7", "pgd7", "pgd", 7),
+     ("cw20", "cw20", "cw", 20), ("autoattack", "autoattack", "autoattack", 0)],
+)
+def test_registry_parses_names(name, canonical, kind, steps):
+    a = get_attack(name)
+    assert (a.name, a.kind, a.steps) == (canonical, kind, steps)
+
+
+@pytest.mark.parametrize("name", ["pgd", "pgd0", "deepfool", "cw", "pgd20x", ""])
+def test_registry_rejects_unknown_names_listing_the_known_ones(name):
+    with pytest.raises(UsageError) as e:
+        get_attack(name)
+    assert "unknown attack" in e.value.message and "pgdN" in e.value.hint and "autoattack" in e.value.hint
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd5", "cw5"])
+@pytest.mark.parametrize("eps", [2 / 255, 8 / 255])
+def test_outputs_stay_in_the_eps_ball_and_in_unit_range(trained, name, eps):
+    model, x, y = trained
+    x = x[:16].clone()
+    x[0] = 0.0  # images at the range's edges must stay inside [0, 1]
+    x[1] = 1.0
+    x_adv = get_attack(name)(model, x, y[:16], eps, gen=torch.Generator().manual_seed(0))
+    assert x_adv.shape == x.shape and not x_adv.requires_grad
+    assert (x_adv - x).abs().max().item() <= eps + 1e-6
+    assert x_adv.min().item() >= 0.0 and x_adv.max().item() <= 1.0
+    assert (x_adv - x).abs().max().item() > eps / 2  # it did move
+
+
+def test_trades_adversary_stays_in_the_ball(trained):
+    model, x, _ = trained
+    eps = 8 / 255
+    x_adv = trades_adversary(model, x[:8], eps, steps=3, step_size=2 / 255, gen=torch.Generator().manual_seed(0))
+    assert (x_adv - x[:8]).abs().max().item() <= eps + 1e-6
+    assert 0.0 <= x_adv.min().item() and x_adv.max().item() <= 1.0
+
+
+def test_strength_order_on_a_trained_model(trained):
+    model, x, y = trained
+    eps = 16 / 255  # digits are easy: at 8/255 even FGSM barely moves a trained model
+    clean = accuracy(model, x, y)
+    acc_fgsm = accuracy(model, fgsm(model, x, y, eps), y)
+    acc_pgd = accuracy(model, pgd(model, x, y, eps, 20, gen=torch.Generator().manual_seed(0)), y)
+    assert clean >= 0.8  # the fixture trained something
+    assert acc_pgd <= acc_fgsm <= clean
+    assert acc_pgd < clean - 0.2  # and the attack is not a no-op
+
+
+def test_attacks_leave_mode_and_parameter_grads_alone(trained):
+    model, x, y = trained
+    model.zero_grad(set_to_none=True)
+    assert not model.training
+    pgd(model, x[:4], y[:4], 8 / 255, 2)
+    assert not model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_pgd_is_reproducible_with_a_seeded_generator(trained):
+    model, x, y = trained
+    a = pgd(model, x[:8], y[:8], 8 / 255, 3, gen=torch.Generator().manual_seed(1))
+    b = pgd(model, x[:8], y[:8], 8 / 255, 3, gen=torch.Generator().manual_seed(1))
+    c = pgd(model, x[:8], y[:8], 8 / 255, 3, gen=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_pgd_step_size_is_2_over_255_at_8_over_255():
+    """One step from a zero random start moves every pixel by exactly eps/4 = 2/255 (linear model)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    x = torch.full((2, 3, 4, 4), 0.5)
+    y = torch.tensor([0, 1])
+    gen = torch.Generator().manual_seed(0)
+    start_noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = pgd(lin, x, y, 8 / 255, 1, gen=gen)
+    moved = out - (x + start_noise * 8 / 255)
+    inner = ((x + start_noise * 8 / 255 - x).abs() < 6 / 255)  # not clipped by the ball
+    assert torch.allclose(moved[inner].abs(), torch.full_like(moved[inner], 2 / 255), atol=1e-6)
+
+
+def test_cw_loss_is_the_clamped_margin():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 100.0, 1.0]])
+    y = torch.tensor([0, 0])
+    # row 0: margin 2 -> -(2 + 50); row 1: margin -100 -> clamped at 0
+    assert cw_loss(logits, y).item() == pytest.approx(-52.0)

@@ -1,0 +1,125 @@
+"""AutoAttack through pyautoattack: standard settings, the eps-ball, and AA <= PGD-20.
+
+The standard version's Square (5000 queries) and FAB-T cost about a second per image that
+survives the gradient attacks on a CPU, so these tests use a small CNN on 16x16 digits and
+8 images."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advcl_cli.attacks import autoattack as aa_module
+from advcl_cli.attacks import get_attack
+from advcl_cli.attacks.pgd import pgd
+from advcl_cli.data.augment import to_float
+from advcl_cli.data.registry import load_dataset
+from advcl_cli.errors import UsageError
+
+
+def small_cnn(n_classes=10):
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(), nn.Linear(128, n_classes),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    train = load_dataset("digits", "train", image_size=16)
+    x, y = to_float(train.images), train.labels
+    model = small_cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(4):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), 64):
+            idx = perm[i : i + 64]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    test = load_dataset("digits", "test", limit=8, image_size=16)
+    return model.eval(), to_float(test.images), test.labels
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def test_autoattack_is_at_least_as_strong_as_pgd20_and_stays_in_the_ball(trained):
+    model, x, y = trained
+    eps = 8 / 255
+    clean = accuracy(model, x, y)
+    x_pgd = pgd(model, x, y, eps, 20, gen=torch.Generator().manual_seed(0))
+    x_aa = get_attack("autoattack")(model, x, y, eps, seed=0)
+    assert clean >= 0.75
+    assert (x_aa - x).abs().max().item() <= eps + 1e-6
+    assert x_aa.min().item() >= 0 and x_aa.max().item() <= 1
+    # AutoAttack counts an image robust only if its clean prediction is right too
+    with torch.no_grad():
+        aa_robust = ((model(x_aa).argmax(1) == y) & (model(x).argmax(1) == y)).float().mean().item()
+    assert aa_robust <= accuracy(model, x_pgd, y)
+    assert aa_robust < clean  # it found something
+
+
+def test_standard_settings_are_set_explicitly(trained, monkeypatch):
+    import pyautoattack
+
+    seen = {}
+
+    def spy(self, x, y, *, batch_size=250, state_path=None):
+        seen.update(
+            attacks=list(self.attacks_to_run), version=self.version, eps=self.epsilon, norm=self.norm, seed=self.seed,
+            apgd=(self.apgd.n_iter, self.apgd.n_restarts, self.apgd.eot_iter, self.apgd.thr_decr),
+            apgd_t=(self.apgd_targeted.n_iter, self.apgd_targeted.n_restarts, self.apgd_targeted.n_target_classes),
+            fab=(self.fab.n_iter, self.fab.n_restarts, self.fab.n_target_classes),
+            square=(self.square.n_queries, self.square.p_init, self.square.n_restarts),
+        )
+        return x.clone(), y.clone()
+
+    monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation", spy)
+    model, x, y = trained
+    aa_module.autoattack(model, x[:2], y[:2], 8 / 255, seed=3)
+    assert seen == {
+        "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "version": "standard", "eps": 8 / 255, "norm": "Linf",
+        "seed": 3, "apgd": (100, 1, 1, 0.75), "apgd_t": (100, 1, 9), "fab": (100, 1, 9), "square": (5000, 0.8, 1),
+    }
+    assert "pyautoattack" in aa_module.describe() and "5000" in aa_module.describe()
+
+
+def test_fewer_classes_shrink_the_targets(monkeypatch):
+    import pyautoattack
+
+    seen = {}
+
+    def spy(self, x, y, *, batch_size=250, state_path=None):
+        seen["targets"] = (self.apgd_targeted.n_target_classes, self.fab.n_target_classes)
+        return x.clone(), y.clone()
+
+    monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation", spy)
+    model = small_cnn(5).eval()
+    aa_module.autoattack(model, torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), 8 / 255)
+    assert seen["targets"] == (4, 4)
+
+
+def test_three_classes_are_refused():
+    model = small_cnn(3).eval()
+    with pytest.raises(UsageError, match="at least 4 classes"):
+        aa_module.autoattack(model, torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), 8 / 255)
+
+
+def test_global_rng_is_left_alone_and_warnings_are_forwarded(trained):
+    _, x, y = trained
+    zero = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
+    nn.init.zeros_(zero[1].weight)
+    nn.init.zeros_(zero[1].bias)  # constant logits: zero gradients, a warning from the checks
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    warnings = []
+    aa_module.autoattack(zero.eval(), x[:2], y[:2], 8 / 255, log=warnings.append)
+    assert torch.equal(torch.rand(3), expected)
+    assert any("zero gradient" in w for w in warnings)

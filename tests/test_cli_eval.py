@@ -1,0 +1,149 @@
+"""`advcl finetune`, `advcl eval` and `advcl attack` from the command line."""
+
+import builtins
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from advcl_cli.checkpoint import save_model, sha256_file
+from advcl_cli.models import create_model
+from test_attacks import train_tiny_classifier
+
+
+@pytest.fixture
+def encoder(tmp_path):
+    torch.manual_seed(0)
+    enc = create_model("resnet18-tiny", bn_sets=("normal", "pgd", "pgd_ce"), proj_dim=8, pseudo_ks=(2, 10))
+    return save_model(tmp_path / "enc.safetensors", enc, kind="encoder", method="advcl", dataset="digits", eps=8 / 255)
+
+
+@pytest.fixture
+def classifier(tmp_path):
+    torch.manual_seed(0)
+    clf = create_model("resnet18-tiny", bn_sets=("pgd",), num_classes=10)
+    return save_model(tmp_path / "clf.safetensors", clf, kind="classifier", method="advcl", dataset="digits",
+                      config={"image_size": 16})
+
+
+def one_error_line(err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_encoder_through_finetune_then_eval_json(run_cli, encoder):
+    code, out, err = run_cli("finetune", encoder, "--scheme", "slf", "--epochs", "1", "--limit", "64",
+                             "--batch-size", "32", "--eval-limit", "8", "--image-size", "16", "--out", "ft")
+    assert code == 0, err
+    path = out.strip()
+    assert path.endswith("classifier.safetensors") and "test (8 images)" in err
+
+    code, out, err = run_cli("eval", path, "--attack", "pgd5", "--attack", "fgsm", "--limit", "12", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["model"] == path and doc["sha256"] == sha256_file(path)
+    assert (doc["dataset"], doc["split"], doc["n"]) == ("digits", "test", 12)
+    assert doc["eps"] == [pytest.approx(8 / 255)]
+    assert [r["attack"] for r in doc["robust"]] == ["pgd5", "fgsm"]
+    for r in doc["robust"]:
+        assert 0 <= r["robust_acc"] <= doc["clean_acc"] <= 1 and r["seconds"] > 0
+    assert "PGD: 5 steps" in err  # the attack's settings go to stderr
+
+    code, out2, err = run_cli("eval", "--limit", "12", "--json", stdin=path + "\n")  # the path on stdin
+    assert code == 0, err
+    assert json.loads(out2)["clean_acc"] == doc["clean_acc"]
+
+
+def test_eval_table_eps_list_and_plot(run_cli, classifier, tmp_path):
+    code, out, err = run_cli("eval", classifier, "-a", "fgsm", "--eps", "2/255,0.05", "--limit", "8",
+                             "--plot", tmp_path / "curve.png")
+    assert code == 0, err
+    assert "clean" in out and "2/255" in out and "0.05" in out and "fgsm" in out
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def trained_classifier(tmp_path_factory):
+    model = train_tiny_classifier(image_size=16)
+    return save_model(tmp_path_factory.mktemp("trained") / "clf.safetensors", model, kind="classifier",
+                      method="advcl", dataset="digits", config={"image_size": 16})
+
+
+def test_eval_autoattack_from_the_cli(run_cli, trained_classifier):
+    # eps large enough that APGD-CE breaks every image: the standard ensemble's later attacks
+    # (FAB-T, Square with 5000 queries) cost about a second per surviving image on a CPU
+    code, out, err = run_cli("eval", trained_classifier, "-a", "autoattack", "--eps", "64/255", "--limit", "6", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["clean_acc"] > 0.5
+    assert doc["robust"][0]["attack"] == "autoattack" and doc["robust"][0]["robust_acc"] < doc["clean_acc"]
+    assert "pyautoattack" in doc["attacks"]["autoattack"] and "pyautoattack" in err
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(run_cli, classifier, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    code, out, err = run_cli("eval", classifier, "-a", "fgsm", "--plot", "c.png")
+    assert code == 2 and out == ""
+    assert "pip install 'advcl[plot]'" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "missing.safetensors"], "no such checkpoint file"),
+        (["eval", "notes.txt"], "not a safetensors file"),
+        (["eval", "{encoder}"], "is an encoder checkpoint; finetune it first"),
+        (["eval", "{classifier}", "--attack", "deepfool"], "unknown attack 'deepfool'"),
+        (["eval", "{classifier}", "--eps", "0"], "eps must be in (0, 1]"),
+        (["eval", "{classifier}", "--eps", "2"], "eps must be in (0, 1]"),
+        (["eval", "{classifier}", "--eps", "8/255,abc"], "not a number"),
+        (["eval", "{classifier}", "--dataset", "cifar100"], "has 100 classes"),
+        (["attack", "{classifier}", "--attack", "pgd"], "unknown attack 'pgd'"),
+        (["attack", "{encoder}"], "finetune it first"),
+        (["attack", "{classifier}", "--eps", "-1/255"], "eps must be in (0, 1]"),
+        (["finetune", "notes.txt"], "not a safetensors file"),
+        (["finetune", "{encoder}", "--scheme", "xyz"], "scheme"),
+        (["finetune", "{encoder}", "--dataset", "nope"], "unknown dataset"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(run_cli, encoder, classifier, tmp_path, args, message):
+    (tmp_path / "notes.txt").write_text("these are not weights, just some notes\n" * 20)
+    args = [a.format(encoder=encoder, classifier=classifier) for a in args]
+    code, out, err = run_cli(*args)
+    assert code == 2, err
+    assert out == ""
+    assert message in one_error_line(err)
+
+
+def test_attack_saves_tensors_metadata_and_a_grid(run_cli, classifier, tmp_path):
+    code, out, err = run_cli("attack", classifier, "--attack", "pgd3", "--n", "6", "--eps", "16/255",
+                             "--out", tmp_path / "adv.safetensors", "--grid", tmp_path / "adv.png")
+    assert code == 0, err
+    assert out.strip() == str(tmp_path / "adv.safetensors")
+    with safe_open(out.strip(), "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["advcl_attack"])
+    assert set(t) == {"clean", "adversarial", "labels", "clean_pred", "adv_pred"}
+    assert t["clean"].shape == t["adversarial"].shape == (6, 3, 16, 16)
+    assert (t["adversarial"] - t["clean"]).abs().max() <= 16 / 255 + 1e-6
+    assert 0 <= t["adversarial"].min() and t["adversarial"].max() <= 1
+    assert (meta["attack"], meta["n"], meta["dataset"]) == ("pgd3", 6, "digits")
+    assert meta["sha256"] == sha256_file(classifier) and meta["eps"] == pytest.approx(16 / 255)
+    assert (tmp_path / "adv.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("verb", ["eval", "attack", "finetune"])
+def test_help_has_a_worked_example(run_cli, verb):
+    code, out, _ = run_cli(verb, "--help")
+    assert code == 0
+    assert "Example" in out and f"advcl {verb}" in out

@@ -1,0 +1,160 @@
+"""Finetuning: what each scheme may change, TRADES, the checkpoint it writes, selection, resume."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from advcl_cli.attacks.pgd import trades_adversary, trades_loss
+from advcl_cli.checkpoint import load_checkpoint, read_metadata, save_model, sha256_file
+from advcl_cli.engine.finetune import finetune, split_validation, with_scheme_defaults
+from advcl_cli.engine.report import Reporter
+from advcl_cli.errors import DataError, UsageError
+from advcl_cli.models import backbone_with_bn_set, create_model
+from advcl_cli.settings import FinetuneSettings
+
+SMALL = dict(dataset="digits", epochs=2, limit=64, batch_size=32, eval_limit=8, image_size=16, attack_steps=2)
+
+
+def make_encoder(path, sets=("normal", "pgd", "pgd_ce"), method="advcl"):
+    """An encoder whose BN sets differ, so that starting from the wrong set would show."""
+    torch.manual_seed(0)
+    enc = create_model("resnet18-tiny", bn_sets=sets, proj_dim=8, pseudo_ks=(2, 10) if method == "advcl" else ())
+    for i, name in enumerate(sets):
+        for m in enc.modules():
+            if hasattr(m, "sets") and name in m.sets:
+                m.sets[name].running_mean.fill_(0.01 * i)
+                m.sets[name].running_var.fill_(1.0 + 0.1 * i)
+                m.sets[name].weight.data.fill_(1.0 - 0.05 * i)
+    return save_model(path, enc, kind="encoder", method=method, dataset="digits", eps=8 / 255)
+
+
+@pytest.fixture
+def encoder(tmp_path):
+    return load_checkpoint(make_encoder(tmp_path / "enc.safetensors"))
+
+
+def run(parent, out, **kw):
+    settings = FinetuneSettings.resolve(None, out=out, **{**SMALL, **kw})
+    return finetune(settings, parent, Reporter())
+
+
+def backbone_state(model):
+    return {k: v.clone() for k, v in model.backbone.state_dict().items()}
+
+
+@pytest.mark.parametrize("scheme", ["slf", "alf"])
+def test_linear_schemes_leave_the_encoder_untouched(encoder, tmp_path, scheme):
+    start = backbone_with_bn_set(encoder.build(), "pgd", num_classes=10)
+    result = run(encoder, tmp_path / scheme, scheme=scheme)
+    clf = load_checkpoint(result.path).build()
+    before, after = backbone_state(start), backbone_state(clf)
+    assert before.keys() == after.keys()
+    for k in before:  # every weight and BN statistic, num_batches_tracked included
+        assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(start.fc.weight, clf.fc.weight)  # the head did train
+
+
+def test_aff_changes_the_encoder(encoder, tmp_path):
+    start = backbone_with_bn_set(encoder.build(), "pgd", num_classes=10)
+    result = run(encoder, tmp_path / "aff", scheme="aff", epochs=1)
+    clf = load_checkpoint(result.path).build()
+    before, after = backbone_state(start), backbone_state(clf)
+    assert not torch.equal(before["conv1.weight"], after["conv1.weight"])
+    bn_mean = next(k for k in before if k.endswith("running_mean"))
+    assert not torch.equal(before[bn_mean], after[bn_mean])
+
+
+def test_starts_from_the_pgd_bn_set_or_the_only_one(encoder, tmp_path):
+    clf = load_checkpoint(run(encoder, tmp_path / "a", scheme="slf", epochs=1).path).build()
+    assert clf.config.bn_sets == ("pgd",)
+    assert torch.allclose(clf.backbone.bn1.sets["pgd"].running_mean, torch.full((8,), 0.01))
+    simclr = load_checkpoint(make_encoder(tmp_path / "s.safetensors", sets=("normal",), method="simclr"))
+    clf2 = load_checkpoint(run(simclr, tmp_path / "b", scheme="slf", epochs=1).path)
+    assert clf2.model_config.bn_sets == ("normal",) and clf2.meta.method == "simclr"
+    with pytest.raises(Exception, match="no batch-norm set 'pgd_ce'"):
+        run(simclr, tmp_path / "c", scheme="slf", epochs=1, bn_set="pgd_ce")
+
+
+def test_trades_loss_equals_a_direct_computation():
+    torch.manual_seed(0)
+    model = create_model("resnet18-tiny", num_classes=10).eval()
+    x = torch.rand(6, 3, 16, 16)
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    x_adv = trades_adversary(model, x, 8 / 255, steps=2, step_size=2 / 255, gen=torch.Generator().manual_seed(0))
+    ours = trades_loss(model, x, y, x_adv, beta=6.0)
+    nat, adv = model(x), model(x_adv)
+    kl_sum = torch.nn.KLDivLoss(reduction="sum")(F.log_softmax(adv, dim=1), F.softmax(nat, dim=1))
+    direct = F.cross_entropy(nat, y) + 6.0 * kl_sum / 6
+    by_hand = F.cross_entropy(nat, y) + 6.0 * (F.softmax(nat, 1) * (F.log_softmax(nat, 1) - F.log_softmax(adv, 1))).sum() / 6
+    assert ours.item() == pytest.approx(direct.item(), rel=1e-5)
+    assert ours.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert kl_sum.item() > 0  # the adversary did move the prediction
+
+
+def test_checkpoint_metadata(encoder, tmp_path):
+    result = run(encoder, tmp_path / "m", scheme="alf", epochs=1)
+    meta = read_metadata(result.path)
+    assert meta.kind == "classifier" and meta.method == "advcl" and meta.dataset == "digits"
+    assert meta.parent == sha256_file(encoder.path)
+    assert meta.config["scheme"] == "alf"
+    assert (meta.config["batch_size"], meta.config["lr"], meta.config["milestones"]) == (32, 0.01, [10, 20])
+    assert meta.metrics["n_eval"] == 8 and meta.metrics["selection"] == "last epoch"
+    assert 0 <= meta.metrics["pgd20_acc"] <= meta.metrics["clean_acc"] <= 1
+    assert meta.eps == pytest.approx(8 / 255) and meta.num_classes == 10
+    assert (tmp_path / "m" / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_scheme_defaults():
+    aff = with_scheme_defaults(FinetuneSettings.resolve(None, scheme="aff"))
+    assert (aff.batch_size, aff.lr, aff.milestones, aff.epochs) == (128, 0.1, [15, 20], 25)
+    slf = with_scheme_defaults(FinetuneSettings.resolve(None, scheme="slf", lr=0.05))
+    assert (slf.batch_size, slf.lr, slf.milestones, slf.weight_decay) == (512, 0.05, [10, 20], 2e-4)
+
+
+def test_validation_split_selects_an_epoch_off_the_test_set(encoder, tmp_path):
+    from advcl_cli.data.registry import load_dataset
+
+    data = load_dataset("digits", "train", limit=50)
+    train, val = split_validation(data, 0.2, seed=0)
+    assert (len(train), len(val)) == (40, 10)
+    all_rows = torch.cat([train.images, val.images]).flatten(1)
+    assert torch.unique(all_rows, dim=0).shape[0] == torch.unique(data.images.flatten(1), dim=0).shape[0]
+
+    result = run(encoder, tmp_path / "v", scheme="slf", epochs=3, val_fraction=0.25)
+    m = read_metadata(result.path).metrics
+    assert m["selection"] == "best val PGD-20" and 1 <= m["epoch"] <= 3
+    records = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
+    best = max(range(3), key=lambda i: (records[i]["val_pgd20_acc"], -i))
+    assert m["epoch"] == best + 1 and m["val_pgd20_acc"] == records[best]["val_pgd20_acc"]
+
+
+def test_resume_after_an_interruption_matches_an_uninterrupted_run(encoder, tmp_path):
+    full = run(encoder, tmp_path / "full", scheme="aff", epochs=2)
+
+    class StopInEpoch2(Reporter):
+        steps = 0
+
+        def advance(self, n=1, **info):
+            self.steps += n
+            if self.steps == 3:  # 2 steps per epoch: the first step of epoch 2
+                raise KeyboardInterrupt
+
+    settings = FinetuneSettings.resolve(None, out=tmp_path / "cut", scheme="aff", **{**SMALL, "epochs": 2})
+    with pytest.raises(KeyboardInterrupt):
+        finetune(settings, encoder, StopInEpoch2())
+    with pytest.raises(UsageError, match="unfinished run"):
+        finetune(settings, encoder, Reporter())
+    resumed = finetune(settings, encoder, Reporter(), resume=True)
+    a, b = load_checkpoint(full.path).tensors, load_checkpoint(resumed.path).tensors
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UsageError, match="finished run"):
+        finetune(settings, encoder, Reporter())
+
+
+def test_classifier_parent_with_other_classes_is_refused(tmp_path):
+    clf = create_model("resnet18-tiny", bn_sets=("pgd",), num_classes=7)
+    parent = load_checkpoint(save_model(tmp_path / "c.safetensors", clf, kind="classifier", method="advcl", dataset="digits"))
+    with pytest.raises(DataError, match="7 classes"):
+        run(parent, tmp_path / "x", scheme="aff", epochs=1)
