@@ -151,7 +151,7 @@ class PretrainSettings(AdvclSettings):
     lr: float = Field(0.5, gt=0)
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup_epochs: int = Field(10, ge=0)
+    warmup_epochs: int | None = Field(None, ge=0)  # None: 10 when batch_size > 256 (the paper's rule), else 0
     warmup_from: float = 0.01
     min_lr_ratio: float = 1e-3  # cosine decays to lr * this
     eps: Eps = 8 / 255

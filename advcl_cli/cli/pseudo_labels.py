@@ -1,14 +1,117 @@
-"""`advcl pseudo-labels` (not built yet)."""
+"""`advcl pseudo-labels` (make ClusterFit labels) and `advcl pseudo-labels import` (the authors' pickle).
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: Typer reads the option aliases at definition.
+"""
+
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
-from ..errors import NotImplementedYet
+from ..errors import UsageError
+from .options import ConfigOpt, DataDirOpt, DatasetOpt, DeviceOpt, ImageSizeOpt, JsonOpt, LimitOpt, SeedOpt
+from .output import Output
 
-app = typer.Typer(help="ClusterFit pseudo labels for AdvCL (not implemented yet).", add_completion=False)
+app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
+
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")]
+
+
+def _check_target(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise UsageError(f"{path} already exists", "pass --force to overwrite it, or choose another --out")
 
 
 @app.callback(invoke_without_command=True)
-def pseudo_labels() -> None:
-    raise NotImplementedYet("pseudo-labels")
+def pseudo_labels(
+    ctx: typer.Context,
+    encoder: Annotated[
+        Optional[str],
+        typer.Option("--encoder", "-e", help="Encoder checkpoint (path, zoo name, or '-' for a path on stdin).", show_default=False),
+    ] = None,
+    dataset: DatasetOpt = None,
+    k: Annotated[Optional[str], typer.Option("--k", help="Cluster counts, comma-separated (default 2,10,50,100,500).", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Labels file (default pseudo-labels-DATASET.safetensors).", show_default=False)] = None,
+    force: ForceOpt = False,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Batch size of the feature pass (default 512).", show_default=False)] = None,
+    bn_set: Annotated[Optional[str], typer.Option("--bn-set", help="The encoder's BN set to use (default its first, 'normal').", show_default=False)] = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    limit: LimitOpt = None,
+    image_size: ImageSizeOpt = None,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """ClusterFit pseudo labels for AdvCL: k-means on an encoder's features; print the file's path.
+
+    Features of the training split are L2-normalised and clustered with scikit-learn's k-means,
+    once per k. The file holds one int64 label vector per k (tensor k2, k10, ...) and records
+    the dataset, its size and the encoder's sha256. Use it with advcl pretrain --pseudo-labels.
+
+    Example, on the offline digits data:
+
+    \b
+      enc=$(advcl pretrain -d digits --arch resnet18-tiny --method simclr --epochs 5 --batch-size 64)
+      advcl pseudo-labels --encoder $enc -d digits --k 2,10,50 --out digits-labels.safetensors
+      advcl pretrain -d digits --arch resnet18-tiny --pseudo-labels digits-labels.safetensors --epochs 5 --batch-size 64
+
+    The authors' CIFAR-10 labels: advcl pseudo-labels import imagenet_clPretrain_pseudo_labels.pkl
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from ..pseudolabels import default_labels_path, make_pseudo_labels
+    from ..settings import PseudoLabelSettings
+    from .options import model_path
+
+    settings = PseudoLabelSettings.resolve(
+        config, dataset=dataset, ks=k, batch_size=batch_size, bn_set=bn_set, device=device, seed=seed,
+        limit=limit, image_size=image_size, data_dir=data_dir,
+    )
+    out = out or default_labels_path(settings.dataset)
+    _check_target(out, force)
+    path = model_path(encoder)
+    output = Output(json_output)
+    reporter = output.reporter()
+    try:
+        result = make_pseudo_labels(settings, path, out, reporter)
+    finally:
+        reporter.finish()
+    _print(output, result, json_output)
+
+
+@app.command("import")
+def import_pickle(
+    file: Annotated[Path, typer.Argument(help="The authors' pickle (imagenet_clPretrain_pseudo_labels.pkl).", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Labels file (default FILE's name with .safetensors).", show_default=False)] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="The dataset the labels are for (default cifar10).", show_default=False)] = None,
+    force: ForceOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Convert the authors' CIFAR-10 pseudo-label pickle into a labels file; print its path.
+
+    The pickle goes through a restricted unpickler that admits only numpy arrays; anything else
+    (code, objects) is refused before it runs. Only the train labels (pseudo_train_K) are kept.
+
+    Example:
+
+    \b
+      advcl pseudo-labels import imagenet_clPretrain_pseudo_labels.pkl --out cifar10-labels.safetensors
+      advcl pretrain -d cifar10 --pseudo-labels cifar10-labels.safetensors
+    """
+    from ..pseudolabels import import_authors_pickle
+
+    target = out or Path(file.name).with_suffix(".safetensors")
+    _check_target(target, force)
+    result = import_authors_pickle(file, target, dataset=dataset or "cifar10")
+    _print(Output(json_output), result, json_output)
+
+
+def _print(output: Output, path: Path, json_output: bool) -> None:
+    if json_output:
+        from ..pseudolabels import load_labels
+
+        labels = load_labels(path)
+        output.document({"path": str(path), **labels.meta})
+    else:
+        output.result(path)

@@ -1,0 +1,209 @@
+"""The run folder shared by the training engines: metrics log, resume state, guards.
+
+A run folder holds the model file(s) the engine names (``encoder.safetensors``,
+``classifier.safetensors``), ``state.safetensors`` (the resume state: weights, optimizer,
+epochs done, RNG states, the run's configuration) and ``metrics.jsonl`` (one JSON object per
+finished epoch). Nothing here knows which method trains the model.
+
+Rules:
+
+- a fresh run refuses a folder that already holds a run (finished or not) unless ``force``;
+  with ``force`` the old files are deleted first;
+- ``resume`` needs a state file; the metrics log is cut back to the epochs the state holds,
+  so a run killed after logging an epoch but before saving its state logs that epoch once;
+- the state is written atomically after every epoch, after the model file, so a crash loses at
+  most the epoch in progress;
+- the loss is checked for NaN/inf without a device sync per step: ``FiniteGuard.update`` keeps
+  the first bad step in a device tensor and ``check`` (called at logging intervals and at the
+  end of every epoch, before anything is saved) raises ``TrainingError`` naming the epoch and
+  step. Weights after a bad step are never saved, so the last files on disk are good.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import atomic_write, clean_state_dict, load_state, save_state, unwrap
+from ..errors import CheckpointError, TrainingError, UsageError
+
+STATE_FILE = "state.safetensors"
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunDir:
+    """One run folder; ``artifacts`` are the model files the engine writes there."""
+
+    def __init__(self, path: str | Path, artifacts: tuple[str, ...] = ("encoder.safetensors",)):
+        self.path = Path(path)
+        self.artifacts = artifacts
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / STATE_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS_FILE
+
+    def artifact(self, name: str) -> Path:
+        return self.path / name
+
+    def read_state(self) -> dict:
+        try:
+            return load_state(self.state_path)
+        except CheckpointError:
+            raise
+        except Exception as e:  # a damaged file: safetensors/json raise their own types
+            raise CheckpointError(f"resume state {self.state_path} is unreadable: {e}", "start over with --force") from None
+
+    def stored_config(self) -> dict | None:
+        """The configuration of the run in this folder, or None without a state file."""
+        return self.read_state().get("config") if self.state_path.is_file() else None
+
+    def prepare(self, *, resume: bool, force: bool) -> dict | None:
+        """Check the folder for a fresh or resumed run; return the resume state (None: fresh)."""
+        if resume and force:
+            raise UsageError("--resume and --force contradict each other", "--resume continues a run, --force starts over")
+        if resume:
+            if not self.state_path.is_file():
+                raise UsageError(
+                    f"nothing to resume in {self.path}: no {STATE_FILE}",
+                    "start the run without --resume (pass the same --out)",
+                )
+            state = self.read_state()
+            self._truncate_metrics(int(state["epoch"]))
+            return state
+        existing = [p for p in (self.state_path, self.metrics_path, *map(self.artifact, self.artifacts)) if p.exists()]
+        if existing and not force:
+            if self.state_path.is_file():
+                state = self.read_state()
+                if state.get("finished"):
+                    raise UsageError(
+                        f"{self.path} already holds a finished run ({state['epoch']} epochs)",
+                        "pass --force to overwrite it, or choose another --out",
+                    )
+                raise UsageError(
+                    f"{self.path} holds an unfinished run ({state['epoch']} of {state['total_epochs']} epochs)",
+                    "pass --resume to continue it, --force to start over, or choose another --out",
+                )
+            raise UsageError(f"{self.path} already holds {existing[0].name}", "pass --force to overwrite it, or choose another --out")
+        for p in existing:
+            p.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        return None
+
+    # --- metrics ------------------------------------------------------------------------
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict]:
+        """The logged epochs; a line torn by a crash mid-write is skipped."""
+        if not self.metrics_path.is_file():
+            return []
+        records = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def _truncate_metrics(self, epochs_done: int) -> None:
+        if not self.metrics_path.is_file():
+            return
+        keep = [r for r in self.read_metrics() if int(r.get("epoch", 0)) <= epochs_done]
+        text = "".join(json.dumps(r) + "\n" for r in keep)
+        if text != self.metrics_path.read_text():
+            atomic_write(self.metrics_path, lambda tmp: tmp.write_text(text))
+
+    # --- resume state ---------------------------------------------------------------------
+    def save_state(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        epoch: int,
+        total_epochs: int,
+        config: dict,
+        extra: dict | None = None,
+    ) -> Path:
+        """Everything needed to continue after ``epoch`` finished epochs (atomic write)."""
+        state = {
+            "epoch": epoch,
+            "total_epochs": total_epochs,
+            "finished": epoch >= total_epochs,
+            "config": config,
+            "model": clean_state_dict(unwrap(model).state_dict()),
+            "optimizer": optimizer.state_dict(),
+            "rng": capture_rng(),
+            "extra": extra or {},
+        }
+        return save_state(self.state_path, state)
+
+
+def restore(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load weights, optimizer and RNG states from ``state``; return the epochs done."""
+    try:
+        unwrap(model).load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"the resume state does not fit this model: {str(e).splitlines()[0]}", "start over with --force") from None
+    restore_rng(state.get("rng", {}))
+    return int(state["epoch"])
+
+
+def capture_rng() -> dict[str, Any]:
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = list(torch.cuda.get_rng_state_all())
+    return rng
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"].to(torch.uint8))
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in rng["cuda"]])
+
+
+def check_resume_config(stored: dict, current: dict, ignore: set[str]) -> None:
+    """A resumed run must train the same thing: compare the settings that shape the result."""
+    differ = sorted(k for k in set(stored) | set(current) if k not in ignore and stored.get(k) != current.get(k))
+    if differ:
+        parts = [f"{k.replace('_', '-')} is {current.get(k)!r} now but {stored.get(k)!r} in the run" for k in differ[:3]]
+        raise UsageError(
+            "cannot resume with different settings: " + "; ".join(parts),
+            "drop those flags to resume as started, or start over with --force",
+        )
+
+
+class FiniteGuard:
+    """Remembers the first step whose loss was NaN/inf, without syncing the device per step."""
+
+    def __init__(self):
+        self.first_bad: torch.Tensor | None = None
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self, epoch: int, last_good: str) -> None:
+        """Raise TrainingError if a bad loss was seen; ``epoch`` and the step are 1-based."""
+        if self.first_bad is None:
+            return
+        step = int(self.first_bad.item())
+        if step >= 0:
+            raise TrainingError(
+                f"the loss became NaN or inf at epoch {epoch}, step {step + 1}; {last_good}",
+                "lower --lr, or check the data; --resume restarts from the last saved epoch",
+            )

@@ -1,0 +1,182 @@
+"""AdvCL (Fan et al., NeurIPS 2021): adversarial contrastive pretraining with a high-frequency
+view and ClusterFit pseudo-supervision.
+
+One step, matched to the authors' ``pretraining_advCL.py`` (class ``AttackPGD`` and ``train``):
+
+- views of every image, in [0, 1]: ``x1``, ``x2`` (SimCLR augmentations), ``x_org``
+  (crop with 4-pixel padding + flip) and ``x_HFC``, the high-frequency part of ``x_org``
+  (not clamped);
+- the model stays in train mode for the whole step, the attack included: every forward pass
+  uses its batch's BN statistics and updates that set's running statistics, as in the code;
+- every view goes through the backbone as its own batch (BN statistics per view, never over
+  concatenated views): ``x1``, ``x2``, ``x_HFC`` with the "normal" set, ``x_cl`` with "pgd",
+  ``x_ce`` with "pgd_ce";
+- attack: ``x_cl`` and ``x_ce`` start at ``x_org + U(-eps, eps)`` (not clamped at the start),
+  then take ``pgd_steps`` signed-gradient steps of ``pgd_step_size``, each followed by a
+  projection onto the L-inf ball around ``x_org`` and a clamp to [0, 1]. Both ascend one joint
+  loss, ``supcon([z_cl, z1, z2, z_HFC]) + ce_weight * sum-over-batch pseudo CE / heads``; as the
+  contrastive term does not depend on ``x_ce`` and the CE term not on ``x_cl``, each ascends its
+  own term. Gradients are taken w.r.t. the inputs only, and no graph outlives a PGD step;
+- the clean views' forward passes are computed once per step, before the attack, and their
+  (detached) projections are reused at every PGD step and (with their graph) in the final
+  loss. The reference recomputes them at every PGD step and again after the attack; with the
+  same weights and train-mode BN that gives the same numbers, so the losses, adversarial
+  examples and gradients are identical; only the running statistics of the "normal" BN set and
+  of the projection head's BN see fewer updates (``recompute_clean=True`` in ``attack`` runs
+  the reference's way for the equivalence test and the benchmark);
+- training loss: ``supcon([z_cl, z1, z2, z_HFC]) + ce_weight * mean over heads of CE`` (batch
+  mean), the SupCon loss with temperature 0.5 scaled by 0.5 / 0.07; the projections are
+  all-gathered across ranks first, so the loss sees the global batch (the attack uses the
+  rank's local batch).
+- the reference also passes ``x_ce`` through the projection and predictor heads and never
+  uses the result (it only moves BN running statistics); we skip it.
+
+Without pseudo labels the CE term and ``x_ce`` are dropped (the engine says so on stderr).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..checkpoint import unwrap
+from ..data.augment import crop_flip_view, high_frequency, simclr_view, to_float
+from ..engine.distributed import DistContext, all_gather_with_grad
+from .losses import pseudo_label_ce, supcon_loss
+
+BN_SETS = ("normal", "pgd", "pgd_ce")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    eps: float = 8 / 255
+    steps: int = 5
+    step_size: float = 2 / 255
+    temperature: float = 0.5
+    base_temperature: float = 0.07
+    ce_weight: float = 0.2
+
+
+def _project(x: Tensor, center: Tensor, eps: float) -> Tensor:
+    return torch.clamp(torch.min(torch.max(x, center - eps), center + eps), 0, 1)
+
+
+def attack(
+    net,
+    x_org: Tensor,
+    clean: list[Tensor] | None,
+    targets: list[Tensor] | None,
+    gen: torch.Generator,
+    cfg: AttackConfig,
+    recompute_clean=None,
+) -> tuple[Tensor, Tensor | None]:
+    """The adversarial views ``(x_cl, x_ce)``; ``x_ce`` is None without pseudo labels.
+
+    ``clean`` holds the projections [z1, z2, z_HFC] of the clean views (used detached);
+    ``recompute_clean``, a callable returning them, makes every PGD step recompute them, as the
+    reference does.
+    """
+    noise = (torch.rand((2, *x_org.shape), generator=gen, device=x_org.device, dtype=x_org.dtype) * 2 - 1) * cfg.eps
+    x_cl = x_org + noise[0]
+    x_ce = x_org + noise[1] if targets is not None else None
+    clean = [z.detach() for z in clean] if clean is not None else None
+    for _ in range(cfg.steps):
+        if recompute_clean is not None:
+            clean = recompute_clean()
+        x_cl = x_cl.detach().requires_grad_(True)
+        inputs = [x_cl]
+        z_cl = net.project(net.features(x_cl, "pgd"))
+        loss = supcon_loss(torch.stack([z_cl, *clean], dim=1), cfg.temperature, cfg.base_temperature)
+        if x_ce is not None:
+            x_ce = x_ce.detach().requires_grad_(True)
+            inputs.append(x_ce)
+            logits = net.pseudo_logits(net.features(x_ce, "pgd_ce"))
+            loss = loss + cfg.ce_weight * pseudo_label_ce(logits, targets, reduction="sum")
+        grads = torch.autograd.grad(loss, inputs)
+        x_cl = _project(x_cl.detach() + cfg.step_size * grads[0].sign(), x_org, cfg.eps)
+        if x_ce is not None:
+            x_ce = _project(x_ce.detach() + cfg.step_size * grads[1].sign(), x_org, cfg.eps)
+    return x_cl.detach(), (x_ce.detach() if x_ce is not None else None)
+
+
+class AdvCL:
+    """``step`` computes the full AdvCL loss of one batch; the engine does backward/optimizer."""
+
+    name = "advcl"
+
+    def __init__(self, settings, *, n_images: int, device: torch.device | str = "cpu"):
+        from ..pseudolabels import load_labels
+
+        self.settings = settings
+        self.cfg = AttackConfig(
+            eps=settings.eps,
+            steps=settings.pgd_steps,
+            step_size=settings.pgd_step_size,
+            temperature=settings.temperature,
+            base_temperature=settings.base_temperature,
+            ce_weight=settings.ce_weight,
+        )
+        self.hfc_radius = settings.hfc_radius
+        self.recompute_clean = False  # True: the reference's way (tests, benchmark)
+        self.labels: Tensor | None = None
+        self.ks: tuple[int, ...] = ()
+        self.notes: list[str] = []
+        if settings.pseudo_labels is not None:
+            pl = load_labels(settings.pseudo_labels, n_images, allow_longer=settings.limit is not None)
+            self.labels, self.ks = pl.stacked().to(device), pl.ks
+            made_for = str(pl.meta.get("dataset", "?"))
+            if made_for.lower() != str(settings.dataset).lower():
+                self.notes.append(f"the pseudo labels were made for '{made_for}', not '{settings.dataset}'")
+        else:
+            self.notes.append(
+                "no --pseudo-labels given: AdvCL trains without the pseudo-label term "
+                "(make labels with `advcl pseudo-labels --encoder CKPT`)"
+            )
+
+    @property
+    def eps(self) -> float:
+        return self.cfg.eps
+
+    def model_config(self, arch: str) -> dict:
+        return {"bn_sets": BN_SETS, "proj_dim": 128, "pseudo_ks": self.ks}
+
+    def views(self, batch: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x1, x2 (SimCLR), x_org (crop + flip), x_HFC (high-frequency part of x_org)."""
+        x = to_float(batch)
+        x1, x2 = simclr_view(x, gen), simclr_view(x, gen)
+        x_org = crop_flip_view(x, gen)
+        return x1, x2, x_org, high_frequency(x_org, self.hfc_radius)
+
+    def targets(self, indices: Tensor) -> list[Tensor] | None:
+        return None if self.labels is None else list(self.labels[:, indices].unbind(0))
+
+    def step(self, model, batch: Tensor, indices: Tensor, gen: torch.Generator, ctx: DistContext = DistContext()):
+        return self.loss(model, self.views(batch, gen), indices, gen, ctx)
+
+    def loss(self, model, views, indices: Tensor, gen: torch.Generator, ctx: DistContext = DistContext()):
+        """The step's loss given its views (x1, x2, x_org, x_HFC); ``gen`` draws the random start."""
+        net = unwrap(model)
+        x1, x2, x_org, x_hfc = views
+        targets = self.targets(indices)
+
+        def clean_projections():
+            return [net.project(net.features(v, "normal")) for v in (x1, x2, x_hfc)]
+
+        if self.recompute_clean:  # the reference's way: clean views again at every PGD step and after
+            recompute = lambda: [z.detach() for z in clean_projections()]  # noqa: E731
+            x_cl, x_ce = attack(net, x_org, None, targets, gen, self.cfg, recompute)
+            clean = clean_projections()
+        else:
+            clean = clean_projections()
+            x_cl, x_ce = attack(net, x_org, clean, targets, gen, self.cfg)
+        z_cl = net.project(net.features(x_cl, "pgd"))
+        features = all_gather_with_grad(torch.stack([z_cl, *clean], dim=1), ctx)
+        contrast = supcon_loss(features, self.cfg.temperature, self.cfg.base_temperature)
+        loss, terms = contrast, {"contrast": contrast.detach()}
+        if x_ce is not None:
+            ce = pseudo_label_ce(net.pseudo_logits(net.features(x_ce, "pgd_ce")), targets)
+            loss = loss + self.cfg.ce_weight * ce
+            terms["pseudo_ce"] = ce.detach()
+        return loss, terms

@@ -1,0 +1,45 @@
+"""Loss functions of the pretraining methods, as pure functions of tensors.
+
+``supcon_loss`` is the SupCon loss (Khosla et al. 2020) in its unsupervised form, the one the
+AdvCL code uses through ``SupConLoss(temperature=0.5)``: every one of the ``B * V`` vectors is an
+anchor, its positives are the other ``V - 1`` views of the same image, its denominator runs over
+all ``B * V - 1`` other vectors, and the mean over anchors is scaled by
+``temperature / base_temperature`` (0.5 / 0.07 with SupConLoss's default base temperature).
+With two views and ``base_temperature == temperature`` it is SimCLR's NT-Xent.
+
+``pseudo_label_ce`` is AdvCL's pseudo-supervision term: the mean over the ClusterFit heads of the
+cross-entropy, with ``-1`` labels ignored (``reduction="sum"`` inside the attack, ``"mean"`` in
+the training loss, as in the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def supcon_loss(features: Tensor, temperature: float = 0.5, base_temperature: float = 0.07) -> Tensor:
+    """Unsupervised SupCon loss of ``features`` (B, V, D), L2-normalised along D."""
+    if features.dim() != 3:
+        raise ValueError(f"features must be (batch, views, dim), got shape {tuple(features.shape)}")
+    b, v, _ = features.shape
+    z = features.transpose(0, 1).reshape(b * v, -1).float()  # view-major: [view0 of all; view1 of all; ...]
+    logits = z @ z.T / temperature
+    eye = torch.eye(b * v, dtype=torch.bool, device=z.device)
+    log_denominator = torch.logsumexp(logits.masked_fill(eye, float("-inf")), dim=1, keepdim=True)
+    log_prob = logits - log_denominator
+    image = torch.arange(b, device=z.device).repeat(v)
+    positive = (image[:, None] == image[None, :]) & ~eye
+    mean_log_prob_pos = (log_prob * positive).sum(1) / (v - 1)
+    return -(temperature / base_temperature) * mean_log_prob_pos.mean()
+
+
+def pseudo_label_ce(logits: list[Tensor], targets: list[Tensor], reduction: str = "mean") -> Tensor:
+    """Mean over heads of the cross-entropy of each head's logits against its labels."""
+    if len(logits) != len(targets) or not logits:
+        raise ValueError(f"{len(logits)} heads but {len(targets)} label sets")
+    total = sum(
+        F.cross_entropy(lg.float(), t, ignore_index=-1, reduction=reduction) for lg, t in zip(logits, targets)
+    )
+    return total / len(logits)

@@ -1,0 +1,45 @@
+"""SimCLR (Chen et al. 2020): two augmented views, NT-Xent, no attack.
+
+The non-robust baseline, and the encoder whose features make ClusterFit pseudo labels for
+AdvCL. As in the SupContrast code the AdvCL authors build on, both views go through the
+backbone as one concatenated batch (BN statistics over both views) and the loss is the SupCon
+loss in its unsupervised form with two views: NT-Xent at ``temperature``, scaled by
+``temperature / base_temperature`` like AdvCL's contrastive term (set ``--base-temperature``
+equal to ``--temperature`` for the unscaled NT-Xent).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..checkpoint import unwrap
+from ..data.augment import simclr_view, to_float
+from ..engine.distributed import DistContext, all_gather_with_grad
+from .losses import supcon_loss
+
+
+class SimCLR:
+    name = "simclr"
+
+    def __init__(self, settings, *, n_images: int, device: torch.device | str = "cpu"):
+        self.settings = settings
+        self.notes: list[str] = []
+        if settings.pseudo_labels is not None:
+            self.notes.append("--pseudo-labels is ignored by --method simclr")
+
+    @property
+    def eps(self) -> float | None:
+        return None  # not adversarially trained
+
+    def model_config(self, arch: str) -> dict:
+        return {"bn_sets": ("normal",), "proj_dim": 128}
+
+    def step(self, model, batch: Tensor, indices: Tensor, gen: torch.Generator, ctx: DistContext = DistContext()):
+        net = unwrap(model)
+        x = to_float(batch)
+        views = torch.cat([simclr_view(x, gen), simclr_view(x, gen)])
+        z = net.project(net.features(views, "normal"))
+        features = all_gather_with_grad(torch.stack(z.chunk(2), dim=1), ctx)
+        loss = supcon_loss(features, self.settings.temperature, self.settings.base_temperature)
+        return loss, {"contrast": loss.detach()}

@@ -1,0 +1,166 @@
+"""Images/s and peak memory of one AdvCL pretraining step: ours beside a reference-style step.
+
+Both variants run the full AdvCL step (four contrastive views, x_cl and x_ce attacked with
+5 PGD steps, five pseudo-label heads with random labels, backward, SGD step) on the same
+random CIFAR-sized images, each in its own subprocess so that peak memory is measured apart:
+
+- ``ours``: the images are a uint8 tensor on the device, augmented as whole batches there, and
+  the clean views' forward passes are computed once per step (advcl_cli's engine path);
+- ``reference``: the authors' way: per-image torchvision transforms on PIL images on the host
+  (as their DataLoader does; here inline, as with num_workers=0), the batch moved to the
+  device, and the clean views recomputed at every PGD step and once more after the attack.
+
+images/s is the batch over the fastest of ``--steps`` timed steps (after ``--warmup`` steps),
+as other processes may share the CPU; the mean and the 1-minute load average are printed too.
+Peak memory is the CUDA allocator's peak on a GPU and, on the CPU, the growth of the process's
+peak resident set during the steps (above what it held after warm-up; the first peak includes
+torch's own start-up). Usage:
+
+    python benchmarks/pretrain_step.py --arch resnet18 --batch-size 32 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(variant: str, args) -> dict:
+    import numpy as np
+    import torch
+
+    from advcl_cli.data.augment import high_frequency
+    from advcl_cli.engine.device import autocast, resolve_device, resolve_precision
+    from advcl_cli.methods import AdvCL
+    from advcl_cli.models import create_model
+    from advcl_cli.pseudolabels import DEFAULT_KS, save_labels
+    from advcl_cli.settings import PretrainSettings
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    b = args.batch_size
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = {k: torch.randint(0, k, (b,), generator=g) for k in DEFAULT_KS}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_labels(os.path.join(tmp, "pl.safetensors"), labels, dataset="bench", split="train", encoder="random")
+        settings = PretrainSettings(arch=args.arch, batch_size=b, pseudo_labels=path)
+        method = AdvCL(settings, n_images=b, device=device)
+    torch.manual_seed(0)
+    model = create_model(args.arch, **method.model_config(args.arch)).to(device).train()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    indices = torch.arange(b, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    if variant == "ours":
+        data = images.to(device)
+
+        def step():
+            with autocast(precision, device):
+                return method.step(model, data, indices, gen)
+    else:
+        import torchvision.transforms as T
+        from PIL import Image
+
+        method.recompute_clean = True
+        pil = [Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy())) for img in images]
+        simclr = T.Compose([
+            T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2), T.ToTensor(),
+        ])
+        crop_flip = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
+
+        def step():
+            x1 = torch.stack([simclr(im) for im in pil]).to(device)
+            x2 = torch.stack([simclr(im) for im in pil]).to(device)
+            x_org = torch.stack([crop_flip(im) for im in pil]).to(device)
+            with autocast(precision, device):
+                return method.loss(model, (x1, x2, x_org, high_frequency(x_org, 8.0)), indices, gen)
+
+    def train_step():
+        loss, _ = step()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(args.warmup):
+        train_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = _rss_mb()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        train_step().item()  # .item() waits for the device
+        times.append(time.perf_counter() - t0)
+    seconds = min(times)  # the least disturbed step (the CPU may be shared)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb() - base_rss
+    return {
+        "variant": variant,
+        "images_per_s": b / seconds,
+        "seconds_per_step": seconds,
+        "mean_seconds_per_step": sum(times) / len(times),
+        "load_average": os.getloadavg()[0],
+        "peak_memory_mb": peak,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "precision": precision,
+        "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (the fastest is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", help="fp32, bf16 or auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--variant", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:  # child process: one variant, one JSON line
+        print(json.dumps(measure(args.variant, args)))
+        return
+    results = {}
+    for variant in ("reference", "ours"):
+        cmd = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"{variant} failed:\n{proc.stderr}")
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    ref, ours = results["reference"], results["ours"]
+    print(f"AdvCL pretraining step, {args.arch}, batch {args.batch_size}, {ours['precision']}, {ours['device']}, torch {ours['torch']}")
+    print(f"{'variant':<10} {'images/s':>10} {'s/step':>9} {'mean s':>9} {'peak MB':>9} {'load':>6}")
+    for r in (ref, ours):
+        print(
+            f"{r['variant']:<10} {r['images_per_s']:>10.2f} {r['seconds_per_step']:>9.2f} "
+            f"{r['mean_seconds_per_step']:>9.2f} {r['peak_memory_mb']:>9.0f} {r['load_average']:>6.1f}"
+        )
+    print(f"speed-up (ours / reference images/s): {ours['images_per_s'] / ref['images_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

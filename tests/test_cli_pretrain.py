@@ -1,0 +1,58 @@
+"""`advcl pretrain` through the CLI: stdout is the path, errors are one line and an exit code."""
+
+import json
+from pathlib import Path
+
+from advcl_cli.checkpoint import load_checkpoint
+
+TINY = ["--dataset", "digits", "--arch", "resnet18-tiny", "--limit", "64", "--batch-size", "32", "--pgd-steps", "1", "--device", "cpu"]
+
+
+def test_pretrain_prints_only_the_encoder_path(run_cli, tmp_path):
+    code, out, err = run_cli("pretrain", *TINY, "--epochs", "1", "--out", "r")
+    assert code == 0, err
+    assert out.count("\n") == 1 and Path(out.strip()) == Path("r/encoder.safetensors")
+    assert load_checkpoint(out.strip()).meta.config["batch_size"] == 32
+    assert "pseudo-label term" in err and "training: advcl on digits (64 images)" in err
+    assert (tmp_path / "r" / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_pretrain_json_and_finished_run_guard(run_cli, tmp_path):
+    code, out, err = run_cli("pretrain", *TINY, "--method", "simclr", "--epochs", "1", "--out", "r", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["epochs"] == 1 and doc["path"].endswith("encoder.safetensors") and doc["metrics"]["epoch"] == 1
+    assert {"loss", "contrast", "lr", "images_per_s", "seconds"} <= doc["metrics"].keys()
+    code, out, err = run_cli("pretrain", *TINY, "--method", "simclr", "--epochs", "1", "--out", "r")
+    assert code == 2 and out == "" and "finished run" in err and "--force" in err
+    code, out, err = run_cli("pretrain", *TINY, "--method", "simclr", "--epochs", "1", "--out", "r", "--force")
+    assert code == 0 and out.strip().endswith("encoder.safetensors")
+
+
+def test_resume_takes_the_settings_of_the_run(run_cli, tmp_path):
+    code, out, err = run_cli("pretrain", *TINY, "--method", "simclr", "--epochs", "1", "--out", "r", "--seed", "4")
+    assert code == 0, err
+    code, out2, err = run_cli("pretrain", "--out", "r", "--resume")  # nothing else given: the run's settings
+    assert code == 0 and out2 == out and "already finished" in err
+    code, out, err = run_cli("pretrain", "--out", "r", "--resume", "--epochs", "5")
+    assert code == 2 and "epochs is 5 now but 1 in the run" in err
+
+
+def test_usage_errors_exit_2_in_one_line(run_cli):
+    cases = [
+        (["pretrain", *TINY, "--method", "byol"], "unknown method 'byol'"),
+        (["pretrain", *TINY, "--out", "nothing", "--resume"], "nothing to resume"),
+        (["pretrain", *TINY, "--eps", "9"], "bad value for eps"),
+        (["pretrain", *TINY, "--dataset", "cifar11"], "unknown dataset"),
+        (["pretrain", *TINY, "--pseudo-labels", "missing.safetensors"], "no such pseudo-label file"),
+        (["pretrain", *TINY, "--batch-size", "128"], "fewer than one batch"),
+    ]
+    for args, message in cases:
+        code, out, err = run_cli(*args)
+        assert code == 2 and out == "" and message in err and "Traceback" not in err, (args, err)
+
+
+def test_help_has_worked_examples(run_cli):
+    for cmd in (["pretrain"], ["import"], ["pseudo-labels"], ["pseudo-labels", "import"]):
+        code, out, err = run_cli(*cmd, "--help")
+        assert code == 0 and "Example" in out and "advcl " in out, cmd

@@ -1,0 +1,81 @@
+"""An interrupted run, resumed, ends with the same weights as an uninterrupted one (CPU)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from advcl_cli.checkpoint import load_state
+from advcl_cli.engine.pretrain import pretrain
+from advcl_cli.engine.report import RecordingReporter
+from advcl_cli.settings import PretrainSettings
+
+ARGS = dict(dataset="digits", arch="resnet18-tiny", limit=64, batch_size=32, epochs=3, pgd_steps=1, save_every=1, device="cpu")
+
+
+def cli_args(out):
+    flags = []
+    for key, value in ARGS.items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    return [sys.executable, "-m", "advcl_cli", "pretrain", *flags, "--out", str(out)]
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    e.pop("ADVCL_DEBUG", None)
+    return e
+
+
+def start_and_interrupt(out, sig):
+    """Start a run, wait until the state of epoch 1 is on disk, then send ``sig``."""
+    proc = subprocess.Popen(cli_args(out), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state, deadline = out / "state.safetensors", time.monotonic() + 60
+    while not state.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "no epoch finished in 60 s"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=30)
+    return proc.returncode, stdout, stderr
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    result = pretrain(PretrainSettings(**ARGS, out=out))
+    return load_file(result.path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(tmp_path, uninterrupted, sig):
+    out = tmp_path / "run"
+    code, stdout, stderr = start_and_interrupt(out, sig)
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+    else:  # handled: a clean exit 130 with a hint, no traceback
+        assert code == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    assert stdout == ""
+    state = load_state(out / "state.safetensors")
+    assert 1 <= state["epoch"] < 3 and not state["finished"]
+
+    if sig == signal.SIGKILL:  # resume through the CLI, as a user would
+        resumed = subprocess.run(cli_args(out) + ["--resume"], env=env(), capture_output=True, text=True, timeout=120)
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"resuming after epoch {state['epoch']}" in resumed.stderr
+        path = resumed.stdout.strip()
+    else:  # in-process (one interpreter start less; the CLI path is covered above)
+        rep = RecordingReporter()
+        path = str(pretrain(PretrainSettings(**ARGS, out=out), rep, resume=True).path)
+        assert any(e[0] == "log" and f"resuming after epoch {state['epoch']}" in e[1] for e in rep.events)
+    assert path.endswith("encoder.safetensors")
+    weights = load_file(path if os.path.isabs(path) else tmp_path / path)
+    assert weights.keys() == uninterrupted.keys()
+    for key in weights:
+        assert torch.equal(weights[key], uninterrupted[key]), key
+    epochs = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert len(epochs) == 3
