@@ -10,7 +10,12 @@ from .output import Output
 LIST_LABELS = {"sa": "SA", "pgd20": "PGD-20", "aa": "AA"}  # short headers: the table fits 80 columns
 
 app = typer.Typer(
-    help="The model zoo: named checkpoints on the Hugging Face Hub (see also `advcl pull`).",
+    help=(
+        "The model zoo: named checkpoints on the Hugging Face Hub (see also `advcl pull`).\n\n"
+        "Example:\n\n"
+        "  advcl zoo list\n\n"
+        "  advcl zoo info advcl-r18-cifar10-slf --json"
+    ),
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
