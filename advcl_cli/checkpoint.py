@@ -11,6 +11,7 @@ Nothing here unpickles.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 from .models import AdvclNet, ModelConfig
 
 FORMAT_VERSION = 1
@@ -57,17 +58,57 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only read
+    it by setting it, which races with other threads creating files)."""
     try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(path: str | Path) -> Path:
+    """A UsageError unless ``atomic_write(path)`` can work: ``path`` is not a folder, and its
+    folder (or the nearest existing one above, under which the rest is created) is writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"cannot write {path}: it is a folder")
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {path}: {folder} is not a writable folder")
+    return path
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, flush it to disk and rename it
+    into place (mode 0666 less the umask, as ``open`` would give). An OSError (a folder that is
+    not writable, a full disk) is a UsageError naming ``path``; the old file is left intact."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # after write: mkstemp gives 0600, and writers may recreate the file
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
@@ -135,7 +176,7 @@ class Checkpoint:
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.meta.model)
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         return sha256_file(self.path)
 
@@ -160,11 +201,16 @@ def _read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(f"{path} is not a safetensors file (bad header)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is not a safetensors file (bad header)")
-    end = max(
-        (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
-    )
+    try:  # a string map of metadata; per tensor a shape of integers and data offsets
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise TypeError("__metadata__ is not a map of strings")
+        entries = [v for k, v in header.items() if k != "__metadata__"]
+        end = max((int(v["data_offsets"][1]) for v in entries), default=0)
+        if not all(isinstance(d, int) for v in entries for d in v["shape"]):
+            raise TypeError("a shape is not a list of integers")
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):  # also: a header that is not a dict
+        raise CheckpointError(f"{path} is not a safetensors file (bad header)") from None
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path} is truncated ({size} bytes, {8 + n + end} expected)",
@@ -173,12 +219,19 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, size
 
 
-def read_metadata(path: str | Path) -> Metadata:
-    """Only the metadata: cheap, reads the header."""
+def _checked_header(path: str | Path) -> tuple[Path, dict]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint file: {path}")
-    header, _ = _read_header(path)
+    return path, _read_header(path)[0]
+
+
+def read_metadata(path: str | Path) -> Metadata:
+    """Only the metadata: cheap, reads the header."""
+    return _metadata(*_checked_header(path))
+
+
+def _metadata(path: Path, header: dict) -> Metadata:
     raw = (header.get("__metadata__") or {}).get(META_KEY)
     if raw is None:
         raise CheckpointError(
@@ -208,23 +261,26 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
-def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
-    """Read and validate a checkpoint: metadata, tensor names and shapes against its arch."""
-    path = Path(path)
-    meta = read_metadata(path)
+def not_a_classifier(what: str, path: str | Path | None = None) -> CheckpointError:
+    """The error for a model without a classifier head (an encoder): say how to make one."""
+    return CheckpointError(f"{what}; finetune it first", f"advcl finetune {path or 'CKPT'} --scheme slf")
+
+
+def check_checkpoint(path: str | Path, kind: str | None = None) -> Metadata:
+    """Validate a checkpoint from its header alone, without reading the weights: metadata,
+    kind (when given), and tensor names and shapes against its arch."""
+    path, header = _checked_header(path)
+    meta = _metadata(path, header)
+    if kind == "classifier" and meta.kind != kind:
+        raise not_a_classifier(f"{path} is an {meta.kind} checkpoint", path)
     if kind is not None and meta.kind != kind:
-        hint = "finetune it first: advcl finetune CKPT --scheme slf" if kind == "classifier" else None
-        raise CheckpointError(f"{path} is an {meta.kind} checkpoint, a {kind} is needed", hint)
+        raise CheckpointError(f"{path} is a {meta.kind} checkpoint, an {kind} is needed")
     config = ModelConfig.from_dict(meta.model)  # raises on unknown arch
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{path} could not be read: {e}") from None
+    have = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     want = expected_shapes(config)
-    missing = sorted(set(want) - set(tensors))
-    unexpected = sorted(set(tensors) - set(want))
-    wrong = sorted(k for k in set(want) & set(tensors) if tuple(tensors[k].shape) != want[k])
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    wrong = sorted(k for k in set(want) & set(have) if have[k] != want[k])
     if missing or unexpected or wrong:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
@@ -233,7 +289,25 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
         raise CheckpointError(
             f"{path} does not match architecture '{config.arch}' ({'; '.join(parts)})"
         )
-    return Checkpoint(path=path, meta=meta, tensors=tensors)
+    _read_tensors(path, load=False)
+    return meta
+
+
+def _read_tensors(path: Path, load: bool = True) -> dict[str, torch.Tensor]:
+    """All tensors; with ``load=False`` none, after safetensors' own checks of the header
+    (dtypes, offsets), which read no tensor data."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()} if load else {}
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} could not be read: {e}") from None
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
+    """Validate a checkpoint (``check_checkpoint``), then read its weights."""
+    path = Path(path)
+    meta = check_checkpoint(path, kind)
+    return Checkpoint(path=path, meta=meta, tensors=_read_tensors(path))
 
 
 # --- resume state: nested dicts/lists of tensors and JSON values --------------------------

@@ -51,11 +51,20 @@ def parse_eps(value: Any) -> float:
     return value
 
 
+def format_eps(eps: float) -> str:
+    """The inverse of ``parse_eps`` for people: 8/255 for multiples of 1/255, else the number."""
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:g}"
+
+
 def parse_eps_list(value: Any) -> list[float]:
+    """``2/255,4/255,8/255`` (or a list, or one value) -> at least one eps."""
     if isinstance(value, str):
         value = [v for v in value.split(",") if v.strip()]
     if not isinstance(value, (list, tuple)):
         value = [value]
+    if not value:
+        raise ValueError("give at least one eps, e.g. 8/255 or 2/255,4/255,8/255")
     return [parse_eps(v) for v in value]
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from advcl_cli.attacks import get_attack
-from advcl_cli.attacks.pgd import cw_loss, fgsm, pgd, trades_adversary
+from advcl_cli.attacks.pgd import cw_loss, fgsm, iterative_attack, pgd, project, trades_adversary, trades_kl
 from advcl_cli.data.augment import to_float
 from advcl_cli.data.registry import load_dataset
 from advcl_cli.errors import UsageError
@@ -89,6 +89,29 @@ def test_trades_adversary_stays_in_the_ball(trained):
     x_adv = trades_adversary(model, x[:8], eps, steps=3, step_size=2 / 255, gen=torch.Generator().manual_seed(0))
     assert (x_adv - x[:8]).abs().max().item() <= eps + 1e-6
     assert 0.0 <= x_adv.min().item() and x_adv.max().item() <= 1.0
+
+
+def test_trades_adversary_is_the_reference_loop(trained):
+    """TRADES' inner maximisation as the RobustSSL code writes it: x + 0.001 N(0, 1), then
+    signed steps on the summed KL to the clean softmax, projected after each step."""
+    model, x, _ = trained
+    x, eps, step = x[:8], 8 / 255, 2 / 255
+    ours = trades_adversary(model, x, eps, steps=3, step_size=step, gen=torch.Generator().manual_seed(0))
+    p_nat = F.softmax(model(x), dim=1).detach()
+    x_adv = x + 0.001 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        x_adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(trades_kl(model(x_adv), p_nat), [x_adv])
+        x_adv = project(x_adv.detach() + step * grad.sign(), x, eps)
+    torch.testing.assert_close(ours, x_adv, rtol=0, atol=0)
+
+
+def test_iterative_attack_starts_where_told():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x = torch.full((2, 3, 2, 2), 0.5)
+    start = x + 0.5  # outside the ball: projected back even with no steps
+    out = iterative_attack(model, x, torch.tensor([0, 1]), 0.1, 0, 0.01, start=start)
+    assert torch.equal(out, torch.full_like(x, 0.6))
 
 
 def test_strength_order_on_a_trained_model(trained):

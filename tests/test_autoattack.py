@@ -90,6 +90,21 @@ def test_standard_settings_are_set_explicitly(trained, monkeypatch):
     assert "pyautoattack" in aa_module.describe() and "5000" in aa_module.describe()
 
 
+def test_what_the_package_prints_goes_to_stderr(trained, monkeypatch, capsys):
+    import pyautoattack
+
+    def chatty(self, x, y, *, batch_size=250, state_path=None):
+        print("robust accuracy: 50.00%")
+        return x.clone(), y.clone()
+
+    monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation", chatty)
+    model, x, y = trained
+    capsys.readouterr()
+    aa_module.autoattack(model, x[:2], y[:2], 8 / 255)
+    out, err = capsys.readouterr()
+    assert out == "" and "robust accuracy: 50.00%" in err
+
+
 def test_fewer_classes_shrink_the_targets(monkeypatch):
     import pyautoattack
 

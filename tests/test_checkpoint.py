@@ -1,11 +1,15 @@
 import json
+import os
+import stat
 import struct
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from advcl_cli import checkpoint
 from advcl_cli.checkpoint import (
+    atomic_write,
     load_checkpoint,
     load_state,
     read_metadata,
@@ -13,7 +17,7 @@ from advcl_cli.checkpoint import (
     save_state,
     sha256_file,
 )
-from advcl_cli.errors import CheckpointError
+from advcl_cli.errors import CheckpointError, UsageError
 from advcl_cli.models import create_model
 
 
@@ -65,8 +69,17 @@ def test_wrapper_prefixes_are_stripped(tmp_path):
 
 def test_kind_check(ckpt):
     _, path = ckpt
-    with pytest.raises(CheckpointError, match="finetune it first"):
+    with pytest.raises(CheckpointError, match="is an encoder checkpoint; finetune it first") as e:
         load_checkpoint(path, kind="classifier")
+    assert e.value.hint == f"advcl finetune {path} --scheme slf"
+
+
+def test_sha256_is_computed_once(ckpt, monkeypatch):
+    _, path = ckpt
+    loaded = load_checkpoint(path)
+    calls = []
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda p: calls.append(p) or "f" * 64)
+    assert loaded.sha256 == loaded.sha256 == "f" * 64 and len(calls) == 1
 
 
 def test_missing_file(tmp_path):
@@ -111,6 +124,43 @@ def test_unknown_format_version(ckpt, tmp_path):
         load_checkpoint(edited)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("num_classes", "ten"), ("proj_dim", 1.5), ("bn_sets", 5), ("pseudo_ks", ["a"]), ("arch", ["resnet18"])],
+)
+def test_wrong_model_value_types(ckpt, tmp_path, field, value):
+    _, path = ckpt
+    edited = _rewrite_meta(path, tmp_path, lambda d: d["model"].update({field: value}))
+    with pytest.raises(CheckpointError, match=f"bad model field '{field}'"):
+        load_checkpoint(edited)
+
+
+def _raw_safetensors(path, header: dict, data: bytes = b"\0" * 256):
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"w": {"dtype": "F32", "shape": [64]}},  # no data_offsets
+        {"w": {"dtype": "F32", "shape": [64], "data_offsets": "0-256"}},
+        {"w": "not a table"},
+        {"__metadata__": ["advcl"], "w": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}},
+        {"__metadata__": {"advcl": {"kind": "encoder"}}, "w": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}},
+        {"w": {"dtype": "F32", "shape": ["64"], "data_offsets": [0, 256]}},
+        [1, 2, 3],
+    ],
+)
+def test_malformed_headers_are_checkpoint_errors(tmp_path, header):
+    path = _raw_safetensors(tmp_path / "odd.safetensors", header)
+    with pytest.raises(CheckpointError, match="bad header"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="bad header"):
+        read_metadata(path)
+
+
 def test_unknown_arch(ckpt, tmp_path):
     _, path = ckpt
     edited = _rewrite_meta(path, tmp_path, lambda d: d["model"].update(arch="resnet999"))
@@ -144,6 +194,30 @@ def test_atomic_write_keeps_old_file_on_failure(ckpt, monkeypatch):
         save_model(path, net, kind="encoder", method="advcl", dataset="digits")
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+
+
+def test_atomic_write_syncs_and_gives_the_umask_mode(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    old = os.umask(0o027)
+    try:
+        path = atomic_write(tmp_path / "out.safetensors", lambda tmp: save_file({"w": torch.zeros(64)}, str(tmp)))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # 0666 less the umask, not mkstemp's 0600
+    assert events == ["fsync", "replace"] and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_atomic_write_into_an_unwritable_place_is_a_usage_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    target = blocker / "sub" / "model.safetensors"
+    with pytest.raises(UsageError, match=f"cannot write {target}"):
+        atomic_write(target, lambda tmp: tmp.write_text("data"))
+    with pytest.raises(UsageError, match="not a writable folder"):
+        checkpoint.check_writable(target)
 
 
 def test_resume_state_round_trip(tmp_path):

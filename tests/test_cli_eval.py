@@ -2,6 +2,7 @@
 
 import builtins
 import json
+import struct
 
 import pytest
 import torch
@@ -107,6 +108,7 @@ def test_plot_without_matplotlib_says_how_to_install_it(run_cli, classifier, mon
         (["eval", "{classifier}", "--eps", "0"], "eps must be in (0, 1]"),
         (["eval", "{classifier}", "--eps", "2"], "eps must be in (0, 1]"),
         (["eval", "{classifier}", "--eps", "8/255,abc"], "not a number"),
+        (["eval", "{classifier}", "--eps", ","], "bad value for eps: give at least one eps"),
         (["eval", "{classifier}", "--dataset", "cifar100"], "has 100 classes"),
         (["attack", "{classifier}", "--attack", "pgd"], "unknown attack 'pgd'"),
         (["attack", "{encoder}"], "finetune it first"),
@@ -140,6 +142,64 @@ def test_attack_saves_tensors_metadata_and_a_grid(run_cli, classifier, tmp_path)
     assert (meta["attack"], meta["n"], meta["dataset"]) == ("pgd3", 6, "digits")
     assert meta["sha256"] == sha256_file(classifier) and meta["eps"] == pytest.approx(16 / 255)
     assert (tmp_path / "adv.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_malformed_header_and_model_description_exit_2(run_cli, classifier, tmp_path):
+    data = classifier.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = json.loads(header["__metadata__"]["advcl"])
+    meta["model"]["num_classes"] = "ten"
+    for name, change in [("no-offsets", lambda h: h[next(k for k in h if k != "__metadata__")].pop("data_offsets")),
+                         ("list-meta", lambda h: h.update(__metadata__=["advcl"])),
+                         ("bad-model", lambda h: h["__metadata__"].update(advcl=json.dumps(meta)))]:
+        edited = json.loads(json.dumps(header))
+        change(edited)
+        raw = json.dumps(edited).encode()
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+        code, out, err = run_cli("eval", path)
+        assert code == 2 and out == "", err
+        assert ("bad header" if name != "bad-model" else "bad model field 'num_classes'") in one_error_line(err)
+
+
+def test_attack_never_overwrites_the_model_and_existing_files_only_with_force(run_cli, classifier, tmp_path):
+    before = classifier.read_bytes()
+    for extra in ([], ["--force"]):
+        code, out, err = run_cli("attack", classifier, "--n", "2", "--out", classifier, *extra)
+        assert code == 2 and out == "" and "is the model being attacked" in one_error_line(err)
+    code, _, err = run_cli("attack", classifier, "--n", "2", "--grid", classifier, "--out", tmp_path / "a.safetensors")
+    assert code == 2 and "--grid" in one_error_line(err)
+    assert classifier.read_bytes() == before
+
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(b"precious results " * 20)
+    code, out, err = run_cli("attack", classifier, "--n", "2", "--attack", "fgsm", "--out", old)
+    assert code == 2 and out == "" and "already exists" in one_error_line(err) and "--force" in err
+    assert old.read_bytes() == b"precious results " * 20
+    code, out, err = run_cli("attack", classifier, "--n", "2", "--attack", "fgsm", "--out", old, "--force")
+    assert code == 0 and out.strip() == str(old), err
+    assert old.stat().st_mode & 0o644 == 0o644  # readable by others (0666 less the umask), not 0600
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, out, err = run_cli("attack", classifier, "--n", "2", "--attack", "fgsm", "--out", blocker / "adv.safetensors")
+    assert code == 2 and out == "" and "not a writable folder" in one_error_line(err)
+    assert "fgsm" not in err  # refused before the attack ran
+
+
+def test_attack_counts_robust_images_as_eval_does(run_cli, classifier, monkeypatch, tmp_path):
+    """An image is robust only if both its clean and adversarial predictions are right."""
+    from advcl_cli.checkpoint import Checkpoint
+    from advcl_cli.data.registry import load_dataset
+    from test_eval import wrong_on_clean_images
+
+    model = wrong_on_clean_images(load_dataset("digits", "test", limit=6, image_size=16).labels)
+    monkeypatch.setattr(Checkpoint, "build", lambda self, device="cpu": model)
+    code, out, err = run_cli("attack", classifier, "--attack", "pgd1", "--n", "6", "--out", tmp_path / "adv.safetensors", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["clean_acc"] == 0.0 and doc["adv_acc"] == 0.0  # every adversarial prediction is right
 
 
 @pytest.mark.parametrize("verb", ["eval", "attack", "finetune"])

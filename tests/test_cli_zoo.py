@@ -101,6 +101,12 @@ def test_a_manifest_with_a_bad_field_names_entry_and_field(run_cli, monkeypatch)
     assert code == 2 and "entry 'mine', field 'revision'" in err
 
 
+def test_a_manifest_that_is_not_utf8_exits_2(run_cli):
+    Path("latin1.toml").write_bytes(b"# caf\xe9\n")
+    code, out, err = run_cli("zoo", "list", "--manifest", "latin1.toml")
+    assert code == 2 and out == "" and "not UTF-8" in err and "internal error" not in err
+
+
 def test_push_prints_the_commit_and_never_the_token(run_cli, env):
     ckpt, repo, commit = pushed(run_cli)
     assert len(commit) == 40

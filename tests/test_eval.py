@@ -5,7 +5,7 @@ import torch
 
 from advcl_cli.checkpoint import load_checkpoint, save_model
 from advcl_cli.data.registry import load_dataset
-from advcl_cli.engine.evaluate import eps_label, evaluate, load_classifier, load_test_data, predictions
+from advcl_cli.engine.evaluate import evaluate, load_test_data, predictions
 from advcl_cli.engine.report import RecordingReporter
 from advcl_cli.errors import CheckpointError, DataError
 from advcl_cli.models import AdvclNet, ModelConfig, create_model
@@ -48,10 +48,9 @@ def test_seeded_and_order_independent(trained, test_data):
     assert a["robust"][0]["robust_acc"] == b["robust"][1]["robust_acc"]
 
 
-def test_robust_counts_need_a_right_clean_prediction(test_data):
-    """A model wrong on every clean image but right on every perturbed one scores 0 robust
-    (the worst case over clean and adversarial, as AutoAttack counts)."""
-    labels = test_data.labels
+def wrong_on_clean_images(labels: torch.Tensor) -> AdvclNet:
+    """A 10-class model wrong on every unperturbed (uint8-grid) image of a batch with these
+    labels and right on every perturbed one."""
 
     class WrongOnCleanImages(AdvclNet):
         def forward(self, x, bn=None):
@@ -59,7 +58,14 @@ def test_robust_counts_need_a_right_clean_prediction(test_data):
             guess = torch.where(on_grid, (labels + 1) % 10, labels)
             return torch.nn.functional.one_hot(guess, 10).float() + 0 * x.sum()
 
-    model = WrongOnCleanImages(ModelConfig("resnet18-tiny", num_classes=10))
+    return WrongOnCleanImages(ModelConfig("resnet18-tiny", num_classes=10))
+
+
+def test_robust_counts_need_a_right_clean_prediction(test_data):
+    """A model wrong on every clean image but right on every perturbed one scores 0 robust
+    (the worst case over clean and adversarial, as AutoAttack counts)."""
+    labels = test_data.labels
+    model = wrong_on_clean_images(labels)
     res = evaluate(model, test_data, ["pgd1"], [8 / 255], batch_size=len(labels))
     assert res["clean_acc"] == 0.0
     assert res["robust"][0]["robust_acc"] == 0.0  # its adversarial predictions are all right
@@ -67,7 +73,7 @@ def test_robust_counts_need_a_right_clean_prediction(test_data):
 
 def test_model_without_a_head_is_refused(test_data):
     enc = create_model("resnet18-tiny", bn_sets=("normal", "pgd"))
-    with pytest.raises(CheckpointError, match="no classifier head"):
+    with pytest.raises(CheckpointError, match="no classifier head; finetune it first"):
         evaluate(enc, test_data, ["fgsm"], [8 / 255])
 
 
@@ -77,16 +83,11 @@ def test_class_count_mismatch_is_refused(test_data):
         evaluate(model, test_data, [], [8 / 255])
 
 
-def test_eps_labels():
-    assert eps_label(8 / 255) == "8/255"
-    assert eps_label(0.031) == "0.031"
-
-
 def test_load_classifier_and_its_test_data(tmp_path):
     clf = create_model("resnet18-tiny", bn_sets=("pgd",), num_classes=10)
     path = save_model(tmp_path / "c.safetensors", clf, kind="classifier", method="advcl", dataset="digits",
                       config={"image_size": 16})
-    ckpt = load_classifier(path)
+    ckpt = load_checkpoint(path, kind="classifier")
     data = load_test_data(ckpt, limit=5)
     assert data.name == "digits" and len(data) == 5 and data.images.shape[-1] == 16  # size from its config
     assert load_test_data(ckpt, limit=2, image_size=24).images.shape[-1] == 24
@@ -96,7 +97,7 @@ def test_load_classifier_and_its_test_data(tmp_path):
     enc = create_model("resnet18-tiny", bn_sets=("normal", "pgd"), proj_dim=8)
     enc_path = save_model(tmp_path / "e.safetensors", enc, kind="encoder", method="advcl", dataset="digits")
     with pytest.raises(CheckpointError) as e:
-        load_classifier(enc_path)
+        load_checkpoint(enc_path, kind="classifier")
     assert "encoder checkpoint; finetune it first" in e.value.message
     assert e.value.hint == f"advcl finetune {enc_path} --scheme slf"
     assert load_checkpoint(path).meta.kind == "classifier"

@@ -12,7 +12,7 @@ from advcl_cli.checkpoint import save_model, sha256_file
 from advcl_cli.engine.report import RecordingReporter
 from advcl_cli.errors import CheckpointError, DownloadError, UsageError
 from advcl_cli.models import create_model
-from advcl_cli.zoo import load_manifest, load_model, pull
+from advcl_cli.zoo import load_manifest, load_model, pull, resolve
 from advcl_cli.zoo.hub import fetch, push
 from hubserver import running_server
 
@@ -210,3 +210,41 @@ def test_hf_endpoint_and_hf_hub_cache_are_read_at_call_time(tmp_path, hub, token
     monkeypatch.setenv("ADVCL_HF_ENDPOINT", "http://127.0.0.1:9")  # advcl's variable wins over HF_ENDPOINT
     with pytest.raises(DownloadError, match="cannot reach http://127.0.0.1:9"):
         pull("tiny-slf", manifest=manifest, force_download=True)
+
+
+@pytest.fixture
+def nothing_sent(monkeypatch):
+    """Fail the test if push talks to the Hub."""
+    import huggingface_hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("push contacted the Hub")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refuse)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", refuse)
+
+
+def test_zoo_entry_problems_are_found_before_the_commit(tmp_path, nothing_sent):
+    ckpt = make_classifier(tmp_path / "clf.safetensors")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UsageError, match="not a writable folder"):
+        push(ckpt, repo_name(), endpoint="http://127.0.0.1:9", manifest=blocker / "zoo.toml", zoo_entry="tiny")
+
+    torch.manual_seed(0)
+    odd = save_model(tmp_path / "odd.safetensors", create_model("resnet18-tiny", num_classes=10), kind="classifier",
+                     method="advcl", dataset="digits", eps=2.0)  # an eps no manifest accepts
+    with pytest.raises(UsageError, match="entry 'tiny', field 'eps'"):
+        push(odd, repo_name(), endpoint="http://127.0.0.1:9", manifest=tmp_path / "zoo.toml", zoo_entry="tiny")
+    assert not (tmp_path / "zoo.toml").exists()
+
+
+def test_resolve_takes_a_file_or_a_name(tmp_path):
+    ckpt = make_classifier(tmp_path / "clf.safetensors")
+    assert resolve(str(ckpt)) == ckpt
+    with pytest.raises(CheckpointError, match="is a folder"):
+        resolve(tmp_path)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        resolve("runs/missing.safetensors")
+    with pytest.raises(UsageError, match="unknown zoo model 'no-such-model'"):
+        resolve("no-such-model")

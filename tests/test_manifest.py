@@ -6,7 +6,7 @@ import pytest
 
 from advcl_cli.errors import UsageError
 from advcl_cli.zoo import manifest as mf
-from advcl_cli.zoo.manifest import Entry, Manifest, format_eps, load_manifest, manifest_path, parse_manifest, write_manifest
+from advcl_cli.zoo.manifest import Entry, Manifest, load_manifest, manifest_path, parse_manifest, write_manifest
 
 PAPER_ENTRIES = [
     "simclr-r18-cifar10",
@@ -143,5 +143,8 @@ def test_the_installed_package_manifest_is_never_edited(monkeypatch, tmp_path):
     assert hub.writable_manifest(tmp_path / "team.toml") == tmp_path / "team.toml"
 
 
-def test_format_eps():
-    assert format_eps(8 / 255) == "8/255" and format_eps(0.03) == "0.03"
+def test_a_manifest_that_is_not_utf8_is_a_usage_error(tmp_path):
+    path = tmp_path / "zoo.toml"
+    path.write_bytes(b"# our caf\xe9's zoo (latin-1, not UTF-8)\n" + GOOD.encode())
+    with pytest.raises(UsageError, match="not UTF-8"):
+        load_manifest(path)

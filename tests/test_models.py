@@ -71,3 +71,9 @@ def test_unknown_arch_and_config_round_trip():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(CheckpointError, match="unknown model fields"):
         ModelConfig.from_dict({**cfg.to_dict(), "depth": 50})
+    for field, bad in [("num_classes", "10"), ("num_classes", True), ("proj_dim", 0), ("bn_sets", "pgd"),
+                       ("bn_sets", [1]), ("pseudo_ks", [2, -1]), ("arch", None)]:
+        with pytest.raises(CheckpointError, match=f"bad model field '{field}'"):
+            ModelConfig.from_dict({**cfg.to_dict(), field: bad})
+    with pytest.raises(CheckpointError, match="not a table"):
+        ModelConfig.from_dict(["resnet18"])

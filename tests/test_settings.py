@@ -1,7 +1,7 @@
 import pytest
 
 from advcl_cli.errors import UsageError
-from advcl_cli.settings import FinetuneSettings, PretrainSettings, parse_eps, parse_eps_list
+from advcl_cli.settings import EvalSettings, FinetuneSettings, PretrainSettings, format_eps, parse_eps, parse_eps_list
 
 
 def test_defaults_are_the_papers():
@@ -52,6 +52,19 @@ def test_eps_parsing():
     for bad in ("0", "-1/255", "1.5", "abc", "1/0"):
         with pytest.raises(ValueError):
             parse_eps(bad)
+
+
+def test_an_eps_list_needs_one_eps():
+    for empty in (",", " , ", []):
+        with pytest.raises(ValueError, match="at least one eps"):
+            parse_eps_list(empty)
+    with pytest.raises(UsageError, match="bad value for eps: give at least one eps"):
+        EvalSettings.resolve(eps=",")
+
+
+def test_format_eps_is_parse_eps_for_people():
+    assert format_eps(8 / 255) == "8/255" and format_eps(0.031) == "0.031" and format_eps(0.03) == "0.03"
+    assert parse_eps(format_eps(4 / 255)) == pytest.approx(4 / 255)
 
 
 def test_resolved_config_is_json_ready(tmp_path):

@@ -17,12 +17,15 @@ original falls back to the clock), and the global RNG state is restored afterwar
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import UsageError
+from .pgd import project
 
 APGD_ITERS = 100
 APGD_RESTARTS = 1
@@ -87,10 +90,10 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, seed: int 
     propagate, logger.propagate = logger.propagate, False
     devices = [x.device] if x.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        # what the package prints is for people: stderr, so that stdout stays data
+        with torch.random.fork_rng(devices=devices), contextlib.redirect_stdout(sys.stderr):
             x_adv, _ = adversary.run_standard_evaluation(x.detach(), y.detach(), batch_size=x.shape[0])
     finally:
         logger.removeHandler(handler)
         logger.propagate = propagate
-    # clamp away float noise at the ball's edge; AutoAttack already keeps to the ball
-    return torch.min(torch.max(x_adv.detach(), x - eps), x + eps).clamp(0.0, 1.0)
+    return project(x_adv.detach(), x, eps)  # float noise at the ball's edge; AutoAttack keeps to the ball

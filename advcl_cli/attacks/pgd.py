@@ -23,7 +23,7 @@ from torch import Tensor, nn
 CW_KAPPA = 50.0  # the confidence of the CW-inf margin loss used in robustness evaluations
 
 
-def _project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
     """Onto the L-inf ball of radius eps around x, then into [0, 1]."""
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
 
@@ -64,18 +64,25 @@ def iterative_attack(
     loss_fn=ce_loss,
     random_start: bool = True,
     gen: torch.Generator | None = None,
+    start: Tensor | None = None,
 ) -> Tensor:
-    """Signed-gradient ascent of ``loss_fn(model(x_adv), y)`` inside the eps-ball (PGD)."""
+    """Signed-gradient ascent of ``loss_fn(model(x_adv), y)`` inside the eps-ball (PGD).
+
+    ``y`` is whatever ``loss_fn`` compares with (labels, or TRADES' clean softmax). The ascent
+    starts at ``start`` when given, else at ``x + U(-eps, eps)`` or (``random_start=False``) ``x``."""
     x = x.detach()
     y = y.detach()
-    x_adv = _uniform_start(x, eps, gen) if random_start else x.clone()
+    if start is not None:
+        x_adv = start.detach()
+    else:
+        x_adv = _uniform_start(x, eps, gen) if random_start else x.clone()
     for _ in range(steps):
         x_adv.requires_grad_(True)
         with torch.enable_grad():
             loss = loss_fn(model(x_adv), y)
         grad = _input_grad(loss, x_adv)
-        x_adv = _project(x_adv.detach() + step_size * grad.sign(), x, eps)
-    return _project(x_adv.detach(), x, eps)
+        x_adv = project(x_adv.detach() + step_size * grad.sign(), x, eps)
+    return project(x_adv.detach(), x, eps)
 
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 1, step_size: float | None = None,
@@ -110,14 +117,8 @@ def trades_adversary(model: nn.Module, x: Tensor, eps: float, steps: int = 10, s
     x = x.detach()
     with torch.no_grad():
         p_nat = F.softmax(model(x).float(), dim=1)
-    x_adv = x + 0.001 * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        with torch.enable_grad():
-            loss = trades_kl(model(x_adv), p_nat)
-        grad = _input_grad(loss, x_adv)
-        x_adv = _project(x_adv.detach() + step_size * grad.sign(), x, eps)
-    return _project(x_adv.detach(), x, eps)
+    start = x + 0.001 * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    return iterative_attack(model, x, p_nat, eps, steps, step_size, loss_fn=trades_kl, start=start)
 
 
 def trades_objective(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, beta: float = 6.0) -> Tensor:

@@ -16,7 +16,8 @@ AttackNameOpt = Annotated[
     typer.Option("--attack", "-a", help="fgsm, pgd20 (default; any pgdN), cw20 (any cwN) or autoattack.", show_default=False),
 ]
 CountOpt = Annotated[Optional[int], typer.Option("--n", "-n", help="Attack the first N test images (default 64).", show_default=False)]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Where to write the tensors.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Where to write the tensors (an existing file only with --force).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing --out and --grid files (never the model itself).")]
 GridOpt = Annotated[
     Optional[Path],
     typer.Option("--grid", help="Also write a PNG: clean / adversarial / amplified perturbation rows (needs advcl[plot]).", show_default=False),
@@ -30,6 +31,7 @@ def attack(
     n: CountOpt = None,
     out: OutOpt = Path("adv.safetensors"),
     grid: GridOpt = None,
+    force: ForceOpt = False,
     dataset: DatasetOpt = None,
     image_size: ImageSizeOpt = None,
     device: DeviceOpt = None,
@@ -42,7 +44,9 @@ def attack(
 
     The safetensors file holds clean (float, [0, 1]), adversarial, labels, clean_pred and
     adv_pred, and its metadata (key advcl_attack) holds the model's path and sha256, the
-    attack, eps, dataset, the accuracies and the class names. --grid draws up to 8 columns.
+    attack, eps, dataset, the accuracies and the class names (an image counts as robust only if
+    both its clean and its adversarial prediction are right, as in `advcl eval`). --grid draws
+    up to 8 columns. Existing files are kept unless --force is given.
 
     Example:
 
@@ -60,11 +64,11 @@ def attack(
     from safetensors.torch import save_file
 
     from ..attacks import get_attack
-    from ..checkpoint import atomic_write
+    from ..checkpoint import atomic_write, load_checkpoint
     from ..data.augment import to_float
     from ..engine.device import resolve_device
-    from ..engine.evaluate import adversarial_examples, load_classifier, load_test_data
-    from ..settings import AttackSettings
+    from ..engine.evaluate import adversarial_examples, load_test_data, robust_correct
+    from ..settings import AttackSettings, format_eps
 
     settings = AttackSettings.resolve(
         config, attack=attack_name, eps=eps, n=n, dataset=dataset, image_size=image_size,
@@ -77,7 +81,8 @@ def attack(
         require_matplotlib()
     output = Output(json_output)
     path = model_path(model)
-    ckpt = load_classifier(path)
+    _check_outputs(path, {"--out": out, "--grid": grid}, force)
+    ckpt = load_checkpoint(path, kind="classifier")
     dev = resolve_device(settings.device)
     data = load_test_data(
         ckpt, settings.dataset, limit=settings.n, image_size=settings.image_size,
@@ -104,22 +109,37 @@ def attack(
         "n": count,
         "seed": settings.seed,
         "clean_acc": (res["clean_pred"] == res["labels"]).sum().item() / count,
-        "adv_acc": (res["adv_pred"] == res["labels"]).sum().item() / count,
+        "adv_acc": robust_correct(res["clean_pred"], res["adv_pred"], res["labels"]).sum().item() / count,
         "classes": data.classes,
     }
     tensors = {k: v.contiguous() for k, v in res.items()}
     atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata={"advcl_attack": json.dumps(meta)}))
     output.log(f"clean accuracy {meta['clean_acc']:.2%}, under {spec.name} {meta['adv_acc']:.2%} ({count} images)")
     if grid is not None:
-        from ..engine.evaluate import eps_label
         from ..plots import adversarial_grid
 
         adversarial_grid(
             res["clean"], res["adversarial"], res["labels"], res["clean_pred"], res["adv_pred"], data.classes,
-            settings.eps, grid, title=f"{path.name}: {spec.name}, eps {eps_label(settings.eps)}",
+            settings.eps, grid, title=f"{path.name}: {spec.name}, eps {format_eps(settings.eps)}",
         )
         output.log(f"wrote {grid}")
     if json_output:
         output.document({"path": str(out), **({"grid": str(grid)} if grid else {}), **meta})
     else:
         output.result(out)
+
+
+def _check_outputs(model: Path, outputs: dict, force: bool) -> None:
+    """Before any work: never write over the model, an existing file only with --force, and
+    only where the folder is writable."""
+    from ..checkpoint import check_writable
+    from ..errors import UsageError
+
+    for flag, target in outputs.items():
+        if target is None:
+            continue
+        if target.exists() and target.samefile(model):
+            raise UsageError(f"{flag} {target} is the model being attacked", f"choose another {flag} path")
+        if target.is_file() and not force:
+            raise UsageError(f"{flag} {target} already exists", f"pass --force to overwrite it, or choose another {flag} path")
+        check_writable(target)

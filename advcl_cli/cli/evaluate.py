@@ -65,9 +65,10 @@ def evaluate(
       advcl pull advcl-r18-cifar10 | advcl eval --attack pgd20 --json
     """
     from ..attacks import get_attack
+    from ..checkpoint import load_checkpoint
     from ..engine.device import resolve_device, resolve_precision
     from ..engine.evaluate import evaluate as run_evaluate
-    from ..engine.evaluate import load_classifier, load_test_data
+    from ..engine.evaluate import load_test_data
     from ..errors import UsageError
     from ..settings import EvalSettings
 
@@ -84,7 +85,7 @@ def evaluate(
             raise UsageError("--plot draws robust accuracy, so it needs at least one --attack", "add e.g. --attack pgd20")
     out = Output(json_output)
     path = model_path(model)
-    ckpt = load_classifier(path)
+    ckpt = load_checkpoint(path, kind="classifier")
     dev = resolve_device(settings.device)
     data = load_test_data(
         ckpt, settings.dataset, limit=settings.limit, image_size=settings.image_size,

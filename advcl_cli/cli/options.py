@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import CheckpointError, UsageError
+from ..errors import UsageError
 
 ConfigOpt = Annotated[
     Optional[Path],
@@ -63,18 +63,7 @@ def model_path(value: str | None) -> Path:
         if not lines:
             raise UsageError("no MODEL given: stdin was empty", "did the command before the pipe fail?")
         value = lines[-1]
-    path = Path(value).expanduser()
-    if path.exists():
-        if not path.is_file():
-            raise CheckpointError(f"{path} is a folder, not a checkpoint file")
-        return path
-    if _looks_like_name(value):
-        from ..zoo import pull  # a zoo name: fetch it (or say why not)
-        from .output import Output
+    from ..zoo import resolve
+    from .output import Output
 
-        return pull(value, reporter=Output().reporter())
-    raise CheckpointError(f"no such checkpoint file: {value}")
-
-
-def _looks_like_name(value: str) -> bool:
-    return value.startswith("hf:") or ("/" not in value and not value.endswith(".safetensors"))
+    return resolve(value, reporter=Output().reporter())

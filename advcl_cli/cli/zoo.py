@@ -31,7 +31,7 @@ def _manifest(manifest, config):
 
 
 def _eps(entry) -> str:
-    from ..zoo.manifest import format_eps
+    from ..settings import format_eps
 
     return format_eps(entry.eps) if entry.eps is not None else "-"
 

@@ -13,27 +13,24 @@ exceeds clean accuracy.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..attacks import Attack, get_attack
-from ..checkpoint import unwrap
+from ..checkpoint import not_a_classifier, unwrap
 from ..data.augment import to_float
 from ..data.registry import ImageData
-from ..errors import CheckpointError, DataError
+from ..errors import DataError
+from ..settings import format_eps
 from .device import autocast
 from .report import Reporter
 
-if TYPE_CHECKING:
-    from ..checkpoint import Checkpoint
 
-
-def eps_label(eps: float) -> str:
-    """8/255 for multiples of 1/255, else the number."""
-    k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
+def robust_correct(clean_pred: torch.Tensor, adv_pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image: robust only if both its clean and its adversarial prediction are right."""
+    return (clean_pred == labels) & (adv_pred == labels)
 
 
 class _Logits(nn.Module):
@@ -94,7 +91,7 @@ def evaluate(
     device = torch.device(device)
     net = unwrap(model)
     if net.fc is None:
-        raise CheckpointError("the model has no classifier head", "finetune it first: advcl finetune CKPT --scheme slf")
+        raise not_a_classifier("the model has no classifier head")
     if data.num_classes != net.config.num_classes:
         raise DataError(
             f"the classifier has {net.config.num_classes} classes but dataset '{data.name}' has {data.num_classes}",
@@ -108,14 +105,13 @@ def evaluate(
 
     t0 = time.perf_counter()
     clean_pred = predictions(logits, data.images, batch_size)
-    clean_ok = clean_pred == data.labels
-    clean_acc = clean_ok.sum().item() / max(n, 1)
+    clean_acc = (clean_pred == data.labels).sum().item() / max(n, 1)
     reporter.log(f"clean accuracy {clean_acc:.2%} on {n} images ({time.perf_counter() - t0:.1f} s)")
 
     results = []
     for attack in attacks:
         for eps in eps_list:
-            label = f"{attack.name} eps={eps_label(eps)}"
+            label = f"{attack.name} eps={format_eps(eps)}"
             gen = torch.Generator(device=device).manual_seed(seed)
             correct = torch.zeros((), dtype=torch.long, device=device)
             reporter.start(label, n, unit="img")
@@ -126,8 +122,8 @@ def evaluate(
                 y = data.labels[i : i + batch_size]
                 x_adv = attack(logits, x, y, eps, gen=gen, seed=seed, log=reporter.warn)
                 with torch.no_grad():
-                    ok = logits(x_adv).argmax(1) == y
-                correct += (ok & clean_ok[i : i + batch_size]).sum()
+                    adv_pred = logits(x_adv).argmax(1)
+                correct += robust_correct(clean_pred[i : i + batch_size], adv_pred, y).sum()
                 reporter.advance(x.shape[0])
             acc = correct.item() / max(n, 1)  # the one sync of this attack
             seconds = time.perf_counter() - start
@@ -137,7 +133,7 @@ def evaluate(
                 {
                     "attack": attack.name,
                     "eps": eps,
-                    "eps_label": eps_label(eps),
+                    "eps_label": format_eps(eps),
                     "robust_acc": acc,
                     "seconds": seconds,
                     "images_per_s": n / seconds if seconds > 0 else None,
@@ -173,7 +169,7 @@ def adversarial_examples(
     logits = _Logits(model, precision, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     adv, clean_pred, adv_pred = [], [], []
-    reporter.start(f"{attack.name} eps={eps_label(eps)}", x.shape[0], unit="img")
+    reporter.start(f"{attack.name} eps={format_eps(eps)}", x.shape[0], unit="img")
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
         xa = attack(logits, xb, yb, eps, gen=gen, seed=seed, log=reporter.warn)
@@ -187,19 +183,6 @@ def adversarial_examples(
         "clean": x.cpu(), "adversarial": torch.cat(adv).cpu(), "labels": y.cpu(),
         "clean_pred": torch.cat(clean_pred).cpu(), "adv_pred": torch.cat(adv_pred).cpu(),
     }
-
-
-def load_classifier(path) -> "Checkpoint":
-    """A validated classifier checkpoint; an encoder gets a message saying to finetune it."""
-    from ..checkpoint import load_checkpoint, read_metadata
-
-    meta = read_metadata(path)
-    if meta.kind != "classifier":
-        raise CheckpointError(
-            f"{path} is an {meta.kind} checkpoint; finetune it first",
-            f"advcl finetune {path} --scheme slf",
-        )
-    return load_checkpoint(path, kind="classifier")
 
 
 def load_test_data(ckpt, dataset: str | None = None, *, split: str = "test", limit: int | None = None,

@@ -54,11 +54,30 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        extra = set(d) - known
+        """From ``to_dict``'s output (a checkpoint's metadata): a CheckpointError names the
+        first unknown field or value of the wrong type."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"the model description is a {type(d).__name__}, not a table")
+        extra = set(d) - set(cls.__dataclass_fields__)
         if extra:
-            raise CheckpointError(f"unknown model fields: {', '.join(sorted(extra))}")
+            raise CheckpointError(f"unknown model fields: {', '.join(sorted(map(str, extra)))}")
+        for key, value in d.items():
+            if not _FIELD_CHECKS[key][0](value):
+                raise CheckpointError(f"bad model field '{key}': {value!r:.60} is not {_FIELD_CHECKS[key][1]}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+_FIELD_CHECKS = {  # ModelConfig field -> (test, what it should be)
+    "arch": (lambda v: isinstance(v, str), "a name"),
+    "bn_sets": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v), "a list of names"),
+    "proj_dim": (lambda v: v is None or _count(v), "null or a positive integer"),
+    "pseudo_ks": (lambda v: isinstance(v, (list, tuple)) and all(_count(k) for k in v), "a list of positive integers"),
+    "num_classes": (lambda v: v is None or _count(v), "null or a positive integer"),
+}
 
 
 class MultiBatchNorm2d(nn.Module):

@@ -23,22 +23,28 @@ def pull(name: str, *, endpoint: str | None = None, manifest: str | Path | None 
     return fetch(name, endpoint=endpoint, manifest=manifest, force_download=force_download, reporter=reporter).path
 
 
-def _looks_like_name(value: str) -> bool:
-    return value.startswith("hf:") or ("/" not in value and not value.endswith(".safetensors"))
+def resolve(name_or_path: str | Path, *, reporter=None) -> Path:
+    """The local checkpoint file for a path, else for a zoo or ``hf:`` name (pulled), else a
+    CheckpointError. A value with a '/' or ending in .safetensors is a path, never a name."""
+    from ..errors import CheckpointError
+
+    value = str(name_or_path)
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_file():
+            raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+        return path
+    if value.startswith("hf:") or ("/" not in value and not value.endswith(".safetensors")):
+        return pull(value, reporter=reporter)
+    raise CheckpointError(f"no such checkpoint file: {value}")
 
 
 def load_model(name_or_path: str | Path, device: str = "cpu"):
     """The classifier ``name_or_path`` (a checkpoint path or a zoo name) as an ``nn.Module`` in
     eval mode that takes RGB images in [0, 1] (there is no normalisation to apply)."""
     from ..checkpoint import load_checkpoint
-    from ..errors import CheckpointError
 
-    path = Path(name_or_path).expanduser()
-    if not path.is_file():
-        if not _looks_like_name(str(name_or_path)):
-            raise CheckpointError(f"no such checkpoint file: {name_or_path}")
-        path = pull(str(name_or_path))
-    return load_checkpoint(path, kind="classifier").build(device)
+    return load_checkpoint(resolve(name_or_path), kind="classifier").build(device)
 
 
-__all__ = ["Entry", "Manifest", "Metric", "load_manifest", "load_model", "manifest_path", "pull", "write_manifest"]
+__all__ = ["Entry", "Manifest", "Metric", "load_manifest", "load_model", "manifest_path", "pull", "resolve", "write_manifest"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .manifest import METRIC_NAMES, format_eps
+from ..settings import format_eps
+from .manifest import METRIC_NAMES
 
 PAPER = "https://arxiv.org/abs/2111.01124"
 PAPER_TITLE = (

@@ -22,9 +22,10 @@ from .manifest import (
     SHIPPED,
     Entry,
     Manifest,
-    Metric,
     load_manifest,
     manifest_path,
+    render_manifest,
+    validate_entry,
     write_manifest,
 )
 
@@ -32,6 +33,7 @@ HF_PREFIX = "hf:"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_FILENAME = "model.safetensors"
 REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PLACEHOLDER_REVISION = "0" * 40  # stands for the commit while an entry is checked before pushing
 _CONNECTION_ERRORS = {"TransportError", "ConnectError", "ConnectionError", "TimeoutException", "Timeout", "ProxyError"}
 
 
@@ -250,7 +252,7 @@ def fetch(
     target = resolve_target(name, manifest_path(settings.zoo_manifest))
     ep = endpoint_of(settings.hf_endpoint)
     path = download(target, ep, force_download)
-    from ..checkpoint import load_checkpoint, sha256_file  # torch: only once there is a file
+    from ..checkpoint import check_checkpoint, sha256_file  # torch: only once there is a file
 
     digest = sha256_file(path)
     if target.sha256 is not None and digest != target.sha256:
@@ -262,14 +264,14 @@ def fetch(
         raise DownloadError(
             f"sha256 mismatch for '{name}' ({path}): expected {target.sha256}, got {digest}; nothing was deleted", hint
         )
-    try:
-        ckpt = load_checkpoint(path)
+    try:  # the header is enough (names, shapes, size); whoever uses the file loads the weights
+        meta = check_checkpoint(path)
     except CheckpointError as e:
         raise CheckpointError(f"'{name}' is not a usable advcl checkpoint: {e.message}", e.hint) from None
     entry = target.entry
-    if entry is not None and (ckpt.meta.kind, ckpt.meta.arch) != (entry.kind, entry.arch):
+    if entry is not None and (meta.kind, meta.arch) != (entry.kind, entry.arch):
         raise CheckpointError(
-            f"'{name}' is a {ckpt.meta.arch} {ckpt.meta.kind} but the manifest says {entry.arch} {entry.kind}",
+            f"'{name}' is a {meta.arch} {meta.kind} but the manifest says {entry.arch} {entry.kind}",
             "fix the manifest entry",
         )
     if target.sha256 is not None:
@@ -283,7 +285,10 @@ def fetch(
 
 
 def writable_manifest(explicit: str | Path | None) -> Path:
-    """The manifest ``--zoo-entry`` updates; never the copy inside an installed package."""
+    """The manifest ``--zoo-entry`` updates; never the copy inside an installed package, and
+    only where it can be written (checked before anything is pushed)."""
+    from ..checkpoint import check_writable
+
     path = manifest_path(explicit)
     real = path.resolve()
     if real == SHIPPED.resolve() and {"site-packages", "dist-packages"} & set(real.parts):
@@ -291,23 +296,26 @@ def writable_manifest(explicit: str | Path | None) -> Path:
             "--zoo-entry would edit the manifest inside the installed advcl package",
             "pass --manifest FILE (your team's zoo) or set ADVCL_ZOO_MANIFEST",
         )
+    check_writable(real)
     return path
 
 
-def entry_for_push(existing: Entry | None, *, repo: str, revision: str, filename: str, sha256: str, meta, license: str, recipe: list[str]) -> Entry:
-    """The manifest entry for a pushed checkpoint: location, claims from its metadata, kept notes."""
+def entry_for_push(existing: Entry | None, *, name: str, manifest: Path, repo: str, revision: str, filename: str, sha256: str, meta,
+                   license: str, recipe: list[str]) -> Entry:
+    """The manifest entry ``name`` for a pushed checkpoint: location, claims from its metadata,
+    kept notes; validated as the manifest would be (a UsageError names the field)."""
     from .card import PAPER, test_accuracies
 
     metrics = dict(existing.metrics) if existing else {}
     verb = "finetune" if meta.kind == "classifier" else "pretrain"
-    for name, value in test_accuracies(meta.metrics).items():
-        metrics[name] = Metric(
+    for key, value in test_accuracies(meta.metrics).items():
+        metrics[key] = dict(
             value=value,
             status="measured",
             command=f"advcl {verb} (recorded in the checkpoint when it was made; settings in its config.json)",
         )
     scheme = meta.config.get("scheme") if meta.kind == "classifier" else None
-    return Entry(
+    return validate_entry(name, dict(
         repo=repo,
         revision=revision,
         filename=filename,
@@ -323,7 +331,7 @@ def entry_for_push(existing: Entry | None, *, repo: str, revision: str, filename
         license=license,
         notes=existing.notes if existing else None,
         recipe=recipe,
-    )
+    ), manifest)
 
 
 def push(
@@ -343,7 +351,7 @@ def push(
     from huggingface_hub import CommitOperationAdd, HfApi
 
     from .. import __version__
-    from ..checkpoint import load_checkpoint, sha256_file
+    from ..checkpoint import check_checkpoint, sha256_file
     from ..settings import HubSettings
     from .card import build_card
 
@@ -355,7 +363,7 @@ def push(
     settings = HubSettings.resolve(hf_endpoint=endpoint, zoo_manifest=manifest)
     ep = endpoint_of(settings.hf_endpoint)
     ckpt_path = Path(ckpt_path)
-    meta = load_checkpoint(ckpt_path).meta  # validates the whole file before anything is sent
+    meta = check_checkpoint(ckpt_path)  # the whole header (names, shapes, size) before anything is sent
     digest = sha256_file(ckpt_path)
 
     zoo: Manifest | None = None
@@ -366,6 +374,14 @@ def push(
         existing = zoo.entries.get(zoo_entry)
     license = license or (existing.license if existing and existing.license else "mit")
     recipe = list(recipe or (existing.recipe if existing else []))
+
+    def pin(revision: str) -> Entry:
+        return entry_for_push(existing, name=zoo_entry, manifest=zoo.path, repo=repo, revision=revision, filename=DEFAULT_FILENAME,
+                              sha256=digest, meta=meta, license=license, recipe=recipe)
+
+    if zoo is not None:  # the entry and the manifest must be right before the commit, not after
+        zoo.entries[zoo_entry] = pin(PLACEHOLDER_REVISION)
+        render_manifest(zoo)
     card = str(build_card(meta, repo=repo, sha256=digest, filename=DEFAULT_FILENAME, license=license, recipe=recipe, zoo_name=zoo_entry))
     config = (json.dumps(meta.model_dump(mode="json"), indent=2) + "\n").encode()
     files = [
@@ -397,8 +413,7 @@ def push(
     result.commit, result.url = info.oid, info.commit_url
     reporter.log(f"pushed {ckpt_path} to {repo}@{info.oid}")
     if zoo is not None:
-        entry = entry_for_push(existing, repo=repo, revision=info.oid, filename=DEFAULT_FILENAME, sha256=digest, meta=meta, license=license, recipe=recipe)
-        zoo.entries[zoo_entry] = entry
+        zoo.entries[zoo_entry] = entry = pin(info.oid)
         write_manifest(zoo)
         result.entry = entry
         reporter.log(f"manifest {zoo.path}: entry '{zoo_entry}' now pins {repo}@{info.oid}")

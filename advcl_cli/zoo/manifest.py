@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import UsageError
-from ..settings import parse_eps
+from ..settings import format_eps, parse_eps
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -128,20 +128,23 @@ def parse_manifest(text: str, path: Path) -> Manifest:
     for name, table in doc.items():
         if not isinstance(table, dict):
             raise UsageError(f"manifest {path}: top-level key '{name}' must be a table [{name}] describing a model")
-        if not NAME_RE.match(name):
-            raise UsageError(
-                f"manifest {path}: bad entry name '{name}'", "use lower-case letters, digits, '-', '_' and '.'"
-            )
-        try:
-            entries[name] = Entry.model_validate(table)
-        except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"] if p != "[key]") or "(entry)"
-            msg = err["msg"].removeprefix("Value error, ")
-            raise UsageError(f"manifest {path}: entry '{name}', field '{where}': {msg}{_revision_hint(err)}") from None
+        entries[name] = validate_entry(name, table, path)
     header = "".join(_leading_comments(text)).rstrip()
     header = header + "\n" if header else ""
     return Manifest(path, entries, header)
+
+
+def validate_entry(name: str, table: dict, path: Path) -> Entry:
+    """One entry of manifest ``path``; errors name the manifest, the entry and the field."""
+    if not NAME_RE.match(name):
+        raise UsageError(f"manifest {path}: bad entry name '{name}'", "use lower-case letters, digits, '-', '_' and '.'")
+    try:
+        return Entry.model_validate(table)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"] if p != "[key]") or "(entry)"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise UsageError(f"manifest {path}: entry '{name}', field '{where}': {msg}{_revision_hint(err)}") from None
 
 
 def _leading_comments(text: str):
@@ -158,6 +161,8 @@ def load_manifest(path: str | Path | None = None) -> Manifest:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UsageError(f"no such manifest file: {path}", "check --manifest / ADVCL_ZOO_MANIFEST") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"manifest {path} is not UTF-8 text (bad byte at offset {e.start})", "a manifest is a TOML file") from None
     except OSError as e:
         raise UsageError(f"cannot read manifest {path}: {e.strerror}") from None
     return parse_manifest(text, path)
@@ -177,12 +182,6 @@ _FIELD_ORDER = [
     "repo", "revision", "filename", "sha256", "kind", "arch", "method", "dataset", "scheme", "eps",
     "paper", "license", "notes", "recipe",
 ]
-
-
-def format_eps(eps: float) -> str:
-    """8/255 for multiples of 1/255, else the number."""
-    k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:g}"
 
 
 def _toml_value(value) -> str:
@@ -222,11 +221,18 @@ def manifest_to_toml(manifest: Manifest) -> str:
     return manifest.header + ("\n" if manifest.header and body else "") + body
 
 
+def render_manifest(manifest: Manifest) -> str:
+    """The manifest's TOML, or a UsageError if it would not read back."""
+    text = manifest_to_toml(manifest)
+    parse_manifest(text, manifest.path)
+    return text
+
+
 def write_manifest(manifest: Manifest) -> Path:
-    """Write atomically (through a link to the file it points at); re-read to validate."""
+    """Write atomically (through a link to the file it points at); never a manifest that would
+    not read back."""
     from ..checkpoint import atomic_write
 
-    text = manifest_to_toml(manifest)
-    parse_manifest(text, manifest.path)  # never write a manifest we could not read back
+    text = render_manifest(manifest)
     target = manifest.path.resolve()
     return atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
