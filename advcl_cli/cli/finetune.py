@@ -9,7 +9,6 @@ from typing import Annotated, Optional
 import typer
 
 from .options import ConfigOpt, DataDirOpt, DatasetOpt, DeviceOpt, EpsOpt, ImageSizeOpt, JsonOpt, LimitOpt, ModelArg, SeedOpt, model_path
-from .output import Output
 
 
 def _opt(*names: str, help: str, typ=Optional[str]):
@@ -64,10 +63,9 @@ def finetune(
     """
     from ..engine.finetune import RESUME_MAY_CHANGE, default_run_dir
     from ..engine.finetune import finetune as run_finetune
-    from ..engine.run import RunDir
     from ..checkpoint import load_checkpoint
     from ..settings import FinetuneSettings
-    from .pretrain import _sigterm_as_interrupt
+    from .training import resolve_run_settings, run_and_print
 
     flags = dict(
         scheme=scheme, dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr, milestones=milestones,
@@ -77,26 +75,11 @@ def finetune(
     )
     given = {k: v for k, v in flags.items() if v is not None}
     parent = load_checkpoint(model_path(checkpoint))
-    if resume:  # the run's own settings are the base; flags may only change how it runs
-        probe = FinetuneSettings.resolve(config, **given)
-        stored = RunDir(probe.out or default_run_dir(probe, parent)).stored_config() or {}
-        base = {k: v for k, v in stored.items() if k not in RESUME_MAY_CHANGE and v is not None}
-        given = {**base, **given}
-    settings = FinetuneSettings.resolve(config, **given)
-    output = Output(json_output)
-    reporter = output.reporter()
-    try:
-        with _sigterm_as_interrupt():
-            result = run_finetune(settings, parent, reporter, resume=resume, force=force)
-    finally:
-        reporter.finish()
-    m = result.metrics
-    if m:
-        output.log(
-            f"test ({m.get('n_eval')} images): clean {100 * m.get('clean_acc', 0):.2f}%, "
-            f"PGD-20 {100 * m.get('pgd20_acc', 0):.2f}% at eps {m.get('eps', 0) * 255:.3g}/255"
-        )
-    if json_output:
-        output.document({"path": str(result.path), "run_dir": str(result.run_dir), "epochs": result.epochs, "metrics": m})
-    else:
-        output.result(result.path)
+    settings = resolve_run_settings(FinetuneSettings, config, given, resume=resume,
+                                    run_dir=lambda probe: default_run_dir(probe, parent), may_change=RESUME_MAY_CHANGE)
+    run_and_print(run_finetune, settings, parent, json_output=json_output, resume=resume, force=force, summary=_summary)
+
+
+def _summary(m: dict) -> str:
+    return (f"test ({m.get('n_eval')} images): clean {100 * m.get('clean_acc', 0):.2f}%, "
+            f"PGD-20 {100 * m.get('pgd20_acc', 0):.2f}% at eps {m.get('eps', 0) * 255:.3g}/255")

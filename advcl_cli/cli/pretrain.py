@@ -4,9 +4,6 @@ No ``from __future__ import annotations`` here: the ``_opt(...)`` option aliases
 evaluated when the functions are defined.
 """
 
-import contextlib
-import signal
-import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,23 +16,6 @@ from .output import Output
 
 def _opt(*names: str, help: str, typ=Optional[str]):
     return Annotated[typ, typer.Option(*names, help=help, show_default=False)]
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (a scheduler's preemption) ends the run like Ctrl-C: exit 130, state kept."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def pretrain(
@@ -90,8 +70,8 @@ def pretrain(
     """
     from ..engine.pretrain import RESUME_MAY_CHANGE, default_run_dir
     from ..engine.pretrain import pretrain as run_pretrain
-    from ..engine.run import RunDir
     from ..settings import PretrainSettings
+    from .training import resolve_run_settings, run_and_print
 
     flags = dict(
         dataset=dataset, method=method, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -102,25 +82,9 @@ def pretrain(
         image_size=image_size, data_dir=data_dir,
     )
     given = {k: v for k, v in flags.items() if v is not None}
-    if resume:  # the run's own settings are the base; flags may only change how it runs
-        probe = PretrainSettings.resolve(config, **given)
-        stored = RunDir(probe.out or default_run_dir(probe)).stored_config() or {}
-        base = {k: v for k, v in stored.items() if k not in RESUME_MAY_CHANGE and v is not None}
-        given = {**base, **given}
-    settings = PretrainSettings.resolve(config, **given)
-    out_ = Output(json_output)
-    reporter = out_.reporter()
-    try:
-        with _sigterm_as_interrupt():
-            result = run_pretrain(settings, reporter, resume=resume, force=force)
-    finally:
-        reporter.finish()
-    if not result.is_main:  # another rank of a torchrun job: rank 0 prints
-        return
-    if json_output:
-        out_.document({"path": str(result.path), "run_dir": str(result.run_dir), "epochs": result.epochs, "metrics": result.metrics})
-    else:
-        out_.result(result.path)
+    settings = resolve_run_settings(PretrainSettings, config, given, resume=resume, run_dir=default_run_dir,
+                                    may_change=RESUME_MAY_CHANGE)
+    run_and_print(run_pretrain, settings, json_output=json_output, resume=resume, force=force)
 
 
 def import_checkpoint(

@@ -4,8 +4,10 @@ Engines call these functions unconditionally; with one process they are identiti
 CPU tests walk the same code as a multi-GPU job. The semantics are those of one device with
 the global batch:
 
-- every rank draws the same random numbers for the whole global batch and keeps its slice
-  (``local_slice``), so augmentations and attack starts match a single process exactly;
+- every rank iterates over the same global batches and draws the same random numbers for the
+  whole of each (augmentations, attack starts), then keeps its slice (``local_slice``), so a
+  step matches a single process exactly (augmenting the global batch on every rank costs
+  little beside the attack);
 - the contrastive loss sees every rank's projections (``all_gather_with_grad``: gradients flow
   back to the rank that produced each row);
 - BatchNorm normalises with statistics of the global batch (``prepare_model`` swaps every BN
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import AdvclError, UsageError
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,36 @@ def init_distributed(device: torch.device) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local)
 
 
-def local_slice(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """This rank's contiguous share of a global-batch tensor (dim 0)."""
+def local_slice(x: torch.Tensor, ctx: DistContext, dim: int = 0) -> torch.Tensor:
+    """This rank's contiguous share of a global-batch tensor (along ``dim``)."""
     if not ctx.enabled:
         return x
-    n = x.shape[0] // ctx.world_size
-    return x[ctx.rank * n : (ctx.rank + 1) * n]
+    n = x.shape[dim] // ctx.world_size
+    return x.narrow(dim, ctx.rank * n, n)
+
+
+def on_main(fn, ctx: DistContext):
+    """Run ``fn`` on rank 0 only; every rank returns its result or raises its error.
+
+    The other ranks wait for rank 0, so a refused run folder (say) stops the whole job with
+    rank 0's message instead of leaving the other ranks waiting in a collective.
+    """
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except AdvclError as e:
+            error = e
+    if ctx.enabled:
+        box = [None if error is None else (type(error).__name__, error.message, error.hint, error.exit_code)]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and error is None:
+            _, message, hint, code = box[0]
+            error = AdvclError(f"rank 0 stopped: {message}", hint)
+            error.exit_code = code
+    if error is not None:
+        raise error
+    return result
 
 
 class _GatherCat(torch.autograd.Function):
@@ -128,13 +154,13 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0] if x.dim() == 2 else [0, 2, 3]
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
-        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
-        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-        stats = _AllReduceSum.apply(stats)
-        c = x.shape[1]
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = stats[c : 2 * c] / n - mean * mean
+        count = torch.full((1,), x.numel() / x.shape[1], device=x.device, dtype=torch.float32)
+        # two passes (mean, then centred squares), as a single device would compute them:
+        # E[x^2] - E[x]^2 loses precision when a channel's mean is large beside its spread
+        first = _AllReduceSum.apply(torch.cat([xf.sum(dims), count]))
+        n = first[-1]
+        mean = first[:-1] / n
+        var = _AllReduceSum.apply(((xf - mean.view(shape)) ** 2).sum(dims)) / n
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
@@ -211,6 +237,7 @@ __all__ = [
     "barrier",
     "init_distributed",
     "local_slice",
+    "on_main",
     "prepare_model",
     "reduce_mean",
     "shutdown",

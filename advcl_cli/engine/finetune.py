@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,11 +41,10 @@ from ..attacks.pgd import pgd, trades_adversary, trades_objective
 from ..checkpoint import Checkpoint, save_model, unwrap
 from ..errors import DataError, UsageError
 from .device import autocast, resolve_device, resolve_precision
-from .distributed import init_distributed, prepare_model, reduce_mean, sync_gradients
+from .distributed import init_distributed, local_slice, on_main, prepare_model, reduce_mean, shutdown, sync_gradients
 from .evaluate import evaluate
-from .pretrain import epoch_generator
 from .report import Reporter
-from .run import FiniteGuard, RunDir, check_resume_config, restore
+from .run import FiniteGuard, RunDir, RunResult, check_resume_config, epoch_generator, restore
 from .schedule import MultiStep, set_lr
 
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -58,14 +56,6 @@ SCHEME_DEFAULTS = {
 }
 # settings that may change on --resume (they do not change what is trained)
 RESUME_MAY_CHANGE = {"device", "precision", "out", "data_dir", "download", "eval_limit"}
-
-
-@dataclass
-class FinetuneResult:
-    path: Path
-    run_dir: Path
-    epochs: int
-    metrics: dict
 
 
 def with_scheme_defaults(settings):
@@ -117,7 +107,7 @@ def split_validation(data, fraction: float, seed: int):
 
 
 def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, resume: bool = False,
-             force: bool = False) -> FinetuneResult:
+             force: bool = False) -> RunResult:
     """Finetune ``parent`` (an encoder or classifier checkpoint) with ``settings.scheme``."""
     from ..data.augment import crop_flip_view
     from ..data.batches import Batches
@@ -132,7 +122,9 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     dataset = settings.dataset or parent.meta.dataset
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(CLASSIFIER_FILE,))
     config = settings.to_config()
-    state = run.prepare(resume=resume, force=force) if ctx.is_main else (run.read_state() if resume else None)
+    state = on_main(lambda: run.prepare(resume=resume, force=force), ctx)
+    if not ctx.is_main and resume:
+        state = run.read_state()
     if state is not None:
         check_resume_config(state["config"], config, RESUME_MAY_CHANGE)
         if state["extra"].get("parent") != parent.sha256:
@@ -142,7 +134,8 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
             )
         if state.get("finished") and "final" in state["extra"]:
             reporter.log(f"{run.path} already finished all {state['epoch']} epochs")
-            return FinetuneResult(run.artifact(CLASSIFIER_FILE), run.path, int(state["epoch"]), state["extra"].get("final", {}))
+            return RunResult(run.artifact(CLASSIFIER_FILE), run.path, int(state["epoch"]),
+                                  state["extra"].get("final", {}), ctx.is_main)
 
     load = dict(data_dir=settings.data_dir, download=settings.download, image_size=settings.image_size)
     full = load_dataset(dataset, "train", limit=settings.limit, **load)
@@ -159,7 +152,12 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     start = restore(state, model, optimizer) if state is not None else 0
     extra = dict(state["extra"]) if state is not None else {"parent": parent.sha256}
     train_model = model if frozen else prepare_model(model, ctx)
-    batches = Batches(train, settings.batch_size, seed=settings.seed, drop_last=False, rank=ctx.rank, world_size=ctx.world_size)
+    if settings.batch_size % ctx.world_size:
+        raise UsageError(f"--batch-size {settings.batch_size} does not divide among {ctx.world_size} processes",
+                         "the batch size is the global batch: use a multiple of the process count")
+    # every rank walks the same global batches and keeps its slice; with several processes the
+    # last partial batch is dropped so that every rank gets an equal share
+    batches = Batches(train, settings.batch_size, seed=settings.seed, drop_last=ctx.enabled)
     schedule = MultiStep(settings.lr, tuple(settings.milestones))
     steps = len(batches)
     out_file = run.artifact(CLASSIFIER_FILE)
@@ -177,7 +175,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
         reporter.start(f"finetune {scheme}", total=(settings.epochs - start) * steps)
     for epoch in range(start, settings.epochs):
         batches.set_epoch(epoch)
-        gen = epoch_generator(settings.seed, epoch, ctx.rank, device)
+        gen = epoch_generator(settings.seed, epoch, device)
         lr = schedule.lr(epoch)
         set_lr(optimizer, lr)
         guard = FiniteGuard()
@@ -187,7 +185,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
         t0 = time.perf_counter()
         info: dict = {"epoch": f"{epoch + 1}/{settings.epochs}"}
         for step, (images, labels, _) in enumerate(batches):
-            x = crop_flip_view(images, gen)
+            x, labels = local_slice(crop_flip_view(images, gen), ctx), local_slice(labels, ctx)
             if frozen:
                 model.eval()  # the encoder's BN statistics never move
                 if scheme == "alf":
@@ -242,7 +240,8 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
             run.append_metrics(metrics)
             run.save_state(model, optimizer, epoch=epoch + 1, total_epochs=settings.epochs, config=config, extra=extra)
     if not ctx.is_main:
-        return FinetuneResult(out_file, run.path, settings.epochs, {})
+        shutdown(ctx)
+        return RunResult(out_file, run.path, settings.epochs, {}, False)
     reporter.finish()
 
     # the kept model: the best epoch on the held-out split, else the last one
@@ -266,4 +265,5 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     save_model(out_file, model, metrics=final, **save_args)
     extra["final"] = final
     run.save_state(model, optimizer, epoch=settings.epochs, total_epochs=settings.epochs, config=config, extra=extra)
-    return FinetuneResult(out_file, run.path, settings.epochs, final)
+    shutdown(ctx)
+    return RunResult(out_file, run.path, settings.epochs, final)

@@ -2,9 +2,10 @@
 
 Top to bottom: the training split goes to the device as uint8; the method's model is built
 (seeded, channels_last; ``compile`` compiles the backbone and projection head in place, so the
-saved weight names do not change); every epoch takes the batches of ``Batches`` (order a
-function of seed and epoch) and an augmentation generator seeded from (seed, epoch, rank), so
-a resumed run draws exactly what an uninterrupted one does. Per step: lr from the schedule,
+saved weight names do not change); every epoch takes the global batches of ``Batches`` (order a
+function of seed and epoch) and a random stream seeded from (seed, epoch), so a resumed run
+draws exactly what an uninterrupted one does; under torchrun every rank walks the same global
+batches and the method keeps the rank's slice, so N processes match one process exactly. Per step: lr from the schedule,
 ``method.step`` under autocast, backward, ``sync_gradients``, SGD step. The loss terms are summed
 on the device and read once per logging interval, where the NaN/inf guard is checked too (no
 device sync per step). After every epoch rank 0 appends to ``metrics.jsonl`` and saves the
@@ -15,31 +16,22 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import save_model
+from ..errors import UsageError
 from .device import autocast, resolve_device, resolve_precision
-from .distributed import init_distributed, prepare_model, reduce_mean, sync_gradients
+from .distributed import init_distributed, on_main, prepare_model, reduce_mean, shutdown, sync_gradients
 from .report import Reporter
-from .run import FiniteGuard, RunDir, check_resume_config, restore
+from .run import FiniteGuard, RunDir, RunResult, check_resume_config, epoch_generator, restore
 from .schedule import WarmupCosine, set_lr
 
 ENCODER_FILE = "encoder.safetensors"
 LOG_EVERY = 10  # steps between progress updates / NaN checks
 # settings that may change when a run is resumed (they do not change what is computed)
 RESUME_MAY_CHANGE = {"device", "precision", "compile", "out", "data_dir", "download", "save_every"}
-
-
-@dataclass
-class PretrainResult:
-    path: Path  # the final encoder checkpoint
-    run_dir: Path
-    epochs: int
-    metrics: dict
-    is_main: bool = True  # False on the other ranks of a torchrun job (they print nothing)
 
 
 def default_run_dir(settings) -> Path:
@@ -60,11 +52,7 @@ def schedule_for(settings) -> WarmupCosine:
     )
 
 
-def epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch) * 1009 + rank)
-
-
-def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False, force: bool = False) -> PretrainResult:
+def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False, force: bool = False) -> RunResult:
     from ..data.batches import Batches
     from ..data.registry import load_dataset
     from ..methods import get_method
@@ -76,15 +64,20 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
     ctx = init_distributed(device)
     run = RunDir(settings.out or default_run_dir(settings), artifacts=(ENCODER_FILE,))
     method_cls = get_method(settings.method)
-    # rank 0 checks (and with --force clears) the folder; the other ranks only read the state
-    state = run.prepare(resume=resume, force=force) if ctx.is_main else (run.read_state() if resume else None)
+    if settings.batch_size % ctx.world_size:
+        raise UsageError(f"--batch-size {settings.batch_size} does not divide among {ctx.world_size} processes",
+                         "the batch size is the global batch: use a multiple of the process count")
+    # rank 0 checks (and with --force clears) the folder; the other ranks then read the state
+    state = on_main(lambda: run.prepare(resume=resume, force=force), ctx)
+    if not ctx.is_main and resume:
+        state = run.read_state()
     if state is not None:
         check_resume_config(state["config"], settings.to_config(), RESUME_MAY_CHANGE)
         if state.get("finished"):
             if ctx.is_main:
                 reporter.log(f"{run.path} already finished all {state['epoch']} epochs")
             metrics = (run.read_metrics() or [{}])[-1]
-            return PretrainResult(run.artifact(ENCODER_FILE), run.path, int(state["epoch"]), metrics, ctx.is_main)
+            return RunResult(run.artifact(ENCODER_FILE), run.path, int(state["epoch"]), metrics, ctx.is_main)
 
     data = load_dataset(
         settings.dataset, "train", data_dir=settings.data_dir, download=settings.download,
@@ -108,7 +101,8 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
         model.backbone.compile()
         if model.proj is not None:
             model.proj.compile()
-    batches = Batches(data, settings.batch_size, seed=settings.seed, rank=ctx.rank, world_size=ctx.world_size)
+    # every rank walks the same global batches; the method keeps this rank's slice
+    batches = Batches(data, settings.batch_size, seed=settings.seed)
     schedule = schedule_for(settings)
     steps = len(batches)
     encoder = run.artifact(ENCODER_FILE)
@@ -125,7 +119,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
     model.train()
     for epoch in range(start, settings.epochs):
         batches.set_epoch(epoch)
-        gen = epoch_generator(settings.seed, epoch, ctx.rank, device)
+        gen = epoch_generator(settings.seed, epoch, device)
         guard, sums = FiniteGuard(), {}
         t0 = time.perf_counter()
         info: dict = {"epoch": f"{epoch + 1}/{settings.epochs}"}
@@ -163,4 +157,5 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
             run.save_state(model, optimizer, epoch=done, total_epochs=settings.epochs, config=settings.to_config())
     if ctx.is_main:
         reporter.finish()
-    return PretrainResult(encoder, run.path, settings.epochs, metrics, ctx.is_main)
+    shutdown(ctx)
+    return RunResult(encoder, run.path, settings.epochs, metrics, ctx.is_main)

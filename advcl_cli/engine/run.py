@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,17 @@ from ..errors import CheckpointError, TrainingError, UsageError
 
 STATE_FILE = "state.safetensors"
 METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class RunResult:
+    """What a training engine returns: the final model file and the run's last metrics."""
+
+    path: Path
+    run_dir: Path
+    epochs: int
+    metrics: dict
+    is_main: bool = True  # False on the other ranks of a torchrun job (they print nothing)
 
 
 class RunDir:
@@ -183,6 +195,13 @@ def check_resume_config(stored: dict, current: dict, ignore: set[str]) -> None:
             "cannot resume with different settings: " + "; ".join(parts),
             "drop those flags to resume as started, or start over with --force",
         )
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The random stream of one epoch: a function of (seed, epoch) only, so a resumed run draws
+    what an uninterrupted one does, and every rank of a distributed run draws the same numbers
+    (each then keeps its slice of the global batch)."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
 class FiniteGuard:

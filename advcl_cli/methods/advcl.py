@@ -41,9 +41,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..attacks.pgd import project
 from ..checkpoint import unwrap
 from ..data.augment import crop_flip_view, high_frequency, simclr_view, to_float
-from ..engine.distributed import DistContext, all_gather_with_grad
+from ..engine.distributed import DistContext, all_gather_with_grad, local_slice
 from .losses import pseudo_label_ce, supcon_loss
 
 BN_SETS = ("normal", "pgd", "pgd_ce")
@@ -59,8 +60,9 @@ class AttackConfig:
     ce_weight: float = 0.2
 
 
-def _project(x: Tensor, center: Tensor, eps: float) -> Tensor:
-    return torch.clamp(torch.min(torch.max(x, center - eps), center + eps), 0, 1)
+def random_start(x_org: Tensor, gen: torch.Generator) -> Tensor:
+    """Two U(-1, 1) draws shaped like ``x_org`` (for x_cl and x_ce), scaled by eps later."""
+    return torch.rand((2, *x_org.shape), generator=gen, device=x_org.device, dtype=x_org.dtype) * 2 - 1
 
 
 def attack(
@@ -71,14 +73,21 @@ def attack(
     gen: torch.Generator,
     cfg: AttackConfig,
     recompute_clean=None,
+    *,
+    noise: Tensor | None = None,
+    ctx: DistContext = DistContext(),
 ) -> tuple[Tensor, Tensor | None]:
     """The adversarial views ``(x_cl, x_ce)``; ``x_ce`` is None without pseudo labels.
 
     ``clean`` holds the projections [z1, z2, z_HFC] of the clean views (used detached);
     ``recompute_clean``, a callable returning them, makes every PGD step recompute them, as the
-    reference does.
+    reference does. ``noise`` (2, B, ...) in [-1, 1] is the random start (drawn from ``gen``
+    when not given). Under torchrun the contrastive loss inside the attack also sees every
+    rank's projections, as one process holding the global batch would.
     """
-    noise = (torch.rand((2, *x_org.shape), generator=gen, device=x_org.device, dtype=x_org.dtype) * 2 - 1) * cfg.eps
+    if noise is None:
+        noise = random_start(x_org, gen)
+    noise = noise * cfg.eps
     x_cl = x_org + noise[0]
     x_ce = x_org + noise[1] if targets is not None else None
     clean = [z.detach() for z in clean] if clean is not None else None
@@ -88,16 +97,17 @@ def attack(
         x_cl = x_cl.detach().requires_grad_(True)
         inputs = [x_cl]
         z_cl = net.project(net.features(x_cl, "pgd"))
-        loss = supcon_loss(torch.stack([z_cl, *clean], dim=1), cfg.temperature, cfg.base_temperature)
+        features = all_gather_with_grad(torch.stack([z_cl, *clean], dim=1), ctx)
+        loss = supcon_loss(features, cfg.temperature, cfg.base_temperature)
         if x_ce is not None:
             x_ce = x_ce.detach().requires_grad_(True)
             inputs.append(x_ce)
             logits = net.pseudo_logits(net.features(x_ce, "pgd_ce"))
             loss = loss + cfg.ce_weight * pseudo_label_ce(logits, targets, reduction="sum")
         grads = torch.autograd.grad(loss, inputs)
-        x_cl = _project(x_cl.detach() + cfg.step_size * grads[0].sign(), x_org, cfg.eps)
+        x_cl = project(x_cl.detach() + cfg.step_size * grads[0].sign(), x_org, cfg.eps)
         if x_ce is not None:
-            x_ce = _project(x_ce.detach() + cfg.step_size * grads[1].sign(), x_org, cfg.eps)
+            x_ce = project(x_ce.detach() + cfg.step_size * grads[1].sign(), x_org, cfg.eps)
     return x_cl.detach(), (x_ce.detach() if x_ce is not None else None)
 
 
@@ -153,10 +163,16 @@ class AdvCL:
         return None if self.labels is None else list(self.labels[:, indices].unbind(0))
 
     def step(self, model, batch: Tensor, indices: Tensor, gen: torch.Generator, ctx: DistContext = DistContext()):
-        return self.loss(model, self.views(batch, gen), indices, gen, ctx)
+        """The loss of one global batch: every rank draws the same views and random starts for all
+        of it and keeps its own slice."""
+        views = self.views(batch, gen)
+        noise = local_slice(random_start(views[2], gen), ctx, dim=1)
+        views = tuple(local_slice(v, ctx) for v in views)
+        return self.loss(model, views, local_slice(indices, ctx), gen, ctx, noise=noise)
 
-    def loss(self, model, views, indices: Tensor, gen: torch.Generator, ctx: DistContext = DistContext()):
-        """The step's loss given its views (x1, x2, x_org, x_HFC); ``gen`` draws the random start."""
+    def loss(self, model, views, indices: Tensor, gen: torch.Generator, ctx: DistContext = DistContext(), noise=None):
+        """The step's loss given its views (x1, x2, x_org, x_HFC); ``gen`` draws the random start
+        unless ``noise`` is given."""
         net = unwrap(model)
         x1, x2, x_org, x_hfc = views
         targets = self.targets(indices)
@@ -166,11 +182,11 @@ class AdvCL:
 
         if self.recompute_clean:  # the reference's way: clean views again at every PGD step and after
             recompute = lambda: [z.detach() for z in clean_projections()]  # noqa: E731
-            x_cl, x_ce = attack(net, x_org, None, targets, gen, self.cfg, recompute)
+            x_cl, x_ce = attack(net, x_org, None, targets, gen, self.cfg, recompute, noise=noise, ctx=ctx)
             clean = clean_projections()
         else:
             clean = clean_projections()
-            x_cl, x_ce = attack(net, x_org, clean, targets, gen, self.cfg)
+            x_cl, x_ce = attack(net, x_org, clean, targets, gen, self.cfg, noise=noise, ctx=ctx)
         z_cl = net.project(net.features(x_cl, "pgd"))
         features = all_gather_with_grad(torch.stack([z_cl, *clean], dim=1), ctx)
         contrast = supcon_loss(features, self.cfg.temperature, self.cfg.base_temperature)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..checkpoint import unwrap
 from ..data.augment import simclr_view, to_float
-from ..engine.distributed import DistContext, all_gather_with_grad
+from ..engine.distributed import DistContext, all_gather_with_grad, local_slice
 from .losses import supcon_loss
 
 
@@ -38,7 +38,8 @@ class SimCLR:
     def step(self, model, batch: Tensor, indices: Tensor, gen: torch.Generator, ctx: DistContext = DistContext()):
         net = unwrap(model)
         x = to_float(batch)
-        views = torch.cat([simclr_view(x, gen), simclr_view(x, gen)])
+        # every rank draws the views of the whole global batch and keeps its slice
+        views = torch.cat([local_slice(simclr_view(x, gen), ctx), local_slice(simclr_view(x, gen), ctx)])
         z = net.project(net.features(views, "normal"))
         features = all_gather_with_grad(torch.stack(z.chunk(2), dim=1), ctx)
         loss = supcon_loss(features, self.settings.temperature, self.settings.base_temperature)

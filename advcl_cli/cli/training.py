@@ -1,0 +1,44 @@
+"""What `advcl pretrain` and `advcl finetune` share: settings for a resumed run, running the
+engine, and printing its result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .output import Output
+
+
+def resolve_run_settings(settings_cls, config: Path | None, given: dict, *, resume: bool,
+                         run_dir: Callable, may_change: set[str]):
+    """The settings of a run. On --resume the run's stored settings are the base and the
+    flags given may only change how it runs (device, precision, ...)."""
+    from ..engine.run import RunDir
+
+    if resume:
+        probe = settings_cls.resolve(config, **given)
+        stored = RunDir(probe.out or run_dir(probe)).stored_config() or {}
+        base = {k: v for k, v in stored.items() if k not in may_change and v is not None}
+        given = {**base, **given}
+    return settings_cls.resolve(config, **given)
+
+
+def run_and_print(engine: Callable, settings, *args, json_output: bool, resume: bool, force: bool,
+                  summary: Callable[[dict], str | None] = lambda m: None) -> None:
+    """Run a training engine with progress on stderr; rank 0 prints the model's path (or JSON)."""
+    output = Output(json_output)
+    reporter = output.reporter()
+    try:
+        result = engine(settings, *args, reporter, resume=resume, force=force)
+    finally:
+        reporter.finish()
+    if not result.is_main:  # another rank of a torchrun job: rank 0 prints
+        return
+    line = summary(result.metrics) if result.metrics else None
+    if line:
+        output.log(line)
+    if json_output:
+        output.document({"path": str(result.path), "run_dir": str(result.run_dir), "epochs": result.epochs,
+                         "metrics": result.metrics})
+    else:
+        output.result(result.path)
