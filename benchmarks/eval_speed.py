@@ -21,32 +21,16 @@ One warm-up batch runs before each timed loop. The table goes to stdout and, unl
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from _common import RESULTS, device_name, record
+
 HEADING = "## PGD-20 evaluation speed (benchmarks/eval_speed.py)"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def _sync(device):
@@ -166,9 +150,7 @@ def main(argv=None):
     text = "\n".join(lines)
     print(text)
     if not args.no_record:
-        old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-        block = ("" if HEADING in old else f"\n{HEADING}\n") + "\n" + text + "\n"
-        RESULTS.write_text(old.rstrip("\n") + "\n" + block)
+        record(HEADING, text)
         print(f"appended to {RESULTS}", file=sys.stderr)
 
 

@@ -8,7 +8,13 @@ random CIFAR-sized images, each in its own subprocess so that peak memory is mea
   the clean views' forward passes are computed once per step (advcl_cli's engine path);
 - ``reference``: the authors' way: per-image torchvision transforms on PIL images on the host
   (as their DataLoader does; here inline, as with num_workers=0), the batch moved to the
-  device, and the clean views recomputed at every PGD step and once more after the attack.
+  device, the clean views recomputed at every PGD step and once more after the attack, always
+  fp32 and eager whatever ``--precision``/``--compile`` say.
+
+The model FLOPs of one step are counted with torch's FLOP formulas during the warm-up step
+(matmuls and convolutions, forward and backward); TFLOP/s is that count over the step's time,
+and the fraction of the device's dense peak is given where the peak is known (benchmarks/
+_common.py). The table is printed and, unless ``--no-record``, appended to RESULTS.md.
 
 images/s is the batch over the fastest of ``--steps`` timed steps (after ``--warmup`` steps),
 as other processes may share the CPU; the mean and the 1-minute load average are printed too.
@@ -17,6 +23,7 @@ peak resident set during the steps (above what it held after warm-up; the first 
 torch's own start-up). Usage:
 
     python benchmarks/pretrain_step.py --arch resnet18 --batch-size 32 --steps 2
+    python benchmarks/pretrain_step.py --batch-size 512 --precision bf16 --compile   # on a GPU
 """
 
 from __future__ import annotations
@@ -24,12 +31,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import date
+
+from _common import RESULTS, peak_tflops, record
+
+HEADING = "## Pretraining step (benchmarks/pretrain_step.py)"
 
 
 def _rss_mb() -> float:
@@ -52,10 +63,13 @@ def measure(variant: str, args) -> dict:
     from advcl_cli.pseudolabels import DEFAULT_KS, save_labels
     from advcl_cli.settings import PretrainSettings
 
+    from _common import FlopCount, device_name
+
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    reference = variant == "reference"
+    precision = "fp32" if reference else resolve_precision(args.precision, device)
     b = args.batch_size
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -66,8 +80,11 @@ def measure(variant: str, args) -> dict:
         method = AdvCL(settings, n_images=b, device=device)
     torch.manual_seed(0)
     model = create_model(args.arch, **method.model_config(args.arch)).to(device).train()
-    if device.type == "cuda":
+    if device.type == "cuda" and not reference:
         model = model.to(memory_format=torch.channels_last)
+    if args.compile and not reference:
+        model.backbone.compile()
+        model.proj.compile()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     indices = torch.arange(b, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -104,7 +121,10 @@ def measure(variant: str, args) -> dict:
         opt.step()
         return loss
 
-    for _ in range(args.warmup):
+    with FlopCount() as counter:
+        train_step()
+    flops = counter.total
+    for _ in range(args.warmup - 1):
         train_step()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -124,8 +144,11 @@ def measure(variant: str, args) -> dict:
         "mean_seconds_per_step": sum(times) / len(times),
         "load_average": os.getloadavg()[0],
         "peak_memory_mb": peak,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "gflop_per_image": flops / b / 1e9,
+        "tflops": flops / seconds / 1e12,
+        "device": device_name(device),
         "precision": precision,
+        "compiled": bool(args.compile and not reference),
         "torch": torch.__version__,
     }
 
@@ -135,7 +158,9 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (the fastest is reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1; the first counts FLOPs)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile ours (GPU)")
+    parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32", help="fp32, bf16 or auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -152,14 +177,30 @@ def main() -> None:
             sys.exit(f"{variant} failed:\n{proc.stderr}")
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     ref, ours = results["reference"], results["ours"]
-    print(f"AdvCL pretraining step, {args.arch}, batch {args.batch_size}, {ours['precision']}, {ours['device']}, torch {ours['torch']}")
-    print(f"{'variant':<10} {'images/s':>10} {'s/step':>9} {'mean s':>9} {'peak MB':>9} {'load':>6}")
+    peak = peak_tflops(ours["device"], ours["precision"])
+    lines = [
+        f"{date.today().isoformat()}, {ours['device']}; AdvCL step, {args.arch}, batch {args.batch_size}, "
+        f"torch {ours['torch']}, load average {ours['load_average']:.1f}",
+        "",
+        "| step | precision | images/s | s/step (best / mean) | peak MB | GFLOP/image | TFLOP/s | of peak | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in (ref, ours):
-        print(
-            f"{r['variant']:<10} {r['images_per_s']:>10.2f} {r['seconds_per_step']:>9.2f} "
-            f"{r['mean_seconds_per_step']:>9.2f} {r['peak_memory_mb']:>9.0f} {r['load_average']:>6.1f}"
+        label = r["variant"] + (" (compiled)" if r["compiled"] else "")
+        p = peak_tflops(r["device"], r["precision"])
+        share = f"{r['tflops'] / p:.1%}" if p else "n/a"
+        lines.append(
+            f"| {label} | {r['precision']} | {r['images_per_s']:.2f} | {r['seconds_per_step']:.3f} / "
+            f"{r['mean_seconds_per_step']:.3f} | {r['peak_memory_mb']:.0f} | {r['gflop_per_image']:.1f} | "
+            f"{r['tflops']:.3g} | {share} | {r['images_per_s'] / ref['images_per_s']:.2f}x |"
         )
-    print(f"speed-up (ours / reference images/s): {ours['images_per_s'] / ref['images_per_s']:.2f}x")
+    text = "\n".join(lines)
+    print(text)
+    if peak is None:
+        print("(no known peak for this device and precision: 'of peak' is n/a)", file=sys.stderr)
+    if not args.no_record:
+        record(HEADING, text)
+        print(f"appended to {RESULTS}", file=sys.stderr)
 
 
 if __name__ == "__main__":
