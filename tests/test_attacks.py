@@ -11,6 +11,7 @@ from advcl_cli.data.augment import to_float
 from advcl_cli.data.registry import load_dataset
 from advcl_cli.errors import UsageError
 from advcl_cli.models import create_model
+from training import fit
 
 
 def train_tiny_classifier(image_size: int = 16, epochs: int = 4, seed: int = 0):
@@ -21,15 +22,7 @@ def train_tiny_classifier(image_size: int = 16, epochs: int = 4, seed: int = 0):
     x, y = to_float(data.images), data.labels
     model = create_model("resnet18-tiny", num_classes=10)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y))
-        for i in range(0, len(y), 32):
-            idx = perm[i : i + 32]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit(model, x, y, opt, epochs=epochs, batch_size=32)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.reset_running_stats()

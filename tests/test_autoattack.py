@@ -6,7 +6,6 @@ survives the gradient attacks on a CPU, so these tests use a small CNN on 16x16 
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from advcl_cli.attacks import autoattack as aa_module
@@ -15,6 +14,7 @@ from advcl_cli.attacks.pgd import pgd
 from advcl_cli.data.augment import to_float
 from advcl_cli.data.registry import load_dataset
 from advcl_cli.errors import UsageError
+from training import fit
 
 
 def small_cnn(n_classes=10):
@@ -32,14 +32,7 @@ def trained():
     x, y = to_float(train.images), train.labels
     model = small_cnn()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(4):
-        perm = torch.randperm(len(y))
-        for i in range(0, len(y), 64):
-            idx = perm[i : i + 64]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit(model, x, y, opt, epochs=4, batch_size=64)
     test = load_dataset("digits", "test", limit=8, image_size=16)
     return model.eval(), to_float(test.images), test.labels
 
