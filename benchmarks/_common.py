@@ -63,7 +63,12 @@ class FlopCount(TorchDispatchMode):
 
 
 def record(heading: str, text: str) -> None:
-    """Append ``text`` to RESULTS.md, under ``heading`` (added when missing)."""
+    """Add ``text`` at the end of the section ``heading`` of RESULTS.md (made when missing)."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = ("" if heading in old else f"\n{heading}\n") + "\n" + text + "\n"
-    RESULTS.write_text(old.rstrip("\n") + "\n" + block)
+    if heading not in old:
+        RESULTS.write_text(old.rstrip("\n") + f"\n\n{heading}\n\n{text}\n")
+        return
+    start = old.index(heading) + len(heading)
+    end = old.find("\n## ", start)
+    end = len(old) if end < 0 else end + 1
+    RESULTS.write_text(old[:end].rstrip("\n") + f"\n\n{text}\n" + ("\n" + old[end:] if end < len(old) else ""))

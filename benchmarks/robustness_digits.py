@@ -24,7 +24,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from _common import RESULTS, device_name, record
+
 HEADING = "## Robustness on digits: AdvCL vs SimCLR (benchmarks/robustness_digits.py)"
 
 
@@ -88,13 +89,15 @@ def main(argv=None):
         results[method] = doc
     total = time.perf_counter() - t0
 
+    import torch
+
     from advcl_cli.plots import robustness_curve
 
     png = robustness_curve(results, out / "robustness-digits.png", title=f"SLF on digits ({args.arch}, {args.epochs} pretraining epochs)")
 
     eps_labels = [r["eps_label"] for r in results["advcl"]["robust"]]
     lines = [
-        f"{date.today().isoformat()}; {args.arch}, pretraining {args.epochs} epochs, batch {args.batch_size}, lr {args.lr} "
+        f"{date.today().isoformat()}, {device_name(torch.device('cpu'))}; {args.arch}, pretraining {args.epochs} epochs, batch {args.batch_size}, lr {args.lr} "
         f"(both methods); SLF {args.slf_epochs} epochs, batch {args.slf_batch_size}, lr {args.slf_lr}; "
         f"digits test split, n={results['advcl']['n']}; total {total / 60:.1f} min",
         "",
@@ -109,9 +112,7 @@ def main(argv=None):
     print(text)
     print(f"plot: {png}", file=sys.stderr)
     if not args.no_record:
-        old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-        block = ("" if HEADING in old else f"\n{HEADING}\n") + "\n" + text + "\n"
-        RESULTS.write_text(old.rstrip("\n") + "\n" + block)
+        record(HEADING, text)
         print(f"appended to {RESULTS}", file=sys.stderr)
 
 
