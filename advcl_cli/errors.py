@@ -45,10 +45,3 @@ class TrainingError(AdvclError):
     """A training run failed: diverged loss, a rank that died."""
 
     exit_code = 1
-
-
-class NotImplementedYet(UsageError):
-    """A verb whose engine is not built yet."""
-
-    def __init__(self, verb: str):
-        super().__init__(f"`advcl {verb}` is not implemented yet", "see the CHANGELOG for progress")

@@ -219,11 +219,6 @@ def reduce_mean(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return x / ctx.world_size
 
 
-def barrier(ctx: DistContext) -> None:
-    if ctx.enabled:
-        dist.barrier()
-
-
 def shutdown(ctx: DistContext) -> None:
     """Tear down the process group, if any."""
     if ctx.enabled and dist.is_initialized():
@@ -234,7 +229,6 @@ __all__ = [
     "DistContext",
     "GlobalBatchNorm",
     "all_gather_with_grad",
-    "barrier",
     "init_distributed",
     "local_slice",
     "on_main",
