@@ -126,3 +126,26 @@ def test_pretrain_step_on_two_processes_matches_one(tmp_path):
     _, a2, _ = run_pretrain(tmp_path, "two-pgd", 2, pgd_steps=2)
     for key in ("loss", "contrast", "pseudo_ce"):
         assert a2[key] == pytest.approx(a1[key], rel=1e-2), key
+
+
+def test_aff_on_two_processes_trains_batch_norm(tmp_path):
+    """AFF trains the whole network under torchrun, the BN parameters included (the BN modules
+    are swapped for global-batch ones before the optimizer is built)."""
+    from advcl_cli.checkpoint import save_model
+
+    torch.manual_seed(0)
+    enc = create_model("resnet18-tiny", bn_sets=("normal", "pgd", "pgd_ce"), proj_dim=128)
+    save_model(tmp_path / "enc.safetensors", enc, kind="encoder", method="advcl", dataset="digits", eps=8 / 255)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "advcl_cli", "finetune", str(tmp_path / "enc.safetensors"),
+           "--scheme", "aff", "--epochs", "1", "--limit", "32", "--batch-size", "16", "--attack-steps", "1",
+           "--eval-limit", "8", "--device", "cpu", "--out", str(tmp_path / "aff")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env1())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines() == [str(tmp_path / "aff" / "classifier.safetensors")]
+    clf = load_file(tmp_path / "aff" / "classifier.safetensors")
+    before = enc.state_dict()
+    for name in ("bn1", "layers.0.0.bn1", "layers.3.1.bn2"):
+        for p in ("weight", "bias"):
+            key = f"backbone.{name}.sets.pgd.{p}"
+            assert not torch.equal(clf[key], before[key]), key

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 from typing import Annotated, Optional
 
 import typer
@@ -66,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every error ends here as one or two lines on stderr and an exit code."""
     debug = os.environ.get("ADVCL_DEBUG") == "1"
     out = Output()
-    _sigterm_as_interrupt()
     try:
         rv = app(args=argv, prog_name="advcl", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
@@ -88,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         out.error(e.format_message(), f"see `{cmd} --help`")
         code = e.exit_code
     except KeyboardInterrupt:
-        out.error("interrupted", "resumable runs continue with --resume")
+        out.error("interrupted", "a training run continues from its last saved epoch with --resume")
         code = 130
     except BrokenPipeError:
         code = 0
@@ -98,16 +95,6 @@ def main(argv: list[str] | None = None) -> int:
         out.error(f"internal error: {type(e).__name__}: {e}", "rerun with ADVCL_DEBUG=1 for the traceback and report it")
         code = 1
     return _exit(code, argv)
-
-
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM (a scheduler's preemption, torchrun stopping a job) ends a command like Ctrl-C:
-    training runs keep their last saved state and exit 130."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _exit(code: int, argv: list[str] | None) -> int:

@@ -3,6 +3,9 @@ engine, and printing its result."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -23,13 +26,32 @@ def resolve_run_settings(settings_cls, config: Path | None, given: dict, *, resu
     return settings_cls.resolve(config, **given)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's preemption, torchrun stopping a job) ends a training run like
+    Ctrl-C: the last saved epoch is kept and the command exits 130."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_and_print(engine: Callable, settings, *args, json_output: bool, resume: bool, force: bool,
                   summary: Callable[[dict], str | None] = lambda m: None) -> None:
     """Run a training engine with progress on stderr; rank 0 prints the model's path (or JSON)."""
     output = Output(json_output)
     reporter = output.reporter()
     try:
-        result = engine(settings, *args, reporter, resume=resume, force=force)
+        with sigterm_as_interrupt():
+            result = engine(settings, *args, reporter, resume=resume, force=force)
     finally:
         reporter.finish()
     if not result.is_main:  # another rank of a torchrun job: rank 0 prints

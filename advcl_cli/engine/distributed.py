@@ -90,6 +90,10 @@ def on_main(fn, ctx: DistContext):
             result = fn()
         except AdvclError as e:
             error = e
+        except Exception as e:  # any failure on rank 0 must reach the other ranks too
+            if not ctx.enabled:
+                raise
+            error = AdvclError(f"{type(e).__name__}: {e}")
     if ctx.enabled:
         box = [None if error is None else (type(error).__name__, error.message, error.hint, error.exit_code)]
         dist.broadcast_object_list(box, src=0)
@@ -219,6 +223,11 @@ def reduce_mean(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return x / ctx.world_size
 
 
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
 def shutdown(ctx: DistContext) -> None:
     """Tear down the process group, if any."""
     if ctx.enabled and dist.is_initialized():
@@ -229,6 +238,7 @@ __all__ = [
     "DistContext",
     "GlobalBatchNorm",
     "all_gather_with_grad",
+    "barrier",
     "init_distributed",
     "local_slice",
     "on_main",

@@ -41,10 +41,10 @@ from ..attacks.pgd import pgd, trades_adversary, trades_objective
 from ..checkpoint import Checkpoint, save_model, unwrap
 from ..errors import DataError, UsageError
 from .device import autocast, resolve_device, resolve_precision
-from .distributed import init_distributed, local_slice, on_main, prepare_model, reduce_mean, shutdown, sync_gradients
+from .distributed import init_distributed, local_slice, prepare_model, reduce_mean, shutdown, sync_gradients
 from .evaluate import evaluate
 from .report import Reporter
-from .run import FiniteGuard, RunDir, RunResult, check_resume_config, epoch_generator, restore
+from .run import FiniteGuard, RunDir, RunResult, check_resume_config, epoch_generator, load_split, open_run, restore
 from .schedule import MultiStep, set_lr
 
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -122,9 +122,9 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     dataset = settings.dataset or parent.meta.dataset
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(CLASSIFIER_FILE,))
     config = settings.to_config()
-    state = on_main(lambda: run.prepare(resume=resume, force=force), ctx)
-    if not ctx.is_main and resume:
-        state = run.read_state()
+    state = open_run(run, ctx, batch_size=settings.batch_size, resume=resume, force=force)
+    if not ctx.is_main:
+        reporter = Reporter()  # only rank 0 reports
     if state is not None:
         check_resume_config(state["config"], config, RESUME_MAY_CHANGE)
         if state["extra"].get("parent") != parent.sha256:
@@ -134,11 +134,12 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
             )
         if state.get("finished") and "final" in state["extra"]:
             reporter.log(f"{run.path} already finished all {state['epoch']} epochs")
+            shutdown(ctx)
             return RunResult(run.artifact(CLASSIFIER_FILE), run.path, int(state["epoch"]),
                                   state["extra"].get("final", {}), ctx.is_main)
 
     load = dict(data_dir=settings.data_dir, download=settings.download, image_size=settings.image_size)
-    full = load_dataset(dataset, "train", limit=settings.limit, **load)
+    full = load_split(dataset, "train", ctx, limit=settings.limit, **load)
     train, val = split_validation(full, settings.val_fraction, settings.seed)
     train, val = train.to(device), (val.to(device) if val is not None else None)
 
@@ -147,14 +148,12 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     frozen = scheme in ("slf", "alf")
     if frozen:
         model.backbone.requires_grad_(False)
+    else:  # before the optimizer exists: with several processes it swaps the BN modules
+        model = prepare_model(model, ctx)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     start = restore(state, model, optimizer) if state is not None else 0
     extra = dict(state["extra"]) if state is not None else {"parent": parent.sha256}
-    train_model = model if frozen else prepare_model(model, ctx)
-    if settings.batch_size % ctx.world_size:
-        raise UsageError(f"--batch-size {settings.batch_size} does not divide among {ctx.world_size} processes",
-                         "the batch size is the global batch: use a multiple of the process count")
     # every rank walks the same global batches and keeps its slice; with several processes the
     # last partial batch is dropped so that every rank gets an equal share
     batches = Batches(train, settings.batch_size, seed=settings.seed, drop_last=ctx.enabled)
@@ -200,20 +199,20 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
                 model.eval()
                 with autocast(precision, device):
                     x_adv = trades_adversary(model, x, eps, n_steps, step_size, gen=gen)
-                train_model.train()
+                model.train()
                 with autocast(precision, device):
-                    logits = train_model(x)
-                    loss = trades_objective(logits, train_model(x_adv), labels, settings.trades_beta)
+                    logits = model(x)
+                    loss = trades_objective(logits, model(x_adv), labels, settings.trades_beta)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            sync_gradients(train_model, ctx)
+            sync_gradients(model, ctx)
             optimizer.step()
             guard.update(loss, step)
             loss_sum += loss.detach().float() * labels.shape[0]
             correct += (logits.argmax(1) == labels).sum()
             seen += labels.shape[0]
             if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
-                guard.check(epoch + 1, "the last good state is in " + str(run.state_path))
+                guard.check(epoch + 1, "the last good state is in " + str(run.state_path), ctx)
                 info["loss"] = float(loss_sum) / seen
                 info["img_s"] = seen / (time.perf_counter() - t0)
             if ctx.is_main:

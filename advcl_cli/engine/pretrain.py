@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import save_model
-from ..errors import UsageError
 from .device import autocast, resolve_device, resolve_precision
-from .distributed import init_distributed, on_main, prepare_model, reduce_mean, shutdown, sync_gradients
+from .distributed import init_distributed, prepare_model, reduce_mean, shutdown, sync_gradients
 from .report import Reporter
-from .run import FiniteGuard, RunDir, RunResult, check_resume_config, epoch_generator, restore
+from .run import FiniteGuard, RunDir, RunResult, check_resume_config, epoch_generator, load_split, open_run, restore
 from .schedule import WarmupCosine, set_lr
 
 ENCODER_FILE = "encoder.safetensors"
@@ -54,7 +53,6 @@ def schedule_for(settings) -> WarmupCosine:
 
 def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False, force: bool = False) -> RunResult:
     from ..data.batches import Batches
-    from ..data.registry import load_dataset
     from ..methods import get_method
     from ..models import create_model
 
@@ -64,23 +62,18 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
     ctx = init_distributed(device)
     run = RunDir(settings.out or default_run_dir(settings), artifacts=(ENCODER_FILE,))
     method_cls = get_method(settings.method)
-    if settings.batch_size % ctx.world_size:
-        raise UsageError(f"--batch-size {settings.batch_size} does not divide among {ctx.world_size} processes",
-                         "the batch size is the global batch: use a multiple of the process count")
-    # rank 0 checks (and with --force clears) the folder; the other ranks then read the state
-    state = on_main(lambda: run.prepare(resume=resume, force=force), ctx)
-    if not ctx.is_main and resume:
-        state = run.read_state()
+    state = open_run(run, ctx, batch_size=settings.batch_size, resume=resume, force=force)
     if state is not None:
         check_resume_config(state["config"], settings.to_config(), RESUME_MAY_CHANGE)
         if state.get("finished"):
             if ctx.is_main:
                 reporter.log(f"{run.path} already finished all {state['epoch']} epochs")
             metrics = (run.read_metrics() or [{}])[-1]
+            shutdown(ctx)
             return RunResult(run.artifact(ENCODER_FILE), run.path, int(state["epoch"]), metrics, ctx.is_main)
 
-    data = load_dataset(
-        settings.dataset, "train", data_dir=settings.data_dir, download=settings.download,
+    data = load_split(
+        settings.dataset, "train", ctx, data_dir=settings.data_dir, download=settings.download,
         limit=settings.limit, image_size=settings.image_size,
     ).to(device)
     method = method_cls(settings, n_images=len(data), device=device)
@@ -136,7 +129,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
             for name, value in {"loss": loss.detach(), **terms}.items():
                 sums[name] = sums.get(name, 0) + value.float()
             if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
-                guard.check(epoch + 1, last_saved)
+                guard.check(epoch + 1, last_saved, ctx)
                 info["loss"] = float(sums["loss"]) / (step + 1)
                 info["img_s"] = (step + 1) * settings.batch_size / (time.perf_counter() - t0)
             if ctx.is_main:

@@ -197,6 +197,32 @@ def check_resume_config(stored: dict, current: dict, ignore: set[str]) -> None:
         )
 
 
+def open_run(run: "RunDir", ctx, *, batch_size: int, resume: bool, force: bool) -> dict | None:
+    """The start every training engine shares: the global batch must divide among the ranks;
+    rank 0 checks (and with --force clears) the folder while the others wait, then the others
+    read the resume state. Returns that state (None for a fresh run)."""
+    from .distributed import on_main
+
+    if batch_size % ctx.world_size:
+        raise UsageError(f"--batch-size {batch_size} does not divide among {ctx.world_size} processes",
+                         "the batch size is the global batch: use a multiple of the process count")
+    state = on_main(lambda: run.prepare(resume=resume, force=force), ctx)
+    if not ctx.is_main and resume:
+        state = run.read_state()
+    return state
+
+
+def load_split(name: str, split: str, ctx, *, download: bool, **kwargs):
+    """Load a dataset split on every rank, downloading it once per node: local rank 0 first
+    (with ``download``), then the others from its files."""
+    from ..data.registry import load_dataset
+    from .distributed import barrier
+
+    data = load_dataset(name, split, download=download, **kwargs) if ctx.local_rank == 0 else None
+    barrier(ctx)
+    return data if data is not None else load_dataset(name, split, download=False, **kwargs)
+
+
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
     """The random stream of one epoch: a function of (seed, epoch) only, so a resumed run draws
     what an uninterrupted one does, and every rank of a distributed run draws the same numbers
@@ -216,11 +242,18 @@ class FiniteGuard:
             self.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
         self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
 
-    def check(self, epoch: int, last_good: str) -> None:
-        """Raise TrainingError if a bad loss was seen; ``epoch`` and the step are 1-based."""
+    def check(self, epoch: int, last_good: str, ctx=None) -> None:
+        """Raise TrainingError if a bad loss was seen on any rank; ``epoch`` and the step are
+        1-based. With several processes the ranks agree first, so all of them stop together."""
         if self.first_bad is None:
             return
-        step = int(self.first_bad.item())
+        bad = self.first_bad
+        if ctx is not None and ctx.enabled:
+            import torch.distributed as dist
+
+            bad = bad.clone()
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        step = int(bad.item())
         if step >= 0:
             raise TrainingError(
                 f"the loss became NaN or inf at epoch {epoch}, step {step + 1}; {last_good}",
