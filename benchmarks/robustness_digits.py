@@ -51,6 +51,7 @@ def main(argv=None):
     p.add_argument("--slf-lr", type=float, default=0.1)
     p.add_argument("--eps", default="2/255,4/255,8/255,16/255")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda, for every step")
     p.add_argument("--threads", type=int, default=0, help="OMP threads for every step (default: torch's choice)")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
@@ -59,7 +60,7 @@ def main(argv=None):
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     out = args.out
-    common = ["-d", "digits", "--seed", args.seed]
+    common = ["-d", "digits", "--seed", args.seed, "--device", args.device]
     pre = [*common, "--arch", args.arch, "--epochs", args.epochs, "--batch-size", args.batch_size, "--lr", args.lr, "--force"]
     t0 = time.perf_counter()
     times = {}
@@ -84,7 +85,7 @@ def main(argv=None):
         )
         times[f"{method} slf"] = time.perf_counter() - t
         t = time.perf_counter()
-        doc = json.loads(advcl("eval", clf, "--attack", "pgd20", "--eps", args.eps, "--seed", args.seed, "--json", env=env))
+        doc = json.loads(advcl("eval", clf, "--attack", "pgd20", "--eps", args.eps, "--seed", args.seed, "--device", args.device, "--json", env=env))
         times[f"{method} eval"] = time.perf_counter() - t
         results[method] = doc
     total = time.perf_counter() - t0
@@ -97,7 +98,7 @@ def main(argv=None):
 
     eps_labels = [r["eps_label"] for r in results["advcl"]["robust"]]
     lines = [
-        f"{date.today().isoformat()}, {device_name(torch.device('cpu'))}; {args.arch}, pretraining {args.epochs} epochs, batch {args.batch_size}, lr {args.lr} "
+        f"{date.today().isoformat()}, {device_name(torch.device(args.device))}{f' (OMP_NUM_THREADS={args.threads})' if args.threads else ''}; {args.arch}, pretraining {args.epochs} epochs, batch {args.batch_size}, lr {args.lr} "
         f"(both methods); SLF {args.slf_epochs} epochs, batch {args.slf_batch_size}, lr {args.slf_lr}; "
         f"digits test split, n={results['advcl']['n']}; total {total / 60:.1f} min",
         "",

@@ -1,5 +1,7 @@
+import atexit
 import io
 import os
+import shutil
 import sys
 import tempfile
 
@@ -8,7 +10,9 @@ import torch
 
 # Two cores and several test processes: keep each test single-threaded and deterministic.
 torch.set_num_threads(1)
-os.environ.setdefault("ADVCL_DATA_DIR", tempfile.mkdtemp(prefix="advcl-test-data-"))
+if "ADVCL_DATA_DIR" not in os.environ:
+    os.environ["ADVCL_DATA_DIR"] = tempfile.mkdtemp(prefix="advcl-test-data-")
+    atexit.register(shutil.rmtree, os.environ["ADVCL_DATA_DIR"], True)
 
 
 @pytest.fixture(autouse=True)
