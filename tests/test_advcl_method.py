@@ -225,3 +225,30 @@ def test_simclr_step_is_nt_xent_of_two_views_in_one_batch(batch):
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
     loss.backward()
     assert model.backbone.conv1.weight.grad.abs().sum() > 0
+
+
+def test_steps_leave_no_tensors_behind(labels_file, batch):
+    """No graph or tensor of a step (PGD iterations included) outlives it: the number of live
+    tensors is the same after every training step."""
+    import gc
+    import warnings
+
+    method, model = make(labels_file)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def live() -> int:
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance() touches deprecated module attributes
+            warnings.simplefilter("ignore")
+            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    counts = []
+    for step in range(3):
+        loss, terms = method.step(model, batch, torch.arange(B), gen(step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        del loss, terms
+        counts.append(live())
+    assert counts[1] == counts[2], counts  # the first step creates the momentum buffers
