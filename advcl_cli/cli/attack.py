@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import ConfigOpt, DataDirOpt, DatasetOpt, DeviceOpt, EpsOpt, ImageSizeOpt, JsonOpt, ModelArg, SeedOpt, model_path
+from .options import ConfigOpt, DataDirOpt, DatasetOpt, DeviceOpt, EpsOpt, ImageSizeOpt, JsonOpt, ModelArg, SeedOpt, model_path, refuse_overwrite
 from .output import Output
 
 AttackNameOpt = Annotated[
@@ -140,6 +140,5 @@ def _check_outputs(model: Path, outputs: dict, force: bool) -> None:
             continue
         if target.exists() and target.samefile(model):
             raise UsageError(f"{flag} {target} is the model being attacked", f"choose another {flag} path")
-        if target.is_file() and not force:
-            raise UsageError(f"{flag} {target} already exists", f"pass --force to overwrite it, or choose another {flag} path")
+        refuse_overwrite(target, force, flag)
         check_writable(target)

@@ -67,3 +67,9 @@ def model_path(value: str | None) -> Path:
     from .output import Output
 
     return resolve(value, reporter=Output().reporter())
+
+
+def refuse_overwrite(path: Path, force: bool, flag: str = "--out") -> None:
+    """An output file that exists is replaced only with --force."""
+    if path.exists() and not force:
+        raise UsageError(f"{flag} {path} already exists", f"pass --force to overwrite it, or choose another {flag} path")

@@ -9,8 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import UsageError
-from .options import ConfigOpt, DataDirOpt, DatasetOpt, DeviceOpt, EpsOpt, ImageSizeOpt, JsonOpt, LimitOpt, SeedOpt
+from .options import ConfigOpt, DataDirOpt, DatasetOpt, DeviceOpt, EpsOpt, ImageSizeOpt, JsonOpt, LimitOpt, SeedOpt, refuse_overwrite
 from .output import Output
 
 
@@ -108,7 +107,6 @@ def import_checkpoint(
     from ..importer import import_original
 
     target = out or Path(file.name).with_suffix(".safetensors")
-    if target.exists() and not force:
-        raise UsageError(f"{target} already exists", "pass --force to overwrite it, or choose another --out")
+    refuse_overwrite(target, force)
     path = import_original(file, target, dataset=dataset or "cifar10")
     Output().result(path)

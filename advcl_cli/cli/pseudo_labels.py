@@ -8,18 +8,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import UsageError
-from .options import ConfigOpt, DataDirOpt, DatasetOpt, DeviceOpt, ImageSizeOpt, JsonOpt, LimitOpt, SeedOpt
+from .options import ConfigOpt, DataDirOpt, DatasetOpt, DeviceOpt, ImageSizeOpt, JsonOpt, LimitOpt, SeedOpt, refuse_overwrite
 from .output import Output
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
 
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")]
-
-
-def _check_target(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise UsageError(f"{path} already exists", "pass --force to overwrite it, or choose another --out")
 
 
 @app.callback(invoke_without_command=True)
@@ -69,7 +63,7 @@ def pseudo_labels(
         limit=limit, image_size=image_size, data_dir=data_dir,
     )
     out = out or default_labels_path(settings.dataset)
-    _check_target(out, force)
+    refuse_overwrite(out, force)
     path = model_path(encoder)
     output = Output(json_output)
     reporter = output.reporter()
@@ -102,7 +96,7 @@ def import_pickle(
     from ..pseudolabels import import_authors_pickle
 
     target = out or Path(file.name).with_suffix(".safetensors")
-    _check_target(target, force)
+    refuse_overwrite(target, force)
     result = import_authors_pickle(file, target, dataset=dataset or "cifar10")
     _print(Output(json_output), result, json_output)
 
