@@ -206,15 +206,15 @@ def import_authors_pickle(path: str | Path, out: str | Path, dataset: str = "cif
 
 def make_pseudo_labels(settings, encoder: str | Path, out: str | Path | None, reporter=None) -> Path:
     """``advcl pseudo-labels``: features of ``settings.dataset`` (train split) by the encoder
-    checkpoint, k-means for every k in ``settings.ks``; returns the labels file's path."""
+    checkpoint, k-means for every k in ``settings.k``; returns the labels file's path."""
     from .checkpoint import load_checkpoint
     from .data.registry import load_dataset
     from .engine.device import resolve_device
     from .engine.report import Reporter
 
     reporter = reporter or Reporter()
-    if not settings.ks or any(k < 1 for k in settings.ks):
-        raise UsageError(f"bad --k {settings.ks}", "give positive cluster counts, e.g. --k 2,10,50,100,500")
+    if not settings.k or any(k < 1 for k in settings.k):
+        raise UsageError(f"bad --k {settings.k}", "give positive cluster counts, e.g. --k 2,10,50,100,500")
     device = resolve_device(settings.device)
     ckpt = load_checkpoint(encoder)
     model = ckpt.build(device)
@@ -225,13 +225,13 @@ def make_pseudo_labels(settings, encoder: str | Path, out: str | Path | None, re
         settings.dataset, "train", data_dir=settings.data_dir, download=settings.download,
         limit=settings.limit, image_size=settings.image_size,
     ).to(device)
-    if max(settings.ks) > len(data):
-        raise DataError(f"cannot make {max(settings.ks)} clusters from {len(data)} images", f"use k values of at most {len(data)} (--k)")
+    if max(settings.k) > len(data):
+        raise DataError(f"cannot make {max(settings.k)} clusters from {len(data)} images", f"use k values of at most {len(data)} (--k)")
     reporter.log(f"features of {len(data)} {data.name} images from {Path(encoder).name} (BN set '{bn}')")
     feats = extract_features(model, data.images, batch_size=settings.batch_size, bn=bn)
     labels = {}
-    reporter.start("k-means", total=len(settings.ks), unit="k")
-    for k in sorted(set(settings.ks)):
+    reporter.start("k-means", total=len(settings.k), unit="k")
+    for k in sorted(set(settings.k)):
         labels[k] = kmeans_labels(feats, k, seed=settings.seed)
         reporter.advance(1, k=k)
     reporter.finish()

@@ -1,40 +1,40 @@
-"""Configuration: one pydantic-settings model per verb, resolved in layers.
+"""The settings models: one pydantic model per verb, and per pretraining method.
 
-defaults < the TOML file (``--config FILE``, else ``$ADVCL_CONFIG``, else ``./advcl.toml``)
-< ``ADVCL_*`` environment variables < command-line flags.
+Every option is declared once, here (or in its method's file) with ``option(default, help)``:
+the CLI builds its flags from these models (``cli/options.py``), ``advcl_cli.config`` fills
+them from the layers (defaults < TOML file < ``ADVCL_*`` environment < flags), and the
+resolved model is stored in every checkpoint (``to_config``). A field's flag is its name with
+dashes (``batch_size`` -> ``--batch-size``), its environment variable ``ADVCL_`` plus its name
+in capitals (``ADVCL_BATCH_SIZE``) and its TOML key the name itself (``batch_size``): one
+spelling everywhere.
 
-In the TOML file, top-level keys apply to every verb and a table named after the verb
-(``[pretrain]``, ``[finetune]``, ``[eval]``, ``[attack]``, ``[hub]``) overrides them::
-
-    data_dir = "/scratch/data"
-    [pretrain]
-    epochs = 200
-    batch_size = 256
-
-Environment variables are ``ADVCL_`` plus the field name in capitals (``ADVCL_EPOCHS=5``).
-The resolved settings are stored in every checkpoint (``config`` in its metadata).
+Values parse the same way from every layer: a flag or an environment variable is a string,
+a TOML value may be a string or a native value, and the validators below accept both (eps as
+``8/255`` or ``0.031``; lists as ``2,10,50`` or a TOML list; choices in any letter case).
 """
 
 from __future__ import annotations
 
-import contextvars
-import os
-import sys
+import copy
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
-from .errors import UsageError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+def option(default: Any, help: str, *, short: str | None = None, metavar: str | None = None,
+           flag: bool = True, input: str | None = None, **constraints) -> Any:
+    """A settings field with its help text; ``short`` adds a one-letter flag (``-d``),
+    ``flag=False`` keeps it out of the command line (TOML and environment only), ``input``
+    marks a path the engine reads before it starts ("labels": a pseudo-label file,
+    "checkpoint": a model file)."""
+    extra = {"short": short, "metavar": metavar, "flag": flag, "input": input}
+    return Field(default, description=help, json_schema_extra={k: v for k, v in extra.items() if v is not None},
+                 **constraints)
 
-_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("advcl_config", default=None)
+
+# --- value types that parse the same from a flag, the environment and the TOML file ----------
 
 
 def parse_eps(value: Any) -> float:
@@ -45,6 +45,8 @@ def parse_eps(value: Any) -> float:
             value = float(Fraction(text)) if "/" in text else float(text)
         except (ValueError, ZeroDivisionError):
             raise ValueError(f"'{value}' is not a number or a fraction like 8/255") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{value!r} is not a number or a fraction like 8/255")
     value = float(value)
     if not 0 < value <= 1:
         raise ValueError(f"eps must be in (0, 1], got {value:g} (pixels are in [0, 1]; try 8/255)")
@@ -52,196 +54,199 @@ def parse_eps(value: Any) -> float:
 
 
 def format_eps(eps: float) -> str:
-    """The inverse of ``parse_eps`` for people: 8/255 for multiples of 1/255, else the number."""
+    """The inverse of ``parse_eps`` for people: 8/255 for multiples of 1/255, else the number
+    (with enough digits that it does not read as 0)."""
     k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:g}"
+    return f"{round(k)}/255" if round(k) >= 1 and abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
+
+
+def _items(value: Any) -> list:
+    """A list from a comma-separated string, a list (whose strings may hold commas too) or one
+    value; empty items are dropped."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    out = []
+    for v in value:
+        out += [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else [v]
+    return out
+
+
+def _unique(values: list) -> list:
+    return list(dict.fromkeys(values))
 
 
 def parse_eps_list(value: Any) -> list[float]:
-    """``2/255,4/255,8/255`` (or a list, or one value) -> at least one eps."""
-    if isinstance(value, str):
-        value = [v for v in value.split(",") if v.strip()]
-    if not isinstance(value, (list, tuple)):
-        value = [value]
-    if not value:
+    """``2/255,4/255,8/255`` (or a list, or one value) -> at least one eps, each once."""
+    values = _items(value)
+    if not values:
         raise ValueError("give at least one eps, e.g. 8/255 or 2/255,4/255,8/255")
-    return [parse_eps(v) for v in value]
+    return _unique([parse_eps(v) for v in values])
+
+
+def _whole(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a whole number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"'{value}' is not a whole number") from None
 
 
 def parse_int_list(value: Any) -> list[int]:
-    if isinstance(value, str):
-        value = [v for v in value.split(",") if v.strip()]
-    return [int(v) for v in value]
+    """``2,10,50`` (or a list, or one value) -> whole numbers, each once."""
+    return _unique([_whole(v) for v in _items(value)])
+
+
+def parse_name_list(value: Any) -> list[str]:
+    """``pgd20,fgsm`` (or a list, repeated flags) -> names, each once, in lower case."""
+    return _unique([str(v).strip().lower() for v in _items(value)])
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
 
 
 Eps = Annotated[float, BeforeValidator(parse_eps)]
 EpsList = Annotated[list[float], BeforeValidator(parse_eps_list)]
 IntList = Annotated[list[int], BeforeValidator(parse_int_list)]
-Device = Literal["auto", "cpu", "cuda"]
-Precision = Literal["auto", "bf16", "fp32"]
+NameList = Annotated[list[str], BeforeValidator(parse_name_list)]
+Name = Annotated[str, BeforeValidator(_lower)]  # case-insensitive names (methods, schemes)
+Device = Annotated[Literal["auto", "cpu", "cuda"], BeforeValidator(_lower)]
+Precision = Annotated[Literal["auto", "bf16", "fp32"], BeforeValidator(_lower)]
 
 
-class _TomlSource(PydanticBaseSettingsSource):
-    """Top-level keys of the TOML file, overridden by the verb's own table."""
-
-    def get_field_value(self, field, field_name):  # pragma: no cover - unused, required
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        path = config_path()
-        if path is None:
-            return {}
-        try:
-            doc = tomllib.loads(path.read_text())
-        except OSError as e:
-            raise UsageError(f"cannot read config file {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise UsageError(f"config file {path} is not valid TOML: {e}") from None
-        section = self.settings_cls.section
-        merged = {k: v for k, v in doc.items() if not isinstance(v, dict)}
-        merged.update(doc.get(section, {}) if section else {})
-        fields = self.settings_cls.model_fields
-        return {k: v for k, v in merged.items() if k in fields}
+# --- the models ------------------------------------------------------------------------------
 
 
-def config_path() -> Path | None:
-    explicit = _config_file.get() or os.environ.get("ADVCL_CONFIG")
-    if explicit:
-        path = Path(explicit)
-        if not path.is_file():
-            raise UsageError(f"config file not found: {path}")
-        return path
-    default = Path("advcl.toml")
-    return default if default.is_file() else None
+class Settings(BaseModel):
+    """Fields every verb shares. ``section`` is the verb's table in the TOML file."""
 
-
-class AdvclSettings(BaseSettings):
-    """Fields every verb shares."""
-
-    model_config = SettingsConfigDict(env_prefix="ADVCL_", extra="ignore", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
     section: ClassVar[str] = ""
 
-    data_dir: Path | None = None
-    device: Device = "auto"
-    seed: int = 0
-
-    @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-        return (init_settings, env_settings, _TomlSource(settings_cls))
-
-    @classmethod
-    def resolve(cls, config_file: Path | None = None, **flags: Any):
-        """Build the settings from all layers; flags that are None were not given."""
-        token = _config_file.set(config_file)
-        try:
-            return cls(**{k: v for k, v in flags.items() if v is not None})
-        except ValidationError as e:
-            err = e.errors()[0]
-            name = str(err["loc"][0]) if err["loc"] else "?"
-            msg = err["msg"].removeprefix("Value error, ")
-            raise UsageError(f"bad value for {name.replace('_', '-')}: {msg}") from None
-        finally:
-            _config_file.reset(token)
+    data_dir: Path | None = option(None, "Where datasets live (default: $ADVCL_DATA_DIR or ~/.cache/advcl/data).")
+    device: Device = option("auto", "auto (a GPU when there is one), cpu or cuda.")
+    seed: int = option(0, "Random seed.")
 
     def to_config(self) -> dict[str, Any]:
         """JSON-ready resolved configuration, for checkpoint metadata."""
         return self.model_dump(mode="json")
 
+    @classmethod
+    def resolve(cls, config_file: Path | None = None, **flags: Any):
+        """These settings from every layer; flags that are None were not given (see
+        ``advcl_cli.config.resolve`` for the other arguments)."""
+        from .config import resolve  # config builds on these models and the method registry
 
-class PretrainSettings(AdvclSettings):
+        return resolve(cls, flags, config_file=config_file)
+
+
+class DataSettings(Settings):
+    """The dataset options of the verbs that load images."""
+
+    limit: int | None = option(None, "Use only the first N images (smoke runs).", ge=1)
+    image_size: int | None = option(None, "Resize images to this square size.", ge=8)
+    download: bool = option(True, "Download a missing dataset.", flag=False)
+
+
+class PretrainSettings(DataSettings):
+    """What every pretraining run has; the method's own settings (``methods.base.TrainSettings``
+    and its options) are added to these in one model per method (``methods.settings_model``)."""
+
     section: ClassVar[str] = "pretrain"
 
-    dataset: str = "cifar10"
-    method: str = "advcl"
-    arch: str = "resnet18"
-    out: Path | None = None  # run folder; default runs/<method>-<dataset>-<arch>
-    epochs: int = Field(1000, ge=1)
-    batch_size: int = Field(512, ge=2)
-    lr: float = Field(0.5, gt=0)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: int | None = Field(None, ge=0)  # None: 10 when batch_size > 256 (the paper's rule), else 0
-    warmup_from: float = 0.01
-    min_lr_ratio: float = 1e-3  # cosine decays to lr * this
-    eps: Eps = 8 / 255
-    pgd_steps: int = Field(5, ge=0)
-    pgd_step_size: Eps = 2 / 255
-    temperature: float = Field(0.5, gt=0)
-    base_temperature: float = Field(0.07, gt=0)
-    ce_weight: float = 0.2
-    hfc_radius: float = Field(8.0, ge=0)
-    pseudo_labels: Path | None = None
-    save_every: int = Field(50, ge=1)
-    limit: int | None = Field(None, ge=1)
-    image_size: int | None = Field(None, ge=8)
-    precision: Precision = "auto"
-    compile: bool = False
-    download: bool = True
+    dataset: str = option("cifar10", "cifar10, cifar100, stl10, digits (offline) or imagefolder:PATH.", short="-d")
+    method: Name = option("advcl", "The pretraining method (see the method panels below).", short="-m")
+    arch: str = option("resnet18", "resnet18 or resnet18-tiny.")
+    out: Path | None = option(None, "Run folder (default runs/METHOD-DATASET-ARCH).", short="-o")
+    save_every: int = option(50, "Save the encoder every N epochs (the resume state is saved every epoch).", ge=1)
+    precision: Precision = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
+    compile: bool = option(False, "torch.compile the network (GPU).")
 
 
-class PseudoLabelSettings(AdvclSettings):
-    section: ClassVar[str] = "pseudo_labels"
+class PseudoLabelSettings(DataSettings):
+    section: ClassVar[str] = "pseudo-labels"
 
-    dataset: str = "cifar10"
-    ks: IntList = [2, 10, 50, 100, 500]
-    batch_size: int = Field(512, ge=1)
-    bn_set: str | None = None
-    limit: int | None = Field(None, ge=1)
-    image_size: int | None = Field(None, ge=8)
-    download: bool = True
+    dataset: str = option("cifar10", "cifar10, cifar100, stl10, digits (offline) or imagefolder:PATH.", short="-d")
+    k: IntList = option([2, 10, 50, 100, 500], "Cluster counts, comma-separated.", metavar="K,K,...")
+    batch_size: int = option(512, "Batch size of the feature pass.", short="-b", ge=1)
+    bn_set: str | None = option(None, "The encoder's BN set to use (default its first, 'normal').")
 
 
-class FinetuneSettings(AdvclSettings):
+class FinetuneSettings(DataSettings):
     section: ClassVar[str] = "finetune"
 
-    dataset: str | None = None  # default: the encoder's dataset
-    scheme: Literal["slf", "alf", "aff"] = "slf"
-    out: Path | None = None
-    epochs: int = Field(25, ge=1)
-    batch_size: int | None = Field(None, ge=1)  # 512 for slf/alf, 128 for aff
-    lr: float | None = Field(None, gt=0)  # 0.01 for slf/alf, 0.1 for aff
-    milestones: IntList | None = None  # lr x0.1 at these epochs: 10,20 (slf/alf), 15,20 (aff)
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
-    eps: Eps = 8 / 255
-    attack_steps: int = Field(10, ge=1)
-    attack_step_size: Eps = 2 / 255
-    trades_beta: float = 6.0
-    val_fraction: float = Field(0.0, ge=0, lt=1)
-    bn_set: str = "pgd"  # the encoder's BN set to start from (if it has several)
-    eval_limit: int | None = Field(None, ge=1)  # test images for the final SA / PGD-20 RA
-    limit: int | None = Field(None, ge=1)
-    image_size: int | None = Field(None, ge=8)
-    precision: Precision = "auto"
-    download: bool = True
+    dataset: str | None = option(None, "Dataset to finetune on (default: the encoder's).", short="-d")
+    scheme: Annotated[Literal["slf", "alf", "aff"], BeforeValidator(_lower)] = option(
+        "slf", "slf (frozen encoder, clean images), alf (frozen encoder, PGD-10 images) or aff (whole network, TRADES).",
+        short="-s")
+    out: Path | None = option(None, "Run folder (default runs/METHOD-SCHEME-DATASET-SHA8).", short="-o")
+    epochs: int = option(25, "Epochs.", ge=1)
+    batch_size: int | None = option(None, "Batch size (default 512 for slf/alf, 128 for aff).", short="-b", ge=1)
+    lr: float | None = option(None, "Learning rate (default 0.01 for slf/alf, 0.1 for aff).", gt=0)
+    milestones: IntList | None = option(None, "Epochs where lr is multiplied by 0.1 (default 10,20 for slf/alf, 15,20 for aff).",
+                                        metavar="E,E,...")
+    momentum: float = option(0.9, "SGD momentum.", ge=0)
+    weight_decay: float = option(2e-4, "Weight decay.", ge=0)
+    eps: Eps = option(8 / 255, "L-inf budget, as 8/255 or 0.031.", metavar="EPS")
+    attack_steps: int = option(10, "PGD steps of the training attack (alf, aff).", ge=1)
+    attack_step_size: Eps = option(2 / 255, "Step size of the training attack.", metavar="EPS")
+    trades_beta: float = option(6.0, "TRADES beta (aff).", ge=0)
+    val_fraction: float = option(0.0, "Hold out this part of the training split and keep the epoch with the best "
+                                      "PGD-20 accuracy on it (default 0: keep the last epoch).", ge=0, lt=1)
+    bn_set: str = option("pgd", "The encoder's batch-norm set to start from (an encoder without it uses its only set).")
+    eval_limit: int | None = option(None, "Test images for the final clean / PGD-20 accuracy (default all).", ge=1)
+    precision: Precision = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
 
 
-class EvalSettings(AdvclSettings):
+class EvalSettings(DataSettings):
     section: ClassVar[str] = "eval"
 
-    dataset: str | None = None  # default: the model's dataset
-    attacks: list[str] = []
-    eps: EpsList = [8 / 255]
-    limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(256, ge=1)
-    image_size: int | None = Field(None, ge=8)
-    precision: Precision = "fp32"
-    download: bool = True
+    dataset: str | None = option(None, "Dataset to evaluate on (default: the model's).", short="-d")
+    attack: NameList = option([], "fgsm, pgd20 (any pgdN), cw20 (any cwN) or autoattack; repeat or comma-separate for several.",
+                              short="-a", metavar="ATTACK")
+    eps: EpsList = option([8 / 255], "L-inf budget(s): 8/255, 0.031, or a list 2/255,4/255,8/255.", metavar="EPS,...")
+    batch_size: int = option(256, "Images per batch.", short="-b", ge=1)
+    precision: Precision = option("fp32", "fp32, bf16 or auto.")
 
 
-class AttackSettings(AdvclSettings):
+class AttackSettings(Settings):
     section: ClassVar[str] = "attack"
 
-    dataset: str | None = None
-    attack: str = "pgd20"
-    eps: Eps = 8 / 255
-    n: int = Field(64, ge=1)
-    image_size: int | None = Field(None, ge=8)
-    download: bool = True
+    dataset: str | None = option(None, "Dataset whose test images are attacked (default: the model's).", short="-d")
+    attack: Name = option("pgd20", "fgsm, pgd20 (any pgdN), cw20 (any cwN) or autoattack.", short="-a")
+    eps: Eps = option(8 / 255, "L-inf budget, as 8/255 or 0.031.", metavar="EPS")
+    n: int = option(64, "Attack the first N test images.", short="-n", ge=1)
+    image_size: int | None = option(None, "Resize images to this square size.", ge=8)
+    download: bool = option(True, "Download a missing dataset.", flag=False)
 
 
-class HubSettings(AdvclSettings):
+class HubSettings(Settings):
     section: ClassVar[str] = "hub"
 
-    hf_endpoint: str | None = None  # ADVCL_HF_ENDPOINT; else HF_ENDPOINT; else the Hub
-    zoo_manifest: Path | None = None  # ADVCL_ZOO_MANIFEST; else the manifest shipped with advcl
+    hf_endpoint: str | None = option(None, "Hub URL, e.g. a mirror (default: $HF_ENDPOINT or https://huggingface.co).", flag=False)
+    zoo_manifest: Path | None = option(None, "Zoo manifest file (default: the one shipped with advcl).", flag=False)
+
+
+VERBS: dict[str, type[Settings]] = {
+    cls.section: cls for cls in (PretrainSettings, PseudoLabelSettings, FinetuneSettings, EvalSettings, AttackSettings, HubSettings)
+}
+
+
+def with_defaults(base: type[BaseModel], name: str, **defaults: Any) -> type[BaseModel]:
+    """A subclass of ``base`` whose fields keep their help and constraints but start at other
+    defaults (a method's own learning rate, say)."""
+    fields = {}
+    for key, value in defaults.items():
+        if key not in base.model_fields:
+            raise TypeError(f"{base.__name__} has no field {key!r}")
+        info = copy.copy(base.model_fields[key])
+        info.default = value
+        fields[key] = (base.model_fields[key].annotation, info)
+    return create_model(name, __base__=base, **fields)

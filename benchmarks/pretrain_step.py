@@ -56,9 +56,10 @@ def measure(variant: str, args) -> dict:
     import numpy as np
     import torch
 
+    from advcl_cli.config import resolve
     from advcl_cli.data.augment import high_frequency
     from advcl_cli.engine.device import autocast, resolve_device, resolve_precision
-    from advcl_cli.methods import AdvCL
+    from advcl_cli.engine.pretrain import make_method
     from advcl_cli.models import create_model
     from advcl_cli.pseudolabels import DEFAULT_KS, save_labels
     from advcl_cli.settings import PretrainSettings
@@ -76,8 +77,8 @@ def measure(variant: str, args) -> dict:
     labels = {k: torch.randint(0, k, (b,), generator=g) for k in DEFAULT_KS}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_labels(os.path.join(tmp, "pl.safetensors"), labels, dataset="bench", split="train", encoder="random")
-        settings = PretrainSettings(arch=args.arch, batch_size=b, pseudo_labels=path)
-        method = AdvCL(settings, n_images=b, device=device)
+        settings = resolve(PretrainSettings, dict(arch=args.arch, batch_size=b, pseudo_labels=path))
+        method = make_method(settings, b, device)
     torch.manual_seed(0)
     model = create_model(args.arch, **method.model_config(args.arch)).to(device).train()
     if device.type == "cuda" and not reference:

@@ -6,8 +6,12 @@ import math
 import pytest
 import torch
 
+from advcl_cli.config import resolve
+from advcl_cli.engine.pretrain import make_method
 from advcl_cli.errors import UsageError
-from advcl_cli.methods import AdvCL, SimCLR, get_method
+from advcl_cli.methods import get_method
+from advcl_cli.methods.advcl import AdvCL
+from advcl_cli.methods.simclr import SimCLR
 from advcl_cli.methods.advcl import AttackConfig, attack
 from advcl_cli.methods.losses import pseudo_label_ce, supcon_loss
 from advcl_cli.models import create_model
@@ -33,8 +37,8 @@ def labels_file(tmp_path):
 
 
 def make(labels_file=None, **overrides):
-    settings = PretrainSettings(arch="resnet18-tiny", pseudo_labels=labels_file, **overrides)
-    method = AdvCL(settings, n_images=B)
+    settings = resolve(PretrainSettings, dict(arch="resnet18-tiny", pseudo_labels=labels_file, **overrides))
+    method = make_method(settings, B)
     torch.manual_seed(0)
     model = create_model("resnet18-tiny", **method.model_config("resnet18-tiny")).train()
     return method, model
@@ -64,7 +68,8 @@ def test_registry_and_model_configs(labels_file):
     assert with_labels.model_config("resnet18") == {"bn_sets": ("normal", "pgd", "pgd_ce"), "proj_dim": 128, "pseudo_ks": KS}
     without, _ = make()
     assert without.model_config("resnet18")["pseudo_ks"] == () and "pseudo-label term" in without.notes[0]
-    assert PretrainSettings().eps == pytest.approx(8 / 255) and PretrainSettings().pgd_steps == 5
+    defaults = resolve(PretrainSettings, {})
+    assert defaults.eps == pytest.approx(8 / 255) and defaults.pgd_steps == 5
 
 
 def test_contrastive_loss_equals_the_supcon_formula(batch, labels_file):
@@ -212,7 +217,7 @@ def test_clean_once_attack_equals_the_recomputing_attack(batch, labels_file):
 def test_simclr_step_is_nt_xent_of_two_views_in_one_batch(batch):
     from advcl_cli.data.augment import simclr_view, to_float
 
-    settings = PretrainSettings(arch="resnet18-tiny", method="simclr", base_temperature=0.5)
+    settings = resolve(PretrainSettings, dict(arch="resnet18-tiny", method="simclr", base_temperature=0.5))
     method = SimCLR(settings, n_images=B)
     torch.manual_seed(0)
     model = create_model("resnet18-tiny", **method.model_config("resnet18-tiny")).train()

@@ -108,7 +108,7 @@ def test_plot_without_matplotlib_says_how_to_install_it(run_cli, classifier, mon
         (["eval", "{classifier}", "--eps", "0"], "eps must be in (0, 1]"),
         (["eval", "{classifier}", "--eps", "2"], "eps must be in (0, 1]"),
         (["eval", "{classifier}", "--eps", "8/255,abc"], "not a number"),
-        (["eval", "{classifier}", "--eps", ","], "bad value for eps: give at least one eps"),
+        (["eval", "{classifier}", "--eps", ","], "bad value for --eps: give at least one eps"),
         (["eval", "{classifier}", "--dataset", "cifar100"], "has 100 classes"),
         (["attack", "{classifier}", "--attack", "pgd"], "unknown attack 'pgd'"),
         (["attack", "{encoder}"], "finetune it first"),

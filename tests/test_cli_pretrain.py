@@ -5,7 +5,8 @@ from pathlib import Path
 
 from advcl_cli.checkpoint import load_checkpoint
 
-TINY = ["--dataset", "digits", "--arch", "resnet18-tiny", "--limit", "64", "--batch-size", "32", "--pgd-steps", "1", "--device", "cpu"]
+SMALL = ["--dataset", "digits", "--arch", "resnet18-tiny", "--limit", "64", "--batch-size", "32", "--device", "cpu"]
+TINY = [*SMALL, "--pgd-steps", "1"]  # AdvCL's attack
 
 
 def test_pretrain_prints_only_the_encoder_path(run_cli, tmp_path):
@@ -18,19 +19,19 @@ def test_pretrain_prints_only_the_encoder_path(run_cli, tmp_path):
 
 
 def test_pretrain_json_and_finished_run_guard(run_cli, tmp_path):
-    code, out, err = run_cli("pretrain", *TINY, "--method", "simclr", "--epochs", "1", "--out", "r", "--json")
+    code, out, err = run_cli("pretrain", *SMALL, "--method", "simclr", "--epochs", "1", "--out", "r", "--json")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["epochs"] == 1 and doc["path"].endswith("encoder.safetensors") and doc["metrics"]["epoch"] == 1
     assert {"loss", "contrast", "lr", "images_per_s", "seconds"} <= doc["metrics"].keys()
-    code, out, err = run_cli("pretrain", *TINY, "--method", "simclr", "--epochs", "1", "--out", "r")
+    code, out, err = run_cli("pretrain", *SMALL, "--method", "simclr", "--epochs", "1", "--out", "r")
     assert code == 2 and out == "" and "finished run" in err and "--force" in err
-    code, out, err = run_cli("pretrain", *TINY, "--method", "simclr", "--epochs", "1", "--out", "r", "--force")
+    code, out, err = run_cli("pretrain", *SMALL, "--method", "simclr", "--epochs", "1", "--out", "r", "--force")
     assert code == 0 and out.strip().endswith("encoder.safetensors")
 
 
 def test_resume_takes_the_settings_of_the_run(run_cli, tmp_path):
-    code, out, err = run_cli("pretrain", *TINY, "--method", "simclr", "--epochs", "1", "--out", "r", "--seed", "4")
+    code, out, err = run_cli("pretrain", *SMALL, "--method", "simclr", "--epochs", "1", "--out", "r", "--seed", "4")
     assert code == 0, err
     code, out2, err = run_cli("pretrain", "--out", "r", "--resume")  # nothing else given: the run's settings
     assert code == 0 and out2 == out and "already finished" in err
@@ -42,7 +43,7 @@ def test_usage_errors_exit_2_in_one_line(run_cli):
     cases = [
         (["pretrain", *TINY, "--method", "byol"], "unknown method 'byol'"),
         (["pretrain", *TINY, "--out", "nothing", "--resume"], "nothing to resume"),
-        (["pretrain", *TINY, "--eps", "9"], "bad value for eps"),
+        (["pretrain", *TINY, "--eps", "9"], "for --eps"),
         (["pretrain", *TINY, "--dataset", "cifar11"], "unknown dataset"),
         (["pretrain", *TINY, "--pseudo-labels", "missing.safetensors"], "no such pseudo-label file"),
         (["pretrain", *TINY, "--batch-size", "128"], "fewer than one batch"),

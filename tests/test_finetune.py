@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from advcl_cli.config import resolve
 from advcl_cli.attacks.pgd import trades_adversary, trades_loss
 from advcl_cli.checkpoint import load_checkpoint, read_metadata, save_model, sha256_file
 from advcl_cli.engine.finetune import finetune, split_validation, with_scheme_defaults
@@ -36,7 +37,7 @@ def encoder(tmp_path):
 
 
 def run(parent, out, **kw):
-    settings = FinetuneSettings.resolve(None, out=out, **{**SMALL, **kw})
+    settings = resolve(FinetuneSettings, dict(out=out, **{**SMALL, **kw}))
     return finetune(settings, parent, Reporter())
 
 
@@ -107,9 +108,9 @@ def test_checkpoint_metadata(encoder, tmp_path):
 
 
 def test_scheme_defaults():
-    aff = with_scheme_defaults(FinetuneSettings.resolve(None, scheme="aff"))
+    aff = with_scheme_defaults(resolve(FinetuneSettings, dict(scheme="aff")))
     assert (aff.batch_size, aff.lr, aff.milestones, aff.epochs) == (128, 0.1, [15, 20], 25)
-    slf = with_scheme_defaults(FinetuneSettings.resolve(None, scheme="slf", lr=0.05))
+    slf = with_scheme_defaults(resolve(FinetuneSettings, dict(scheme="slf", lr=0.05)))
     assert (slf.batch_size, slf.lr, slf.milestones, slf.weight_decay) == (512, 0.05, [10, 20], 2e-4)
 
 
@@ -141,7 +142,7 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(encoder, tmp_
             if self.steps == 3:  # 2 steps per epoch: the first step of epoch 2
                 raise KeyboardInterrupt
 
-    settings = FinetuneSettings.resolve(None, out=tmp_path / "cut", scheme="aff", **{**SMALL, "epochs": 2})
+    settings = resolve(FinetuneSettings, dict(out=tmp_path / "cut", scheme="aff", **{**SMALL, "epochs": 2}))
     with pytest.raises(KeyboardInterrupt):
         finetune(settings, encoder, StopInEpoch2())
     with pytest.raises(UsageError, match="unfinished run"):

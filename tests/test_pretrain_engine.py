@@ -6,54 +6,35 @@ import math
 import pytest
 import torch
 
+from advcl_cli.config import resolve
 from advcl_cli.checkpoint import load_checkpoint, load_state, sha256_file
-from advcl_cli.engine.pretrain import pretrain, schedule_for
+from advcl_cli.engine.pretrain import make_method, pretrain
 from advcl_cli.engine.report import RecordingReporter
 from advcl_cli.engine.run import FiniteGuard, RunDir, check_resume_config
-from advcl_cli.engine.schedule import MultiStep, WarmupCosine, set_lr
 from advcl_cli.errors import TrainingError, UsageError
-from advcl_cli.methods import AdvCL
+from advcl_cli.methods.advcl import AdvCL
 from advcl_cli.models import create_model
 from advcl_cli.settings import PretrainSettings
 
 
 def tiny(**overrides):
-    base = dict(dataset="digits", arch="resnet18-tiny", limit=64, batch_size=32, epochs=2, pgd_steps=1, out="run", device="cpu")
-    return PretrainSettings(**{**base, **overrides})
+    base = dict(dataset="digits", arch="resnet18-tiny", limit=64, batch_size=32, epochs=2, out="run", device="cpu")
+    if overrides.get("method", "advcl") == "advcl":
+        base["pgd_steps"] = 1
+    return resolve(PretrainSettings, {**base, **overrides})
 
 
 # --- schedule -------------------------------------------------------------------------------
 
 
-def test_warmup_cosine_matches_the_reference_formulas():
-    s = WarmupCosine(base_lr=0.5, epochs=1000, warmup_epochs=10, warmup_from=0.01, min_ratio=1e-3)
-    low = 0.5e-3
-    cos = lambda t: low + (0.5 - low) * (1 + math.cos(math.pi * t / 1000)) / 2  # noqa: E731
-    assert s.lr(0, 0, 100) == pytest.approx(0.01)
-    assert s.lr(0, 50, 100) == pytest.approx(0.01 + 50 / 1000 * (cos(10) - 0.01))
-    assert s.lr(9, 99, 100) == pytest.approx(0.01 + 999 / 1000 * (cos(10) - 0.01))
-    assert s.lr(10, 0, 100) == pytest.approx(cos(11)) and s.lr(10, 99, 100) == s.lr(10, 0, 100)
-    assert s.lr(999) == pytest.approx(low)
-    no_warmup = WarmupCosine(base_lr=0.5, epochs=2)
-    assert no_warmup.lr(0) == pytest.approx(low + (0.5 - low) / 2) and no_warmup.lr(1) == pytest.approx(low)
-
-
 def test_warmup_follows_the_batch_size_rule_unless_given():
-    assert schedule_for(PretrainSettings(batch_size=512)).warmup_epochs == 10
-    assert schedule_for(PretrainSettings(batch_size=256)).warmup_epochs == 0
-    assert schedule_for(PretrainSettings(batch_size=64, warmup_epochs=3)).warmup_epochs == 3
-    assert schedule_for(PretrainSettings(batch_size=512, epochs=4)).warmup_epochs == 4
+    def warmup(**kw):
+        return make_method(resolve(PretrainSettings, kw), 8).schedule().warmup_epochs
 
-
-def test_multistep_and_set_lr():
-    s = MultiStep(0.01, milestones=(15, 20))
-    assert [s.lr(e) for e in (0, 14, 15, 19, 20, 24)] == pytest.approx([0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4])
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    set_lr(opt, 0.25)
-    assert opt.param_groups[0]["lr"] == 0.25
-
-
-# --- runs -------------------------------------------------------------------------------------
+    assert warmup(batch_size=512) == 10
+    assert warmup(batch_size=256) == 0
+    assert warmup(batch_size=64, warmup_epochs=3) == 3
+    assert warmup(batch_size=512, epochs=4) == 4
 
 
 def test_a_run_writes_metrics_encoder_and_state(tmp_path):

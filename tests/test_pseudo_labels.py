@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from advcl_cli.config import resolve
 from advcl_cli.checkpoint import load_checkpoint, save_model, sha256_file
 from advcl_cli.engine.pretrain import pretrain
 from advcl_cli.errors import CheckpointError, DataError, UsageError
@@ -147,10 +148,8 @@ def test_pretraining_uses_the_labels(tmp_path):
     g = torch.Generator().manual_seed(0)
     labels = {2: torch.randint(0, 2, (64,), generator=g), 10: torch.randint(0, 10, (64,), generator=g)}
     path = save_labels(tmp_path / "pl.safetensors", labels, dataset="digits", split="train", encoder="x")
-    settings = PretrainSettings(
-        dataset="digits", arch="resnet18-tiny", limit=64, batch_size=32, epochs=1, pgd_steps=1,
-        pseudo_labels=path, out="run", device="cpu",
-    )
+    settings = resolve(PretrainSettings, dict(dataset="digits", arch="resnet18-tiny", limit=64, batch_size=32, epochs=1, pgd_steps=1,
+        pseudo_labels=path, out="run", device="cpu",))
     result = pretrain(settings)
     assert result.metrics["pseudo_ce"] > 0
     assert result.metrics["loss"] == pytest.approx(result.metrics["contrast"] + 0.2 * result.metrics["pseudo_ce"], rel=1e-5)

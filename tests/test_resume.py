@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from advcl_cli.config import resolve
 from advcl_cli.checkpoint import load_state
 from advcl_cli.engine.pretrain import pretrain
 from advcl_cli.engine.report import RecordingReporter
@@ -47,7 +48,7 @@ def start_and_interrupt(out, sig):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
-    result = pretrain(PretrainSettings(**ARGS, out=out))
+    result = pretrain(resolve(PretrainSettings, dict(**ARGS, out=out)))
     return load_file(result.path)
 
 
@@ -70,7 +71,7 @@ def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(tmp_path, uni
         path = resumed.stdout.strip()
     else:  # in-process (one interpreter start less; the CLI path is covered above)
         rep = RecordingReporter()
-        path = str(pretrain(PretrainSettings(**ARGS, out=out), rep, resume=True).path)
+        path = str(pretrain(resolve(PretrainSettings, dict(**ARGS, out=out)), rep, resume=True).path)
         assert any(e[0] == "log" and f"resuming after epoch {state['epoch']}" in e[1] for e in rep.events)
     assert path.endswith("encoder.safetensors")
     weights = load_file(path if os.path.isabs(path) else tmp_path / path)

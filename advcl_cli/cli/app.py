@@ -10,26 +10,20 @@ import typer
 
 from .. import __version__
 from ..errors import AdvclError
-from . import attack, evaluate, finetune, pretrain, pseudo_labels, pull, push, zoo
+from . import attack, evaluate, finetune, imports, pretrain, pseudo_labels, pull, push, zoo
+from .options import documented
 from .output import Output
 
 # Typer may vendor click; take its exception classes from Typer itself.
 ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
-app = typer.Typer(
-    name="advcl",
-    help=(
-        "Adversarial contrastive pretraining (AdvCL), robust finetuning, attacks and a model zoo.\n\n"
-        "stdout carries data (a path, a table, or JSON with --json); logs and progress go to stderr.\n\n"
-        "Example, offline on the bundled digits data:\n\n"
-        "  ckpt=$(advcl pretrain --dataset digits --arch resnet18-tiny --epochs 2 --batch-size 64)\n\n"
-        "  advcl finetune $ckpt --scheme slf --epochs 2 | advcl eval --attack pgd20"
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
+HELP = (
+    "Adversarial contrastive pretraining (AdvCL and its family), robust finetuning, attacks and a model zoo.\n\n"
+    "stdout carries data (a path, a table, or JSON with --json); logs and progress go to stderr.\n\n"
+    "Example, offline on the bundled digits data:\n\n"
+    "\b\n"
+    "  ckpt=$(advcl pretrain --dataset digits --arch resnet18-tiny --epochs 2 --batch-size 64)\n"
+    "  advcl finetune $ckpt --scheme slf --epochs 2 | advcl eval --attack pgd20"
 )
 
 
@@ -39,7 +33,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def root(
     version: Annotated[
         Optional[bool],
@@ -49,23 +42,51 @@ def root(
     pass
 
 
-app.command("pretrain")(pretrain.pretrain)
-app.add_typer(pseudo_labels.app, name="pseudo-labels")
-app.command("import")(pretrain.import_checkpoint)
-app.command("finetune")(finetune.finetune)
-app.command("attack")(attack.attack)
-app.command("eval")(evaluate.evaluate)
-app.command("pull")(pull.pull)
-app.command("push")(push.push)
-app.add_typer(zoo.app, name="zoo")
+def build_app(verb: str | None = None) -> typer.Typer:
+    """The `advcl` command. The methods' options of `advcl pretrain` are built only when
+    ``verb`` is "pretrain": they import every method (and torch), which the other verbs and
+    the command list do not need."""
+    app = typer.Typer(
+        name="advcl",
+        help=HELP,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode="rich",
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(root)
+    app.command("pretrain")(pretrain.command(full=verb == "pretrain"))
+    app.add_typer(pseudo_labels.app, name="pseudo-labels")
+    app.command("import")(imports.import_checkpoint)
+    app.command("finetune")(finetune.finetune)
+    app.command("attack")(attack.attack)
+    app.command("eval")(evaluate.evaluate)
+    app.command("pull")(pull.pull)
+    app.command("push")(push.push)
+    app.add_typer(zoo.app, name="zoo")
+    _reflow_help(app)
+    return app
+
+
+def _reflow_help(app: typer.Typer) -> None:
+    """Every command's docstring as rich help wants it (``options.reflow``)."""
+    for info in app.registered_commands:
+        documented(info.callback)
+    for group in app.registered_groups:
+        if group.typer_instance.registered_callback is not None:
+            documented(group.typer_instance.registered_callback.callback)
+        _reflow_help(group.typer_instance)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every error ends here as one or two lines on stderr and an exit code."""
     debug = os.environ.get("ADVCL_DEBUG") == "1"
     out = Output()
+    args = sys.argv[1:] if argv is None else list(argv)
+    verb = next((a for a in args if not a.startswith("-")), None)
     try:
-        rv = app(args=argv, prog_name="advcl", standalone_mode=False)
+        rv = build_app(verb)(args=args, prog_name="advcl", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
     except AdvclError as e:
         if debug:

@@ -8,14 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import ConfigOpt, DataDirOpt, DatasetOpt, DeviceOpt, EpsOpt, ImageSizeOpt, JsonOpt, ModelArg, SeedOpt, model_path, refuse_overwrite
+from ..settings import AttackSettings
+from .options import ConfigOpt, JsonOpt, ModelArg, model_path, refuse_overwrite, settings_options, with_options
 from .output import Output
 
-AttackNameOpt = Annotated[
-    Optional[str],
-    typer.Option("--attack", "-a", help="fgsm, pgd20 (default; any pgdN), cw20 (any cwN) or autoattack.", show_default=False),
-]
-CountOpt = Annotated[Optional[int], typer.Option("--n", "-n", help="Attack the first N test images (default 64).", show_default=False)]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Where to write the tensors (an existing file only with --force).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing --out and --grid files (never the model itself).")]
 GridOpt = Annotated[
@@ -24,22 +20,8 @@ GridOpt = Annotated[
 ]
 
 
-def attack(
-    model: ModelArg = None,
-    attack_name: AttackNameOpt = None,
-    eps: EpsOpt = None,
-    n: CountOpt = None,
-    out: OutOpt = Path("adv.safetensors"),
-    grid: GridOpt = None,
-    force: ForceOpt = False,
-    dataset: DatasetOpt = None,
-    image_size: ImageSizeOpt = None,
-    device: DeviceOpt = None,
-    seed: SeedOpt = None,
-    data_dir: DataDirOpt = None,
-    config: ConfigOpt = None,
-    json_output: JsonOpt = False,
-) -> None:
+def attack(model: ModelArg = None, out: OutOpt = Path("adv.safetensors"), grid: GridOpt = None, force: ForceOpt = False,
+           config: ConfigOpt = None, json_output: JsonOpt = False, **options) -> None:
     """Attack the first N test images of a classifier; print the path of the saved tensors.
 
     The safetensors file holds clean (float, [0, 1]), adversarial, labels, clean_pred and
@@ -68,18 +50,16 @@ def attack(
     from ..data.augment import to_float
     from ..engine.device import resolve_device
     from ..engine.evaluate import adversarial_examples, load_test_data, robust_correct
-    from ..settings import AttackSettings, format_eps
+    from ..config import resolve
+    from ..settings import format_eps
 
-    settings = AttackSettings.resolve(
-        config, attack=attack_name, eps=eps, n=n, dataset=dataset, image_size=image_size,
-        device=device, seed=seed, data_dir=data_dir,
-    )
+    output = Output(json_output)
+    settings = resolve(AttackSettings, options, config_file=config, warn=output.warn)
     spec = get_attack(settings.attack)
     if grid is not None:
         from ..plots import require_matplotlib
 
         require_matplotlib()
-    output = Output(json_output)
     path = model_path(model)
     _check_outputs(path, {"--out": out, "--grid": grid}, force)
     ckpt = load_checkpoint(path, kind="classifier")
@@ -127,6 +107,9 @@ def attack(
         output.document({"path": str(out), **({"grid": str(grid)} if grid else {}), **meta})
     else:
         output.result(out)
+
+
+with_options(attack, settings_options(AttackSettings))
 
 
 def _check_outputs(model: Path, outputs: dict, force: bool) -> None:

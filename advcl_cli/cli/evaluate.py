@@ -8,38 +8,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import ConfigOpt, DataDirOpt, DatasetOpt, DeviceOpt, ImageSizeOpt, JsonOpt, LimitOpt, ModelArg, SeedOpt, model_path
+from ..settings import EvalSettings
+from .options import ConfigOpt, JsonOpt, ModelArg, model_path, settings_options, with_options
 from .output import Output
 
-AttackOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--attack", "-a", help="fgsm, pgd20 (any pgdN), cw20 (any cwN) or autoattack; repeat for several.", show_default=False),
-]
-EvalEpsOpt = Annotated[
-    Optional[str],
-    typer.Option("--eps", help="L-inf budget(s): 8/255 (default), 0.031, or a list 2/255,4/255,8/255.", show_default=False),
-]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per batch (default 256).", show_default=False)]
 PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of robust accuracy against eps (needs advcl[plot]).", show_default=False)]
-PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="fp32 (default), bf16 or auto.", show_default=False)]
 
 
-def evaluate(
-    model: ModelArg = None,
-    attack: AttackOpt = None,
-    eps: EvalEpsOpt = None,
-    dataset: DatasetOpt = None,
-    limit: LimitOpt = None,
-    batch_size: BatchOpt = None,
-    plot: PlotOpt = None,
-    image_size: ImageSizeOpt = None,
-    precision: PrecisionOpt = None,
-    device: DeviceOpt = None,
-    seed: SeedOpt = None,
-    data_dir: DataDirOpt = None,
-    config: ConfigOpt = None,
-    json_output: JsonOpt = False,
-) -> None:
+def evaluate(model: ModelArg = None, plot: PlotOpt = None, config: ConfigOpt = None, json_output: JsonOpt = False,
+             **options) -> None:
     """Evaluate a classifier on its test split: clean accuracy and robust accuracy per attack.
 
     The dataset is the one the model was finetuned on unless --dataset says otherwise. A table
@@ -69,21 +46,18 @@ def evaluate(
     from ..engine.device import resolve_device, resolve_precision
     from ..engine.evaluate import evaluate as run_evaluate
     from ..engine.evaluate import load_test_data
+    from ..config import resolve
     from ..errors import UsageError
-    from ..settings import EvalSettings
 
-    settings = EvalSettings.resolve(
-        config, dataset=dataset, attacks=attack, eps=eps, limit=limit, batch_size=batch_size,
-        image_size=image_size, precision=precision, device=device, seed=seed, data_dir=data_dir,
-    )
-    attacks = [get_attack(a) for a in settings.attacks]
+    out = Output(json_output)
+    settings = resolve(EvalSettings, options, config_file=config, warn=out.warn)
+    attacks = list({a.name: a for a in map(get_attack, settings.attack)}.values())  # each attack once
     if plot is not None:
         from ..plots import require_matplotlib
 
         require_matplotlib()
         if not attacks:
             raise UsageError("--plot draws robust accuracy, so it needs at least one --attack", "add e.g. --attack pgd20")
-    out = Output(json_output)
     path = model_path(model)
     ckpt = load_checkpoint(path, kind="classifier")
     dev = resolve_device(settings.device)
@@ -127,3 +101,6 @@ def evaluate(
             "seconds": f"{r['seconds']:.1f}", "images/s": f"{r['images_per_s']:.1f}" if r["images_per_s"] else "",
         })
     out.table(rows, title=f"{path.name} on {data.name} test, {result['n']} images", doc=doc)
+
+
+with_options(evaluate, settings_options(EvalSettings))

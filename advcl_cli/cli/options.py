@@ -1,39 +1,34 @@
-"""Options shared by several verbs, as ``Annotated`` aliases in one place, and the MODEL argument."""
+"""The command-line options: built from the settings models, plus the few that are not settings.
+
+``settings_options(fields)`` turns settings fields into Typer options (``--batch-size`` for
+``batch_size``, the field's help, its short flag), so an option is declared once, in the
+settings model. Values arrive as strings (or lists of strings for repeatable list options, or
+booleans for ``--x/--no-x``) and are parsed by the model's validators, the same way as the
+TOML file and the environment. ``with_options(func, params)`` appends them to a command
+function's signature; the function takes them as ``**options``.
+"""
 
 from __future__ import annotations
 
+import inspect
 import sys
+import types
+import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Iterable, Optional
 
 import typer
+from pydantic.fields import FieldInfo
+from rich.markup import escape
 
+from ..config import flag_name
 from ..errors import UsageError
 
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option("--config", help="TOML config file (default: $ADVCL_CONFIG or ./advcl.toml).", show_default=False),
+    typer.Option("--config", help="TOML config file (default: $ADVCL_CONFIG or ./advcl.toml).", show_default=False, metavar="PATH"),
 ]
-DatasetOpt = Annotated[
-    Optional[str],
-    typer.Option("--dataset", "-d", help="cifar10, cifar100, stl10, digits (offline) or imagefolder:PATH.", show_default=False),
-]
-DataDirOpt = Annotated[
-    Optional[Path],
-    typer.Option("--data-dir", help="Where datasets live (default: $ADVCL_DATA_DIR or ~/.cache/advcl/data).", show_default=False),
-]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.", show_default=False)]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default 0).", show_default=False)]
-LimitOpt = Annotated[
-    Optional[int], typer.Option("--limit", help="Use only the first N images (smoke runs).", show_default=False)
-]
-ImageSizeOpt = Annotated[
-    Optional[int], typer.Option("--image-size", help="Resize images to this square size.", show_default=False)
-]
-EpsOpt = Annotated[
-    Optional[str], typer.Option("--eps", help="L-inf budget, as 8/255 or 0.031 (default 8/255).", show_default=False)
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.", metavar="")]
 ManifestOpt = Annotated[
     Optional[Path],
     typer.Option("--manifest", help="Zoo manifest file (default: $ADVCL_ZOO_MANIFEST or the one shipped with advcl).", show_default=False),
@@ -48,6 +43,98 @@ ModelArg = Annotated[
         help="Checkpoint path, zoo name, or '-' / omitted to read a path from stdin.", show_default=False
     ),
 ]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in the --out folder from its last saved epoch.", metavar="")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite a run already in the --out folder.", metavar="")]
+
+
+# --- options from settings fields -------------------------------------------------------------
+
+
+def _base_type(annotation: Any) -> Any:
+    """The type inside Optional[...] / Annotated[...]."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _base_type(args[0])
+    real = [a for a in args if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(real) == 1:
+        return _base_type(real[0])
+    return annotation
+
+
+def _metavar(field: FieldInfo) -> str | None:
+    base = _base_type(field.annotation)
+    if typing.get_origin(base) is typing.Literal:
+        return "|".join(map(str, typing.get_args(base)))
+    return {int: "INT", float: "FLOAT", Path: "PATH", str: "TEXT"}.get(base)
+
+
+def _format_default(value: Any) -> str:
+    from ..settings import format_eps
+
+    if isinstance(value, float) and 0 < value <= 1 and abs(value * 255 - round(value * 255)) < 1e-9 and round(value * 255) >= 1:
+        return format_eps(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(_format_default(v) for v in value) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def settings_option(name: str, field: FieldInfo, *, panel: str | None = None, defaults: str | None = None) -> inspect.Parameter:
+    """One Typer option for a settings field; ``defaults`` replaces the default shown in help."""
+    extra = field.json_schema_extra or {}
+    names = [flag_name(name)] + ([extra["short"]] if extra.get("short") else [])
+    base = _base_type(field.annotation)
+    help_text = field.description or ""
+    if defaults is None and field.default is not None and base is not bool:
+        defaults = _format_default(field.default)
+    if defaults:
+        help_text += f" [default: {defaults}]"
+    kwargs: dict[str, Any] = dict(help=escape(help_text), show_default=False, rich_help_panel=panel)
+    if base is bool:
+        typ = Optional[bool]
+        names = [f"{flag_name(name)}/--no-{name.replace('_', '-')}"]
+        kwargs["metavar"] = ""
+    else:
+        typ = Optional[list[str]] if typing.get_origin(base) is list else Optional[str]
+        kwargs["metavar"] = extra.get("metavar") or _metavar(field)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[typ, typer.Option(*names, **kwargs)])
+
+
+def settings_options(model, exclude: Iterable[str] = (), panel: str | None = None) -> list[inspect.Parameter]:
+    """Options for every field of a settings model that has a flag."""
+    skip = set(exclude)
+    return [
+        settings_option(name, field, panel=panel)
+        for name, field in model.model_fields.items()
+        if name not in skip and (field.json_schema_extra or {}).get("flag", True)
+    ]
+
+
+def with_options(func, params: list[inspect.Parameter]):
+    """``func`` with ``params`` appended to its signature (Typer reads the signature) and its
+    docstring reflowed; the function receives them in ``**options``."""
+    documented(func)
+    sig = inspect.signature(func)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    func.__signature__ = sig.replace(parameters=own + params)
+    func.__annotations__ = {p.name: p.annotation for p in own + params}
+    return func
+
+
+def reflow(text: str | None) -> str:
+    """Help text for rich output: each paragraph one line (the terminal wraps it), except the
+    ``\\b`` blocks (examples), which keep their lines."""
+    paragraphs = inspect.cleandoc(text or "").split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split()) for p in paragraphs)
+
+
+def documented(func):
+    """``func`` with its docstring reflowed (see ``reflow``), for Typer to show."""
+    func.__doc__ = reflow(func.__doc__)
+    return func
+
+
+# --- the MODEL argument and outputs -----------------------------------------------------------
 
 
 def model_path(value: str | None) -> Path:

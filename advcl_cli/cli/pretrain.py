@@ -1,58 +1,18 @@
-"""`advcl pretrain` and `advcl import`.
+"""`advcl pretrain`: its options are the run's settings plus every method's, one panel per method.
 
-No ``from __future__ import annotations`` here: the ``_opt(...)`` option aliases must be
-evaluated when the functions are defined.
+No ``from __future__ import annotations``: Typer reads the annotations at definition time.
 """
 
-from pathlib import Path
-from typing import Annotated, Optional
+from ..settings import PretrainSettings
+from .options import ConfigOpt, ForceOpt, JsonOpt, ResumeOpt, settings_option, settings_options, with_options
 
-import typer
-
-from .options import ConfigOpt, DataDirOpt, DatasetOpt, DeviceOpt, EpsOpt, ImageSizeOpt, JsonOpt, LimitOpt, SeedOpt, refuse_overwrite
-from .output import Output
-
-
-def _opt(*names: str, help: str, typ=Optional[str]):
-    return Annotated[typ, typer.Option(*names, help=help, show_default=False)]
-
-
-def pretrain(
-    dataset: DatasetOpt = None,
-    method: _opt("--method", "-m", help="advcl (default) or simclr.") = None,
-    arch: _opt("--arch", help="resnet18 (default) or resnet18-tiny.") = None,
-    epochs: _opt("--epochs", help="Epochs (default 1000).", typ=Optional[int]) = None,
-    batch_size: _opt("--batch-size", "-b", help="Global batch size (default 512).", typ=Optional[int]) = None,
-    lr: _opt("--lr", help="Peak learning rate (default 0.5).", typ=Optional[float]) = None,
-    warmup_epochs: _opt("--warmup-epochs", help="Linear warm-up epochs (default 10 when the batch exceeds 256, else 0).", typ=Optional[int]) = None,
-    eps: EpsOpt = None,
-    pgd_steps: _opt("--pgd-steps", help="PGD steps of the attack (default 5).", typ=Optional[int]) = None,
-    pgd_step_size: _opt("--pgd-step-size", help="PGD step size (default 2/255).") = None,
-    temperature: _opt("--temperature", help="Contrastive temperature (default 0.5).", typ=Optional[float]) = None,
-    base_temperature: _opt("--base-temperature", help="The loss is scaled by temperature / base-temperature (default 0.07).", typ=Optional[float]) = None,
-    ce_weight: _opt("--ce-weight", help="Weight of the pseudo-label term (default 0.2).", typ=Optional[float]) = None,
-    hfc_radius: _opt("--hfc-radius", help="Radius of the high-frequency view's low-pass cut (default 8).", typ=Optional[float]) = None,
-    pseudo_labels: _opt("--pseudo-labels", help="Labels file from `advcl pseudo-labels` (advcl only).", typ=Optional[Path]) = None,
-    out: _opt("--out", "-o", help="Run folder (default runs/METHOD-DATASET-ARCH).", typ=Optional[Path]) = None,
-    save_every: _opt("--save-every", help="Save the encoder every N epochs (default 50; the resume state is saved every epoch).", typ=Optional[int]) = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the --out folder from its last saved epoch.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite a run already in the --out folder.")] = False,
-    precision: _opt("--precision", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.") = None,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network (GPU).")] = False,
-    device: DeviceOpt = None,
-    seed: SeedOpt = None,
-    limit: LimitOpt = None,
-    image_size: ImageSizeOpt = None,
-    data_dir: DataDirOpt = None,
-    config: ConfigOpt = None,
-    json_output: JsonOpt = False,
-) -> None:
-    """Pretrain an encoder (AdvCL or SimCLR); print the encoder checkpoint's path.
+DOC = """Pretrain an encoder with one of the methods below; print the encoder checkpoint's path.
 
     The run folder gets encoder.safetensors, state.safetensors (resume state, every epoch) and
     metrics.jsonl (one line per epoch). Progress goes to stderr. A finished run folder is not
     overwritten without --force; an interrupted run (Ctrl-C, SIGTERM, a crash) continues with
-    the same command plus --resume.
+    the same command plus --resume. Each method's options are in its panel; the training
+    options' defaults are the method's own.
 
     Example, offline in about a minute on a CPU:
 
@@ -67,46 +27,52 @@ def pretrain(
       advcl pretrain -d cifar10 --pseudo-labels labels.safetensors --out runs/advcl
       advcl pretrain -d cifar10 --pseudo-labels labels.safetensors --out runs/advcl --resume
     """
-    from ..engine.pretrain import RESUME_MAY_CHANGE, default_run_dir
-    from ..engine.pretrain import pretrain as run_pretrain
-    from ..settings import PretrainSettings
-    from .training import resolve_run_settings, run_and_print
 
-    flags = dict(
-        dataset=dataset, method=method, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
-        warmup_epochs=warmup_epochs, eps=eps, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,
-        temperature=temperature, base_temperature=base_temperature, ce_weight=ce_weight,
-        hfc_radius=hfc_radius, pseudo_labels=pseudo_labels, out=out, save_every=save_every,
-        precision=precision, compile=compile or None, device=device, seed=seed, limit=limit,
-        image_size=image_size, data_dir=data_dir,
-    )
-    given = {k: v for k, v in flags.items() if v is not None}
-    settings = resolve_run_settings(PretrainSettings, config, given, resume=resume, run_dir=default_run_dir,
-                                    may_change=RESUME_MAY_CHANGE)
-    run_and_print(run_pretrain, settings, json_output=json_output, resume=resume, force=force)
+TRAINING_PANEL = "Training (defaults are the method's)"
 
 
-def import_checkpoint(
-    file: Annotated[Path, typer.Argument(help="The original AdvCL checkpoint (epoch_N.ckpt).", show_default=False)],
-    out: _opt("--out", "-o", help="Where to write the encoder (default FILE's name with .safetensors).", typ=Optional[Path]) = None,
-    dataset: _opt("--dataset", "-d", help="Dataset it was pretrained on, for the metadata (default cifar10).") = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
-) -> None:
-    """Convert an original AdvCL pretraining checkpoint into an advcl encoder; print its path.
+def method_params() -> tuple[list, str]:
+    """Options of every method: the shared training fields once, the others in one panel per
+    group of methods that share them; and the methods' list for the help text."""
+    from ..methods import get_method, method_names
+    from ..methods.base import TrainSettings
 
-    The file is read with torch.load(weights_only=True): no code in it runs. Every tensor must
-    map onto the advcl model (the unused head_pred and head_ce heads are dropped), otherwise
-    the import fails and lists what did not match. BN sets 0/1/2 become normal/pgd/pgd_ce.
+    methods = {name: get_method(name) for name in method_names()}
+    owners: dict[str, list[str]] = {}
+    for name, cls in methods.items():
+        for field in cls.Settings.model_fields:
+            owners.setdefault(field, []).append(name)
+    params = []
+    for field, names in owners.items():
+        info = methods[names[0]].Settings.model_fields[field]
+        if (info.json_schema_extra or {}).get("flag", True) is False:
+            continue
+        shown = {n: methods[n].Settings.model_fields[field].default for n in names}
+        defaults = None
+        if len({repr(v) for v in shown.values()}) > 1:
+            from .options import _format_default
 
-    Example:
+            defaults = ", ".join(f"{n} {_format_default(v)}" for n, v in shown.items())
+        panel = TRAINING_PANEL if field in TrainSettings.model_fields else f"Options of {', '.join(names)}"
+        params.append(settings_option(field, info, panel=panel, defaults=defaults))
+    listing = "\n".join(f"      {name:<8} {cls.summary}" for name, cls in methods.items())
+    return params, f"\n    Methods (--method):\n\n    \b\n{listing}\n"
 
-    \b
-      advcl import checkpoint/AdvCL_Cifar10/epoch_1000.ckpt --out advcl-cifar10.safetensors
-      advcl finetune advcl-cifar10.safetensors --scheme slf
-    """
-    from ..importer import import_original
 
-    target = out or Path(file.name).with_suffix(".safetensors")
-    refuse_overwrite(target, force)
-    path = import_original(file, target, dataset=dataset or "cifar10")
-    Output().result(path)
+def command(full: bool):
+    """The `advcl pretrain` function; ``full`` adds the methods' options (importing every
+    method, hence torch), which only `advcl pretrain` itself needs."""
+
+    def pretrain(resume: ResumeOpt = False, force: ForceOpt = False, config: ConfigOpt = None,
+                 json_output: JsonOpt = False, **options) -> None:
+        from ..engine.pretrain import RESUME_MAY_CHANGE, default_run_dir
+        from ..engine.pretrain import pretrain as run_pretrain
+        from .training import resolve_run_settings, run_and_print
+
+        settings = resolve_run_settings(PretrainSettings, config, options, resume=resume, run_dir=default_run_dir,
+                                        may_change=RESUME_MAY_CHANGE)
+        run_and_print(run_pretrain, settings, json_output=json_output, resume=resume, force=force)
+
+    params, listing = method_params() if full else ([], "")
+    pretrain.__doc__ = DOC.replace("\n    Example,", listing + "\n    Example,", 1) if listing else DOC
+    return with_options(pretrain, settings_options(PretrainSettings) + params)

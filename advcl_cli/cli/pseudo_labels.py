@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import ConfigOpt, DataDirOpt, DatasetOpt, DeviceOpt, ImageSizeOpt, JsonOpt, LimitOpt, SeedOpt, refuse_overwrite
+from ..settings import PseudoLabelSettings
+from .options import ConfigOpt, JsonOpt, refuse_overwrite, settings_options, with_options
 from .output import Output
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,19 +24,11 @@ def pseudo_labels(
         Optional[str],
         typer.Option("--encoder", "-e", help="Encoder checkpoint (path, zoo name, or '-' for a path on stdin).", show_default=False),
     ] = None,
-    dataset: DatasetOpt = None,
-    k: Annotated[Optional[str], typer.Option("--k", help="Cluster counts, comma-separated (default 2,10,50,100,500).", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Labels file (default pseudo-labels-DATASET.safetensors).", show_default=False)] = None,
     force: ForceOpt = False,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Batch size of the feature pass (default 512).", show_default=False)] = None,
-    bn_set: Annotated[Optional[str], typer.Option("--bn-set", help="The encoder's BN set to use (default its first, 'normal').", show_default=False)] = None,
-    device: DeviceOpt = None,
-    seed: SeedOpt = None,
-    limit: LimitOpt = None,
-    image_size: ImageSizeOpt = None,
-    data_dir: DataDirOpt = None,
     config: ConfigOpt = None,
     json_output: JsonOpt = False,
+    **options,
 ) -> None:
     """ClusterFit pseudo labels for AdvCL: k-means on an encoder's features; print the file's path.
 
@@ -54,24 +47,24 @@ def pseudo_labels(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from ..config import resolve
     from ..pseudolabels import default_labels_path, make_pseudo_labels
-    from ..settings import PseudoLabelSettings
     from .options import model_path
 
-    settings = PseudoLabelSettings.resolve(
-        config, dataset=dataset, ks=k, batch_size=batch_size, bn_set=bn_set, device=device, seed=seed,
-        limit=limit, image_size=image_size, data_dir=data_dir,
-    )
+    output = Output(json_output)
+    settings = resolve(PseudoLabelSettings, options, config_file=config, warn=output.warn)
     out = out or default_labels_path(settings.dataset)
     refuse_overwrite(out, force)
     path = model_path(encoder)
-    output = Output(json_output)
     reporter = output.reporter()
     try:
         result = make_pseudo_labels(settings, path, out, reporter)
     finally:
         reporter.finish()
     _print(output, result, json_output)
+
+
+with_options(pseudo_labels, settings_options(PseudoLabelSettings))
 
 
 @app.command("import")

@@ -12,18 +12,22 @@ from typing import Callable
 from .output import Output
 
 
-def resolve_run_settings(settings_cls, config: Path | None, given: dict, *, resume: bool,
+def resolve_run_settings(settings_cls, config: Path | None, options: dict, *, resume: bool,
                          run_dir: Callable, may_change: set[str]):
-    """The settings of a run. On --resume the run's stored settings are the base and the
-    flags given may only change how it runs (device, precision, ...)."""
+    """The settings of a run. On --resume the run's stored settings are the base (above the
+    config file and the environment) and the flags given may only change how it runs
+    (device, precision, ...): ``check_resume_config`` refuses the others."""
+    from ..config import resolve
     from ..engine.run import RunDir
 
-    if resume:
-        probe = settings_cls.resolve(config, **given)
+    warn = Output().warn
+    base = None
+    if resume:  # the folder first: its settings are the base of the rest
+        own = {k: v for k, v in options.items() if k in settings_cls.model_fields}
+        probe = resolve(settings_cls, own, config_file=config)
         stored = RunDir(probe.out or run_dir(probe)).stored_config() or {}
         base = {k: v for k, v in stored.items() if k not in may_change and v is not None}
-        given = {**base, **given}
-    return settings_cls.resolve(config, **given)
+    return resolve(settings_cls, options, config_file=config, base=base, warn=warn)
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ from .distributed import init_distributed, local_slice, prepare_model, reduce_me
 from .evaluate import evaluate
 from .report import Reporter
 from .run import FiniteGuard, RunDir, RunResult, check_resume_config, epoch_generator, load_split, open_run, restore
-from .schedule import MultiStep, set_lr
+from ..optim import MultiStep, set_lr
 
 CLASSIFIER_FILE = "classifier.safetensors"
 LOG_EVERY = 10

@@ -1,12 +1,15 @@
-"""The pretraining loop: any method of ``advcl_cli.methods``, SGD, the warm-up + cosine schedule.
+"""The pretraining loop: any method of ``advcl_cli.methods``, with its optimizer and schedule.
 
-Top to bottom: the training split goes to the device as uint8; the method's model is built
-(seeded, channels_last; ``compile`` compiles the backbone and projection head in place, so the
-saved weight names do not change); every epoch takes the global batches of ``Batches`` (order a
-function of seed and epoch) and a random stream seeded from (seed, epoch), so a resumed run
-draws exactly what an uninterrupted one does; under torchrun every rank walks the same global
-batches and the method keeps the rank's slice, so N processes match one process exactly. Per step: lr from the schedule,
-``method.step`` under autocast, backward, ``sync_gradients``, SGD step. The loss terms are summed
+Top to bottom: the files the method's settings name (pseudo labels, a teacher checkpoint) are
+checked, the training split goes to the device as uint8, the files are read and handed to the
+method; the method's model is built (seeded, channels_last; ``compile`` compiles the backbone
+and projection head in place, so the saved weight names do not change); every epoch takes the
+global batches of ``Batches`` (order a function of seed and epoch) and a random stream seeded
+from (seed, epoch), so a resumed run draws exactly what an uninterrupted one does; under
+torchrun every rank walks the same global batches and the method keeps the rank's slice, so N
+processes match one process exactly. Per step: lr from the method's schedule, ``method.step``
+under autocast, backward, ``sync_gradients``, the optimizer step, ``method.after_step``. The
+loss terms are summed
 on the device and read once per logging interval, where the NaN/inf guard is checked too (no
 device sync per step). After every epoch rank 0 appends to ``metrics.jsonl`` and saves the
 resume state; every ``save_every`` epochs and at the end it saves ``encoder.safetensors``.
@@ -21,11 +24,12 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import save_model
+from ..errors import UsageError
+from ..optim import set_lr
 from .device import autocast, resolve_device, resolve_precision
 from .distributed import init_distributed, prepare_model, reduce_mean, shutdown, sync_gradients
 from .report import Reporter
 from .run import FiniteGuard, RunDir, RunResult, check_resume_config, epoch_generator, load_split, open_run, restore
-from .schedule import WarmupCosine, set_lr
 
 ENCODER_FILE = "encoder.safetensors"
 LOG_EVERY = 10  # steps between progress updates / NaN checks
@@ -38,17 +42,47 @@ def default_run_dir(settings) -> Path:
     return Path("runs") / f"{settings.method}-{dataset}-{settings.arch}"
 
 
-def schedule_for(settings) -> WarmupCosine:
-    warmup = settings.warmup_epochs
-    if warmup is None:  # the paper's rule: warm up for 10 epochs when the batch exceeds 256
-        warmup = 10 if settings.batch_size > 256 else 0
-    return WarmupCosine(
-        base_lr=settings.lr,
-        epochs=settings.epochs,
-        warmup_epochs=min(warmup, settings.epochs),
-        warmup_from=settings.warmup_from,
-        min_ratio=settings.min_lr_ratio,
-    )
+def input_fields(settings) -> dict[str, tuple[str, Path]]:
+    """The files the settings name for the engine to read: field -> (kind, path)."""
+    out = {}
+    for name, field in type(settings).model_fields.items():
+        kind = (field.json_schema_extra or {}).get("input")
+        value = getattr(settings, name)
+        if kind is not None and value is not None:
+            out[name] = (kind, Path(value))
+    return out
+
+
+def check_inputs(settings) -> None:
+    """Before any expensive step: every input file exists."""
+    for name, (kind, path) in input_fields(settings).items():
+        if not path.is_file():
+            what = "pseudo-label file" if kind == "labels" else "checkpoint file"
+            hint = "make one with `advcl pseudo-labels --encoder CKPT`" if kind == "labels" else "check the path"
+            raise UsageError(f"no such {what}: {path} (--{name.replace('_', '-')})", hint)
+
+
+def load_inputs(settings, n_images: int) -> dict:
+    """The input files, read: pseudo labels checked against the dataset's size, checkpoints
+    validated."""
+    from ..checkpoint import load_checkpoint
+    from ..pseudolabels import load_labels
+
+    inputs = {}
+    for name, (kind, path) in input_fields(settings).items():
+        if kind == "labels":
+            inputs[name] = load_labels(path, n_images, allow_longer=settings.limit is not None)
+        else:
+            inputs[name] = load_checkpoint(path)
+    return inputs
+
+
+def make_method(settings, n_images: int, device: torch.device | str = "cpu"):
+    """The settings' method for a dataset of ``n_images``, with its input files read."""
+    from ..methods import get_method
+
+    check_inputs(settings)
+    return get_method(settings.method)(settings, n_images=n_images, device=device, inputs=load_inputs(settings, n_images))
 
 
 def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False, force: bool = False) -> RunResult:
@@ -62,6 +96,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
     ctx = init_distributed(device)
     run = RunDir(settings.out or default_run_dir(settings), artifacts=(ENCODER_FILE,))
     method_cls = get_method(settings.method)
+    check_inputs(settings)
     state = open_run(run, ctx, batch_size=settings.batch_size, resume=resume, force=force)
     if state is not None:
         check_resume_config(state["config"], settings.to_config(), RESUME_MAY_CHANGE)
@@ -76,7 +111,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
         settings.dataset, "train", ctx, data_dir=settings.data_dir, download=settings.download,
         limit=settings.limit, image_size=settings.image_size,
     ).to(device)
-    method = method_cls(settings, n_images=len(data), device=device)
+    method = make_method(settings, len(data), device)
     if ctx.is_main:
         for note in method.notes:
             reporter.warn(note)
@@ -86,17 +121,17 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
     model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
     # before the optimizer exists: with several processes it swaps the BN modules (new parameters)
     model = prepare_model(model, ctx)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
-    )
+    optimizer = method.optimizer(model.parameters())
     start = restore(state, model, optimizer) if state is not None else 0
+    if state is not None:
+        method.load_state(state["extra"].get("method", {}))
     if settings.compile:
         model.backbone.compile()
         if model.proj is not None:
             model.proj.compile()
     # every rank walks the same global batches; the method keeps this rank's slice
     batches = Batches(data, settings.batch_size, seed=settings.seed)
-    schedule = schedule_for(settings)
+    schedule = method.schedule()
     steps = len(batches)
     encoder = run.artifact(ENCODER_FILE)
     last_saved = f"the last saved encoder is {encoder}" if encoder.exists() else "no encoder was saved yet"
@@ -112,6 +147,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
     model.train()
     for epoch in range(start, settings.epochs):
         batches.set_epoch(epoch)
+        method.start_epoch(epoch)
         gen = epoch_generator(settings.seed, epoch, device)
         guard, sums = FiniteGuard(), {}
         t0 = time.perf_counter()
@@ -125,6 +161,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
             loss.backward()
             sync_gradients(model, ctx)
             optimizer.step()
+            method.after_step(model)
             guard.update(loss, step)
             for name, value in {"loss": loss.detach(), **terms}.items():
                 sums[name] = sums.get(name, 0) + value.float()
@@ -147,7 +184,8 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
                     eps=method.eps, config=settings.to_config(), metrics=metrics,
                 )
                 last_saved = f"the last saved encoder is {encoder} (epoch {done})"
-            run.save_state(model, optimizer, epoch=done, total_epochs=settings.epochs, config=settings.to_config())
+            run.save_state(model, optimizer, epoch=done, total_epochs=settings.epochs, config=settings.to_config(),
+                           extra={"method": method.state()})
     if ctx.is_main:
         reporter.finish()
     shutdown(ctx)

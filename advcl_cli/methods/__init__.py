@@ -1,28 +1,74 @@
-"""Pretraining methods, one file each; the losses are pure functions in ``losses.py``.
+"""The pretraining methods, one module each (see ``base.Method``); losses are pure functions in
+``losses.py``.
 
-A method is a class built as ``Method(settings, n_images=N, device=D)`` from a
-``PretrainSettings``. It has ``name``, ``eps`` (the attack budget, None for a non-robust
-method), ``notes`` (lines the engine shows on stderr), ``model_config(arch)`` (the
-``ModelConfig`` fields of the network it trains) and
-``step(model, batch_uint8, indices, gen, ctx) -> (loss, terms)``: the full training loss of one
-batch (views, attacks, loss) and its parts as detached tensors. The engine does the rest.
+The built-in methods and those of installed plugins (entry point group ``advcl.methods``, each
+naming a ``Method`` subclass, e.g. ``toy = "my_package.toy:Toy"`` under
+``[project.entry-points."advcl.methods"]``) are found by name. Nothing is imported until a
+method is asked for, so commands that train nothing start without importing torch.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+from importlib import import_module
+from importlib.metadata import entry_points
+
+from pydantic import create_model
+
 from ..errors import UsageError
-from .advcl import AdvCL
-from .simclr import SimCLR
+from ..settings import PretrainSettings
 
-METHODS = {"advcl": AdvCL, "simclr": SimCLR}
+ENTRY_POINT_GROUP = "advcl.methods"
+BUILTIN = {
+    "advcl": "advcl_cli.methods.advcl:AdvCL",
+    "simclr": "advcl_cli.methods.simclr:SimCLR",
+}
 
 
+@functools.cache
+def _targets() -> dict[str, str]:
+    """name -> "module:Class", the built-in methods first; a plugin cannot replace one."""
+    found = dict(BUILTIN)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name.lower(), ep.value)
+    return found
+
+
+def method_names() -> list[str]:
+    return list(_targets())
+
+
+@functools.cache
 def get_method(name: str):
-    """The method class called ``name``."""
+    """The ``base.Method`` subclass called ``name`` (any letter case)."""
+    from .base import Method, TrainSettings  # the methods import torch: only when one is asked for
+
+    key = str(name).strip().lower()
+    target = _targets().get(key)
+    if target is None:
+        raise UsageError(f"unknown method '{name}'", f"choose one of: {', '.join(method_names())}")
+    module, _, attr = target.partition(":")
     try:
-        return METHODS[name]
-    except KeyError:
-        raise UsageError(f"unknown method '{name}'", f"choose one of: {', '.join(METHODS)}") from None
+        cls = getattr(import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"method '{key}' could not be loaded from {target}: {e}", "reinstall the plugin that provides it") from None
+    if not (isinstance(cls, type) and issubclass(cls, Method) and issubclass(cls.Settings, TrainSettings)):
+        raise UsageError(f"method '{key}' ({target}) is not an advcl Method with a Settings model")
+    clash = sorted(set(cls.Settings.model_fields) & set(PretrainSettings.model_fields))
+    if clash:
+        raise UsageError(f"method '{key}' redefines the pretraining settings {', '.join(clash)}")
+    return cls
 
 
-__all__ = ["METHODS", "AdvCL", "SimCLR", "get_method"]
+@functools.cache
+def settings_model(name: str) -> type[PretrainSettings]:
+    """One flat settings model for pretraining with method ``name``: the run's settings
+    (``PretrainSettings``) plus the method's own."""
+    cls = get_method(name)
+    method = copy.copy(PretrainSettings.model_fields["method"])
+    method.default = cls.name
+    return create_model(f"{cls.__name__}PretrainSettings", __base__=(PretrainSettings, cls.Settings),
+                        method=(PretrainSettings.model_fields["method"].annotation, method))
+
+__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "get_method", "method_names", "settings_model"]

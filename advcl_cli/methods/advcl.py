@@ -37,6 +37,7 @@ Without pseudo labels the CE term and ``x_ce`` are dropped (the engine says so o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -45,6 +46,8 @@ from ..attacks.pgd import project
 from ..checkpoint import unwrap
 from ..data.augment import crop_flip_view, high_frequency, simclr_view, to_float
 from ..engine.distributed import DistContext, all_gather_with_grad, local_slice
+from ..settings import option
+from .base import ContrastiveSettings, CosineSettings, Method, PGDSettings, TrainSettings
 from .losses import pseudo_label_ce, supcon_loss
 
 BN_SETS = ("normal", "pgd", "pgd_ce")
@@ -111,15 +114,20 @@ def attack(
     return x_cl.detach(), (x_ce.detach() if x_ce is not None else None)
 
 
-class AdvCL:
+class AdvCL(Method):
     """``step`` computes the full AdvCL loss of one batch; the engine does backward/optimizer."""
 
     name = "advcl"
+    summary = "AdvCL (Fan et al., NeurIPS 2021): x_cl/x_ce attacks, HFC view, pseudo-label heads"
 
-    def __init__(self, settings, *, n_images: int, device: torch.device | str = "cpu"):
-        from ..pseudolabels import load_labels
+    class Settings(TrainSettings, PGDSettings, ContrastiveSettings, CosineSettings):
+        ce_weight: float = option(0.2, "Weight of the pseudo-label term.", ge=0)
+        hfc_radius: float = option(8.0, "Radius of the high-frequency view's low-pass cut.", ge=0)
+        pseudo_labels: Path | None = option(None, "Labels file from `advcl pseudo-labels` (without it: no pseudo-label term).",
+                                            input="labels")
 
-        self.settings = settings
+    def __init__(self, settings, *, n_images: int, device: torch.device | str = "cpu", inputs: dict | None = None):
+        super().__init__(settings, n_images=n_images, device=device, inputs=inputs)
         self.cfg = AttackConfig(
             eps=settings.eps,
             steps=settings.pgd_steps,
@@ -132,10 +140,9 @@ class AdvCL:
         self.recompute_clean = False  # True: the reference's way (tests, benchmark)
         self.labels: Tensor | None = None
         self.ks: tuple[int, ...] = ()
-        self.notes: list[str] = []
-        if settings.pseudo_labels is not None:
-            pl = load_labels(settings.pseudo_labels, n_images, allow_longer=settings.limit is not None)
-            self.labels, self.ks = pl.stacked().to(device), pl.ks
+        pl = self.inputs.get("pseudo_labels")
+        if pl is not None:
+            self.labels, self.ks = pl.stacked().to(self.device), pl.ks
             made_for = str(pl.meta.get("dataset", "?"))
             if made_for.lower() != str(settings.dataset).lower():
                 self.notes.append(f"the pseudo labels were made for '{made_for}', not '{settings.dataset}'")
@@ -144,10 +151,6 @@ class AdvCL:
                 "no --pseudo-labels given: AdvCL trains without the pseudo-label term "
                 "(make labels with `advcl pseudo-labels --encoder CKPT`)"
             )
-
-    @property
-    def eps(self) -> float:
-        return self.cfg.eps
 
     def model_config(self, arch: str) -> dict:
         return {"bn_sets": BN_SETS, "proj_dim": 128, "pseudo_ks": self.ks}

@@ -16,21 +16,16 @@ from torch import Tensor
 from ..checkpoint import unwrap
 from ..data.augment import simclr_view, to_float
 from ..engine.distributed import DistContext, all_gather_with_grad, local_slice
+from .base import ContrastiveSettings, CosineSettings, Method, TrainSettings
 from .losses import supcon_loss
 
 
-class SimCLR:
+class SimCLR(Method):
     name = "simclr"
+    summary = "SimCLR (Chen et al. 2020): the non-robust baseline and the encoder for pseudo labels"
 
-    def __init__(self, settings, *, n_images: int, device: torch.device | str = "cpu"):
-        self.settings = settings
-        self.notes: list[str] = []
-        if settings.pseudo_labels is not None:
-            self.notes.append("--pseudo-labels is ignored by --method simclr")
-
-    @property
-    def eps(self) -> float | None:
-        return None  # not adversarially trained
+    class Settings(TrainSettings, ContrastiveSettings, CosineSettings):
+        pass
 
     def model_config(self, arch: str) -> dict:
         return {"bn_sets": ("normal",), "proj_dim": 128}

@@ -1,0 +1,122 @@
+"""What a pretraining method is: its settings, its network, its step.
+
+A method is one module with one subclass of ``Method``. Its ``Settings`` model (a subclass of
+``TrainSettings``, usually made with ``settings.with_defaults`` to set the method's own learning
+rate and so on, plus the method's options declared with ``settings.option``) is all the
+configuration it has: the CLI shows those fields as flags in a panel of ``advcl pretrain --help``,
+the TOML file reaches them in ``[pretrain]`` and ``[pretrain.<name>]``, ``ADVCL_*`` variables by
+name, and the resolved values go into the checkpoint's ``config``.
+
+The engine builds ``Method(settings, n_images=N, device=D, inputs=...)`` (``inputs`` holds the
+files the settings name, read by the engine: a field declared with ``option(..., input="labels")``
+arrives as a ``PseudoLabels``, one with ``input="checkpoint"`` as a ``Checkpoint``), builds the
+network from ``model_config(arch)``, the optimizer from ``optimizer(params)`` and the schedule
+from ``schedule()``, and per step calls ``step(model, batch_uint8, indices, gen, ctx) -> (loss,
+terms)``, does backward, the gradient all-reduce and the optimizer step, then
+``after_step(model)``. ``start_epoch(epoch)`` runs before each epoch; ``state()`` /
+``load_state(tensors)`` carry a method's own tensors (a momentum encoder, say) in the resume
+state. Third-party methods register a ``Method`` subclass under the ``advcl.methods`` entry
+point group.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+from torch import Tensor
+
+from ..optim import WarmupCosine, build_optimizer
+from ..settings import Eps, option
+
+
+class TrainSettings(BaseModel):
+    """The optimiser and schedule settings every method has (each sets its own defaults)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+
+    epochs: int = option(1000, "Epochs.", ge=1)
+    batch_size: int = option(512, "Global batch size (over every process).", short="-b", ge=2)
+    optimizer: Annotated[Literal["sgd", "lars"], BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)] = option(
+        "sgd", "sgd, or lars (layer-wise adaptive rate scaling as the ACL code defines it).")
+    lr: float = option(0.5, "Peak learning rate.", gt=0)
+    momentum: float = option(0.9, "Momentum.", ge=0)
+    weight_decay: float = option(1e-4, "Weight decay (LARS: on every parameter).", ge=0)
+    lars_eta: float = option(1e-3, "LARS trust coefficient (with --optimizer lars).", gt=0)
+    warmup_epochs: int | None = option(None, "Linear warm-up epochs (default: the method's rule).", ge=0)
+
+
+class PGDSettings(BaseModel):
+    """The training attack of the robust methods: L-inf PGD with a uniform random start."""
+
+    eps: Eps = option(8 / 255, "L-inf budget of the training attack, as 8/255 or 0.031.", metavar="EPS")
+    pgd_steps: int = option(5, "PGD steps of the training attack.", ge=0)
+    pgd_step_size: Eps = option(2 / 255, "PGD step size.", metavar="EPS")
+
+
+class Method:
+    """Base class of the pretraining methods; see the module's docstring for the contract."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for `advcl pretrain --help`
+    Settings: ClassVar[type[TrainSettings]] = TrainSettings
+
+    def __init__(self, settings, *, n_images: int, device: torch.device | str = "cpu", inputs: dict[str, Any] | None = None):
+        self.settings = settings
+        self.n_images = n_images
+        self.device = torch.device(device)
+        self.inputs = inputs or {}
+        self.notes: list[str] = []  # lines the engine shows on stderr
+
+    @property
+    def eps(self) -> float | None:
+        """The attack budget of a robust method (None: not adversarially trained)."""
+        return getattr(self.settings, "eps", None)
+
+    def model_config(self, arch: str) -> dict:
+        """ModelConfig fields of the network this method trains."""
+        raise NotImplementedError
+
+    def step(self, model, batch: Tensor, indices: Tensor, gen: torch.Generator, ctx) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of one global batch (uint8 images, their dataset indices) and its parts."""
+        raise NotImplementedError
+
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        s = self.settings
+        return build_optimizer(s.optimizer, params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, eta=s.lars_eta)
+
+    def schedule(self):
+        """The learning-rate schedule: by default AdvCL's warm-up + cosine per epoch (warm-up
+        for 10 epochs when the batch exceeds 256, the paper's rule)."""
+        s = self.settings
+        warmup = s.warmup_epochs if s.warmup_epochs is not None else (10 if s.batch_size > 256 else 0)
+        return WarmupCosine(base_lr=s.lr, epochs=s.epochs, warmup_epochs=min(warmup, s.epochs),
+                            warmup_from=s.warmup_from, min_ratio=s.min_lr_ratio)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before every epoch (0-based), also after a resume."""
+
+    def after_step(self, model) -> None:
+        """Called after every optimizer step."""
+
+    def state(self) -> dict[str, Tensor]:
+        """The method's own tensors to keep in the resume state."""
+        return {}
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        """Restore what ``state`` returned."""
+
+
+class ContrastiveSettings(BaseModel):
+    """The SupCon / NT-Xent temperature (SupContrast's loss scaling included)."""
+
+    temperature: float = option(0.5, "Contrastive temperature.", gt=0)
+    base_temperature: float = option(0.07, "The loss is scaled by temperature / base-temperature (SupContrast's loss).", gt=0)
+
+
+class CosineSettings(BaseModel):
+    """AdvCL's warm-up + cosine schedule (``Method.schedule``'s default)."""
+
+    warmup_from: float = option(0.01, "Learning rate at the start of the warm-up.", ge=0)
+    min_lr_ratio: float = option(1e-3, "The cosine decays to lr times this.", ge=0)
