@@ -77,3 +77,66 @@ def test_unknown_arch_and_config_round_trip():
             ModelConfig.from_dict({**cfg.to_dict(), field: bad})
     with pytest.raises(CheckpointError, match="not a table"):
         ModelConfig.from_dict(["resnet18"])
+
+
+def test_normalisation_inside_the_model_is_imagenets_and_survives_the_checkpoint(tmp_path):
+    from advcl_cli.checkpoint import load_checkpoint, save_model
+    from advcl_cli.models import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(0)
+    plain = create_model("resnet18-tiny", bn_sets=("normal", "pgd")).eval()
+    normed = create_model("resnet18-tiny", bn_sets=("normal", "pgd"), mean=IMAGENET_MEAN, std=IMAGENET_STD).eval()
+    normed.load_state_dict(plain.state_dict())  # the same weights: the state dict has no normalisation
+    x = torch.rand(3, 3, 32, 32)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(normed.features(x, "pgd"), plain.features((x - mean) / std, "pgd"))
+    assert not torch.allclose(normed.features(x), plain.features(x))
+    clf = backbone_with_bn_set(normed, "pgd", num_classes=4).eval()  # finetuning keeps it
+    assert clf.config.mean == IMAGENET_MEAN and clf.config.std == IMAGENET_STD
+    path = save_model(tmp_path / "m.safetensors", clf, kind="classifier", method="acl", dataset="digits")
+    rebuilt = load_checkpoint(path).build()
+    torch.testing.assert_close(rebuilt(x), clf(x))
+    torch.testing.assert_close(rebuilt.features(x), plain.features((x - mean) / std, "pgd"))
+
+
+def test_the_acl_projection_head_has_three_layers_with_a_bn_per_set():
+    torch.manual_seed(0)
+    net = create_model("resnet18-tiny", bn_sets=("normal", "pgd"), proj_dim=64, proj_head="mlp3")
+    keys = [k for k in net.state_dict() if k.startswith("proj.")]
+    assert {k.split(".")[1] for k in keys} == {"fc1", "bn1", "fc2", "bn2", "fc3", "bn3"}
+    assert net.proj.fc1.bias is not None and net.proj.fc2.bias is None and net.proj.fc3.bias is None
+    assert "proj.bn2.sets.pgd.running_mean" in keys and "proj.bn3.sets.normal.weight" in keys
+    net.train()
+    feat = torch.randn(8, 64)
+    z = net.project(feat, "pgd")
+    assert z.shape == (8, 64)
+    assert torch.all(net.proj.bn1.sets["normal"].running_mean == 0)  # only the pgd set moved
+    assert not torch.all(net.proj.bn1.sets["pgd"].running_mean == 0)
+    by_hand = net.proj.bn3.sets["pgd"](net.proj.fc3(torch.relu(net.proj.bn2.sets["pgd"](net.proj.fc2(
+        torch.relu(net.proj.bn1.sets["pgd"](net.proj.fc1(feat))))))))
+    torch.testing.assert_close(net.project(feat, "pgd"), by_hand)
+
+
+def test_backbone_with_several_bn_sets_keeps_them_in_order():
+    torch.manual_seed(0)
+    enc = create_model("resnet18-tiny", bn_sets=("normal", "pgd", "pgd_ce"), proj_dim=8)
+    enc.train()
+    enc.features(torch.rand(8, 3, 32, 32), bn="pgd")
+    two = backbone_with_bn_set(enc, ("normal", "pgd"), num_classes=3)
+    assert two.config.bn_sets == ("normal", "pgd") and two.proj is None
+    enc.eval(), two.eval()
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(two.features(x, "pgd"), enc.features(x, "pgd"))
+
+
+def test_new_model_fields_round_trip_and_are_checked():
+    cfg = ModelConfig("resnet18-tiny", bn_sets=("normal", "pgd"), proj_dim=512, proj_head="mlp3",
+                      mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    for field, bad in [("proj_head", "mlp9"), ("mean", [0.5, 0.5]), ("std", [1, 0, 1]), ("mean", "imagenet")]:
+        with pytest.raises(CheckpointError, match=f"bad model field '{field}'"):
+            ModelConfig.from_dict({**cfg.to_dict(), field: bad})
+    with pytest.raises(CheckpointError, match="both mean and std"):
+        ModelConfig.from_dict({**cfg.to_dict(), "std": None})
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("proj_head", "mean", "std")}  # a file of the first version
+    assert ModelConfig.from_dict(old).proj_head == "mlp2" and ModelConfig.from_dict(old).mean is None

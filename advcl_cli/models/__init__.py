@@ -2,6 +2,8 @@
 
 from .resnet import (
     ARCHS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     AdvclNet,
     ModelConfig,
     MultiBatchNorm2d,
@@ -12,6 +14,8 @@ from .resnet import (
 
 __all__ = [
     "ARCHS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "AdvclNet",
     "ModelConfig",
     "MultiBatchNorm2d",

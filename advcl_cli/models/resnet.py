@@ -1,14 +1,24 @@
 """The paper's CIFAR ResNet-18 with named batch-norm sets, and the heads around it.
 
-The backbone is the CIFAR variant (3x3 stride-1 stem, no max-pool) that AdvCL uses. Every BN
-layer of the backbone holds one BatchNorm per named set ("normal", "pgd", "pgd_ce" for AdvCL);
-the set is chosen per forward call, so clean and adversarial views keep separate statistics
-while sharing every convolution. Inputs are [0, 1] pixels; AdvCL uses no normalisation layer.
+The backbone is the CIFAR variant (3x3 stride-1 stem, no max-pool) that AdvCL and the ACL
+family use. Every BN layer of the backbone holds one BatchNorm per named set ("normal", "pgd",
+"pgd_ce" for AdvCL; "normal", "pgd" for the ACL family); the set is chosen per forward call, so
+clean and adversarial views keep separate statistics while sharing every convolution. Inputs
+are [0, 1] pixels; a model may normalise them inside (``mean``/``std``: the ACL family uses
+ImageNet's, AdvCL none), so every checkpoint takes [0, 1] images.
+
+Projection heads (``proj_head``):
+
+- ``mlp2`` (AdvCL, SimCLR): Linear(d, d) - BatchNorm1d - ReLU - Linear(d, proj_dim), then L2
+  normalisation; one BatchNorm shared by every view;
+- ``mlp3`` (the ACL family): Linear(d, d) + BN + ReLU, Linear(d, d, no bias) + BN + ReLU,
+  Linear(d, proj_dim, no bias) + BN, each BN with the model's BN sets (chosen per call like the
+  backbone's); not normalised (the NT-Xent loss normalises).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +39,12 @@ class ModelConfig:
 
     arch: str = "resnet18"
     bn_sets: tuple[str, ...] = ("normal",)
-    proj_dim: int | None = None  # projection head output (128 for contrastive methods)
+    proj_dim: int | None = None  # projection head output (128 for AdvCL/SimCLR, 512 for ACL)
+    proj_head: str = "mlp2"  # mlp2 (AdvCL, SimCLR) or mlp3 (the ACL family); see the module's docstring
     pseudo_ks: tuple[int, ...] = ()  # one linear head per k (AdvCL: 2, 10, 50, 100, 500)
     num_classes: int | None = None  # linear classifier head
+    mean: tuple[float, ...] | None = None  # input normalisation inside the model (RGB), or none
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -40,17 +53,22 @@ class ModelConfig:
             )
         if not self.bn_sets:
             raise CheckpointError("a model needs at least one batch-norm set")
+        if self.proj_head not in PROJ_HEADS:
+            raise CheckpointError(f"unknown projection head '{self.proj_head}'", f"choose one of: {', '.join(PROJ_HEADS)}")
+        if (self.mean is None) != (self.std is None):
+            raise CheckpointError("a model's normalisation needs both mean and std")
         object.__setattr__(self, "bn_sets", tuple(self.bn_sets))
         object.__setattr__(self, "pseudo_ks", tuple(int(k) for k in self.pseudo_ks))
+        for name in ("mean", "std"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
 
     @property
     def feature_dim(self) -> int:
         return ARCHS[self.arch][0] * 8
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["bn_sets"], d["pseudo_ks"] = list(self.bn_sets), list(self.pseudo_ks)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -67,8 +85,18 @@ class ModelConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PROJ_HEADS = ("mlp2", "mlp3")
+
+
 def _count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _rgb(v) -> bool:
+    return v is None or (isinstance(v, (list, tuple)) and len(v) == 3
+                         and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x == x for x in v))
 
 
 _FIELD_CHECKS = {  # ModelConfig field -> (test, what it should be)
@@ -77,15 +105,18 @@ _FIELD_CHECKS = {  # ModelConfig field -> (test, what it should be)
     "proj_dim": (lambda v: v is None or _count(v), "null or a positive integer"),
     "pseudo_ks": (lambda v: isinstance(v, (list, tuple)) and all(_count(k) for k in v), "a list of positive integers"),
     "num_classes": (lambda v: v is None or _count(v), "null or a positive integer"),
+    "proj_head": (lambda v: v in PROJ_HEADS, "one of " + ", ".join(PROJ_HEADS)),
+    "mean": (_rgb, "null or three numbers"),
+    "std": (lambda v: _rgb(v) and (v is None or all(x > 0 for x in v)), "null or three positive numbers"),
 }
 
 
 class MultiBatchNorm2d(nn.Module):
-    """One BatchNorm2d per named set; ``forward(x, bn)`` uses set ``bn``."""
+    """One BatchNorm2d (or 1d) per named set; ``forward(x, bn)`` uses set ``bn``."""
 
-    def __init__(self, channels: int, sets: tuple[str, ...]):
+    def __init__(self, channels: int, sets: tuple[str, ...], norm=nn.BatchNorm2d):
         super().__init__()
-        self.sets = nn.ModuleDict({name: nn.BatchNorm2d(channels) for name in sets})
+        self.sets = nn.ModuleDict({name: norm(channels) for name in sets})
 
     def forward(self, x: torch.Tensor, bn: str) -> torch.Tensor:
         return self.sets[bn](x)
@@ -140,7 +171,7 @@ class ResNetBackbone(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """Linear(d, d) - BatchNorm1d - ReLU - Linear(d, out), then L2 normalisation."""
+    """``mlp2``: Linear(d, d) - BatchNorm1d - ReLU - Linear(d, out), then L2 normalisation."""
 
     def __init__(self, dim: int, out: int):
         super().__init__()
@@ -148,8 +179,25 @@ class ProjectionHead(nn.Module):
             nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True), nn.Linear(dim, out)
         )
 
-    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+    def forward(self, feat: torch.Tensor, bn: str | None = None) -> torch.Tensor:
         return F.normalize(self.net(feat), dim=1)
+
+
+class MultiBNProjectionHead(nn.Module):
+    """``mlp3``: three Linear + BN layers (ReLU between), each BN with the model's BN sets."""
+
+    def __init__(self, dim: int, out: int, sets: tuple[str, ...]):
+        super().__init__()
+        self.default = sets[0]
+        self.fc1, self.bn1 = nn.Linear(dim, dim), MultiBatchNorm2d(dim, sets, nn.BatchNorm1d)
+        self.fc2, self.bn2 = nn.Linear(dim, dim, bias=False), MultiBatchNorm2d(dim, sets, nn.BatchNorm1d)
+        self.fc3, self.bn3 = nn.Linear(dim, out, bias=False), MultiBatchNorm2d(out, sets, nn.BatchNorm1d)
+
+    def forward(self, feat: torch.Tensor, bn: str | None = None) -> torch.Tensor:
+        bn = bn or self.default
+        x = F.relu(self.bn1(self.fc1(feat), bn))
+        x = F.relu(self.bn2(self.fc2(x), bn))
+        return self.bn3(self.fc3(x), bn)
 
 
 class AdvclNet(nn.Module):
@@ -163,7 +211,13 @@ class AdvclNet(nn.Module):
         width, blocks = ARCHS[config.arch]
         self.backbone = ResNetBackbone(width, blocks, config.bn_sets)
         d = self.backbone.out_dim
-        self.proj = ProjectionHead(d, config.proj_dim) if config.proj_dim else None
+        if config.mean is not None:  # not in the state dict: the config says it
+            self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        self.proj = None
+        if config.proj_dim:
+            mlp3 = config.proj_head == "mlp3"
+            self.proj = MultiBNProjectionHead(d, config.proj_dim, config.bn_sets) if mlp3 else ProjectionHead(d, config.proj_dim)
         self.pseudo = (
             nn.ModuleDict({f"k{k}": nn.Linear(d, k) for k in config.pseudo_ks})
             if config.pseudo_ks
@@ -176,10 +230,14 @@ class AdvclNet(nn.Module):
         return self.config.bn_sets[0]
 
     def features(self, x: torch.Tensor, bn: str | None = None) -> torch.Tensor:
+        """The backbone feature of [0, 1] images (normalised first when the model says so)."""
+        if self.config.mean is not None:
+            x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         return self.backbone(x, bn or self.default_bn)
 
-    def project(self, feat: torch.Tensor) -> torch.Tensor:
-        return self.proj(feat)
+    def project(self, feat: torch.Tensor, bn: str | None = None) -> torch.Tensor:
+        """The projection head (``bn`` chooses the set of an ``mlp3`` head; ``mlp2`` has one)."""
+        return self.proj(feat, bn)
 
     def pseudo_logits(self, feat: torch.Tensor) -> list[torch.Tensor]:
         return [head(feat) for head in self.pseudo.values()]
@@ -194,23 +252,26 @@ def create_model(arch: str = "resnet18", **kwargs) -> AdvclNet:
     return AdvclNet(ModelConfig(arch=arch, **kwargs))
 
 
-def backbone_with_bn_set(model: AdvclNet, bn: str, **heads) -> AdvclNet:
-    """A single-BN-set copy of ``model``'s backbone using set ``bn``, with new ``heads``
-    (ModelConfig fields such as num_classes). Used to finetune from the "pgd" set."""
-    if bn not in model.config.bn_sets:
+def backbone_with_bn_set(model: AdvclNet, bn: str | tuple[str, ...], **heads) -> AdvclNet:
+    """A copy of ``model``'s backbone (and normalisation) keeping only BN set ``bn`` (or the
+    sets of a tuple, in that order), with new ``heads`` (ModelConfig fields such as num_classes)
+    and none of the pretraining heads. Used to finetune from the "pgd" set."""
+    keep = (bn,) if isinstance(bn, str) else tuple(bn)
+    missing = [name for name in keep if name not in model.config.bn_sets]
+    if missing:
         raise CheckpointError(
-            f"the encoder has no batch-norm set '{bn}'",
+            f"the encoder has no batch-norm set '{missing[0]}'",
             f"its sets are: {', '.join(model.config.bn_sets)}",
         )
-    new = create_model(model.config.arch, bn_sets=(bn,), **heads)
-    src = model.backbone.state_dict()
+    fields = dict(bn_sets=keep, proj_dim=None, proj_head="mlp2", pseudo_ks=(), num_classes=None)
+    new = AdvclNet(replace(model.config, **{**fields, **heads}))
     marker = ".sets."
-    keep = {
+    state = {
         k: v
-        for k, v in src.items()
-        if marker not in k or k.split(marker)[1].split(".")[0] == bn
+        for k, v in model.backbone.state_dict().items()
+        if marker not in k or k.split(marker)[1].split(".")[0] in keep
     }
-    new.backbone.load_state_dict(keep, strict=True)
+    new.backbone.load_state_dict(state, strict=True)
     return new
 
 
@@ -218,7 +279,10 @@ __all__ = [
     "ARCHS",
     "ModelConfig",
     "AdvclNet",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "MultiBatchNorm2d",
+    "MultiBNProjectionHead",
     "ProjectionHead",
     "create_model",
     "backbone_with_bn_set",
