@@ -1,6 +1,6 @@
 """advcl: adversarial contrastive pretraining (AdvCL), robust finetuning, attacks and a model zoo."""
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def load_model(name_or_path: str, device: str = "cpu"):

@@ -187,10 +187,10 @@ class FinetuneSettings(DataSettings):
         "slf", "slf (frozen encoder, clean images), alf (frozen encoder, PGD-10 images) or aff (whole network, TRADES).",
         short="-s")
     out: Path | None = option(None, "Run folder (default runs/METHOD-SCHEME-DATASET-SHA8).", short="-o")
-    epochs: int = option(25, "Epochs.", ge=1)
-    batch_size: int | None = option(None, "Batch size (default 512 for slf/alf, 128 for aff).", short="-b", ge=1)
-    lr: float | None = option(None, "Learning rate (default 0.01 for slf/alf, 0.1 for aff).", gt=0)
-    milestones: IntList | None = option(None, "Epochs where lr is multiplied by 0.1 (default 10,20 for slf/alf, 15,20 for aff).",
+    epochs: int | None = option(None, "Epochs (default: the protocol's, see above).", ge=1)
+    batch_size: int | None = option(None, "Batch size (default: the protocol's).", short="-b", ge=1)
+    lr: float | None = option(None, "Learning rate (default: the protocol's).", gt=0)
+    milestones: IntList | None = option(None, "Epochs where lr is multiplied by 0.1 (default: the protocol's).",
                                         metavar="E,E,...")
     momentum: float = option(0.9, "SGD momentum.", ge=0)
     weight_decay: float = option(2e-4, "Weight decay.", ge=0)
@@ -200,7 +200,8 @@ class FinetuneSettings(DataSettings):
     trades_beta: float = option(6.0, "TRADES beta (aff).", ge=0)
     val_fraction: float = option(0.0, "Hold out this part of the training split and keep the epoch with the best "
                                       "PGD-20 accuracy on it (default 0: keep the last epoch).", ge=0, lt=1)
-    bn_set: str = option("pgd", "The encoder's batch-norm set to start from (an encoder without it uses its only set).")
+    bn_set: str | None = option(None, "The encoder's batch-norm set to start from (default: pgd, or its only set; "
+                                      "AFF of an ACL-family encoder keeps normal and pgd).")
     eval_limit: int | None = option(None, "Test images for the final clean / PGD-20 accuracy (default all).", ge=1)
     precision: Precision = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from advcl_cli.config import resolve
 from advcl_cli.attacks.pgd import trades_adversary, trades_loss
 from advcl_cli.checkpoint import load_checkpoint, read_metadata, save_model, sha256_file
-from advcl_cli.engine.finetune import finetune, split_validation, with_scheme_defaults
+from advcl_cli.engine.finetune import finetune, protocol, split_validation, with_protocol
 from advcl_cli.engine.report import Reporter
 from advcl_cli.errors import DataError, UsageError
 from advcl_cli.models import backbone_with_bn_set, create_model
@@ -100,18 +100,20 @@ def test_checkpoint_metadata(encoder, tmp_path):
     assert meta.kind == "classifier" and meta.method == "advcl" and meta.dataset == "digits"
     assert meta.parent == sha256_file(encoder.path)
     assert meta.config["scheme"] == "alf"
-    assert (meta.config["batch_size"], meta.config["lr"], meta.config["milestones"]) == (32, 0.01, [10, 20])
+    assert (meta.config["batch_size"], meta.config["lr"], meta.config["milestones"]) == (32, 0.01, [15, 20])
     assert meta.metrics["n_eval"] == 8 and meta.metrics["selection"] == "last epoch"
     assert 0 <= meta.metrics["pgd20_acc"] <= meta.metrics["clean_acc"] <= 1
     assert meta.eps == pytest.approx(8 / 255) and meta.num_classes == 10
     assert (tmp_path / "m" / "metrics.jsonl").read_text().count("\n") == 1
 
 
-def test_scheme_defaults():
-    aff = with_scheme_defaults(resolve(FinetuneSettings, dict(scheme="aff")))
+def test_protocol_defaults_come_from_the_encoders_method_unless_given():
+    aff = with_protocol(resolve(FinetuneSettings, dict(scheme="aff")), "advcl", "cifar10")
     assert (aff.batch_size, aff.lr, aff.milestones, aff.epochs) == (128, 0.1, [15, 20], 25)
-    slf = with_scheme_defaults(resolve(FinetuneSettings, dict(scheme="slf", lr=0.05)))
-    assert (slf.batch_size, slf.lr, slf.milestones, slf.weight_decay) == (512, 0.05, [10, 20], 2e-4)
+    slf = with_protocol(resolve(FinetuneSettings, dict(scheme="slf", lr=0.05)), "advcl", "cifar10")
+    assert (slf.batch_size, slf.lr, slf.milestones, slf.weight_decay, slf.epochs) == (512, 0.05, [15, 20], 2e-4, 25)
+    assert protocol("simclr", "alf", "cifar100")["lr"] == 0.01  # the benchmark's default
+    assert protocol("no-such-method", "aff", "cifar10")["batch_size"] == 128
 
 
 def test_validation_split_selects_an_epoch_off_the_test_set(encoder, tmp_path):

@@ -111,12 +111,13 @@ def trades_kl(logits_adv: Tensor, p_nat: Tensor) -> Tensor:
 
 
 def trades_adversary(model: nn.Module, x: Tensor, eps: float, steps: int = 10, step_size: float = 2 / 255,
-                     gen: torch.Generator | None = None) -> Tensor:
+                     gen: torch.Generator | None = None, natural: nn.Module | None = None) -> Tensor:
     """TRADES' inner maximisation: start at ``x + 0.001 N(0, 1)`` and ascend the summed KL
-    between the model's softmax on ``x`` (computed once) and on ``x_adv``."""
+    between the softmax on ``x`` (computed once, by ``natural`` when given: the clean route of a
+    dual-BN model) and the model's softmax on ``x_adv``."""
     x = x.detach()
     with torch.no_grad():
-        p_nat = F.softmax(model(x).float(), dim=1)
+        p_nat = F.softmax((natural or model)(x).float(), dim=1)
     start = x + 0.001 * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
     return iterative_attack(model, x, p_nat, eps, steps, step_size, loss_fn=trades_kl, start=start)
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import __version__
+from ..version import __version__
 from ..errors import AdvclError
 from . import attack, evaluate, finetune, imports, pretrain, pseudo_labels, pull, push, zoo
 from .options import documented
@@ -43,9 +43,9 @@ def root(
 
 
 def build_app(verb: str | None = None) -> typer.Typer:
-    """The `advcl` command. The methods' options of `advcl pretrain` are built only when
-    ``verb`` is "pretrain": they import every method (and torch), which the other verbs and
-    the command list do not need."""
+    """The `advcl` command. The methods' options of `advcl pretrain` (and their finetuning
+    protocols in `advcl finetune --help`) are built only when ``verb`` is that command: they
+    import every method (and torch), which the other verbs and the command list do not need."""
     app = typer.Typer(
         name="advcl",
         help=HELP,
@@ -59,7 +59,7 @@ def build_app(verb: str | None = None) -> typer.Typer:
     app.command("pretrain")(pretrain.command(full=verb == "pretrain"))
     app.add_typer(pseudo_labels.app, name="pseudo-labels")
     app.command("import")(imports.import_checkpoint)
-    app.command("finetune")(finetune.finetune)
+    app.command("finetune")(finetune.command(full=verb == "finetune"))
     app.command("attack")(attack.attack)
     app.command("eval")(evaluate.evaluate)
     app.command("pull")(pull.pull)

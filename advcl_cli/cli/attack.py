@@ -41,21 +41,13 @@ def attack(model: ModelArg = None, out: OutOpt = Path("adv.safetensors"), grid: 
       from safetensors import safe_open
       f = safe_open("adv.safetensors", "pt"); x_adv = f.get_tensor("adversarial")
     """
-    import json
-
-    from safetensors.torch import save_file
-
-    from ..attacks import get_attack
-    from ..checkpoint import atomic_write, load_checkpoint
-    from ..data.augment import to_float
-    from ..engine.device import resolve_device
-    from ..engine.evaluate import adversarial_examples, load_test_data, robust_correct
+    from ..checkpoint import load_checkpoint
     from ..config import resolve
+    from ..engine.attack import attack_test_images, save_attacked
     from ..settings import format_eps
 
     output = Output(json_output)
     settings = resolve(AttackSettings, options, config_file=config, warn=output.warn)
-    spec = get_attack(settings.attack)
     if grid is not None:
         from ..plots import require_matplotlib
 
@@ -63,44 +55,20 @@ def attack(model: ModelArg = None, out: OutOpt = Path("adv.safetensors"), grid: 
     path = model_path(model)
     _check_outputs(path, {"--out": out, "--grid": grid}, force)
     ckpt = load_checkpoint(path, kind="classifier")
-    dev = resolve_device(settings.device)
-    data = load_test_data(
-        ckpt, settings.dataset, limit=settings.n, image_size=settings.image_size,
-        data_dir=settings.data_dir, download=settings.download,
-    )
-    output.log(f"{spec.name}: {spec.description}")
     reporter = output.reporter()
     try:
-        res = adversarial_examples(
-            ckpt.build(dev), to_float(data.images), data.labels, spec, settings.eps,
-            device=dev, seed=settings.seed, reporter=reporter,
-        )
+        attacked = attack_test_images(ckpt, settings, reporter)
     finally:
         reporter.finish()
-    count = len(data)
-    meta = {
-        "model": str(path),
-        "sha256": ckpt.sha256,
-        "attack": spec.name,
-        "attack_settings": spec.description,
-        "eps": settings.eps,
-        "dataset": data.name,
-        "split": "test",
-        "n": count,
-        "seed": settings.seed,
-        "clean_acc": (res["clean_pred"] == res["labels"]).sum().item() / count,
-        "adv_acc": robust_correct(res["clean_pred"], res["adv_pred"], res["labels"]).sum().item() / count,
-        "classes": data.classes,
-    }
-    tensors = {k: v.contiguous() for k, v in res.items()}
-    atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata={"advcl_attack": json.dumps(meta)}))
-    output.log(f"clean accuracy {meta['clean_acc']:.2%}, under {spec.name} {meta['adv_acc']:.2%} ({count} images)")
+    meta, res = attacked.meta, attacked.tensors
+    save_attacked(out, attacked)
+    output.log(f"clean accuracy {meta['clean_acc']:.2%}, under {meta['attack']} {meta['adv_acc']:.2%} ({meta['n']} images)")
     if grid is not None:
         from ..plots import adversarial_grid
 
         adversarial_grid(
-            res["clean"], res["adversarial"], res["labels"], res["clean_pred"], res["adv_pred"], data.classes,
-            settings.eps, grid, title=f"{path.name}: {spec.name}, eps {format_eps(settings.eps)}",
+            res["clean"], res["adversarial"], res["labels"], res["clean_pred"], res["adv_pred"], attacked.classes,
+            settings.eps, grid, title=f"{path.name}: {meta['attack']}, eps {format_eps(settings.eps)}",
         )
         output.log(f"wrote {grid}")
     if json_output:

@@ -6,10 +6,17 @@ No ``from __future__ import annotations``: Typer reads the annotations at defini
 from ..settings import FinetuneSettings
 from .options import ConfigOpt, ForceOpt, JsonOpt, ModelArg, ResumeOpt, model_path, settings_options, with_options
 
+PROTOCOL_NOTE = (
+    "Epochs, batch size, lr and milestones default to the RobustSSL protocol for the encoder's method "
+    "(the method recorded in its checkpoint); flags, the config file and ADVCL_* variables override them."
+)
+
 
 def finetune(checkpoint: ModelArg = None, resume: ResumeOpt = False, force: ForceOpt = False, config: ConfigOpt = None,
              json_output: JsonOpt = False, **options) -> None:
     """Finetune a pretrained encoder into a classifier; print the classifier's path.
+
+    PROTOCOL
 
     The run folder gets classifier.safetensors, state.safetensors (resume state, every epoch)
     and metrics.jsonl. The classifier's metadata records the scheme and its settings, the
@@ -39,7 +46,39 @@ def finetune(checkpoint: ModelArg = None, resume: ResumeOpt = False, force: Forc
     run_and_print(run_finetune, settings, parent, json_output=json_output, resume=resume, force=force, summary=_summary)
 
 
-with_options(finetune, settings_options(FinetuneSettings))
+DOC = finetune.__doc__
+
+
+def protocol_help() -> str:
+    """The protocol's defaults and each method's own, for the help text (imports the methods)."""
+    from ..engine.finetune import PROTOCOL, SCHEMES
+    from ..methods import get_method, method_names
+
+    def describe(values: dict) -> str:
+        parts = []
+        for key, value in values.items():
+            if key == "lr" and isinstance(value, dict):
+                value = ", ".join(f"{v} on {d}" if d != "*" else str(v) for d, v in value.items())
+            elif key == "milestones":
+                value = ",".join(map(str, value))
+            elif key == "dual_bn":
+                if value:
+                    parts.append("clean images through the normal BN set and adversarial ones through pgd")
+                continue
+            parts.append(f"{key.replace('_', ' ')} {value}")
+        return ", ".join(parts)
+
+    lines = [f"      every method  {scheme}: {describe(PROTOCOL[scheme])}" for scheme in SCHEMES]
+    for name in method_names():
+        own = get_method(name).finetune_protocol
+        lines += [f"      {name:<13} {scheme}: {describe(values)}" for scheme, values in own.items()]
+    return "\n\n    \b\n" + "\n".join(lines)
+
+
+def command(full: bool):
+    """`advcl finetune`; ``full`` lists each method's protocol in the help (importing them)."""
+    finetune.__doc__ = DOC.replace("PROTOCOL", PROTOCOL_NOTE + (protocol_help() if full else ""), 1)
+    return with_options(finetune, settings_options(FinetuneSettings))
 
 
 def _summary(m: dict) -> str:

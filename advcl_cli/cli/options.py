@@ -114,7 +114,9 @@ def with_options(func, params: list[inspect.Parameter]):
     """``func`` with ``params`` appended to its signature (Typer reads the signature) and its
     docstring reflowed; the function receives them in ``**options``."""
     documented(func)
-    sig = inspect.signature(func)
+    if not hasattr(func, "_own_signature"):  # the function's own parameters, before any options were added
+        func._own_signature = inspect.signature(func)
+    sig = func._own_signature
     own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     func.__signature__ = sig.replace(parameters=own + params)
     func.__annotations__ = {p.name: p.annotation for p in own + params}

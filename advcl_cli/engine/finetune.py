@@ -1,6 +1,7 @@
-"""Robust finetuning of a pretrained encoder: SLF, ALF and AFF.
+"""Robust finetuning of a pretrained encoder: the SLF, ALF and AFF schemes.
 
-Schemes (the protocol of the AdvCL paper and the RobustSSL benchmark):
+Schemes (the protocol of the AdvCL paper and the RobustSSL benchmark), one object each with
+its model and its step:
 
 - ``slf`` standard linear finetuning: the encoder is frozen and stays in eval mode; a linear
   head is trained with cross-entropy on clean images.
@@ -9,15 +10,20 @@ Schemes (the protocol of the AdvCL paper and the RobustSSL benchmark):
 - ``aff`` adversarial full finetuning: the whole network trains with TRADES (beta 6): the
   adversary (10 steps of 2/255 from ``x + 0.001 N(0, 1)`` on the summed KL) runs with the model
   in eval mode, then the clean and adversarial forward passes run in train mode and the loss is
-  ``CE(f(x), y) + beta * KL_sum(f(x_adv) || f(x)) / B``.
+  ``CE(f(x), y) + beta * KL_sum(f(x_adv) || f(x)) / B``. With ``dual_bn`` (the ACL family)
+  the network keeps the encoder's "normal" and "pgd" BN sets: clean images go through
+  "normal", adversarial ones through "pgd", and the classifier keeps "pgd" at the end.
 
-Facts matched from the reference finetuning code (RobustSSL ``finetuning_utils.py``, AdvCL
+Facts matched from the reference finetuning code (RobustSSL ``utils.py``, AdvCL
 ``finetuning_advCL_SLF.py``): training images get RandomCrop(padding 4) + horizontal flip,
 test images none; SGD with momentum 0.9 and weight decay 2e-4 on the trained parameters only
-(the head for SLF/ALF); the rate is multiplied by 0.1 at each milestone epoch. Defaults:
-SLF/ALF batch 512, lr 0.01, milestones 10, 20; AFF batch 128, lr 0.1, milestones 15, 20;
-25 epochs. Finetuning starts from the encoder's "pgd" BN set when it has one (AdvCL), else its
-only set (SimCLR); a classifier checkpoint (e.g. from SLF) can be finetuned again (e.g. AFF).
+(the head for SLF/ALF); the rate is multiplied by 0.1 at each milestone epoch.
+
+Defaults (``protocol``): the benchmark's (``PROTOCOL``: 25 epochs, decay at 15 and 20;
+SLF/ALF batch 512, lr 0.01; AFF batch 128, lr 0.1), overridden by the encoder's method
+(``Method.finetune_protocol``: ACL's SLF/ALF decay at 10 and 20, its AFF 100 epochs, ...),
+overridden by the settings given. Finetuning starts from the encoder's "pgd" BN set when it
+has one, else its only set; a classifier checkpoint (e.g. from SLF) can be finetuned again.
 
 No model selection on the test set: the last epoch is kept, or with ``val_fraction`` that part
 of the training split is held out and the epoch with the best PGD-20 accuracy on it is kept.
@@ -32,35 +38,53 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..attacks.pgd import pgd, trades_adversary, trades_objective
-from ..checkpoint import Checkpoint, save_model, unwrap
+from ..checkpoint import Checkpoint, load_checkpoint, save_model, unwrap
+from ..data.augment import crop_flip_view
+from ..data.batches import Batches
+from ..data.registry import load_dataset
 from ..errors import DataError, UsageError
+from ..methods import method_for
+from ..models import backbone_with_bn_set
+from ..optim import MultiStep
 from .device import autocast, resolve_device, resolve_precision
-from .distributed import init_distributed, local_slice, prepare_model, reduce_mean, shutdown, sync_gradients
+from .distributed import init_distributed, local_slice, prepare_model, shutdown
 from .evaluate import evaluate
-from .report import Reporter
-from .run import FiniteGuard, RunDir, RunResult, check_resume_config, epoch_generator, load_split, open_run, restore
-from ..optim import MultiStep, set_lr
+from .loop import Loop
+from .report import Reporter, plural
+from .run import RunDir, RunResult, check_resume_config, load_split, open_run, restore
 
 CLASSIFIER_FILE = "classifier.safetensors"
-LOG_EVERY = 10
-SCHEME_DEFAULTS = {
-    "slf": {"batch_size": 512, "lr": 0.01, "milestones": [10, 20]},
-    "alf": {"batch_size": 512, "lr": 0.01, "milestones": [10, 20]},
-    "aff": {"batch_size": 128, "lr": 0.1, "milestones": [15, 20]},
+PROTOCOL: dict[str, dict[str, Any]] = {  # the RobustSSL benchmark's defaults (REFERENCE.md)
+    "slf": {"epochs": 25, "batch_size": 512, "lr": 0.01, "milestones": [15, 20]},
+    "alf": {"epochs": 25, "batch_size": 512, "lr": 0.01, "milestones": [15, 20]},
+    "aff": {"epochs": 25, "batch_size": 128, "lr": 0.1, "milestones": [15, 20], "dual_bn": False},
 }
+FILLED = ("epochs", "batch_size", "lr", "milestones")
 # settings that may change on --resume (they do not change what is trained)
 RESUME_MAY_CHANGE = {"device", "precision", "out", "data_dir", "download", "eval_limit"}
 
 
-def with_scheme_defaults(settings):
-    """The settings with batch size, lr and milestones filled in from the scheme."""
-    fill = {k: v for k, v in SCHEME_DEFAULTS[settings.scheme].items() if getattr(settings, k) is None}
+def protocol(method: str, scheme: str, dataset: str) -> dict[str, Any]:
+    """The finetuning defaults for an encoder of ``method``: the benchmark's, then the method's
+    own (``Method.finetune_protocol``); an ``lr`` given per dataset is picked for ``dataset``."""
+    cls = method_for(method)
+    values = {**PROTOCOL[scheme], **(cls.finetune_protocol.get(scheme, {}) if cls is not None else {})}
+    if isinstance(values["lr"], dict):
+        values["lr"] = values["lr"].get(str(dataset).lower(), values["lr"]["*"])
+    return values
+
+
+def with_protocol(settings, method: str, dataset: str):
+    """The settings with epochs, batch size, lr and milestones filled in from ``protocol``."""
+    values = protocol(method, settings.scheme, dataset)
+    fill = {k: values[k] for k in FILLED if getattr(settings, k) is None}
     return settings.model_copy(update=fill) if fill else settings
 
 
@@ -69,11 +93,101 @@ def default_run_dir(settings, parent: Checkpoint) -> Path:
     return Path("runs") / f"{parent.meta.method}-{settings.scheme}-{dataset}-{parent.sha256[:8]}"
 
 
-def build_classifier(parent: Checkpoint, num_classes: int, bn_set: str = "pgd", reporter: Reporter | None = None):
-    """The model to finetune: the encoder's backbone (BN set ``bn_set``, or its only set when it
-    has no "pgd" set and the default was asked for) with a new linear head; a classifier as is."""
-    from ..models import backbone_with_bn_set
+# --- the schemes --------------------------------------------------------------------------------
 
+
+class Scheme:
+    """What a scheme trains and how one batch's loss is computed; ``frozen`` schemes train the
+    head only. ``steps``/``step_size``/``eps``/``beta`` come from the settings."""
+
+    name = ""
+    frozen = True
+
+    def __init__(self, settings, dual_bn: bool = False):
+        self.s = settings
+        self.dual_bn = dual_bn
+
+    def bn_sets(self, sets: tuple[str, ...]) -> str | tuple[str, ...]:
+        """The encoder's BN set(s) to keep while training."""
+        if self.s.bn_set is not None:
+            return self.s.bn_set
+        return "pgd" if "pgd" in sets else sets[0]
+
+    def loss(self, model, x, y, gen, precision, device):
+        """(loss, logits) of one (local) batch of augmented [0, 1] images."""
+        raise NotImplementedError
+
+    def final(self, model):
+        """The classifier to keep once training is over."""
+        return model
+
+    def _head_loss(self, model, x, y, precision, device):
+        model.eval()  # the encoder's BN statistics never move
+        with torch.no_grad(), autocast(precision, device):
+            feat = model.features(x)
+        with autocast(precision, device):
+            logits = model.fc(feat.float())
+        return F.cross_entropy(logits.float(), y), logits
+
+
+class SLF(Scheme):
+    name = "slf"
+
+    def loss(self, model, x, y, gen, precision, device):
+        return self._head_loss(model, x, y, precision, device)
+
+
+class ALF(Scheme):
+    name = "alf"
+
+    def loss(self, model, x, y, gen, precision, device):
+        model.eval()
+        with autocast(precision, device):
+            x = pgd(model, x, y, self.s.eps, self.s.attack_steps, self.s.attack_step_size, gen=gen)
+        return self._head_loss(model, x, y, precision, device)
+
+
+class AFF(Scheme):
+    name = "aff"
+    frozen = False
+
+    def bn_sets(self, sets):
+        if self.dual_bn and self.s.bn_set is None and {"normal", "pgd"} <= set(sets):
+            return ("normal", "pgd")
+        return super().bn_sets(sets)
+
+    def loss(self, model, x, y, gen, precision, device):
+        sets = unwrap(model).config.bn_sets
+        clean, adv = ("normal", "pgd") if sets == ("normal", "pgd") else (None, None)
+        model.eval()
+        with autocast(precision, device):
+            x_adv = trades_adversary(lambda z: model(z, adv), x, self.s.eps, self.s.attack_steps, self.s.attack_step_size,
+                                     gen=gen, natural=lambda z: model(z, clean))
+        model.train()
+        with autocast(precision, device):
+            logits = model(x, clean)
+            return trades_objective(logits, model(x_adv, adv), y, self.s.trades_beta), logits
+
+    def final(self, model):
+        net = unwrap(model)
+        if net.config.bn_sets == ("normal", "pgd"):
+            return _keep_set(net, "pgd")
+        return model
+
+
+def _keep_set(net, bn: str):
+    """The dual-BN classifier as a single-BN one with set ``bn`` (its head kept)."""
+    single = backbone_with_bn_set(net, bn, num_classes=net.config.num_classes)
+    single.fc.load_state_dict(net.fc.state_dict())
+    return single.to(next(net.parameters()).device)
+
+
+SCHEMES = {cls.name: cls for cls in (SLF, ALF, AFF)}
+
+
+def build_classifier(parent: Checkpoint, num_classes: int, scheme: Scheme, reporter: Reporter | None = None):
+    """The model to finetune: the encoder's backbone (the scheme's BN set(s)) with a new linear
+    head; a classifier checkpoint as it is."""
     net = parent.build("cpu")
     if parent.meta.kind == "classifier":
         if net.config.num_classes != num_classes:
@@ -83,11 +197,13 @@ def build_classifier(parent: Checkpoint, num_classes: int, bn_set: str = "pgd", 
             )
         return net
     sets = net.config.bn_sets
-    if bn_set not in sets and bn_set == "pgd":
-        bn_set = sets[0]
-        if reporter is not None and len(sets) > 1:
-            reporter.warn(f"the encoder has no 'pgd' batch-norm set; starting from '{bn_set}'")
-    return backbone_with_bn_set(net, bn_set, num_classes=num_classes)
+    keep = scheme.bn_sets(sets)
+    if scheme.s.bn_set is None and keep == sets[0] and len(sets) > 1 and reporter is not None:
+        reporter.warn(f"the encoder has no 'pgd' batch-norm set; starting from '{keep}'")
+    return backbone_with_bn_set(net, keep, num_classes=num_classes)
+
+
+# --- the engine ---------------------------------------------------------------------------------
 
 
 def _subset(data, idx: torch.Tensor):
@@ -109,17 +225,14 @@ def split_validation(data, fraction: float, seed: int):
 def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, resume: bool = False,
              force: bool = False) -> RunResult:
     """Finetune ``parent`` (an encoder or classifier checkpoint) with ``settings.scheme``."""
-    from ..data.augment import crop_flip_view
-    from ..data.batches import Batches
-    from ..data.registry import load_dataset
-
     reporter = reporter or Reporter()
-    settings = with_scheme_defaults(settings)
-    scheme = settings.scheme
+    dataset = settings.dataset or parent.meta.dataset
+    settings = with_protocol(settings, parent.meta.method, dataset)
+    dual_bn = bool(protocol(parent.meta.method, settings.scheme, dataset).get("dual_bn"))
+    scheme = SCHEMES[settings.scheme](settings, dual_bn=dual_bn)
     device = resolve_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     ctx = init_distributed(device)
-    dataset = settings.dataset or parent.meta.dataset
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(CLASSIFIER_FILE,))
     config = settings.to_config()
     state = open_run(run, ctx, batch_size=settings.batch_size, resume=resume, force=force)
@@ -136,7 +249,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
             reporter.log(f"{run.path} already finished all {state['epoch']} epochs")
             shutdown(ctx)
             return RunResult(run.artifact(CLASSIFIER_FILE), run.path, int(state["epoch"]),
-                                  state["extra"].get("final", {}), ctx.is_main)
+                             state["extra"].get("final", {}), ctx.is_main)
 
     load = dict(data_dir=settings.data_dir, download=settings.download, image_size=settings.image_size)
     full = load_split(dataset, "train", ctx, limit=settings.limit, **load)
@@ -144,9 +257,8 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     train, val = train.to(device), (val.to(device) if val is not None else None)
 
     torch.manual_seed(settings.seed)
-    model = build_classifier(parent, full.num_classes, settings.bn_set, reporter).to(device)
-    frozen = scheme in ("slf", "alf")
-    if frozen:
+    model = build_classifier(parent, full.num_classes, scheme, reporter).to(device)
+    if scheme.frozen:
         model.backbone.requires_grad_(False)
     else:  # before the optimizer exists: with several processes it swaps the BN modules
         model = prepare_model(model, ctx)
@@ -157,100 +269,55 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     # every rank walks the same global batches and keeps its slice; with several processes the
     # last partial batch is dropped so that every rank gets an equal share
     batches = Batches(train, settings.batch_size, seed=settings.seed, drop_last=ctx.enabled)
-    schedule = MultiStep(settings.lr, tuple(settings.milestones))
-    steps = len(batches)
     out_file = run.artifact(CLASSIFIER_FILE)
-    eps, step_size, n_steps = settings.eps, settings.attack_step_size, settings.attack_steps
+    eps = settings.eps
     save_args = dict(kind="classifier", method=parent.meta.method, dataset=full.name, eps=eps, config=config, parent=parent.sha256)
 
+    def step(images, labels, indices, gen):
+        x, y = local_slice(crop_flip_view(images, gen), ctx), local_slice(labels, ctx)
+        loss, logits = scheme.loss(model, x, y, gen, precision, device)
+        return loss, {"train_acc": (logits.argmax(1) == y).float().mean()}
+
+    def end_epoch(done: int, metrics: dict) -> None:
+        model.eval()
+        if not ctx.is_main:
+            return
+        if val is not None:
+            res = evaluate(scheme.final(model), val, ["pgd20"], [eps], device=device, seed=settings.seed)
+            metrics.update(val_clean_acc=res["clean_acc"], val_pgd20_acc=res["robust"][0]["robust_acc"])
+            reporter.log(f"epoch {done}: validation clean {res['clean_acc']:.2%}, PGD-20 {metrics['val_pgd20_acc']:.2%}")
+            if metrics["val_pgd20_acc"] > extra.get("best_val_pgd20_acc", -1.0):
+                extra.update(best_val_pgd20_acc=metrics["val_pgd20_acc"], best_epoch=done, best_val_clean_acc=res["clean_acc"])
+                save_model(out_file, scheme.final(model), metrics=metrics, **save_args)
+        run.append_metrics(metrics)
+        run.save_state(model, optimizer, epoch=done, total_epochs=settings.epochs, config=config, extra=extra)
+
+    loop = Loop(
+        model=model, optimizer=optimizer, batches=batches, schedule=MultiStep(settings.lr, tuple(settings.milestones)),
+        step=step, name=f"finetune {scheme.name}", seed=settings.seed, device=device, precision=precision, ctx=ctx,
+        reporter=reporter, last_good=lambda: f"the last good state is in {run.state_path}",
+    )
     if ctx.is_main:
         what = f"resuming after epoch {start}" if start else "finetuning"
         held = f", {len(val)} held out for selection" if val is not None else ""
+        sets = "/".join(unwrap(model).config.bn_sets)
         reporter.log(
-            f"{what}: {scheme.upper()} of {parent.path} on {full.name} ({len(train)} images{held}), "
-            f"{settings.epochs} epochs of {steps} steps, batch {settings.batch_size}, lr {settings.lr}, "
-            f"{device.type} {precision} -> {run.path}"
+            f"{what}: {scheme.name.upper()} of {parent.path} on {full.name} ({len(train)} images{held}), "
+            f"{plural(settings.epochs, 'epoch')} of {plural(len(batches), 'step')}, batch {settings.batch_size}, "
+            f"lr {settings.lr}, BN {sets}, {device.type} {precision} -> {run.path}"
         )
-        reporter.start(f"finetune {scheme}", total=(settings.epochs - start) * steps)
-    for epoch in range(start, settings.epochs):
-        batches.set_epoch(epoch)
-        gen = epoch_generator(settings.seed, epoch, device)
-        lr = schedule.lr(epoch)
-        set_lr(optimizer, lr)
-        guard = FiniteGuard()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        seen = 0
-        t0 = time.perf_counter()
-        info: dict = {"epoch": f"{epoch + 1}/{settings.epochs}"}
-        for step, (images, labels, _) in enumerate(batches):
-            x, labels = local_slice(crop_flip_view(images, gen), ctx), local_slice(labels, ctx)
-            if frozen:
-                model.eval()  # the encoder's BN statistics never move
-                if scheme == "alf":
-                    with autocast(precision, device):
-                        x = pgd(model, x, labels, eps, n_steps, step_size, gen=gen)
-                with torch.no_grad(), autocast(precision, device):
-                    feat = model.features(x)
-                with autocast(precision, device):
-                    logits = model.fc(feat.float())
-                loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-            else:
-                model.eval()
-                with autocast(precision, device):
-                    x_adv = trades_adversary(model, x, eps, n_steps, step_size, gen=gen)
-                model.train()
-                with autocast(precision, device):
-                    logits = model(x)
-                    loss = trades_objective(logits, model(x_adv), labels, settings.trades_beta)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(model, ctx)
-            optimizer.step()
-            guard.update(loss, step)
-            loss_sum += loss.detach().float() * labels.shape[0]
-            correct += (logits.argmax(1) == labels).sum()
-            seen += labels.shape[0]
-            if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
-                guard.check(epoch + 1, "the last good state is in " + str(run.state_path), ctx)
-                info["loss"] = float(loss_sum) / seen
-                info["img_s"] = seen / (time.perf_counter() - t0)
-            if ctx.is_main:
-                reporter.advance(1, **info)
-        seconds = time.perf_counter() - t0
-        model.eval()
-        metrics = {
-            "epoch": epoch + 1, "lr": lr,
-            "loss": float(reduce_mean(loss_sum / max(seen, 1), ctx)),
-            "train_acc": float(reduce_mean(correct.float() / max(seen, 1), ctx)),
-            "images_per_s": seen * ctx.world_size / seconds, "seconds": seconds,
-        }
-        if ctx.is_main:
-            if val is not None:
-                res = evaluate(model, val, ["pgd20"], [eps], device=device, seed=settings.seed)
-                metrics.update(val_clean_acc=res["clean_acc"], val_pgd20_acc=res["robust"][0]["robust_acc"])
-                reporter.log(
-                    f"epoch {epoch + 1}: validation clean {res['clean_acc']:.2%}, PGD-20 {metrics['val_pgd20_acc']:.2%}"
-                )
-                if metrics["val_pgd20_acc"] > extra.get("best_val_pgd20_acc", -1.0):
-                    extra.update(best_val_pgd20_acc=metrics["val_pgd20_acc"], best_epoch=epoch + 1,
-                                 best_val_clean_acc=res["clean_acc"])
-                    save_model(out_file, model, metrics=metrics, **save_args)
-            run.append_metrics(metrics)
-            run.save_state(model, optimizer, epoch=epoch + 1, total_epochs=settings.epochs, config=config, extra=extra)
+    loop.run(start, settings.epochs, end_epoch)
     if not ctx.is_main:
         shutdown(ctx)
         return RunResult(out_file, run.path, settings.epochs, {}, False)
-    reporter.finish()
 
     # the kept model: the best epoch on the held-out split, else the last one
+    kept = scheme.final(model)
     if val is not None:
-        from ..checkpoint import load_checkpoint
-
-        unwrap(model).load_state_dict(load_checkpoint(out_file).tensors)
+        kept = load_checkpoint(out_file).build(device)
         reporter.log(f"keeping epoch {extra['best_epoch']} (best PGD-20 accuracy on the held-out split)")
     test = load_dataset(dataset, "test", limit=settings.eval_limit, **load)
-    res = evaluate(model, test, ["pgd20"], [eps], device=device, reporter=reporter, seed=settings.seed)
+    res = evaluate(kept, test, ["pgd20"], [eps], device=device, reporter=reporter, seed=settings.seed)
     final = {
         "clean_acc": res["clean_acc"],
         "pgd20_acc": res["robust"][0]["robust_acc"],
@@ -261,7 +328,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     }
     if val is not None:
         final.update(val_clean_acc=extra["best_val_clean_acc"], val_pgd20_acc=extra["best_val_pgd20_acc"])
-    save_model(out_file, model, metrics=final, **save_args)
+    save_model(out_file, kept, metrics=final, **save_args)
     extra["final"] = final
     run.save_state(model, optimizer, epoch=settings.epochs, total_epochs=settings.epochs, config=config, extra=extra)
     shutdown(ctx)

@@ -1,38 +1,36 @@
-"""The pretraining loop: any method of ``advcl_cli.methods``, with its optimizer and schedule.
+"""The pretraining engine: any method of ``advcl_cli.methods``, with its optimizer and schedule.
 
 Top to bottom: the files the method's settings name (pseudo labels, a teacher checkpoint) are
 checked, the training split goes to the device as uint8, the files are read and handed to the
-method; the method's model is built (seeded, channels_last; ``compile`` compiles the backbone
-and projection head in place, so the saved weight names do not change); every epoch takes the
-global batches of ``Batches`` (order a function of seed and epoch) and a random stream seeded
-from (seed, epoch), so a resumed run draws exactly what an uninterrupted one does; under
-torchrun every rank walks the same global batches and the method keeps the rank's slice, so N
-processes match one process exactly. Per step: lr from the method's schedule, ``method.step``
-under autocast, backward, ``sync_gradients``, the optimizer step, ``method.after_step``. The
-loss terms are summed
-on the device and read once per logging interval, where the NaN/inf guard is checked too (no
-device sync per step). After every epoch rank 0 appends to ``metrics.jsonl`` and saves the
-resume state; every ``save_every`` epochs and at the end it saves ``encoder.safetensors``.
+method; the method's model is built (seeded, channels_last on GPU; ``compile`` compiles the
+backbone and projection head in place, so the saved weight names do not change); then the
+shared epoch loop (``engine.loop``) runs ``method.step`` on the global batches of ``Batches``.
+Under torchrun every rank walks the same global batches and the method keeps the rank's slice,
+so N processes match one process. After every epoch rank 0 appends to ``metrics.jsonl`` and
+saves the resume state (the method's own tensors included); every ``save_every`` epochs and at
+the end it saves ``encoder.safetensors``.
 """
 
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_model
+from ..checkpoint import load_checkpoint, save_model
+from ..data.batches import Batches
 from ..errors import UsageError
-from ..optim import set_lr
-from .device import autocast, resolve_device, resolve_precision
-from .distributed import init_distributed, prepare_model, reduce_mean, shutdown, sync_gradients
-from .report import Reporter
-from .run import FiniteGuard, RunDir, RunResult, check_resume_config, epoch_generator, load_split, open_run, restore
+from ..methods import get_method
+from ..models import create_model
+from ..pseudolabels import load_labels
+from .device import resolve_device, resolve_precision
+from .distributed import init_distributed, prepare_model, shutdown
+from .loop import Loop
+from .report import Reporter, plural
+from .run import RunDir, RunResult, check_resume_config, load_split, open_run, restore
 
 ENCODER_FILE = "encoder.safetensors"
-LOG_EVERY = 10  # steps between progress updates / NaN checks
 # settings that may change when a run is resumed (they do not change what is computed)
 RESUME_MAY_CHANGE = {"device", "precision", "compile", "out", "data_dir", "download", "save_every"}
 
@@ -65,9 +63,6 @@ def check_inputs(settings) -> None:
 def load_inputs(settings, n_images: int) -> dict:
     """The input files, read: pseudo labels checked against the dataset's size, checkpoints
     validated."""
-    from ..checkpoint import load_checkpoint
-    from ..pseudolabels import load_labels
-
     inputs = {}
     for name, (kind, path) in input_fields(settings).items():
         if kind == "labels":
@@ -79,23 +74,16 @@ def load_inputs(settings, n_images: int) -> dict:
 
 def make_method(settings, n_images: int, device: torch.device | str = "cpu"):
     """The settings' method for a dataset of ``n_images``, with its input files read."""
-    from ..methods import get_method
-
     check_inputs(settings)
     return get_method(settings.method)(settings, n_images=n_images, device=device, inputs=load_inputs(settings, n_images))
 
 
 def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False, force: bool = False) -> RunResult:
-    from ..data.batches import Batches
-    from ..methods import get_method
-    from ..models import create_model
-
     reporter = reporter or Reporter()
     device = resolve_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     ctx = init_distributed(device)
     run = RunDir(settings.out or default_run_dir(settings), artifacts=(ENCODER_FILE,))
-    method_cls = get_method(settings.method)
     check_inputs(settings)
     state = open_run(run, ctx, batch_size=settings.batch_size, resume=resume, force=force)
     if state is not None:
@@ -131,62 +119,36 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
             model.proj.compile()
     # every rank walks the same global batches; the method keeps this rank's slice
     batches = Batches(data, settings.batch_size, seed=settings.seed)
-    schedule = method.schedule()
-    steps = len(batches)
     encoder = run.artifact(ENCODER_FILE)
-    last_saved = f"the last saved encoder is {encoder}" if encoder.exists() else "no encoder was saved yet"
-    metrics: dict = (run.read_metrics() or [{}])[-1] if start else {}
+    saved = {"note": f"the last saved encoder is {encoder}" if encoder.exists() else "no encoder was saved yet"}
+    last = {"metrics": (run.read_metrics() or [{}])[-1] if start else {}}
 
+    def end_epoch(done: int, metrics: dict) -> None:
+        last["metrics"] = metrics
+        if not ctx.is_main:
+            return
+        run.append_metrics(metrics)
+        if done % settings.save_every == 0 or done == settings.epochs:
+            save_model(encoder, model, kind="encoder", method=settings.method, dataset=data.name,
+                       eps=method.eps, config=settings.to_config(), metrics=metrics)
+            saved["note"] = f"the last saved encoder is {encoder} (epoch {done})"
+        run.save_state(model, optimizer, epoch=done, total_epochs=settings.epochs, config=settings.to_config(),
+                       extra={"method": method.state()})
+
+    loop = Loop(
+        model=model, optimizer=optimizer, batches=batches, schedule=method.schedule(), name="pretrain",
+        step=lambda images, labels, indices, gen: method.step(model, images, indices, gen, ctx),
+        seed=settings.seed, device=device, precision=precision, ctx=ctx, reporter=reporter,
+        before_epoch=method.start_epoch, after_step=lambda: method.after_step(model), last_good=lambda: saved["note"],
+    )
     if ctx.is_main:
         what = f"resuming after epoch {start}" if start else "training"
         reporter.log(
             f"{what}: {settings.method} on {data.name} ({len(data)} images), {settings.arch}, "
-            f"{settings.epochs} epochs of {steps} steps, batch {settings.batch_size}, {device.type} {precision} -> {run.path}"
+            f"{plural(settings.epochs, 'epoch')} of {plural(len(batches), 'step')}, batch {settings.batch_size}, "
+            f"{device.type} {precision} -> {run.path}"
         )
-        reporter.start("pretrain", total=(settings.epochs - start) * steps)
     model.train()
-    for epoch in range(start, settings.epochs):
-        batches.set_epoch(epoch)
-        method.start_epoch(epoch)
-        gen = epoch_generator(settings.seed, epoch, device)
-        guard, sums = FiniteGuard(), {}
-        t0 = time.perf_counter()
-        info: dict = {"epoch": f"{epoch + 1}/{settings.epochs}"}
-        for step, (images, _, indices) in enumerate(batches):
-            lr = schedule.lr(epoch, step, steps)
-            set_lr(optimizer, lr)
-            with autocast(precision, device):
-                loss, terms = method.step(model, images, indices, gen, ctx)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(model, ctx)
-            optimizer.step()
-            method.after_step(model)
-            guard.update(loss, step)
-            for name, value in {"loss": loss.detach(), **terms}.items():
-                sums[name] = sums.get(name, 0) + value.float()
-            if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
-                guard.check(epoch + 1, last_saved, ctx)
-                info["loss"] = float(sums["loss"]) / (step + 1)
-                info["img_s"] = (step + 1) * settings.batch_size / (time.perf_counter() - t0)
-            if ctx.is_main:
-                reporter.advance(1, **info)
-        seconds = time.perf_counter() - t0
-        metrics = {"epoch": epoch + 1, "lr": lr}
-        metrics.update({k: float(reduce_mean(v / steps, ctx)) for k, v in sums.items()})
-        metrics.update({"images_per_s": steps * settings.batch_size / seconds, "seconds": seconds})
-        if ctx.is_main:
-            run.append_metrics(metrics)
-            done = epoch + 1
-            if done % settings.save_every == 0 or done == settings.epochs:
-                save_model(
-                    encoder, model, kind="encoder", method=settings.method, dataset=data.name,
-                    eps=method.eps, config=settings.to_config(), metrics=metrics,
-                )
-                last_saved = f"the last saved encoder is {encoder} (epoch {done})"
-            run.save_state(model, optimizer, epoch=done, total_epochs=settings.epochs, config=settings.to_config(),
-                           extra={"method": method.state()})
-    if ctx.is_main:
-        reporter.finish()
+    loop.run(start, settings.epochs, end_epoch)
     shutdown(ctx)
-    return RunResult(encoder, run.path, settings.epochs, metrics, ctx.is_main)
+    return RunResult(encoder, run.path, settings.epochs, last["metrics"], ctx.is_main)

@@ -7,6 +7,11 @@ on stderr, tests pass one that records, and the default does nothing.
 from __future__ import annotations
 
 
+def plural(n: int, word: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 class Reporter:
     """Silent reporter; subclasses render or record."""
 

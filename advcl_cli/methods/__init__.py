@@ -61,6 +61,14 @@ def get_method(name: str):
     return cls
 
 
+def method_for(name: str):
+    """The method whose name or ``aliases`` is ``name`` (a checkpoint's method), or None."""
+    key = str(name).strip().lower()
+    if key in _targets():
+        return get_method(key)
+    return next((cls for cls in map(get_method, method_names()) if key in cls.aliases), None)
+
+
 @functools.cache
 def settings_model(name: str) -> type[PretrainSettings]:
     """One flat settings model for pretraining with method ``name``: the run's settings
@@ -71,4 +79,4 @@ def settings_model(name: str) -> type[PretrainSettings]:
     return create_model(f"{cls.__name__}PretrainSettings", __base__=(PretrainSettings, cls.Settings),
                         method=(PretrainSettings.model_fields["method"].annotation, method))
 
-__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "get_method", "method_names", "settings_model"]
+__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "get_method", "method_for", "method_names", "settings_model"]

@@ -61,6 +61,12 @@ class Method:
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for `advcl pretrain --help`
     Settings: ClassVar[type[TrainSettings]] = TrainSettings
+    # How its encoders are finetuned (the RobustSSL protocol's per-method settings): per scheme
+    # (slf, alf, aff) the values that differ from engine.finetune.PROTOCOL: epochs, batch_size,
+    # lr (a number, or {dataset: number, "*": default}), milestones, and for aff dual_bn (clean
+    # images through "normal", adversarial through "pgd", "pgd" kept at the end).
+    finetune_protocol: ClassVar[dict[str, dict[str, Any]]] = {}
+    aliases: ClassVar[tuple[str, ...]] = ()  # other method names of its checkpoints (imported variants)
 
     def __init__(self, settings, *, n_images: int, device: torch.device | str = "cpu", inputs: dict[str, Any] | None = None):
         self.settings = settings
