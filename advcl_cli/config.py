@@ -83,6 +83,25 @@ def is_known(name: str) -> bool:
     return name in verb_fields() or name in known_fields()
 
 
+def settings_table() -> str:
+    """The README's table of every setting: its TOML key, flag, environment variable and users
+    (a test checks that the README holds exactly this table)."""
+    users: dict[str, list[str]] = {}
+    for verb, cls in VERBS.items():
+        for name in cls.model_fields:
+            users.setdefault(name, []).append(verb)
+    for method, model in method_models().items():
+        for name in model.model_fields:
+            users.setdefault(name, []).append(f"pretrain --method {method}")
+    flags = {name for cls in [*VERBS.values(), *method_models().values()] for name, f in cls.model_fields.items()
+             if (f.json_schema_extra or {}).get("flag", True)}
+    rows = ["| TOML key | flag | environment | used by |", "|---|---|---|---|"]
+    for name in sorted(users):
+        flag = f"`{flag_name(name)}`" if name in flags else "-"
+        rows.append(f"| `{name}` | {flag} | `{env_name(name)}` | {', '.join(users[name])} |")
+    return "\n".join(rows)
+
+
 # --- the TOML file --------------------------------------------------------------------------
 
 
