@@ -1,5 +1,5 @@
 """Corruption sets: the published CIFAR-10-C layout read back exactly, clear errors for broken or
-missing folders, and digits-c made deterministically."""
+missing folders, digits-c made deterministically, and CA scored over the 15 x 5 splits."""
 
 import tarfile
 
@@ -9,7 +9,9 @@ import torch
 
 from advcl_cli.data.corruptions import CORRUPTIONS, PUBLISHED, SEVERITIES, Published, corruptions_for, load_corruptions
 from advcl_cli.data.registry import load_dataset
+from advcl_cli.engine.evaluate import corruption_accuracy
 from advcl_cli.errors import DataError, DownloadError
+from advcl_cli.models import AdvclNet, ModelConfig
 from fakedata import write_cifar_c
 
 
@@ -112,3 +114,27 @@ def test_digits_c_is_deterministic_in_range_and_grows_with_severity():
         assert d5 > 1.2 * d1, (c, float(d1), float(d5))
     assert not torch.equal(load_corruptions("digits-c", limit=48, seed=1).split("gaussian_noise", 3).images,
                            a.split("gaussian_noise", 3).images)
+
+
+class PixelModulo(AdvclNet):
+    """Predicts (the first pixel's red value) mod 10: right or wrong on images the test knows."""
+
+    def forward(self, x, bn=None):
+        guess = (x[:, 0, 0, 0] * 255).round().long() % 10
+        return torch.nn.functional.one_hot(guess, 10).float() + 0 * x.sum()
+
+
+def test_corruption_accuracy_of_a_published_folder(tmp_path):
+    folder, arrays, labels = write_cifar_c(tmp_path, n=20)
+    cs = load_corruptions("cifar10-c", folder=folder)
+    res = corruption_accuracy(PixelModulo(ModelConfig("resnet18-tiny", num_classes=10)), cs, batch_size=8)
+    want = {(c, s): float(np.mean(arrays[c][(s - 1) * 20 : s * 20, 0, 0, 0] % 10 == labels))
+            for c in CORRUPTIONS for s in SEVERITIES}
+    assert len(set(want.values())) > 3  # the splits differ, so a mix-up would show
+    assert {(r["corruption"], r["severity"]): r["acc"] for r in res["splits"]} == pytest.approx(want)
+    assert res["ca"] == pytest.approx(sum(want.values()) / 75)
+    assert res["by_corruption"]["fog"] == pytest.approx(sum(want["fog", s] for s in SEVERITIES) / 5)
+    assert (res["name"], res["n"]) == ("cifar10-c", 20)
+
+    with pytest.raises(DataError, match="100 classes"):
+        corruption_accuracy(PixelModulo(ModelConfig("resnet18-tiny", num_classes=100)), cs)
