@@ -77,6 +77,11 @@ class Reported(BaseModel):
             raise ValueError(f"source '{twice[0]}' lists {twice[2]} on {twice[1]} twice")
         return self
 
+    def row(self, method: str, dataset: str) -> Row | None:
+        """The preferred (first) row for ``method`` on ``dataset``, or None."""
+        method, dataset = str(method).strip().lower(), str(dataset).strip().lower()
+        return next((r for r in self.numbers if r.method == method and r.dataset == dataset), None)
+
     def lookup(self, method: str, dataset: str, scheme: Literal["slf", "alf", "aff"],
                metric: str | None = None) -> tuple[Numbers, Source, Row] | None:
         """The first row for (method, dataset) with numbers for ``scheme`` (and ``metric``, when
