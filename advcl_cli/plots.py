@@ -1,5 +1,5 @@
-"""Pictures: the robust-accuracy-vs-eps curve (``advcl eval --plot``) and the adversarial grid
-(``advcl attack --grid``). matplotlib is an optional extra, imported only here and only when a
+"""Pictures: the robust-accuracy-vs-eps curve (``advcl eval --plot``), the adversarial grid
+(``advcl attack --grid``) and the benchmark's bar chart. matplotlib is an optional extra, imported only here and only when a
 picture is asked for; without it the commands say how to install it."""
 
 from __future__ import annotations
@@ -82,6 +82,43 @@ def adversarial_grid(clean, adv, labels, clean_pred, adv_pred, classes: list[str
                 ax.set_title(f"pred {name(int(adv_pred[c]))}", fontsize=7, color="red" if wrong else "black")
             if c == 0:
                 ax.set_ylabel(row_name, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def benchmark_chart(records: list[dict], path: str | Path, reported=None, title: str = "") -> Path:
+    """RA, CA and SA (%) per finetuning scheme, one bar per encoder, from the benchmark's result
+    records (``benchmark.leaderboard``); a black line over a bar marks the number published for
+    the encoder's method and dataset, when there is one."""
+    from .benchmark.leaderboard import COLUMNS, group_cells
+    from .benchmark.reported import load_reported
+
+    plt = require_matplotlib()
+    reported = reported if reported is not None else load_reported()
+    schemes, encoders = group_cells(records)
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(4.2 * len(COLUMNS), 3.8), squeeze=False)
+    width = 0.8 / max(len(encoders), 1)
+    for ax, (name, key) in zip(axes[0], COLUMNS):
+        for i, by_scheme in enumerate(encoders):
+            first = next(iter(by_scheme.values()))
+            published = reported.row(first.method, first.dataset)
+            label = f"{first.encoder} ({first.dataset})"
+            for j, s in enumerate(schemes):
+                x = j - 0.4 + width * (i + 0.5)
+                value = getattr(by_scheme[s], key) if s in by_scheme else None
+                if value is not None:
+                    ax.bar(x, 100 * value, width, color=f"C{i}", label=label)
+                    label = None  # once per encoder
+                ref = getattr(getattr(published, s, None), key, None) if published is not None else None
+                if ref is not None:
+                    ax.hlines(ref, x - width / 2, x + width / 2, colors="black", linewidth=2)
+        ax.set_xticks(range(len(schemes)), [s.upper() for s in schemes])
+        ax.set_ylim(0, 100)
+        ax.set_title(name, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%); black line = reported")
+    axes[0][0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)

@@ -123,3 +123,23 @@ def write_imagefolder(
         for k in range(n):
             Image.fromarray(images[k].transpose(1, 2, 0)).save(Path(root) / split / classes[labels[k]] / f"{k:05d}.png")
     return Path(root)
+
+
+def write_cifar_c(root, n: int = 2, num_classes: int = 10, *, folder: str = "CIFAR-10-C", seed: int = 0,
+                  repeat_labels: bool = True) -> tuple[Path, dict, np.ndarray]:
+    """``root/folder``: one ``<corruption>.npy`` per CIFAR-10-C corruption, uint8 (5 n, 32, 32, 3)
+    (severities 1..5 stacked, random pixels), and ``labels.npy`` (the n labels, repeated for each
+    severity as in the published files unless ``repeat_labels`` is False). Returns the folder,
+    the arrays written (by corruption) and the n labels."""
+    from advcl_cli.data.corruptions import CORRUPTIONS
+
+    path = Path(root) / folder
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for c in CORRUPTIONS:
+        arrays[c] = rng.integers(0, 256, size=(5 * n, 32, 32, 3), dtype=np.uint8)
+        np.save(path / f"{c}.npy", arrays[c])
+    labels = rng.permutation(np.arange(n) % num_classes).astype(np.uint8)
+    np.save(path / "labels.npy", np.tile(labels, 5) if repeat_labels else labels)
+    return path, arrays, labels

@@ -66,6 +66,22 @@ def test_eval_table_eps_list_and_plot(run_cli, classifier, tmp_path):
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_with_several_attacks_adds_the_worst_case(run_cli, classifier):
+    code, out, err = run_cli("eval", classifier, "-a", "fgsm", "-a", "pgd2", "--limit", "8")
+    assert code == 0, err
+    assert "worst case" in out
+    code, out, err = run_cli("eval", classifier, "-a", "fgsm", "-a", "pgd2", "--limit", "8", "--json", "--per-image")
+    assert code == 0, err
+    doc = json.loads(out)
+    (worst,) = doc["worst_case"]
+    assert worst["attacks"] == ["fgsm", "pgd2"] and worst["eps_label"] == "8/255"
+    assert worst["robust_acc"] <= min(r["robust_acc"] for r in doc["robust"])
+    flags = doc["per_image"]
+    assert set(flags) == {"clean", "fgsm@8/255", "pgd2@8/255", "worst@8/255"}
+    both = "".join("1" if a == b == "1" else "0" for a, b in zip(flags["fgsm@8/255"], flags["pgd2@8/255"]))
+    assert flags["worst@8/255"] == both and both.count("1") == round(8 * worst["robust_acc"])
+
+
 @pytest.fixture(scope="module")
 def trained_classifier(tmp_path_factory):
     model = train_tiny_classifier(image_size=16)

@@ -1,11 +1,24 @@
 """The batched evaluation engine: accuracies, conventions, reproducibility and input checks."""
 
+import dataclasses
+
 import pytest
 import torch
 
+from advcl_cli.attacks import Attack
 from advcl_cli.checkpoint import load_checkpoint, save_model
-from advcl_cli.data.registry import load_dataset
-from advcl_cli.engine.evaluate import evaluate, load_test_data, predictions
+from advcl_cli.data.registry import ImageData, load_dataset
+from advcl_cli.engine.distributed import DistContext
+from advcl_cli.engine.evaluate import (
+    decode_flags,
+    encode_flags,
+    evaluate,
+    flag_key,
+    load_test_data,
+    predictions,
+    shard,
+    worst_case,
+)
 from advcl_cli.engine.report import RecordingReporter
 from advcl_cli.errors import CheckpointError, DataError
 from advcl_cli.models import AdvclNet, ModelConfig, create_model
@@ -101,3 +114,83 @@ def test_load_classifier_and_its_test_data(tmp_path):
     assert "encoder checkpoint; finetune it first" in e.value.message
     assert e.value.hint == f"advcl finetune {enc_path} --scheme slf"
     assert load_checkpoint(path).meta.kind == "classifier"
+
+
+class LabelInPixel(AdvclNet):
+    """Reads each image's label from its pixel (1, 0, 0) and answers it, unless pixel (0, 0, 0)
+    holds the mark (2.0, outside [0, 1]) that ``Marks`` sets: then it answers label + 1."""
+
+    def forward(self, x, bn=None):
+        label = (x[:, 1, 0, 0] * 255).round().long() % 10
+        guess = torch.where(x[:, 0, 0, 0] > 1.5, (label + 1) % 10, label)
+        return torch.nn.functional.one_hot(guess, 10).float() + 0 * x.sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class Marks(Attack):
+    """An attack that fools ``LabelInPixel`` exactly on the images whose label is in ``fooled``."""
+
+    fooled: tuple = ()
+
+    def __call__(self, model, x, y, eps, **kwargs):
+        x = x.clone()
+        x[torch.isin(y, torch.tensor(self.fooled, device=y.device)), 0, 0, 0] = 2.0
+        return x
+
+
+def label_data(n=50):
+    labels = torch.arange(n) % 10
+    images = torch.zeros(n, 3, 8, 8, dtype=torch.uint8)
+    images[:, 1, 0, 0] = labels.to(torch.uint8)
+    return ImageData(images, labels, 10, [str(i) for i in range(10)], "labels-in-pixels")
+
+
+def test_worst_case_counts_an_image_only_if_every_attack_failed():
+    data, model = label_data(), LabelInPixel(ModelConfig("resnet18-tiny", num_classes=10))
+    even, low = Marks("even", "pgd", 1, fooled=(0, 2, 4, 6, 8)), Marks("low", "pgd", 1, fooled=(0, 1, 2, 3, 4))
+    res = evaluate(model, data, [even, low], [8 / 255, 16 / 255], batch_size=7)
+    y = data.labels
+    assert res["clean_acc"] == 1.0 and res["per_image"]["clean"].all()
+    assert torch.equal(res["per_image"]["even@8/255"], y % 2 == 1)
+    assert torch.equal(res["per_image"]["low@16/255"], y >= 5)
+    assert [r["robust_acc"] for r in res["robust"]] == [0.5, 0.5, 0.5, 0.5]
+    # robust under both only for the odd labels from 5 up: 5, 7, 9
+    assert [(w["eps_label"], w["attacks"], w["robust_acc"]) for w in res["worst_case"]] == [
+        ("8/255", ["even", "low"], 0.3), ("16/255", ["even", "low"], 0.3)]
+    assert torch.equal(res["per_image"]["worst@8/255"], (y % 2 == 1) & (y >= 5))
+    assert evaluate(model, data, [even], [8 / 255])["worst_case"] == []  # one attack: no worst-case row
+
+    # flags stored by an earlier run combine with a later attack's without rerunning the first
+    stored = encode_flags(evaluate(model, data, [even], [8 / 255])["per_image"]["even@8/255"])
+    assert stored == "01" * 25
+    later = evaluate(model, data, [low], [8 / 255])["per_image"][flag_key("low", 8 / 255)]
+    assert torch.equal(worst_case(stored, later), res["per_image"]["worst@8/255"])
+    assert torch.equal(decode_flags(stored), y % 2 == 1)
+    with pytest.raises(DataError, match="different numbers of images"):
+        worst_case(stored, later[:-1])
+
+
+def test_robust_flags_need_the_clean_prediction_right_too():
+    """Images showing a 3 but labelled 4: wrong when clean, right once marked (the model then
+    answers 3 + 1). They must not count as robust."""
+    data = label_data(20)
+    pixel = data.labels.clone()
+    data = dataclasses.replace(data, labels=torch.where(pixel == 3, 4, pixel))
+    model = LabelInPixel(ModelConfig("resnet18-tiny", num_classes=10))
+    res = evaluate(model, data, [Marks("fours", "pgd", 1, fooled=(4,))], [8 / 255], batch_size=6)
+    assert res["clean_acc"] == 0.9
+    assert torch.equal(res["per_image"]["fours@8/255"], (pixel != 3) & (pixel != 4))
+    assert res["robust"][0]["robust_acc"] == 0.8
+
+
+@pytest.mark.parametrize("n, block, world", [(37, 8, 2), (40, 8, 2), (10, 8, 3), (117, 14, 2), (5, 2, 4)])
+def test_shards_are_whole_blocks_in_rank_order(n, block, world):
+    parts = [shard(n, block, DistContext(rank=r, world_size=world)) for r in range(world)]
+    blocks = [b for p in parts for b in p.blocks]
+    assert [k for k, _, _ in blocks] == list(range(-(-n // block)))  # every block once, in rank order
+    assert all(a == k * block and b == min(a + block, n) for k, a, b in blocks)
+    assert [p.sizes for p in parts] == [parts[0].sizes] * world and sum(parts[0].sizes) == n
+    for r, p in enumerate(parts):
+        assert p.stop - p.start == p.sizes[r] and p.steps == max(len(q.blocks) for q in parts)
+        assert (p.start, p.stop) == ((p.blocks[0][1], p.blocks[-1][2]) if p.blocks else (p.start, p.start))
+    assert [len(p.blocks) for p in parts] == sorted((len(p.blocks) for p in parts), reverse=True)  # rank 0 has most

@@ -34,6 +34,7 @@ def test_a_built_wheel_carries_and_finds_the_manifest(tmp_path):
     )
     wheel = next(dist.glob("advcl-*.whl"))
     assert "advcl_cli/zoo/manifest.toml" in zipfile.ZipFile(wheel).namelist()
+    assert "advcl_cli/benchmark/reported.toml" in zipfile.ZipFile(wheel).namelist()
 
     target = tmp_path / "site"
     subprocess.run(

@@ -13,10 +13,14 @@ from .options import ConfigOpt, JsonOpt, ModelArg, model_path, settings_options,
 from .output import Output
 
 PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of robust accuracy against eps (needs advcl[plot]).", show_default=False)]
+PerImageOpt = Annotated[
+    bool,
+    typer.Option("--per-image", help="With --json: add each attack's per-image flags (a 0/1 string in image order; 1 = robust).", metavar=""),
+]
 
 
-def evaluate(model: ModelArg = None, plot: PlotOpt = None, config: ConfigOpt = None, json_output: JsonOpt = False,
-             **options) -> None:
+def evaluate(model: ModelArg = None, plot: PlotOpt = None, per_image: PerImageOpt = False, config: ConfigOpt = None,
+             json_output: JsonOpt = False, **options) -> None:
     """Evaluate a classifier on its test split: clean accuracy and robust accuracy per attack.
 
     The dataset is the one the model was finetuned on unless --dataset says otherwise. A table
@@ -24,7 +28,9 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, config: ConfigOpt = N
     clean accuracy, robust accuracy and seconds per attack and eps; accuracies are fractions).
     Progress and the attacks' exact settings go to stderr. MODEL may be a path, a zoo name, or
     '-' / omitted to read a path from stdin. An image counts as robust only if both its clean
-    and its adversarial prediction are right.
+    and its adversarial prediction are right; with several attacks a "worst case" row counts
+    an image only if every attack failed on it. Under torchrun the test images are split
+    among the processes (same numbers as one process).
 
     Example, PGD-20 and AutoAttack on the first 1000 test images:
 
@@ -40,13 +46,20 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, config: ConfigOpt = N
 
     \b
       advcl pull advcl-r18-cifar10 | advcl eval --attack pgd20 --json
+
+    On 8 GPUs (each takes an eighth of the images):
+
+    \b
+      torchrun --nproc-per-node 8 -m advcl_cli eval model.safetensors -a pgd20 -a autoattack
     """
     from ..attacks import get_attack
     from ..checkpoint import load_checkpoint
     from ..engine.device import resolve_device, resolve_precision
+    from ..engine.distributed import init_distributed, shutdown
     from ..engine.evaluate import evaluate as run_evaluate
-    from ..engine.evaluate import load_test_data
     from ..config import resolve
+    from ..engine.evaluate import encode_flags, load_test_data
+    from ..engine.report import Reporter
     from ..errors import UsageError
 
     out = Output(json_output)
@@ -61,20 +74,27 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, config: ConfigOpt = N
     path = model_path(model)
     ckpt = load_checkpoint(path, kind="classifier")
     dev = resolve_device(settings.device)
-    data = load_test_data(
-        ckpt, settings.dataset, limit=settings.limit, image_size=settings.image_size,
-        data_dir=settings.data_dir, download=settings.download,
-    )
-    for a in attacks:
-        out.log(f"{a.name}: {a.description}")
-    reporter = out.reporter()
+    ctx = init_distributed(dev)  # under torchrun every rank evaluates its share of the images
     try:
-        result = run_evaluate(
-            ckpt.build(dev), data, attacks, settings.eps, batch_size=settings.batch_size, device=dev,
-            reporter=reporter, seed=settings.seed, precision=resolve_precision(settings.precision, dev),
+        data = load_test_data(
+            ckpt, settings.dataset, limit=settings.limit, image_size=settings.image_size,
+            data_dir=settings.data_dir, download=settings.download, ctx=ctx,
         )
+        if ctx.is_main:
+            for a in attacks:
+                out.log(f"{a.name}: {a.description}")
+        reporter = out.reporter() if ctx.is_main else Reporter()
+        try:
+            result = run_evaluate(
+                ckpt.build(dev), data, attacks, settings.eps, batch_size=settings.batch_size, device=dev,
+                reporter=reporter, seed=settings.seed, precision=resolve_precision(settings.precision, dev), ctx=ctx,
+            )
+        finally:
+            reporter.finish()
     finally:
-        reporter.finish()
+        shutdown(ctx)
+    if not ctx.is_main:  # rank 0 prints
+        return
     doc = {
         "model": str(path),
         "sha256": ckpt.sha256,
@@ -87,8 +107,11 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, config: ConfigOpt = N
         "seed": settings.seed,
         "clean_acc": result["clean_acc"],
         "robust": result["robust"],
+        "worst_case": result["worst_case"],
         "attacks": result["attacks"],
     }
+    if per_image:
+        doc["per_image"] = {k: encode_flags(v) for k, v in result["per_image"].items()}
     if plot is not None:
         from ..plots import robustness_curve
 
@@ -100,6 +123,9 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, config: ConfigOpt = N
             "attack": r["attack"], "eps": r["eps_label"], "accuracy %": f"{100 * r['robust_acc']:.2f}",
             "seconds": f"{r['seconds']:.1f}", "images/s": f"{r['images_per_s']:.1f}" if r["images_per_s"] else "",
         })
+    for r in result["worst_case"]:
+        rows.append({"attack": "worst case", "eps": r["eps_label"], "accuracy %": f"{100 * r['robust_acc']:.2f}",
+                     "seconds": "", "images/s": ""})
     out.table(rows, title=f"{path.name} on {data.name} test, {result['n']} images", doc=doc)
 
 

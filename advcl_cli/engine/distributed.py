@@ -16,6 +16,10 @@ the global batch:
   (``sync_gradients``). That plays DDP's part without its wrapper: the AdvCL step runs many
   forwards through three BN sets and input-only gradient passes for PGD before the one weight
   backward, which DDP's reducer is not built for. NCCL on CUDA, gloo on CPU.
+
+Evaluation is sharded instead: each rank attacks a contiguous part of the test images and the
+per-image results are gathered in the original order (``gather_shards``); see
+``engine.evaluate``.
 """
 
 from __future__ import annotations
@@ -223,6 +227,29 @@ def reduce_mean(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return x / ctx.world_size
 
 
+def gather_shards(x: torch.Tensor, sizes: list[int], ctx: DistContext) -> torch.Tensor:
+    """Every rank's ``x`` (``sizes[r]`` rows on rank r) concatenated along dim 0 in rank order, on
+    every rank: contiguous shards come back in their original order."""
+    if not ctx.enabled:
+        return x
+    flag = x.dtype == torch.bool  # gloo cannot gather bools
+    buf = x.new_zeros((max(sizes), *x.shape[1:]), dtype=torch.uint8 if flag else x.dtype)
+    buf[: x.shape[0]] = x
+    parts = [torch.empty_like(buf) for _ in sizes]
+    dist.all_gather(parts, buf)
+    out = torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    return out.bool() if flag else out
+
+
+def sum_over_ranks(n: int, ctx: DistContext, device: torch.device) -> int:
+    """``n`` summed over ranks (a count of work done, for rank 0's progress display)."""
+    if not ctx.enabled:
+        return n
+    t = torch.tensor([n], dtype=torch.long, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
@@ -239,11 +266,13 @@ __all__ = [
     "GlobalBatchNorm",
     "all_gather_with_grad",
     "barrier",
+    "gather_shards",
     "init_distributed",
     "local_slice",
     "on_main",
     "prepare_model",
     "reduce_mean",
     "shutdown",
+    "sum_over_ranks",
     "sync_gradients",
 ]

@@ -1,18 +1,28 @@
-"""Batched robust evaluation: clean accuracy and robust accuracy per (attack, eps).
+"""Batched robust evaluation: clean accuracy, robust accuracy per (attack, eps), the worst case
+over several attacks, and corruption accuracy (CA).
 
 Used by ``advcl eval``, by finetuning's final metrics and by the zoo. The dataset sits on the
-device as uint8; each batch is converted to [0, 1] floats there. Counts accumulate on the
-device and are read once per attack (no per-batch ``.item()``), so the GPU never waits for the
-host inside a loop. The model is put in eval mode for the whole evaluation.
+device as uint8; each batch is converted to [0, 1] floats there. Per-image results stay on the
+device and are read once per attack (no per-batch ``.item()`` in one process), so the GPU never
+waits for the host inside a loop. The model is put in eval mode for the whole evaluation.
 
 An image counts as robust only when both its clean and its adversarial prediction are right
 (the worst case over the two, as AutoAttack and RobustBench count), so robust accuracy never
-exceeds clean accuracy.
+exceeds clean accuracy. Over several attacks, the worst case counts an image only if every
+attack failed on it (auto-attack#45); the per-image flags are returned, so a later attack's
+flags combine with stored ones (``worst_case``) without rerunning.
+
+Sharding (torchrun): the test images are cut into blocks of ``batch_size``; block k's random
+starts (and AutoAttack's seed) are ``block_seed(seed, k)``, and every forward pass sees one
+whole block, so nothing depends on how many processes share the work. Each rank takes a
+contiguous run of blocks (``shard``), the per-image flags are gathered in the original order,
+and one small all-reduce per batch adds every rank's images to rank 0's progress.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -21,10 +31,12 @@ from torch import nn
 from ..attacks import Attack, get_attack
 from ..checkpoint import not_a_classifier, unwrap
 from ..data.augment import to_float
+from ..data.corruptions import SEVERITIES, CorruptionSet
 from ..data.registry import ImageData
 from ..errors import DataError
 from ..settings import format_eps
 from .device import autocast
+from .distributed import DistContext, gather_shards, sum_over_ranks
 from .report import Reporter
 
 
@@ -70,6 +82,89 @@ def predictions(model: nn.Module, images: torch.Tensor, batch_size: int) -> torc
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=images.device)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This rank's part of an evaluation: whole blocks of ``block`` images (global block
+    indices), contiguous in rank order; the first ranks take one block more when the blocks do
+    not divide evenly."""
+
+    blocks: list[tuple[int, int, int]]  # (block index, first image, end) on this rank
+    steps: int  # the most blocks any rank has: every rank loops this many times
+    sizes: list[int]  # images per rank, for the gather
+    start: int  # this rank's images are [start, stop)
+    stop: int
+
+
+def shard(n: int, block: int, ctx: DistContext | None = None) -> Shard:
+    """Split ``n`` images into blocks of ``block`` and the blocks among the ranks."""
+    ctx = ctx or DistContext()
+    per, extra = divmod(-(-n // block), ctx.world_size)
+    counts = [per + (r < extra) for r in range(ctx.world_size)]
+    firsts = [sum(counts[:r]) for r in range(ctx.world_size)]
+    ranges = [(min(f * block, n), min((f + c) * block, n)) for f, c in zip(firsts, counts)]
+    first, count = firsts[ctx.rank], counts[ctx.rank]
+    blocks = [(k, k * block, min((k + 1) * block, n)) for k in range(first, first + count)]
+    start, stop = ranges[ctx.rank]
+    return Shard(blocks, max(counts), [b - a for a, b in ranges], start, stop)
+
+
+def block_seed(seed: int, block: int) -> int:
+    """The seed of one block's random starts (and AutoAttack's): a function of the run's seed and
+    the block's place in the test split only, so any number of processes draws the same."""
+    return seed * 1_000_003 + block
+
+
+def flag_key(attack: str, eps: float) -> str:
+    """The name of an (attack, eps)'s per-image flags: ``pgd20@8/255``."""
+    return f"{attack}@{format_eps(eps)}"
+
+
+def worst_case(*flags: torch.Tensor | str) -> torch.Tensor:
+    """Per image, robust only if robust under every attack given (each attack's flags already
+    need the clean prediction right). Takes tensors or ``encode_flags`` strings, so flags stored
+    by an earlier run combine with a later attack's without rerunning anything."""
+    if not flags:
+        raise ValueError("worst_case needs at least one set of flags")
+    tensors = [decode_flags(f) if isinstance(f, str) else f.bool().cpu() for f in flags]
+    sizes = sorted({len(t) for t in tensors})
+    if len(sizes) > 1:
+        raise DataError(f"per-image flags cover different numbers of images ({', '.join(map(str, sizes))})",
+                        "combine results measured on the same test images")
+    out = tensors[0].clone()
+    for t in tensors[1:]:
+        out &= t
+    return out
+
+
+def encode_flags(flags: torch.Tensor) -> str:
+    """Per-image flags as a string of 0 and 1 (image order), for JSON records."""
+    return "".join("1" if f else "0" for f in flags.bool().cpu().tolist())
+
+
+def decode_flags(text: str) -> torch.Tensor:
+    if set(text) - {"0", "1"}:
+        raise DataError("per-image flags must be a string of 0 and 1", "use the flags a results file stores")
+    return torch.tensor([c == "1" for c in text], dtype=torch.bool)
+
+
+def _classifier_logits(model: nn.Module, num_classes: int, name: str, device, precision: str) -> _Logits:
+    """The model ready to evaluate (eval mode, on the device) after checking it classifies
+    ``num_classes`` classes."""
+    net = unwrap(model)
+    if net.fc is None:
+        raise not_a_classifier("the model has no classifier head")
+    if num_classes != net.config.num_classes:
+        raise DataError(
+            f"the classifier has {net.config.num_classes} classes but dataset '{name}' has {num_classes}",
+            "evaluate on the dataset it was finetuned on (--dataset)",
+        )
+    return _Logits(_prepare(model, device), precision, device)
+
+
+def _local(data: ImageData, part: Shard, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return data.images[part.start : part.stop].to(device), data.labels[part.start : part.stop].to(device)
+
+
 def evaluate(
     model: nn.Module,
     data: ImageData,
@@ -81,51 +176,61 @@ def evaluate(
     reporter: Reporter | None = None,
     seed: int = 0,
     precision: str = "fp32",
+    ctx: DistContext | None = None,
 ) -> dict:
     """Clean accuracy and, for every attack and eps, robust accuracy and seconds.
 
     Returns ``{"n", "clean_acc", "robust": [{"attack", "eps", "eps_label", "robust_acc",
-    "seconds", "images_per_s"}], "attacks": {name: description}}``; accuracies are fractions.
+    "seconds", "images_per_s"}], "worst_case": [{"eps", "eps_label", "attacks", "robust_acc"}],
+    "attacks": {name: description}, "per_image": {"clean" | flag_key(attack, eps) |
+    "worst@EPS": bool tensor (n,)}}``; accuracies are fractions. ``worst_case`` has one row per
+    eps when there are several attacks: an image counts only if every attack failed on it.
+
+    The images are taken in blocks of ``batch_size``; block k's random starts come from a
+    generator seeded with ``block_seed(seed, k)``. With ``ctx`` (torchrun) every rank evaluates
+    its shard of whole blocks and the per-image flags are gathered, so N processes give what
+    one gives, and rank 0's progress counts every rank's images.
     """
-    reporter = reporter or Reporter()
+    ctx = ctx or DistContext()
+    reporter = reporter if reporter is not None and ctx.is_main else Reporter()
     device = torch.device(device)
-    net = unwrap(model)
-    if net.fc is None:
-        raise not_a_classifier("the model has no classifier head")
-    if data.num_classes != net.config.num_classes:
-        raise DataError(
-            f"the classifier has {net.config.num_classes} classes but dataset '{data.name}' has {data.num_classes}",
-            "evaluate on the dataset it was finetuned on (--dataset)",
-        )
     attacks = [a if isinstance(a, Attack) else get_attack(a) for a in attacks]
-    model = _prepare(model, device)
-    logits = _Logits(model, precision, device)
-    data = data.to(device)
+    logits = _classifier_logits(model, data.num_classes, data.name, device, precision)
     n = len(data)
+    part = shard(n, batch_size, ctx)
+    images, labels = _local(data, part, device)
 
     t0 = time.perf_counter()
-    clean_pred = predictions(logits, data.images, batch_size)
-    clean_acc = (clean_pred == data.labels).sum().item() / max(n, 1)
+    clean_pred = predictions(logits, images, batch_size)  # block by block: the shard starts at a block
+    per_image = {"clean": gather_shards(clean_pred == labels, part.sizes, ctx).cpu()}
+    clean_acc = per_image["clean"].sum().item() / max(n, 1)
     reporter.log(f"clean accuracy {clean_acc:.2%} on {n} images ({time.perf_counter() - t0:.1f} s)")
 
     results = []
+    gen = torch.Generator(device=device)
     for attack in attacks:
         for eps in eps_list:
             label = f"{attack.name} eps={format_eps(eps)}"
-            gen = torch.Generator(device=device).manual_seed(seed)
-            correct = torch.zeros((), dtype=torch.long, device=device)
+            local = []
             reporter.start(label, n, unit="img")
             _sync(device)
             start = time.perf_counter()
-            for i in range(0, n, batch_size):
-                x = to_float(data.images[i : i + batch_size])
-                y = data.labels[i : i + batch_size]
-                x_adv = attack(logits, x, y, eps, gen=gen, seed=seed, log=reporter.warn)
-                with torch.no_grad():
-                    adv_pred = logits(x_adv).argmax(1)
-                correct += robust_correct(clean_pred[i : i + batch_size], adv_pred, y).sum()
-                reporter.advance(x.shape[0])
-            acc = correct.item() / max(n, 1)  # the one sync of this attack
+            for step in range(part.steps):
+                done = 0
+                if step < len(part.blocks):
+                    k, a, b = part.blocks[step]
+                    a, b = a - part.start, b - part.start
+                    x, y = to_float(images[a:b]), labels[a:b]
+                    gen.manual_seed(block_seed(seed, k))
+                    x_adv = attack(logits, x, y, eps, gen=gen, seed=block_seed(seed, k), log=reporter.warn)
+                    with torch.no_grad():
+                        adv_pred = logits(x_adv).argmax(1)
+                    local.append(robust_correct(clean_pred[a:b], adv_pred, y))
+                    done = b - a
+                reporter.advance(sum_over_ranks(done, ctx, device))
+            mine = torch.cat(local) if local else torch.zeros(0, dtype=torch.bool, device=device)
+            flags = per_image[flag_key(attack.name, eps)] = gather_shards(mine, part.sizes, ctx).cpu()
+            acc = flags.sum().item() / max(n, 1)  # the one sync of this attack
             seconds = time.perf_counter() - start
             reporter.finish()
             reporter.log(f"{label}: robust accuracy {acc:.2%} ({seconds:.1f} s)")
@@ -139,12 +244,55 @@ def evaluate(
                     "images_per_s": n / seconds if seconds > 0 else None,
                 }
             )
+    worst = []
+    if len(attacks) > 1:
+        for eps in eps_list:
+            flags = per_image[f"worst@{format_eps(eps)}"] = worst_case(*(per_image[flag_key(a.name, eps)] for a in attacks))
+            acc = flags.sum().item() / max(n, 1)
+            worst.append({"eps": eps, "eps_label": format_eps(eps), "attacks": [a.name for a in attacks], "robust_acc": acc})
+            reporter.log(f"worst case over {', '.join(a.name for a in attacks)} eps={format_eps(eps)}: {acc:.2%}")
     return {
         "n": n,
         "clean_acc": clean_acc,
         "robust": results,
+        "worst_case": worst,
         "attacks": {a.name: a.description for a in attacks},
+        "per_image": per_image,
     }
+
+
+def corruption_accuracy(
+    model: nn.Module,
+    corruptions: CorruptionSet,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    reporter: Reporter | None = None,
+    precision: str = "fp32",
+    ctx: DistContext | None = None,
+) -> dict:
+    """CA: the mean accuracy over every (corruption, severity) split of a corruption set (15 x 5),
+    with the table behind it. Returns ``{"name", "n" (images per split), "ca", "by_corruption":
+    {corruption: mean over severities}, "splits": [{"corruption", "severity", "acc"}]}``.
+    Sharded like ``evaluate`` under torchrun (every rank predicts its part of each split)."""
+    ctx = ctx or DistContext()
+    reporter = reporter if reporter is not None and ctx.is_main else Reporter()
+    device = torch.device(device)
+    logits = _classifier_logits(model, corruptions.num_classes, corruptions.name, device, precision)
+    rows = []
+    reporter.start(f"corruptions {corruptions.name}", len(corruptions) * corruptions.n, unit="img")
+    start = time.perf_counter()
+    for corruption, severity, split in corruptions:
+        part = shard(len(split), batch_size, ctx)
+        images, labels = _local(split, part, device)
+        right = gather_shards(predictions(logits, images, batch_size) == labels, part.sizes, ctx)
+        rows.append({"corruption": corruption, "severity": severity, "acc": right.sum().item() / max(len(split), 1)})
+        reporter.advance(len(split))
+    reporter.finish()
+    by_corruption = {c: sum(r["acc"] for r in rows if r["corruption"] == c) / len(SEVERITIES) for c in corruptions.corruptions}
+    ca = sum(r["acc"] for r in rows) / max(len(rows), 1)
+    reporter.log(f"{corruptions.name}: corruption accuracy {ca:.2%} over {len(rows)} splits ({time.perf_counter() - start:.1f} s)")
+    return {"name": corruptions.name, "n": corruptions.n, "ca": ca, "by_corruption": by_corruption, "splits": rows}
 
 
 def adversarial_examples(
@@ -186,10 +334,13 @@ def adversarial_examples(
 
 
 def load_test_data(ckpt, dataset: str | None = None, *, split: str = "test", limit: int | None = None,
-                   image_size: int | None = None, data_dir=None, download: bool = True) -> ImageData:
+                   image_size: int | None = None, data_dir=None, download: bool = True,
+                   ctx: DistContext | None = None) -> ImageData:
     """The split to evaluate ``ckpt`` on: its own dataset unless ``dataset`` is given, at the
-    image size it was finetuned at unless ``image_size`` is given; the class counts must match."""
-    from ..data.registry import load_dataset, num_classes_of
+    image size it was finetuned at unless ``image_size`` is given; the class counts must match.
+    Under torchrun (``ctx``) each node downloads it once."""
+    from ..data.registry import num_classes_of
+    from .run import load_split
 
     name = dataset or ckpt.meta.dataset
     want = ckpt.meta.num_classes
@@ -201,7 +352,8 @@ def load_test_data(ckpt, dataset: str | None = None, *, split: str = "test", lim
         )
     if image_size is None:
         image_size = ckpt.meta.config.get("image_size")
-    data = load_dataset(name, split, data_dir=data_dir, download=download, limit=limit, image_size=image_size)
+    data = load_split(name, split, ctx or DistContext(), data_dir=data_dir, download=download, limit=limit,
+                      image_size=image_size)
     if data.num_classes != want:
         raise DataError(
             f"dataset '{name}' has {data.num_classes} classes but the classifier {ckpt.path} has {want}",
