@@ -129,7 +129,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
             return
         run.append_metrics(metrics)
         if done % settings.save_every == 0 or done == settings.epochs:
-            save_model(encoder, model, kind="encoder", method=settings.method, dataset=data.name,
+            save_model(encoder, model, kind="encoder", method=method.checkpoint_name, dataset=data.name,
                        eps=method.eps, config=settings.to_config(), metrics=metrics)
             saved["note"] = f"the last saved encoder is {encoder} (epoch {done})"
         run.save_state(model, optimizer, epoch=done, total_epochs=settings.epochs, config=settings.to_config(),

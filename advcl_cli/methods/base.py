@@ -76,6 +76,11 @@ class Method:
         self.notes: list[str] = []  # lines the engine shows on stderr
 
     @property
+    def checkpoint_name(self) -> str:
+        """The method recorded in its checkpoints (a variant may say more, e.g. "dynacl-air")."""
+        return self.name
+
+    @property
     def eps(self) -> float | None:
         """The attack budget of a robust method (None: not adversarially trained)."""
         return getattr(self.settings, "eps", None)
