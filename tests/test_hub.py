@@ -153,6 +153,21 @@ def test_pull_asks_for_config_json_at_the_same_revision(tmp_path, hub, token):
     assert pulled.verified and pulled.commit == result.commit
 
 
+def test_a_repo_without_config_json_pulls_quietly(tmp_path, hub, token):
+    from huggingface_hub import HfApi
+
+    url, _ = hub
+    ckpt = make_classifier(tmp_path / "clf.safetensors")
+    repo = repo_name()
+    api = HfApi(endpoint=url)
+    api.create_repo(repo)
+    api.upload_file(path_or_fileobj=str(ckpt), path_in_repo="model.safetensors", repo_id=repo)  # not pushed by advcl
+    rec = RecordingReporter()
+    pulled = fetch(f"hf:{repo}", endpoint=url, reporter=rec)
+    assert pulled.path.read_bytes() == ckpt.read_bytes() and pulled.config is None
+    assert [e[1] for e in rec.events if e[0] == "warn" and "config.json" in e[1]] == []
+
+
 def test_dry_run_uploads_nothing(tmp_path, hub, token):
     url, root = hub
     ckpt = make_classifier(tmp_path / "clf.safetensors")

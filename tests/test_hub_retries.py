@@ -1,13 +1,14 @@
 """A busy or flaky Hub is waited for (429 + Retry-After, 5xx, dropped connections); a dead one fails at once."""
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from advcl_cli.engine.report import RecordingReporter
 from advcl_cli.errors import DownloadError
 from advcl_cli.zoo import hub as hubmod
-from advcl_cli.zoo.hub import fetch
+from advcl_cli.zoo.hub import fetch, transient
 from advcl_cli.zoo.publish import push
 from hubserver import Fault, FaultyProxy, free_port
 from hubtools import commits, hub, make_classifier, repo_name, token  # noqa: F401 (fixtures)
@@ -86,14 +87,50 @@ def test_push_retries_a_5xx_commit_and_a_reset_preupload_and_commits_once(tmp_pa
     assert any("create_repo" in w and "HTTP 429" in w for w in told) and any("commit to" in w and "HTTP 503" in w for w in told)
 
 
-def test_a_dead_endpoint_fails_at_once_with_the_offline_hint(tmp_path, waits):
+def test_a_dead_endpoint_fails_at_once_with_the_offline_hint(tmp_path, token, waits):
     url = f"http://127.0.0.1:{free_port()}"
     rec = RecordingReporter()
     started = time.monotonic()
     with pytest.raises(DownloadError) as e:
         fetch("hf:advcl-test/any", endpoint=url, reporter=rec)
+    with pytest.raises(DownloadError) as pushing:
+        push(make_classifier(tmp_path / "clf.safetensors"), repo_name(), endpoint=url, reporter=rec)
     assert time.monotonic() - started < 5 and waits == [] and warnings_of(rec) == []
-    assert e.value.message == f"cannot reach {url}" and "HF_HUB_OFFLINE" in e.value.hint
+    for err in (e.value, pushing.value):
+        assert err.message == f"cannot reach {url}" and "HF_HUB_OFFLINE" in err.hint
+
+
+class Answered(Exception):
+    """An HTTP error as clients raise them: the response rides along."""
+
+    def __init__(self, status, headers=None):
+        super().__init__(f"HTTP {status}")
+        self.response = SimpleNamespace(status_code=status, headers=headers or {})
+
+
+def test_what_counts_as_transient_whatever_the_http_client():
+    import httpx
+    import requests
+    import urllib3
+
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    assert transient(Answered(429, {"retry-after": "7"})) == ("HTTP 429", 7.0)
+    assert transient(Answered(503)) == ("HTTP 503", None) and transient(Answered(404)) is None
+    assert transient(Answered(429, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) == ("HTTP 429", None)
+    # requests/urllib3 (huggingface_hub < 1): the cause sits in args and `reason`
+    assert transient(requests.ConnectionError(urllib3.exceptions.ProtocolError("Connection aborted.", reset))) is not None
+    refused = urllib3.exceptions.NewConnectionError(None, "Failed to establish a new connection: [Errno 111] Connection refused")
+    assert transient(requests.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/", refused))) is None
+    # httpx / httpx2 (huggingface_hub >= 1)
+    assert transient(httpx.RemoteProtocolError("Server disconnected without sending a response.")) is not None
+    assert transient(httpx.ReadTimeout("timed out")) is not None
+    assert transient(httpx.ConnectError("[Errno 111] Connection refused")) is None
+    assert transient(httpx.ConnectTimeout("timed out")) is None
+    try:
+        raise RuntimeError("Error while uploading 'model.safetensors' to the Hub.") from Answered(502)
+    except RuntimeError as wrapped:  # huggingface_hub wraps LFS upload failures
+        assert transient(wrapped) == ("HTTP 502", None)
+    assert transient(DownloadError("advcl's own errors are final")) is None
 
 
 def test_a_retry_after_longer_than_a_minute_is_reported_not_waited(tmp_path, hub, token, waits):

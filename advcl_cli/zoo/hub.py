@@ -150,12 +150,11 @@ def _related(e: BaseException):
     todo, seen = [e], set()
     while todo and len(seen) < 20:
         e = todo.pop(0)
-        if e is None or id(e) in seen:
+        if not isinstance(e, BaseException) or id(e) in seen:  # urllib keeps a string in `reason`
             continue
         seen.add(id(e))
         yield e
-        todo += [e.__cause__, e.__context__, getattr(e, "reason", None)]
-        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+        todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *getattr(e, "args", ())]
 
 
 def retry_after(response) -> float | None:
