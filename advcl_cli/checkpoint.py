@@ -161,9 +161,19 @@ def save_model(
         parent=parent,
         model=net.config.to_dict(),
     )
-    tensors = clean_state_dict(net.state_dict())
+    return _write(path, clean_state_dict(net.state_dict()), meta)
+
+
+def _write(path: str | Path, tensors: dict[str, torch.Tensor], meta: Metadata) -> Path:
     doc = {META_KEY: meta.model_dump_json()}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=doc))
+
+
+def with_metadata(src: str | Path, dst: str | Path, meta: Metadata) -> Path:
+    """A copy of checkpoint ``src`` at ``dst`` with the same tensors and ``meta`` as its metadata."""
+    from safetensors.torch import load_file
+
+    return _write(dst, load_file(str(src)), meta)
 
 
 @dataclass

@@ -25,6 +25,11 @@ def _isolated_env(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # The test Hub speaks plain Git LFS, no xet (tests/hubserver.py). huggingface_hub reads the
+    # variable at import: set it for subprocesses and, once imported, in its constants.
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    if "huggingface_hub.constants" in sys.modules:
+        monkeypatch.setattr(sys.modules["huggingface_hub.constants"], "HF_HUB_DISABLE_XET", True)
     monkeypatch.chdir(tmp_path)
 
 

@@ -12,7 +12,10 @@ import torch
 
 from advcl_cli.checkpoint import save_model, sha256_file
 from advcl_cli.models import create_model
+from advcl_cli.zoo.manifest import SHIPPED, tomllib
 from hubserver import free_port, running_server
+
+pytestmark = pytest.mark.hub
 
 TOKEN = "hf_advcl_cli_test_token_not_a_secret"
 
@@ -55,6 +58,11 @@ def test_help_of_each_command_has_an_example(run_cli):
     for cmd in (["pull"], ["push"], ["zoo", "list"], ["zoo", "info"]):
         code, out, _ = run_cli(*cmd, "--help")
         assert code == 0 and "Example" in out and f"advcl {' '.join(cmd)} " in out
+    _, out, _ = run_cli("push", "--help")
+    for flag in ("--private / --public", "--make-private", "--revision", "--create-pr", "--overwrite-card", "--license"):
+        assert flag in out
+    _, out, _ = run_cli("pull", "--help")
+    assert "--json" in out
 
 
 def test_zoo_list_shows_the_paper_models(run_cli):
@@ -65,7 +73,9 @@ def test_zoo_list_shows_the_paper_models(run_cli):
     code, out, _ = run_cli("zoo", "list", "--json")
     doc = {e["name"]: e for e in json.loads(out)}
     assert len(doc) == 8 and not any(e["published"] for e in doc.values())
-    assert doc["advcl-r18-cifar10-slf"]["metrics"]["pgd20"] == {"value": 50.45, "status": "reported", "source": doc["advcl-r18-cifar10-slf"]["metrics"]["pgd20"]["source"], "command": None}
+    shipped = tomllib.loads(SHIPPED.read_text())["advcl-r18-cifar10-slf"]["metrics"]["pgd20"]  # the file itself, not advcl's reader
+    assert shipped["source"].startswith("Fan et al., NeurIPS 2021")
+    assert doc["advcl-r18-cifar10-slf"]["metrics"]["pgd20"] == {"value": 50.45, "status": "reported", "source": shipped["source"], "command": None}
 
 
 def test_zoo_info_shows_provenance_and_recipe(run_cli):
@@ -112,7 +122,8 @@ def test_push_prints_the_commit_and_never_the_token(run_cli, env):
     assert len(commit) == 40
     code, out, err = run_cli("push", ckpt, "--repo", repo, "--json")
     doc = json.loads(out)
-    assert code == 0 and doc["repo"] == repo and doc["sha256"] == sha256_file(ckpt) and doc["commit"] != commit
+    assert code == 0 and doc["repo"] == repo and doc["sha256"] == sha256_file(ckpt)
+    assert doc["commit"] == commit and doc["card"] == "write"  # same weights: no new files commit; the card lost its zoo name
     assert TOKEN not in out + err
     recipe = "advcl finetune enc.safetensors --scheme slf --dataset digits"
     code, out, err = run_cli("push", ckpt, "--repo", repo, "--dry-run", "--recipe", recipe)
@@ -129,11 +140,26 @@ def test_pushing_a_corrupt_checkpoint_is_a_usage_error(run_cli, env):
 def test_pull_by_name_and_zoo_info_of_a_cached_entry(run_cli, env):
     ckpt, repo, commit = pushed(run_cli)
     code, out, err = run_cli("pull", "tiny-slf")
-    assert code == 0 and Path(out.strip()).read_bytes() == ckpt.read_bytes() and "sha256 verified" in err
+    pulled = out.strip()
+    assert code == 0 and Path(pulled).read_bytes() == ckpt.read_bytes() and "sha256 verified" in err
     code, out, _ = run_cli("zoo", "info", "tiny-slf", "--json")
     doc = json.loads(out)
-    assert doc["repo"] == repo and doc["revision"] == commit and doc["cache"] == {"cached": True, "path": doc["cache"]["path"], "sha256_ok": True}
+    assert doc["repo"] == repo and doc["revision"] == commit and doc["cache"] == {"cached": True, "path": pulled, "sha256_ok": True}
     assert doc["metrics"]["sa"]["status"] == "measured" and doc["metrics"]["sa"]["value"] == 88.0
+
+
+def test_pull_json_describes_the_file(run_cli, env):
+    ckpt, repo, commit = pushed(run_cli)
+    code, out, err = run_cli("pull", "tiny-slf", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert Path(doc["path"]).read_bytes() == ckpt.read_bytes() and doc["sha256"] == sha256_file(ckpt)
+    assert (doc["repo"], doc["revision"], doc["commit"], doc["filename"]) == (repo, commit, commit, "model.safetensors")
+    assert doc["verified"] is True and json.loads(Path(doc["config"]).read_text())["kind"] == "classifier"
+    code, out, err = run_cli("pull", f"hf:{repo}", "--json")  # main, no pinned sha256: computed, not verified
+    doc = json.loads(out)
+    assert code == 0 and doc["verified"] is False and doc["revision"] == "main" and doc["sha256"] == sha256_file(ckpt)
+    assert doc["commit"] != commit and len(doc["commit"]) == 40  # main is now the card commit, on top of the files
 
 
 def test_tampered_cache_exits_1_with_both_digests(run_cli, env):

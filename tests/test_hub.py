@@ -2,7 +2,6 @@
 
 import os
 import re
-import uuid
 from pathlib import Path
 
 import pytest
@@ -13,36 +12,12 @@ from advcl_cli.engine.report import RecordingReporter
 from advcl_cli.errors import CheckpointError, DownloadError, UsageError
 from advcl_cli.models import create_model
 from advcl_cli.zoo import load_manifest, load_model, pull, resolve
-from advcl_cli.zoo.hub import fetch, push
-from hubserver import running_server
+from advcl_cli.zoo.hub import fetch
+from advcl_cli.zoo.publish import push
+from hubserver import requests_seen
+from hubtools import hub, make_classifier, nothing_sent, repo_name, token  # noqa: F401 (fixtures)
 
-TOKEN = "hf_advcl_test_token_not_a_secret"
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hub")
-    with running_server(root) as url:
-        yield url, root
-
-
-@pytest.fixture
-def token(monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-
-
-def make_classifier(path, seed=0, metrics=None):
-    torch.manual_seed(seed)
-    model = create_model("resnet18-tiny", num_classes=10)
-    return save_model(
-        path, model, kind="classifier", method="advcl", dataset="digits", eps=8 / 255,
-        config={"scheme": "slf", "epochs": 2}, metrics=metrics or {"clean_acc": 0.915, "pgd20_acc": 0.4225, "n_eval": 32, "eps": 8 / 255, "selection": "last epoch"},
-        parent="ab" * 32,
-    )
-
-
-def repo_name():
-    return f"advcl-test/m-{uuid.uuid4().hex[:8]}"
+pytestmark = pytest.mark.hub
 
 
 def published(tmp_path, hub, seed=0, entry="tiny-slf"):
@@ -145,12 +120,13 @@ def test_pushing_a_corrupt_checkpoint_sends_nothing(tmp_path, hub, token):
     assert not (root / "mirrors" / "models" / repo).exists()
 
 
-def test_pushed_model_card_parses_back_with_the_metrics(tmp_path, hub, token):
+def test_pushed_model_card_parses_back_with_the_metrics_and_pins_the_files_commit(tmp_path, hub, token):
     from huggingface_hub import ModelCard, hf_hub_download
 
-    url, _ = hub
+    url, root = hub
     ckpt, _, result = published(tmp_path, hub)
-    card_path = hf_hub_download(result.repo, "README.md", revision=result.commit, endpoint=url, cache_dir=tmp_path / "c")
+    assert result.card_commit not in (None, result.commit)  # the card is a second commit, on top of the files
+    card_path = hf_hub_download(result.repo, "README.md", revision=result.card_commit, endpoint=url, cache_dir=tmp_path / "c")
     card = ModelCard.load(card_path)
     assert card.data.license == "mit" and card.data.library_name == "advcl"
     assert {"adversarial-robustness", "advcl"} <= set(card.data.tags)
@@ -158,8 +134,38 @@ def test_pushed_model_card_parses_back_with_the_metrics(tmp_path, hub, token):
     assert values == {"sa": 91.5, "pgd20": 42.25}
     assert sha256_file(ckpt) in card.text and "ab" * 32 in card.text  # lineage: file and parent digests
     assert "first 32 test images" in card.text and "advcl pull tiny-slf" in card.text
+    pinned = f"hf:{result.repo}@{result.commit}"
+    assert f"advcl pull {pinned}" in card.text and f'load_model("{pinned}")' in card.text
+    assert pull(pinned, endpoint=url).read_bytes() == ckpt.read_bytes()  # the snippet pulls this very file
     config = hf_hub_download(result.repo, "config.json", revision=result.commit, endpoint=url, cache_dir=tmp_path / "c")
     assert '"kind": "classifier"' in Path(config).read_text()
+
+
+def test_pull_asks_for_config_json_at_the_same_revision(tmp_path, hub, token):
+    """The Hub counts a library's downloads by its config.json requests (as for timm)."""
+    url, root = hub
+    ckpt, manifest, result = published(tmp_path, hub)
+    before = len(requests_seen(root))
+    pulled = fetch("tiny-slf", endpoint=url, manifest=manifest)
+    asked = [(m, p) for m, p, status in requests_seen(root)[before:] if status == 200]
+    assert ("GET", f"/{result.repo}/resolve/{result.commit}/config.json") in asked
+    assert pulled.config is not None and '"kind": "classifier"' in pulled.config.read_text()
+    assert pulled.verified and pulled.commit == result.commit
+
+
+def test_a_repo_without_config_json_pulls_quietly(tmp_path, hub, token):
+    from huggingface_hub import HfApi
+
+    url, _ = hub
+    ckpt = make_classifier(tmp_path / "clf.safetensors")
+    repo = repo_name()
+    api = HfApi(endpoint=url)
+    api.create_repo(repo)
+    api.upload_file(path_or_fileobj=str(ckpt), path_in_repo="model.safetensors", repo_id=repo)  # not pushed by advcl
+    rec = RecordingReporter()
+    pulled = fetch(f"hf:{repo}", endpoint=url, reporter=rec)
+    assert pulled.path.read_bytes() == ckpt.read_bytes() and pulled.config is None
+    assert [e[1] for e in rec.events if e[0] == "warn" and "config.json" in e[1]] == []
 
 
 def test_dry_run_uploads_nothing(tmp_path, hub, token):
@@ -210,18 +216,6 @@ def test_hf_endpoint_and_hf_hub_cache_are_read_at_call_time(tmp_path, hub, token
     monkeypatch.setenv("ADVCL_HF_ENDPOINT", "http://127.0.0.1:9")  # advcl's variable wins over HF_ENDPOINT
     with pytest.raises(DownloadError, match="cannot reach http://127.0.0.1:9"):
         pull("tiny-slf", manifest=manifest, force_download=True)
-
-
-@pytest.fixture
-def nothing_sent(monkeypatch):
-    """Fail the test if push talks to the Hub."""
-    import huggingface_hub
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("push contacted the Hub")
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refuse)
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", refuse)
 
 
 def test_zoo_entry_problems_are_found_before_the_commit(tmp_path, nothing_sent):

@@ -131,16 +131,16 @@ def test_write_refuses_what_it_could_not_read_back(tmp_path):
 
 
 def test_the_installed_package_manifest_is_never_edited(monkeypatch, tmp_path):
-    from advcl_cli.zoo import hub
+    from advcl_cli.zoo import publish
 
     fake = tmp_path / "lib" / "site-packages" / "advcl_cli" / "zoo" / "manifest.toml"
     fake.parent.mkdir(parents=True)
     fake.write_text("")
     monkeypatch.setattr(mf, "SHIPPED", fake)
-    monkeypatch.setattr(hub, "SHIPPED", fake)
+    monkeypatch.setattr(publish, "SHIPPED", fake)
     with pytest.raises(UsageError, match="inside the installed advcl package"):
-        hub.writable_manifest(None)
-    assert hub.writable_manifest(tmp_path / "team.toml") == tmp_path / "team.toml"
+        publish.writable_manifest(None)
+    assert publish.writable_manifest(tmp_path / "team.toml") == tmp_path / "team.toml"
 
 
 def test_a_manifest_that_is_not_utf8_is_a_usage_error(tmp_path):

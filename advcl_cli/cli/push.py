@@ -1,4 +1,4 @@
-"""`advcl push`: a checkpoint, its metadata and a model card to the Hub in one commit."""
+"""`advcl push`: a checkpoint and its config.json to the Hub in one commit, then its model card."""
 
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,11 +17,32 @@ def push(
         typer.Option("--zoo-entry", help="Write or update this manifest entry with the repo, new revision and sha256.", show_default=False),
     ] = None,
     manifest: ManifestOpt = None,
-    private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
+    private: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--private/--public",
+            help="Visibility of a new repository (default: the account's or organisation's default). An existing "
+            "repository is never changed: a mismatch is refused.",
+            show_default=False,
+        ),
+    ] = None,
+    make_private: Annotated[
+        bool, typer.Option("--make-private", help="Like --private, and switch an existing public repository to private before uploading.")
+    ] = False,
+    revision: Annotated[
+        Optional[str],
+        typer.Option("--revision", help="Branch to push to (created from main if missing; default main).", show_default=False),
+    ] = None,
+    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request (against --revision) instead of committing to it.")] = False,
+    overwrite_card: Annotated[
+        bool,
+        typer.Option("--overwrite-card", help="Replace README.md on the Hub even if it was edited there (default: keep an edited card)."),
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be uploaded; send nothing.")] = False,
     license: Annotated[
         Optional[str],
-        typer.Option("--license", help="Licence id for the model card (default: the entry's, else mit).", show_default=False),
+        typer.Option("--license", help="Licence id from the Hub's list, e.g. mit, apache-2.0, cc-by-4.0 (default: the entry's, else mit).",
+                     show_default=False),
     ] = None,
     recipe: Annotated[
         Optional[list[str]],
@@ -31,21 +52,27 @@ def push(
     json_mode: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Upload model.safetensors, config.json (the metadata) and a README.md model card in one
-    commit, and print the commit sha.
+    """Upload model.safetensors and config.json (its metadata) in one commit, then a README.md
+    model card pinned to that commit, and print the commit sha.
 
-    The token comes from huggingface_hub's usual places (HF_TOKEN, `hf auth login`); advcl never
-    prints it.
+    Nothing private is sent: absolute paths, the user, home and host names in the checkpoint's
+    metadata are cut to base names or dropped (the upload is then a copy with its own sha256).
+    The card's metadata is checked as the Hub would before anything is sent. A card edited on
+    the Hub is kept unless --overwrite-card. Transient Hub errors (429, 5xx, dropped
+    connections) are retried with back-off. The token comes from huggingface_hub's usual places
+    (HF_TOKEN, `hf auth login`); advcl never prints it.
 
-    Example, look first, then publish into a team manifest and use the new entry:
+    Example, look first, publish privately into a team manifest, use the new entry, then
+    propose an update as a pull request:
 
     \b
       advcl push runs/clf.safetensors --repo my-lab/advcl-r18-cifar10-slf --dry-run
-      advcl push runs/clf.safetensors --repo my-lab/advcl-r18-cifar10-slf --zoo-entry my-advcl-slf --manifest zoo.toml
+      advcl push runs/clf.safetensors --repo my-lab/advcl-r18-cifar10-slf --private --zoo-entry my-advcl-slf --manifest zoo.toml
       ADVCL_ZOO_MANIFEST=zoo.toml advcl pull my-advcl-slf | advcl eval --attack pgd20
+      advcl push runs/clf2.safetensors --repo my-lab/advcl-r18-cifar10-slf --create-pr --license apache-2.0
     """
     from ..settings import HubSettings
-    from ..zoo.hub import push as push_checkpoint
+    from ..zoo.publish import push as push_checkpoint
 
     settings = HubSettings.resolve(config, hf_endpoint=endpoint, zoo_manifest=manifest)
     out = Output(json_mode)
@@ -56,6 +83,10 @@ def push(
         manifest=settings.zoo_manifest,
         zoo_entry=zoo_entry,
         private=private,
+        make_private=make_private,
+        revision=revision,
+        create_pr=create_pr,
+        overwrite_card=overwrite_card,
         dry_run=dry_run,
         license=license,
         recipe=recipe,
@@ -63,10 +94,16 @@ def push(
     )
     doc = {
         "repo": result.repo,
+        "revision": result.revision,
         "dry_run": result.dry_run,
         "commit": result.commit,
         "url": result.url,
+        "pr_url": result.pr_url,
+        "private": result.private,
+        "card": result.card_action,
+        "card_commit": result.card_commit,
         "sha256": result.sha256,
+        "public_fields": result.public_fields,
         "files": result.files,
         "zoo_entry": result.zoo_entry,
         "manifest": str(result.manifest) if result.manifest else None,
@@ -74,10 +111,10 @@ def push(
     if json_mode:
         out.document(doc)
     elif dry_run:
-        out.table(result.files, ["path", "size", "source"], title=f"would upload to {repo} (dry run)")
+        out.table(result.files, ["path", "size", "source"], title=f"would upload to {repo}@{result.revision} (dry run)")
         out.log(result.card)
         if zoo_entry:
             out.log(f"would update entry '{zoo_entry}' in {result.manifest}")
     else:
-        out.log(result.url or "")
+        out.log(result.pr_url or result.url or "")
         out.result(result.commit)

@@ -1,10 +1,18 @@
-"""The model card pushed with a checkpoint, built from its metadata with huggingface_hub's ModelCard."""
+"""The model card pushed with a checkpoint, built from its metadata with huggingface_hub's ModelCard.
+
+A card advcl writes ends with a seal, ``<!-- advcl-card sha256:... -->``, the digest of the text
+above it. ``advcl push`` rewrites a card only while its seal still matches (nobody edited it on
+the Hub since) or with ``--overwrite-card``; any other README.md is kept.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any
 
 from ..settings import format_eps
+from .hubspec import HUB_DATASETS
 from .manifest import METRIC_NAMES
 
 PAPER = "https://arxiv.org/abs/2111.01124"
@@ -12,7 +20,9 @@ PAPER_TITLE = (
     "Fan et al., When Does Contrastive Learning Preserve Adversarial Robustness from Pretraining to "
     "Finetuning?, NeurIPS 2021"
 )
-HUB_DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10"}
+DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10"}
+PENDING_REVISION = "COMMIT"  # in a dry run's card: the commit is known only once the files are pushed
+_SEAL = re.compile(r"\n<!-- advcl-card sha256:([0-9a-f]{64}) -->\n?\Z")
 # Checkpoint metrics are fractions on the test split (engine.finetune / engine.evaluate naming);
 # the manifest and the card show them as percentages under these names.
 CHECKPOINT_METRICS = {"clean_acc": "sa", "pgd20_acc": "pgd20", "autoattack_acc": "aa"}
@@ -37,19 +47,23 @@ def build_card(
     license: str,
     recipe: list[str],
     zoo_name: str | None = None,
+    revision: str | None = None,
+    base_model: str | None = None,
 ):
-    """A ``ModelCard``: YAML metadata (model-index, tags, licence) and a body with lineage and recipe."""
+    """A ``ModelCard``: YAML metadata (model-index, tags, licence, Hub dataset ids, the parent as
+    ``base_model`` when it is on the Hub) and a body with lineage, recipe and a usage snippet
+    pinned to ``revision`` (the commit that holds the file)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     metrics = test_accuracies(meta.metrics)
     eps = format_eps(meta.eps) if meta.eps is not None else None
-    known = meta.dataset in HUB_DATASETS
+    hub_dataset = HUB_DATASETS.get(meta.dataset)
     n_eval = meta.metrics.get("n_eval")
     results = [
         EvalResult(
             task_type="image-classification",
-            dataset_type=meta.dataset,
-            dataset_name=HUB_DATASETS.get(meta.dataset, meta.dataset),
+            dataset_type=hub_dataset or meta.dataset,
+            dataset_name=DATASET_NAMES.get(meta.dataset, meta.dataset),
             dataset_split="test",
             metric_type=key,
             metric_name=METRIC_NAMES[key],
@@ -58,17 +72,19 @@ def build_card(
         )
         for key, value in metrics.items()
     ]
-    tags = ["adversarial-robustness", "advcl", meta.method] + ([meta.dataset] if known else [])
+    tags = ["adversarial-robustness", "advcl", meta.method] + ([meta.dataset] if meta.dataset in DATASET_NAMES else [])
+    lineage = dict(base_model=base_model, base_model_relation="finetune") if base_model else {}
     data = ModelCardData(
         license=license,
         library_name="advcl",
         tags=list(dict.fromkeys(tags)),
-        datasets=[meta.dataset] if known else None,
+        datasets=[hub_dataset] if hub_dataset else None,
         pipeline_tag="image-classification" if meta.kind == "classifier" else "image-feature-extraction",
         model_name=repo,
         eval_results=results or None,
+        **lineage,
     )
-    pull_name = f"hf:{repo}"
+    pull_name = f"hf:{repo}@{revision or PENDING_REVISION}"
     lines = [
         f"# {repo}",
         "",
@@ -98,6 +114,7 @@ def build_card(
         "",
         f"- `{filename}` sha256: `{sha256}`",
         f"- parent checkpoint sha256: `{meta.parent}`" if meta.parent else "- parent checkpoint: none (trained from scratch)",
+        *([f"- finetuned from [{base_model}](https://huggingface.co/{base_model})"] if base_model else []),
         "",
         "## Recipe",
         "",
@@ -115,6 +132,8 @@ def build_card(
             if zoo_name
             else []
         ),
+        "Pinned to the commit that holds this file (sha256 above), so later pushes do not change what it pulls:",
+        "",
         "```bash",
         f"advcl pull {pull_name}",
         f"advcl eval {pull_name} --attack pgd20" if meta.kind == "classifier" else f"advcl finetune {pull_name} --scheme slf",
@@ -129,3 +148,25 @@ def build_card(
             "```",
         ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sealed(card) -> str:
+    """The card's text with advcl's seal appended: what push uploads as README.md."""
+    text = str(card)
+    return f"{text}\n<!-- advcl-card sha256:{_digest(text)} -->\n"
+
+
+def written_by_advcl(text: str) -> bool:
+    """The README.md is a card advcl wrote and nobody changed since (its seal matches)."""
+    seal = _SEAL.search(text)
+    return seal is not None and _digest(text[: seal.start()]) == seal.group(1)
+
+
+def pinned_commit(text: str, repo: str) -> str | None:
+    """The commit an advcl card's usage snippet pins for ``repo``, if it is one advcl wrote."""
+    found = re.search(rf"hf:{re.escape(repo)}@([0-9a-f]{{40}})", text) if written_by_advcl(text) else None
+    return found.group(1) if found else None

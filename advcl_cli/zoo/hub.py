@@ -1,40 +1,37 @@
-"""Pull and push checkpoints through huggingface_hub, with pinned revisions and sha256 checks.
+"""Talking to the Hub through huggingface_hub: names, errors, retries, and pulling checkpoints.
 
 Downloads go to the standard Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``), read at call
 time, as are ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE``: huggingface_hub itself reads them once at
-import, which would ignore a change made later in the same process. Every failure of the Hub
-client becomes an ``AdvclError`` with a one-line message; nothing here prints, and the token is
-never read, printed or logged by advcl (huggingface_hub finds it in its usual places).
+import, which would ignore a change made later in the same process. Every call to the Hub goes
+through ``retrying``: a 429 (after its Retry-After), a 5xx or a dropped connection is retried
+with huggingface_hub's back-off (1, 2, 4, 8, 8 s), while a refused connection or an unknown host
+fails at once. Every failure of the client becomes an ``AdvclError`` with a one-line message;
+nothing here prints, and the token is never read, printed or logged by advcl (huggingface_hub
+finds it in its usual places). Pushing lives in ``publish.py``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from dataclasses import dataclass, field
+import socket
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from ..engine.report import Reporter
 from ..errors import AdvclError, CheckpointError, DownloadError, UsageError
-from .manifest import (
-    NAME_RE,
-    SHIPPED,
-    Entry,
-    Manifest,
-    load_manifest,
-    manifest_path,
-    render_manifest,
-    validate_entry,
-    write_manifest,
-)
+from .manifest import Entry, load_manifest, manifest_path
 
 HF_PREFIX = "hf:"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_FILENAME = "model.safetensors"
+CONFIG_FILENAME = "config.json"
 REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-PLACEHOLDER_REVISION = "0" * 40  # stands for the commit while an entry is checked before pushing
+HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _CONNECTION_ERRORS = {"TransportError", "ConnectError", "ConnectionError", "TimeoutException", "Timeout", "ProxyError"}
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,20 +51,18 @@ class Pulled:
     path: Path
     sha256: str
     target: Target
+    config: Path | None = None  # the repo's config.json at the same revision, when it has one
 
+    @property
+    def verified(self) -> bool:
+        """The file's sha256 was checked against a pinned one (zoo names), not only computed."""
+        return self.target.sha256 is not None
 
-@dataclass
-class Pushed:
-    repo: str
-    sha256: str
-    files: list[dict]
-    card: str
-    dry_run: bool
-    commit: str | None = None
-    url: str | None = None
-    zoo_entry: str | None = None
-    manifest: Path | None = None
-    entry: Entry | None = field(default=None, repr=False)
+    @property
+    def commit(self) -> str | None:
+        """The commit the file came from (its snapshot folder in the cache)."""
+        name = self.path.parent.name
+        return name if HEX40.match(name) else None
 
 
 # --- environment, read at call time ------------------------------------------------------
@@ -128,6 +123,87 @@ def resolve_target(name: str, manifest: Path | None) -> Target:
     return Target(name, entry.repo, entry.revision, entry.filename, entry.sha256, entry)
 
 
+# --- retries -------------------------------------------------------------------------------
+
+# huggingface_hub's http_backoff: these statuses, 5 retries, waits of 1 s doubling to 8 s; a
+# Retry-After longer than a minute is not waited for (the error says how long the Hub asked).
+RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
+MAX_RETRIES = 5
+FIRST_WAIT, MAX_WAIT, MAX_RETRY_AFTER = 1.0, 8.0, 60.0
+# A connection that broke after it was made is worth retrying; one that was never made (refused,
+# unknown host, connect timeout) is not: the endpoint is down or wrong, and waiting hides that.
+_DROPPED = {
+    "ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError", "RemoteProtocolError", "ReadError",
+    "WriteError", "ReadTimeout", "WriteTimeout", "ChunkedEncodingError", "ProtocolError", "IncompleteRead",
+    "RemoteDisconnected",
+}
+_NEVER_CONNECTED = {
+    "ConnectionRefusedError", "gaierror", "ConnectError", "NewConnectionError", "NameResolutionError",
+    "ConnectTimeout", "ConnectTimeoutError",
+}
+_sleep = time.sleep  # tests replace it
+
+
+def _related(e: BaseException):
+    """``e`` and the exceptions behind it: causes, contexts, and those that requests/urllib3
+    keep in ``reason`` or ``args``."""
+    todo, seen = [e], set()
+    while todo and len(seen) < 20:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or id(e) in seen:  # urllib keeps a string in `reason`
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *getattr(e, "args", ())]
+
+
+def retry_after(response) -> float | None:
+    """The seconds a response's Retry-After header asks for (an HTTP date is not supported, as in
+    huggingface_hub)."""
+    value = (getattr(response, "headers", None) or {}).get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def transient(e: BaseException) -> tuple[str, float | None] | None:
+    """Why ``e`` is worth retrying and the wait the server asked for, or None if it is not."""
+    if isinstance(e, AdvclError):
+        return None
+    chain = list(_related(e))
+    for x in chain:
+        response = getattr(x, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            return (f"HTTP {status}", retry_after(response)) if status in RETRY_STATUSES else None
+    names = {c.__name__ for x in chain for c in type(x).__mro__}
+    if names & _NEVER_CONNECTED or any(isinstance(x, socket.gaierror) for x in chain):
+        return None
+    dropped = names & _DROPPED
+    return (f"connection dropped ({sorted(dropped)[0]})", None) if dropped else None
+
+
+def retrying(call: Callable[[], T], what: str, reporter: Reporter) -> T:
+    """``call()``, retried on transient failures (see ``transient``), with a warning for each."""
+    wait = FIRST_WAIT
+    for attempt in range(1, MAX_RETRIES + 2):
+        try:
+            return call()
+        except Exception as e:
+            verdict = transient(e)
+            if verdict is None or attempt > MAX_RETRIES:
+                raise
+            reason, asked = verdict
+            delay = wait if asked is None else asked
+            if delay > MAX_RETRY_AFTER:
+                raise
+            reporter.warn(f"{what}: {reason}, retrying in {delay:g} s ({attempt}/{MAX_RETRIES})")
+            _sleep(delay)
+            wait = min(MAX_WAIT, wait * 2)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 # --- errors --------------------------------------------------------------------------------
 
 
@@ -179,6 +255,11 @@ def hub_error(e: Exception, endpoint: str, repo: str, revision: str | None = Non
     if isinstance(e, HfHubHTTPError) and e.response is not None:
         status = e.response.status_code
         hint = "log in with `hf auth login` or set HF_TOKEN (a token with write access)" if status in (401, 403) else None
+        if status == 429:
+            asked = retry_after(e.response)
+            hint = (f"the Hub asks to wait {asked:g} s" if asked else "wait a minute") + ", then try again (logged-in users get higher limits)"
+        elif status in RETRY_STATUSES:
+            hint = f"tried {MAX_RETRIES + 1} times; the Hub may be down or overloaded: try again later"
         detail = f": {e.server_message.strip()}" if getattr(e, "server_message", None) else ""
         return DownloadError(f"{endpoint} answered HTTP {status} for {repo}{detail}", hint)
     return DownloadError(f"Hub request for {repo} failed: {type(e).__name__}: {e}")
@@ -195,23 +276,30 @@ def cached_file(target: Target) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
-def download(target: Target, endpoint: str, force_download: bool = False) -> Path:
-    """The file in the Hugging Face cache, downloaded if needed; errors mapped."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
+def _download_args(target: Target, endpoint: str, filename: str) -> dict:
     from .. import __version__
 
-    where = f"'{target.label}' ({target.repo}@{target.revision}:{target.filename})"
-    common = dict(
+    return dict(
         repo_id=target.repo,
-        filename=target.filename,
+        filename=filename,
         revision=target.revision,
         cache_dir=hub_cache_dir(),
         endpoint=endpoint,
         library_name="advcl",
         library_version=__version__,
     )
+
+
+def download(target: Target, endpoint: str, force_download: bool = False, reporter: Reporter | None = None) -> Path:
+    """The file in the Hugging Face cache, downloaded if needed; errors mapped."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from .. import __version__
+
+    reporter = reporter or Reporter()
+    where = f"'{target.label}' ({target.repo}@{target.revision}:{target.filename})"
+    common = _download_args(target, endpoint, target.filename)
     if offline():
         if force_download:
             raise UsageError("--force-download needs the network, but HF_HUB_OFFLINE=1 is set", "unset HF_HUB_OFFLINE")
@@ -224,16 +312,37 @@ def download(target: Target, endpoint: str, force_download: bool = False) -> Pat
             ) from None
     try:
         if force_download or cached_file(target) is None:
-            # One HEAD without retries first: an unreachable endpoint fails at once, not after
-            # huggingface_hub's back-off; Hub errors surface with their own codes.
+            # One HEAD first, through `retrying`: a dead endpoint fails at once (huggingface_hub
+            # backs off on a refused connection too), a busy one is waited for, and Hub errors
+            # surface with their own codes.
             url = hf_hub_url(target.repo, target.filename, revision=target.revision, endpoint=endpoint)
-            get_hf_file_metadata(url, endpoint=endpoint, library_name="advcl", library_version=__version__)
-        return Path(hf_hub_download(**common, force_download=force_download))
+            retrying(lambda: get_hf_file_metadata(url, endpoint=endpoint, library_name="advcl", library_version=__version__),
+                     f"HEAD {target.repo}/{target.filename}", reporter)
+        return Path(retrying(lambda: hf_hub_download(**common, force_download=force_download), f"download of {where}", reporter))
     except Exception as e:  # huggingface_hub and httpx raise many types: map them all
         if isinstance(e, LocalEntryNotFoundError) and not _is_connection_error(e):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DownloadError(f"could not download {where} from {endpoint}: {first}", "is the endpoint a Hugging Face Hub (or mirror)?") from None
         raise hub_error(e, endpoint, target.repo, target.revision, target.filename) from None
+
+
+def download_config(target: Target, endpoint: str, reporter: Reporter) -> Path | None:
+    """The repo's config.json at the target's revision, or None if it has none. The Hub counts a
+    library's downloads by the requests for this file (as for timm), so every pull asks for it;
+    a failure here is only a warning: the checkpoint is already verified."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    args = _download_args(target, endpoint, CONFIG_FILENAME)
+    try:
+        if offline():
+            return Path(hf_hub_download(**args, local_files_only=True))
+        return Path(retrying(lambda: hf_hub_download(**args), f"download of {target.repo}/{CONFIG_FILENAME}", reporter))
+    except EntryNotFoundError:  # none in the repo, or (LocalEntryNotFoundError) none in the offline cache
+        return None
+    except Exception as e:
+        reporter.warn(f"{target.label}: {CONFIG_FILENAME} not fetched: {hub_error(e, endpoint, target.repo, target.revision, CONFIG_FILENAME)}")
+        return None
 
 
 def fetch(
@@ -244,14 +353,15 @@ def fetch(
     force_download: bool = False,
     reporter: Reporter | None = None,
 ) -> Pulled:
-    """Pull a zoo entry or ``hf:`` name: download, check the sha256, validate the checkpoint."""
+    """Pull a zoo entry or ``hf:`` name: download, check the sha256, validate the checkpoint,
+    and fetch its config.json at the same revision."""
     from ..settings import HubSettings
 
     reporter = reporter or Reporter()
     settings = HubSettings.resolve(hf_endpoint=endpoint, zoo_manifest=manifest)
     target = resolve_target(name, manifest_path(settings.zoo_manifest))
     ep = endpoint_of(settings.hf_endpoint)
-    path = download(target, ep, force_download)
+    path = download(target, ep, force_download, reporter)
     from ..checkpoint import check_checkpoint, sha256_file  # torch: only once there is a file
 
     digest = sha256_file(path)
@@ -278,143 +388,4 @@ def fetch(
         reporter.log(f"{name}: {target.repo}@{target.revision[:12]}, sha256 verified")
     else:
         reporter.warn(f"{name}: no sha256 pinned for hf: names, none was checked; this file's sha256 is {digest}")
-    return Pulled(path=path, sha256=digest, target=target)
-
-
-# --- push ----------------------------------------------------------------------------------
-
-
-def writable_manifest(explicit: str | Path | None) -> Path:
-    """The manifest ``--zoo-entry`` updates; never the copy inside an installed package, and
-    only where it can be written (checked before anything is pushed)."""
-    from ..checkpoint import check_writable
-
-    path = manifest_path(explicit)
-    real = path.resolve()
-    if real == SHIPPED.resolve() and {"site-packages", "dist-packages"} & set(real.parts):
-        raise UsageError(
-            "--zoo-entry would edit the manifest inside the installed advcl package",
-            "pass --manifest FILE (your team's zoo) or set ADVCL_ZOO_MANIFEST",
-        )
-    check_writable(real)
-    return path
-
-
-def entry_for_push(existing: Entry | None, *, name: str, manifest: Path, repo: str, revision: str, filename: str, sha256: str, meta,
-                   license: str, recipe: list[str]) -> Entry:
-    """The manifest entry ``name`` for a pushed checkpoint: location, claims from its metadata,
-    kept notes; validated as the manifest would be (a UsageError names the field)."""
-    from .card import PAPER, test_accuracies
-
-    metrics = dict(existing.metrics) if existing else {}
-    verb = "finetune" if meta.kind == "classifier" else "pretrain"
-    for key, value in test_accuracies(meta.metrics).items():
-        metrics[key] = dict(
-            value=value,
-            status="measured",
-            command=f"advcl {verb} (recorded in the checkpoint when it was made; settings in its config.json)",
-        )
-    scheme = meta.config.get("scheme") if meta.kind == "classifier" else None
-    return validate_entry(name, dict(
-        repo=repo,
-        revision=revision,
-        filename=filename,
-        sha256=sha256,
-        kind=meta.kind,
-        arch=meta.arch,
-        method=meta.method,
-        dataset=meta.dataset,
-        scheme=scheme if scheme in ("slf", "alf", "aff") else None,
-        eps=meta.eps,
-        metrics=metrics,
-        paper=existing.paper if existing else (PAPER if meta.method == "advcl" else None),
-        license=license,
-        notes=existing.notes if existing else None,
-        recipe=recipe,
-    ), manifest)
-
-
-def push(
-    ckpt_path: str | Path,
-    repo: str,
-    *,
-    endpoint: str | None = None,
-    manifest: str | Path | None = None,
-    zoo_entry: str | None = None,
-    private: bool = False,
-    dry_run: bool = False,
-    license: str | None = None,
-    recipe: list[str] | None = None,
-    reporter: Reporter | None = None,
-) -> Pushed:
-    """Upload a checkpoint, its metadata and a model card in one commit; optionally pin it in a manifest."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    from .. import __version__
-    from ..checkpoint import check_checkpoint, sha256_file
-    from ..settings import HubSettings
-    from .card import build_card
-
-    reporter = reporter or Reporter()
-    if not REPO_RE.match(repo):
-        raise UsageError(f"bad repository name '{repo}'", "write ORG/NAME, e.g. --repo my-lab/advcl-r18-cifar10")
-    if zoo_entry is not None and not NAME_RE.match(zoo_entry):
-        raise UsageError(f"bad zoo entry name '{zoo_entry}'", "use lower-case letters, digits, '-', '_' and '.'")
-    settings = HubSettings.resolve(hf_endpoint=endpoint, zoo_manifest=manifest)
-    ep = endpoint_of(settings.hf_endpoint)
-    ckpt_path = Path(ckpt_path)
-    meta = check_checkpoint(ckpt_path)  # the whole header (names, shapes, size) before anything is sent
-    digest = sha256_file(ckpt_path)
-
-    zoo: Manifest | None = None
-    existing = None
-    if zoo_entry is not None:
-        man_path = writable_manifest(settings.zoo_manifest)
-        zoo = load_manifest(man_path) if man_path.exists() else Manifest(man_path, {})
-        existing = zoo.entries.get(zoo_entry)
-    license = license or (existing.license if existing and existing.license else "mit")
-    recipe = list(recipe or (existing.recipe if existing else []))
-
-    def pin(revision: str) -> Entry:
-        return entry_for_push(existing, name=zoo_entry, manifest=zoo.path, repo=repo, revision=revision, filename=DEFAULT_FILENAME,
-                              sha256=digest, meta=meta, license=license, recipe=recipe)
-
-    if zoo is not None:  # the entry and the manifest must be right before the commit, not after
-        zoo.entries[zoo_entry] = pin(PLACEHOLDER_REVISION)
-        render_manifest(zoo)
-    card = str(build_card(meta, repo=repo, sha256=digest, filename=DEFAULT_FILENAME, license=license, recipe=recipe, zoo_name=zoo_entry))
-    config = (json.dumps(meta.model_dump(mode="json"), indent=2) + "\n").encode()
-    files = [
-        {"path": DEFAULT_FILENAME, "size": ckpt_path.stat().st_size, "source": str(ckpt_path)},
-        {"path": "config.json", "size": len(config), "source": "checkpoint metadata"},
-        {"path": "README.md", "size": len(card.encode()), "source": "model card"},
-    ]
-    result = Pushed(repo=repo, sha256=digest, files=files, card=card, dry_run=dry_run, zoo_entry=zoo_entry, manifest=zoo.path if zoo else None)
-    if dry_run:
-        return result
-    if offline():
-        raise DownloadError("push needs the network, but HF_HUB_OFFLINE=1 is set", "unset HF_HUB_OFFLINE")
-
-    api = HfApi(endpoint=ep, library_name="advcl", library_version=__version__)
-    operations = [
-        CommitOperationAdd(path_in_repo=DEFAULT_FILENAME, path_or_fileobj=str(ckpt_path)),
-        CommitOperationAdd(path_in_repo="config.json", path_or_fileobj=config),
-        CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()),
-    ]
-    try:
-        api.create_repo(repo, private=private, exist_ok=True)
-        info = api.create_commit(
-            repo,
-            operations=operations,
-            commit_message=f"advcl push: {meta.method} {meta.kind} on {meta.dataset} (sha256 {digest[:12]})",
-        )
-    except Exception as e:  # map every client failure to one line
-        raise hub_error(e, ep, repo) from None
-    result.commit, result.url = info.oid, info.commit_url
-    reporter.log(f"pushed {ckpt_path} to {repo}@{info.oid}")
-    if zoo is not None:
-        zoo.entries[zoo_entry] = entry = pin(info.oid)
-        write_manifest(zoo)
-        result.entry = entry
-        reporter.log(f"manifest {zoo.path}: entry '{zoo_entry}' now pins {repo}@{info.oid}")
-    return result
+    return Pulled(path=path, sha256=digest, target=target, config=download_config(target, ep, reporter))
