@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from .errors import UsageError
 from .methods import get_method, method_names, settings_model
-from .settings import VERBS, PretrainSettings, Settings
+from .settings import VERBS, PretrainSettings, SettingsModel
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -190,8 +190,8 @@ def read_env(warn: Warn | None = None) -> dict[str, str]:
 # --- resolution -----------------------------------------------------------------------------
 
 
-def resolve(cls: type[Settings], flags: dict[str, Any], *, config_file: str | Path | None = None,
-            base: dict[str, Any] | None = None, warn: Warn | None = None) -> Settings:
+def resolve(cls: type[SettingsModel], flags: dict[str, Any], *, config_file: str | Path | None = None,
+            base: dict[str, Any] | None = None, warn: Warn | None = None) -> SettingsModel:
     """``cls`` filled from every layer. ``flags`` are the command line's values (None: not
     given); ``base`` a resumed run's stored settings, which the flags may override. For
     ``PretrainSettings`` the result is the chosen method's model (``methods.settings_model``)."""
@@ -238,7 +238,7 @@ def _pick(key: str, layers: list[tuple[str, dict]], default: Any) -> Any:
     return value
 
 
-def _check_method_flags(flags: dict[str, Any], cls: type[Settings], method: str) -> None:
+def _check_method_flags(flags: dict[str, Any], cls: type[SettingsModel], method: str) -> None:
     """A flag that belongs to other methods only is refused, naming them."""
     for key in flags:
         if key in cls.model_fields:

@@ -24,12 +24,12 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 
 def option(default: Any, help: str, *, short: str | None = None, metavar: str | None = None,
-           flag: bool = True, input: str | None = None, **constraints) -> Any:
+           flag: bool = True, input: str | None = None, aliases: tuple[str, ...] = (), **constraints) -> Any:
     """A settings field with its help text; ``short`` adds a one-letter flag (``-d``),
-    ``flag=False`` keeps it out of the command line (TOML and environment only), ``input``
-    marks a path the engine reads before it starts ("labels": a pseudo-label file,
-    "checkpoint": a model file)."""
-    extra = {"short": short, "metavar": metavar, "flag": flag, "input": input}
+    ``aliases`` other flag names (``--endpoint``), ``flag=False`` keeps it out of the command
+    line (TOML and environment only), ``input`` marks a path the engine reads before it starts
+    ("labels": a pseudo-label file, "checkpoint": a model file)."""
+    extra = {"short": short, "metavar": metavar, "flag": flag, "input": input, "aliases": list(aliases) or None}
     return Field(default, description=help, json_schema_extra={k: v for k, v in extra.items() if v is not None},
                  **constraints)
 
@@ -124,27 +124,23 @@ Precision = Annotated[Literal["auto", "bf16", "fp32"], BeforeValidator(_lower)]
 # --- the models ------------------------------------------------------------------------------
 
 
-class Settings(BaseModel):
-    """Fields every verb shares. ``section`` is the verb's table in the TOML file."""
+class SettingsModel(BaseModel):
+    """A verb's settings; ``section`` is the verb's table in the TOML file."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
     section: ClassVar[str] = ""
-
-    data_dir: Path | None = option(None, "Where datasets live (default: $ADVCL_DATA_DIR or ~/.cache/advcl/data).")
-    device: Device = option("auto", "auto (a GPU when there is one), cpu or cuda.")
-    seed: int = option(0, "Random seed.")
 
     def to_config(self) -> dict[str, Any]:
         """JSON-ready resolved configuration, for checkpoint metadata."""
         return self.model_dump(mode="json")
 
-    @classmethod
-    def resolve(cls, config_file: Path | None = None, **flags: Any):
-        """These settings from every layer; flags that are None were not given (see
-        ``advcl_cli.config.resolve`` for the other arguments)."""
-        from .config import resolve  # config builds on these models and the method registry
 
-        return resolve(cls, flags, config_file=config_file)
+class Settings(SettingsModel):
+    """Fields every verb that computes shares."""
+
+    data_dir: Path | None = option(None, "Where datasets live (default: $ADVCL_DATA_DIR or ~/.cache/advcl/data).")
+    device: Device = option("auto", "auto (a GPU when there is one), cpu or cuda.")
+    seed: int = option(0, "Random seed.")
 
 
 class DataSettings(Settings):
@@ -228,14 +224,16 @@ class AttackSettings(Settings):
     download: bool = option(True, "Download a missing dataset.", flag=False)
 
 
-class HubSettings(Settings):
+class HubSettings(SettingsModel):
     section: ClassVar[str] = "hub"
 
-    hf_endpoint: str | None = option(None, "Hub URL, e.g. a mirror (default: $HF_ENDPOINT or https://huggingface.co).", flag=False)
-    zoo_manifest: Path | None = option(None, "Zoo manifest file (default: the one shipped with advcl).", flag=False)
+    hf_endpoint: str | None = option(None, "Hub URL, e.g. a mirror (default: $HF_ENDPOINT or https://huggingface.co).",
+                                     aliases=("--endpoint",), metavar="URL")
+    zoo_manifest: Path | None = option(None, "Zoo manifest file (default: the one shipped with advcl).",
+                                       aliases=("--manifest",))
 
 
-VERBS: dict[str, type[Settings]] = {
+VERBS: dict[str, type[SettingsModel]] = {
     cls.section: cls for cls in (PretrainSettings, PseudoLabelSettings, FinetuneSettings, EvalSettings, AttackSettings, HubSettings)
 }
 

@@ -59,7 +59,7 @@ def test_help_of_each_command_has_an_example(run_cli):
         code, out, _ = run_cli(*cmd, "--help")
         assert code == 0 and "Example" in out and f"advcl {' '.join(cmd)} " in out
     _, out, _ = run_cli("push", "--help")
-    for flag in ("--private / --public", "--make-private", "--revision", "--create-pr", "--overwrite-card", "--license"):
+    for flag in ("--private", "--public", "--make-private", "--revision", "--create-pr", "--overwrite-card", "--license"):
         assert flag in out
     _, out, _ = run_cli("pull", "--help")
     assert "--json" in out

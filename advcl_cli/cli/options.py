@@ -29,14 +29,6 @@ ConfigOpt = Annotated[
     typer.Option("--config", help="TOML config file (default: $ADVCL_CONFIG or ./advcl.toml).", show_default=False, metavar="PATH"),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.", metavar="")]
-ManifestOpt = Annotated[
-    Optional[Path],
-    typer.Option("--manifest", help="Zoo manifest file (default: $ADVCL_ZOO_MANIFEST or the one shipped with advcl).", show_default=False),
-]
-EndpointOpt = Annotated[
-    Optional[str],
-    typer.Option("--endpoint", help="Hub URL, e.g. a mirror (default: $ADVCL_HF_ENDPOINT, $HF_ENDPOINT or https://huggingface.co).", show_default=False),
-]
 ModelArg = Annotated[
     Optional[str],
     typer.Argument(
@@ -81,7 +73,7 @@ def _format_default(value: Any) -> str:
 def settings_option(name: str, field: FieldInfo, *, panel: str | None = None, defaults: str | None = None) -> inspect.Parameter:
     """One Typer option for a settings field; ``defaults`` replaces the default shown in help."""
     extra = field.json_schema_extra or {}
-    names = [flag_name(name)] + ([extra["short"]] if extra.get("short") else [])
+    names = [flag_name(name), *(extra.get("aliases") or []), *([extra["short"]] if extra.get("short") else [])]
     base = _base_type(field.annotation)
     help_text = field.description or ""
     if defaults is None and field.default is not None and base is not bool:

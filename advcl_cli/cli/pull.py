@@ -4,7 +4,8 @@ from typing import Annotated
 
 import typer
 
-from .options import ConfigOpt, EndpointOpt, JsonOpt, ManifestOpt
+from ..settings import HubSettings
+from .options import ConfigOpt, JsonOpt, settings_options, with_options
 from .output import Output
 
 
@@ -12,13 +13,12 @@ def pull(
     name: Annotated[
         str, typer.Argument(help="A zoo name (see `advcl zoo list`) or hf:ORG/REPO[@REVISION][:FILE].", show_default=False)
     ],
-    endpoint: EndpointOpt = None,
-    manifest: ManifestOpt = None,
     force_download: Annotated[
         bool, typer.Option("--force-download", help="Download again even if the file is in the cache.")
     ] = False,
     json_mode: JsonOpt = False,
     config: ConfigOpt = None,
+    **options,
 ) -> None:
     """Download a checkpoint at its pinned revision, check its sha256 and print its local path
     (with --json: path, sha256, repo, revision, commit, filename and whether the sha256 was
@@ -37,11 +37,11 @@ def pull(
       advcl pull advcl-r18-cifar10-slf | advcl eval --attack pgd20 --limit 1000
       advcl pull hf:my-lab/advcl-r18-digits@main --endpoint https://hf-mirror.example.org --json
     """
-    from ..settings import HubSettings
+    from ..config import resolve
     from ..zoo.hub import fetch
 
-    settings = HubSettings.resolve(config, hf_endpoint=endpoint, zoo_manifest=manifest)
     out = Output(json_mode)
+    settings = resolve(HubSettings, options, config_file=config, warn=out.warn)
     pulled = fetch(
         name,
         endpoint=settings.hf_endpoint,
@@ -64,3 +64,6 @@ def pull(
         "filename": target.filename,
         "config": str(pulled.config) if pulled.config else None,
     })
+
+
+with_options(pull, settings_options(HubSettings))

@@ -5,7 +5,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import ConfigOpt, EndpointOpt, JsonOpt, ManifestOpt
+from ..settings import HubSettings
+from .options import ConfigOpt, JsonOpt, settings_options, with_options
 from .output import Output
 
 
@@ -16,7 +17,6 @@ def push(
         Optional[str],
         typer.Option("--zoo-entry", help="Write or update this manifest entry with the repo, new revision and sha256.", show_default=False),
     ] = None,
-    manifest: ManifestOpt = None,
     private: Annotated[
         Optional[bool],
         typer.Option(
@@ -48,9 +48,9 @@ def push(
         Optional[list[str]],
         typer.Option("--recipe", help="A command that reproduces the model (repeatable; default: the entry's recipe).", show_default=False),
     ] = None,
-    endpoint: EndpointOpt = None,
     json_mode: JsonOpt = False,
     config: ConfigOpt = None,
+    **options,
 ) -> None:
     """Upload model.safetensors and config.json (its metadata) in one commit, then a README.md
     model card pinned to that commit, and print the commit sha.
@@ -71,11 +71,11 @@ def push(
       ADVCL_ZOO_MANIFEST=zoo.toml advcl pull my-advcl-slf | advcl eval --attack pgd20
       advcl push runs/clf2.safetensors --repo my-lab/advcl-r18-cifar10-slf --create-pr --license apache-2.0
     """
-    from ..settings import HubSettings
+    from ..config import resolve
     from ..zoo.publish import push as push_checkpoint
 
-    settings = HubSettings.resolve(config, hf_endpoint=endpoint, zoo_manifest=manifest)
     out = Output(json_mode)
+    settings = resolve(HubSettings, options, config_file=config, warn=out.warn)
     result = push_checkpoint(
         ckpt,
         repo,
@@ -118,3 +118,6 @@ def push(
     else:
         out.log(result.pr_url or result.url or "")
         out.result(result.commit)
+
+
+with_options(push, settings_options(HubSettings))

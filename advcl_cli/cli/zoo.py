@@ -4,7 +4,8 @@ from typing import Annotated
 
 import typer
 
-from .options import ConfigOpt, JsonOpt, ManifestOpt
+from ..settings import HubSettings
+from .options import ConfigOpt, JsonOpt, settings_options, with_options
 from .output import Output
 
 LIST_LABELS = {"sa": "SA", "pgd20": "PGD-20", "aa": "AA"}  # short headers: the table fits 80 columns
@@ -22,11 +23,14 @@ app = typer.Typer(
 )
 
 
-def _manifest(manifest, config):
-    from ..settings import HubSettings
+MANIFEST_OPTIONS = settings_options(HubSettings, exclude=("hf_endpoint",))
+
+
+def _manifest(options, config):
+    from ..config import resolve
     from ..zoo.manifest import load_manifest, manifest_path
 
-    settings = HubSettings.resolve(config, zoo_manifest=manifest)
+    settings = resolve(HubSettings, options, config_file=config)
     return load_manifest(manifest_path(settings.zoo_manifest))
 
 
@@ -37,7 +41,7 @@ def _eps(entry) -> str:
 
 
 @app.command("list")
-def list_entries(manifest: ManifestOpt = None, json_mode: JsonOpt = False, config: ConfigOpt = None) -> None:
+def list_entries(json_mode: JsonOpt = False, config: ConfigOpt = None, **options) -> None:
     """List the zoo's models and their accuracies (percent): reported by a paper, or measured
     here (marked *). `advcl zoo info NAME` shows each number's source.
 
@@ -47,7 +51,7 @@ def list_entries(manifest: ManifestOpt = None, json_mode: JsonOpt = False, confi
       advcl zoo list
       advcl zoo list --json --manifest my-team-zoo.toml
     """
-    zoo = _manifest(manifest, config)
+    zoo = _manifest(options, config)
     rows, docs = [], []
     for name, entry in zoo.entries.items():
         row = {
@@ -68,9 +72,9 @@ def list_entries(manifest: ManifestOpt = None, json_mode: JsonOpt = False, confi
 @app.command("info")
 def info(
     name: Annotated[str, typer.Argument(help="A zoo name (see `advcl zoo list`).", show_default=False)],
-    manifest: ManifestOpt = None,
     json_mode: JsonOpt = False,
     config: ConfigOpt = None,
+    **options,
 ) -> None:
     """Show one entry: where it lives, its metrics and their provenance, its recipe, and whether
     it is in the local Hugging Face cache (with its sha256 checked).
@@ -81,18 +85,12 @@ def info(
       advcl zoo info advcl-r18-cifar10-slf
       advcl zoo info advcl-r18-cifar10-slf --json
     """
-    from ..zoo.hub import Target, cached_file
+    from ..zoo.hub import cache_state
     from ..zoo.manifest import METRIC_NAMES
 
-    zoo = _manifest(manifest, config)
+    zoo = _manifest(options, config)
     entry = zoo.get(name)
-    cache = {"cached": False, "path": None, "sha256_ok": None}
-    if entry.published:
-        from ..checkpoint import sha256_file
-
-        path = cached_file(Target(name, entry.repo, entry.revision, entry.filename, entry.sha256, entry))
-        if path is not None:
-            cache = {"cached": True, "path": str(path), "sha256_ok": sha256_file(path) == entry.sha256}
+    cache = cache_state(name, entry)
     out = Output(json_mode)
     if json_mode:
         out.document({"name": name, "manifest": str(zoo.path), "published": entry.published, **entry.model_dump(mode="json"), "cache": cache})
@@ -120,3 +118,7 @@ def info(
         out.result("recipe:")
         for line in entry.recipe:
             out.result(f"  {line}")
+
+
+with_options(list_entries, MANIFEST_OPTIONS)
+with_options(info, MANIFEST_OPTIONS)

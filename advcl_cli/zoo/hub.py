@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from ..config import resolve
 from ..engine.report import Reporter
 from ..errors import AdvclError, CheckpointError, DownloadError, UsageError
+from ..settings import HubSettings
 from .manifest import Entry, load_manifest, manifest_path
 
 HF_PREFIX = "hf:"
@@ -290,6 +292,19 @@ def _download_args(target: Target, endpoint: str, filename: str) -> dict:
     )
 
 
+def cache_state(name: str, entry: Entry) -> dict:
+    """Whether a manifest entry's file is in the local cache and matches its pinned sha256:
+    ``{"cached", "path", "sha256_ok"}`` (no network)."""
+    state = {"cached": False, "path": None, "sha256_ok": None}
+    if entry.published:
+        from ..checkpoint import sha256_file  # imports torch: only for a cached file
+
+        path = cached_file(Target(name, entry.repo, entry.revision, entry.filename, entry.sha256, entry))
+        if path is not None:
+            state = {"cached": True, "path": str(path), "sha256_ok": sha256_file(path) == entry.sha256}
+    return state
+
+
 def download(target: Target, endpoint: str, force_download: bool = False, reporter: Reporter | None = None) -> Path:
     """The file in the Hugging Face cache, downloaded if needed; errors mapped."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
@@ -355,10 +370,9 @@ def fetch(
 ) -> Pulled:
     """Pull a zoo entry or ``hf:`` name: download, check the sha256, validate the checkpoint,
     and fetch its config.json at the same revision."""
-    from ..settings import HubSettings
 
     reporter = reporter or Reporter()
-    settings = HubSettings.resolve(hf_endpoint=endpoint, zoo_manifest=manifest)
+    settings = resolve(HubSettings, {"hf_endpoint": endpoint, "zoo_manifest": manifest})
     target = resolve_target(name, manifest_path(settings.zoo_manifest))
     ep = endpoint_of(settings.hf_endpoint)
     path = download(target, ep, force_download, reporter)

@@ -21,8 +21,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from ..config import resolve
 from ..errors import UsageError
-from ..settings import format_eps, parse_eps
+from ..settings import HubSettings, format_eps, parse_eps
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -170,9 +171,8 @@ def load_manifest(path: str | Path | None = None) -> Manifest:
 
 def manifest_path(explicit: str | Path | None = None) -> Path:
     """``--manifest`` > ``ADVCL_ZOO_MANIFEST`` / ``[hub] zoo_manifest`` in advcl.toml > the shipped one."""
-    from ..settings import HubSettings
 
-    chosen = HubSettings.resolve(zoo_manifest=explicit).zoo_manifest
+    chosen = resolve(HubSettings, {"zoo_manifest": explicit}).zoo_manifest
     return Path(chosen).expanduser() if chosen else SHIPPED
 
 

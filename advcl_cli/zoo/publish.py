@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..config import resolve
 from ..engine.report import Reporter
 from ..errors import AdvclError, DownloadError, UsageError
+from ..settings import HubSettings
 from .hub import DEFAULT_FILENAME, REPO_RE, endpoint_of, hub_cache_dir, hub_error, offline, retrying
 from .manifest import NAME_RE, SHIPPED, Entry, Manifest, load_manifest, manifest_path, render_manifest, validate_entry, write_manifest
 
@@ -251,14 +253,13 @@ def push(
 ) -> Pushed:
     """Upload a checkpoint and its config.json, then its model card; optionally pin it in a manifest."""
     from ..checkpoint import check_checkpoint, sha256_file, with_metadata
-    from ..settings import HubSettings
     from .card import build_card, sealed
     from .hubspec import check_license, validate_card_data
     from .private import public_metadata
 
     reporter = reporter or Reporter()
     _check_names(repo, zoo_entry, revision, private, make_private, create_pr)
-    settings = HubSettings.resolve(hf_endpoint=endpoint, zoo_manifest=manifest)
+    settings = resolve(HubSettings, {"hf_endpoint": endpoint, "zoo_manifest": manifest})
     ckpt_path = Path(ckpt_path)
     meta = check_checkpoint(ckpt_path)  # the whole header (names, shapes, size) before anything is sent
     public, changed = public_metadata(meta)
