@@ -232,8 +232,14 @@ def barrier(ctx: DistContext) -> None:
 
 
 def shutdown(ctx: DistContext) -> None:
-    """Tear down the process group, if any."""
+    """Tear down the process group, if any, once every rank has got here.
+
+    Call it on every rank at the same point (after the last collective). The barrier keeps a
+    rank from shutting its gloo connections down while another is still finishing the last
+    collective on them, which could end a rank with SIGABRT at exit ("terminate called without
+    an active exception")."""
     if ctx.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -238,8 +238,9 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
                     save_model(out_file, model, metrics=metrics, **save_args)
             run.append_metrics(metrics)
             run.save_state(model, optimizer, epoch=epoch + 1, total_epochs=settings.epochs, config=config, extra=extra)
+    # every rank leaves the process group together; rank 0 alone evaluates and saves
+    shutdown(ctx)
     if not ctx.is_main:
-        shutdown(ctx)
         return RunResult(out_file, run.path, settings.epochs, {}, False)
     reporter.finish()
 
@@ -264,5 +265,4 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     save_model(out_file, model, metrics=final, **save_args)
     extra["final"] = final
     run.save_state(model, optimizer, epoch=settings.epochs, total_epochs=settings.epochs, config=config, extra=extra)
-    shutdown(ctx)
     return RunResult(out_file, run.path, settings.epochs, final)
