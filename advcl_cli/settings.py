@@ -157,6 +157,7 @@ class PretrainSettings(AdvclSettings):
     out: Path | None = None  # run folder; default runs/<method>-<dataset>-<arch>
     epochs: int = Field(1000, ge=1)
     batch_size: int = Field(512, ge=2)
+    drop_last: bool = False  # keep the last partial batch, as the reference does (see Batches)
     lr: float = Field(0.5, gt=0)
     momentum: float = 0.9
     weight_decay: float = 1e-4

@@ -23,6 +23,7 @@ def pretrain(
     arch: _opt("--arch", help="resnet18 (default) or resnet18-tiny.") = None,
     epochs: _opt("--epochs", help="Epochs (default 1000).", typ=Optional[int]) = None,
     batch_size: _opt("--batch-size", "-b", help="Global batch size (default 512).", typ=Optional[int]) = None,
+    drop_last: Annotated[bool, typer.Option("--drop-last", help="Drop each epoch's last partial batch (default: keep it, as the reference does).")] = False,
     lr: _opt("--lr", help="Peak learning rate (default 0.5).", typ=Optional[float]) = None,
     warmup_epochs: _opt("--warmup-epochs", help="Linear warm-up epochs (default 10 when the batch exceeds 256, else 0).", typ=Optional[int]) = None,
     eps: EpsOpt = None,
@@ -73,7 +74,7 @@ def pretrain(
     from .training import resolve_run_settings, run_and_print
 
     flags = dict(
-        dataset=dataset, method=method, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
+        dataset=dataset, method=method, arch=arch, epochs=epochs, batch_size=batch_size, drop_last=drop_last or None, lr=lr,
         warmup_epochs=warmup_epochs, eps=eps, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,
         temperature=temperature, base_temperature=base_temperature, ce_weight=ce_weight,
         hfc_radius=hfc_radius, pseudo_labels=pseudo_labels, out=out, save_every=save_every,

@@ -94,8 +94,11 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
         model.backbone.compile()
         if model.proj is not None:
             model.proj.compile()
-    # every rank walks the same global batches; the method keeps this rank's slice
-    batches = Batches(data, settings.batch_size, seed=settings.seed)
+    # every rank walks the same global batches; the method keeps this rank's slice. The last
+    # partial batch is kept (as the reference's DataLoader does) unless --drop-last, or when it
+    # has a single image (batch norm needs two) or does not divide among the processes
+    batches = Batches(data, settings.batch_size, seed=settings.seed, drop_last=settings.drop_last,
+                      ranks=ctx.world_size, min_last=2, require_full=True)
     schedule = schedule_for(settings)
     steps = len(batches)
     encoder = run.artifact(ENCODER_FILE)
@@ -113,7 +116,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
     for epoch in range(start, settings.epochs):
         batches.set_epoch(epoch)
         gen = epoch_generator(settings.seed, epoch, device)
-        guard, sums = FiniteGuard(), {}
+        guard, sums, seen = FiniteGuard(), {}, 0
         t0 = time.perf_counter()
         info: dict = {"epoch": f"{epoch + 1}/{settings.epochs}"}
         for step, (images, _, indices) in enumerate(batches):
@@ -126,18 +129,19 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
             sync_gradients(model, ctx)
             optimizer.step()
             guard.update(loss, step)
+            seen += images.shape[0]
             for name, value in {"loss": loss.detach(), **terms}.items():
                 sums[name] = sums.get(name, 0) + value.float()
             if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
                 guard.check(epoch + 1, last_saved, ctx)
                 info["loss"] = float(sums["loss"]) / (step + 1)
-                info["img_s"] = (step + 1) * settings.batch_size / (time.perf_counter() - t0)
+                info["img_s"] = seen / (time.perf_counter() - t0)
             if ctx.is_main:
                 reporter.advance(1, **info)
         seconds = time.perf_counter() - t0
         metrics = {"epoch": epoch + 1, "lr": lr}
         metrics.update({k: float(reduce_mean(v / steps, ctx)) for k, v in sums.items()})
-        metrics.update({"images_per_s": steps * settings.batch_size / seconds, "seconds": seconds})
+        metrics.update({"images_per_s": seen / seconds, "seconds": seconds})
         if ctx.is_main:
             run.append_metrics(metrics)
             done = epoch + 1
