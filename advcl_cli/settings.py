@@ -162,6 +162,8 @@ class PretrainSettings(DataSettings):
     arch: str = option("resnet18", "resnet18 or resnet18-tiny.")
     out: Path | None = option(None, "Run folder (default runs/METHOD-DATASET-ARCH).", short="-o")
     save_every: int = option(50, "Save the encoder every N epochs (the resume state is saved every epoch).", ge=1)
+    drop_last: bool = option(False, "Drop each epoch's last partial batch (default: keep it, as the reference does; "
+                                    "a last batch of one image, or one that does not divide among the processes, is dropped).")
     precision: Precision = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
     compile: bool = option(False, "torch.compile the network (GPU).")
 

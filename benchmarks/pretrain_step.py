@@ -8,8 +8,9 @@ random CIFAR-sized images, each in its own subprocess so that peak memory is mea
   the clean views' forward passes are computed once per step (advcl_cli's engine path);
 - ``reference``: the authors' way: per-image torchvision transforms on PIL images on the host
   (as their DataLoader does; here inline, as with num_workers=0), the batch moved to the
-  device, the clean views recomputed at every PGD step and once more after the attack, always
-  fp32 and eager whatever ``--precision``/``--compile`` say.
+  device, and the step of ``tests/reference/advcl_step.py`` (the independent copy of the
+  authors' step the tests compare advcl with: every view recomputed at every PGD step and once
+  more after the attack), always fp32 and eager whatever ``--precision``/``--compile`` say.
 
 The model FLOPs of one step are counted with torch's FLOP formulas during the warm-up step
 (matmuls and convolutions, forward and backward); TFLOP/s is that count over the step's time,
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import time
 from datetime import date
+from pathlib import Path
 
 from _common import RESULTS, peak_tflops, record
 
@@ -57,7 +59,6 @@ def measure(variant: str, args) -> dict:
     import torch
 
     from advcl_cli.config import resolve
-    from advcl_cli.data.augment import high_frequency
     from advcl_cli.engine.device import autocast, resolve_device, resolve_precision
     from advcl_cli.engine.pretrain import make_method
     from advcl_cli.models import create_model
@@ -100,7 +101,10 @@ def measure(variant: str, args) -> dict:
         import torchvision.transforms as T
         from PIL import Image
 
-        method.recompute_clean = True
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from reference.advcl_step import reference_step
+
+        targets = [labels[int(name[1:])].to(device) for name in model.pseudo]  # heads "k2", "k10", ...
         pil = [Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy())) for img in images]
         simclr = T.Compose([
             T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
@@ -112,8 +116,8 @@ def measure(variant: str, args) -> dict:
             x1 = torch.stack([simclr(im) for im in pil]).to(device)
             x2 = torch.stack([simclr(im) for im in pil]).to(device)
             x_org = torch.stack([crop_flip(im) for im in pil]).to(device)
-            with autocast(precision, device):
-                return method.loss(model, (x1, x2, x_org, high_frequency(x_org, 8.0)), indices, gen)
+            uniform = torch.rand((2, *x_org.shape), generator=gen, device=device) * 2 - 1
+            return reference_step(model, x1, x2, x_org, targets, uniform)["loss"], {}
 
     def train_step():
         loss, _ = step()

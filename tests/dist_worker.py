@@ -1,8 +1,13 @@
 """Run by tests/test_distributed.py, as one plain process or as each rank under torchrun.
 
-``python dist_worker.py primitives OUT`` takes one SGD step of a tiny contrastive model on a
-fixed global batch through the engine's distributed functions, and rank 0 writes the loss and
-the weights to OUT, so a test can compare 1 process x B with 2 processes x B/2.
+``python dist_worker.py steps DIR LABELS`` takes two steps on fixed global batches, and rank 0
+writes what they give to DIR, so a test can compare 1 process x B with 2 processes x B/2:
+
+- ``primitives.safetensors``: one SGD step of a tiny contrastive model through the engine's
+  distributed functions (all-gather with gradients, global-batch BN, gradient all-reduce);
+- ``advcl.safetensors``: one production AdvCL step (views, 5 PGD steps on x_cl and x_ce with
+  pseudo labels from LABELS, the loss) in float64 on a tiny network whose BN sets differ, then
+  one SGD step (lr 0.5, momentum 0.9, weight decay 1e-4).
 """
 
 import sys
@@ -22,9 +27,10 @@ from advcl_cli.engine.distributed import (
 from advcl_cli.models import create_model
 
 
-def primitives(out: str) -> None:
-    torch.set_num_threads(1)
-    ctx = init_distributed(torch.device("cpu"))
+ADVCL_BATCH = 8
+
+
+def primitives(out: str, ctx) -> None:
     torch.manual_seed(0)
     model = prepare_model(create_model("resnet18-tiny", bn_sets=("normal", "pgd"), proj_dim=16), ctx)
     model.train()
@@ -43,6 +49,34 @@ def primitives(out: str) -> None:
     if ctx.is_main:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file({**state, "__loss__": loss.reshape(1)}, out)
+
+
+def advcl_step(out: str, labels: str, ctx) -> None:
+    from advcl_cli.config import resolve
+    from advcl_cli.engine.pretrain import make_method
+    from advcl_cli.pseudolabels import load_labels
+    from advcl_cli.settings import PretrainSettings
+    from nets import advcl_net
+
+    method = make_method(resolve(PretrainSettings, {"arch": "resnet18-tiny", "pseudo_labels": labels, "pgd_steps": 5}), ADVCL_BATCH)
+    model = prepare_model(advcl_net(load_labels(labels).ks, torch.float64), ctx)
+    images = torch.randint(0, 256, (ADVCL_BATCH, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    loss, terms = method.step(model, images, torch.arange(ADVCL_BATCH), torch.Generator().manual_seed(3), ctx)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
+    opt.zero_grad()
+    loss.backward()
+    sync_gradients(model, ctx)
+    opt.step()
+    terms = {f"__{k}__": reduce_mean(v, ctx).reshape(1) for k, v in {"loss": loss.detach(), **terms}.items()}
+    if ctx.is_main:
+        save_file({**{k: v.detach().contiguous() for k, v in model.state_dict().items()}, **terms}, out)
+
+
+def steps(folder: str, labels: str) -> None:
+    torch.set_num_threads(1)
+    ctx = init_distributed(torch.device("cpu"))
+    primitives(f"{folder}/primitives.safetensors", ctx)
+    advcl_step(f"{folder}/advcl.safetensors", labels, ctx)
     shutdown(ctx)
 
 
@@ -62,4 +96,4 @@ def collectives(out: str) -> None:
 
 
 if __name__ == "__main__":
-    {"primitives": primitives, "collectives": collectives}[sys.argv[1]](*sys.argv[2:])
+    {"steps": steps, "collectives": collectives}[sys.argv[1]](*sys.argv[2:])

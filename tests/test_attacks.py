@@ -62,26 +62,38 @@ def test_registry_rejects_unknown_names_listing_the_known_ones(name):
     assert "unknown attack" in e.value.message and "pgdN" in e.value.hint and "autoattack" in e.value.hint
 
 
+def random_corner(x, eps, seed=0):
+    """x moved by a fixed random +-eps in every pixel (kept in [0, 1]): a perturbation as large
+    as the attacks' that ascends nothing."""
+    signs = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).sign()
+    return (x + eps * signs).clamp(0, 1)
+
+
 @pytest.mark.parametrize("name", ["fgsm", "pgd5", "cw5"])
 @pytest.mark.parametrize("eps", [2 / 255, 8 / 255])
-def test_outputs_stay_in_the_eps_ball_and_in_unit_range(trained, name, eps):
+def test_attacks_raise_their_loss_above_a_random_perturbation_of_their_size(trained, name, eps):
     model, x, y = trained
-    x = x[:16].clone()
+    x, y = x[:16].clone(), y[:16]
     x[0] = 0.0  # images at the range's edges must stay inside [0, 1]
     x[1] = 1.0
-    x_adv = get_attack(name)(model, x, y[:16], eps, gen=torch.Generator().manual_seed(0))
+    x_adv = get_attack(name)(model, x, y, eps, gen=torch.Generator().manual_seed(0))
     assert x_adv.shape == x.shape and not x_adv.requires_grad
-    assert (x_adv - x).abs().max().item() <= eps + 1e-6
-    assert x_adv.min().item() >= 0.0 and x_adv.max().item() <= 1.0
-    assert (x_adv - x).abs().max().item() > eps / 2  # it did move
+    assert (x_adv - x).abs().max().item() <= eps + 1e-6 and x_adv.min().item() >= 0.0 and x_adv.max().item() <= 1.0
+    loss = cw_loss if name.startswith("cw") else lambda logits, t: F.cross_entropy(logits, t, reduction="sum")
+    with torch.no_grad():
+        adv, rand, clean = (loss(model(v), y).item() for v in (x_adv, random_corner(x, eps), x))
+    assert adv > rand and adv > clean, (adv, rand, clean)
 
 
-def test_trades_adversary_stays_in_the_ball(trained):
+def test_trades_adversary_raises_the_kl_above_a_random_perturbation(trained):
     model, x, _ = trained
-    eps = 8 / 255
-    x_adv = trades_adversary(model, x[:8], eps, steps=3, step_size=2 / 255, gen=torch.Generator().manual_seed(0))
-    assert (x_adv - x[:8]).abs().max().item() <= eps + 1e-6
+    x, eps = x[:8], 8 / 255
+    x_adv = trades_adversary(model, x, eps, steps=3, step_size=2 / 255, gen=torch.Generator().manual_seed(0))
+    assert (x_adv - x).abs().max().item() <= eps + 1e-6
     assert 0.0 <= x_adv.min().item() and x_adv.max().item() <= 1.0
+    with torch.no_grad():
+        p_nat = F.softmax(model(x), dim=1)
+        assert trades_kl(model(x_adv), p_nat).item() > trades_kl(model(random_corner(x, eps)), p_nat).item()
 
 
 def test_trades_adversary_is_the_reference_loop(trained):

@@ -58,6 +58,12 @@ def test_autoattack_is_at_least_as_strong_as_pgd20_and_stays_in_the_ball(trained
     assert aa_robust < clean  # it found something
 
 
+def apgd_settings(a) -> dict:
+    return {"n_iter": a.n_iter, "n_restarts": a.n_restarts, "eot_iter": a.eot_iter, "rho": a.thr_decr,
+            "random_start": a.use_rs, "largereps": a.use_largereps, "checkpoints": (a.n_iter_2, a.n_iter_min, a.size_decr),
+            "eps": a.eps, "norm": a.norm}
+
+
 def test_standard_settings_are_set_explicitly(trained, monkeypatch):
     import pyautoattack
 
@@ -66,19 +72,25 @@ def test_standard_settings_are_set_explicitly(trained, monkeypatch):
     def spy(self, x, y, *, batch_size=250, state_path=None):
         seen.update(
             attacks=list(self.attacks_to_run), version=self.version, eps=self.epsilon, norm=self.norm, seed=self.seed,
-            apgd=(self.apgd.n_iter, self.apgd.n_restarts, self.apgd.eot_iter, self.apgd.thr_decr),
-            apgd_t=(self.apgd_targeted.n_iter, self.apgd_targeted.n_restarts, self.apgd_targeted.n_target_classes),
-            fab=(self.fab.n_iter, self.fab.n_restarts, self.fab.n_target_classes),
-            square=(self.square.n_queries, self.square.p_init, self.square.n_restarts),
+            **{name: apgd_settings(a) for name, a in (("apgd", self.apgd), ("apgd_t", self.apgd_targeted))},
+            apgd_t_targets=self.apgd_targeted.n_target_classes, apgd_loss=self.apgd.loss, apgd_t_loss=self.apgd_targeted.loss,
+            fab=(self.fab.n_iter, self.fab.n_restarts, self.fab.n_target_classes, self.fab.alpha_max, self.fab.eta,
+                 self.fab.beta, self.fab.eps, self.fab.norm),
+            square=(self.square.n_queries, self.square.p_init, self.square.n_restarts, self.square.loss,
+                    self.square.resc_schedule, self.square.eps, self.square.norm),
         )
         return x.clone(), y.clone()
 
     monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation", spy)
     model, x, y = trained
     aa_module.autoattack(model, x[:2], y[:2], 8 / 255, seed=3)
+    # the standard version's values (Croce & Hein 2020; fra31/auto-attack's AutoAttack(version="standard"))
+    apgd = {"n_iter": 100, "n_restarts": 1, "eot_iter": 1, "rho": 0.75, "random_start": True, "largereps": False,
+            "checkpoints": (22, 6, 3), "eps": 8 / 255, "norm": "Linf"}
     assert seen == {
         "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "version": "standard", "eps": 8 / 255, "norm": "Linf",
-        "seed": 3, "apgd": (100, 1, 1, 0.75), "apgd_t": (100, 1, 9), "fab": (100, 1, 9), "square": (5000, 0.8, 1),
+        "seed": 3, "apgd": apgd, "apgd_t": apgd, "apgd_t_targets": 9, "apgd_loss": "ce", "apgd_t_loss": "dlr-targeted",
+        "fab": (100, 1, 9, 0.1, 1.05, 0.9, 8 / 255, "Linf"), "square": (5000, 0.8, 1, "margin", False, 8 / 255, "Linf"),
     }
     assert "pyautoattack" in aa_module.describe() and "5000" in aa_module.describe()
 

@@ -66,3 +66,17 @@ def test_bad_batch_sizes():
         Batches(tiny(), 64)
     assert "--batch-size" in e.value.hint
     assert len(Batches(tiny(), 64, drop_last=False)) == 1
+
+
+def test_the_last_partial_batch_is_kept_unless_too_small_or_not_divisible():
+    data = tiny()  # 3 x 8 + 2
+    sizes = lambda b: [len(i) for _, _, i in b]  # noqa: E731
+    assert sizes(Batches(data, 8, drop_last=False, shuffle=False)) == [8, 8, 8, 2]
+    assert sizes(Batches(data, 8, drop_last=False, ranks=2)) == [8, 8, 8, 2]  # 1 image per rank
+    assert sizes(Batches(data, 8, drop_last=False, ranks=4)) == [8, 8, 8]  # 2 images do not divide among 4
+    assert sizes(Batches(data, 8, drop_last=False, min_last=3)) == [8, 8, 8]  # too small (batch norm needs 2)
+    assert sizes(Batches(data, 8, drop_last=True)) == [8, 8, 8]
+    with pytest.raises(DataError, match="fewer than one batch"):
+        Batches(data, 32, drop_last=False, require_full=True)
+    with pytest.raises(DataError, match="no batch of at least 2"):
+        Batches(tiny(1), 8, drop_last=False, min_last=2)

@@ -30,6 +30,16 @@ def test_pretrain_json_and_finished_run_guard(run_cli, tmp_path):
     assert code == 0 and out.strip().endswith("encoder.safetensors")
 
 
+def test_the_last_partial_batch_is_kept_unless_drop_last(run_cli, tmp_path):
+    short = [a if a != "64" else "40" for a in TINY]  # 40 images: batches of 32 and 8
+    code, out, err = run_cli("pretrain", *short, "--epochs", "1", "--out", "keep")
+    assert code == 0, err
+    assert "1 epoch of 2 steps" in err and load_checkpoint(out.strip()).meta.config["drop_last"] is False
+    code, out, err = run_cli("pretrain", *short, "--epochs", "1", "--out", "drop", "--drop-last")
+    assert code == 0, err
+    assert "1 epoch of 1 step" in err and load_checkpoint(out.strip()).meta.config["drop_last"] is True
+
+
 def test_resume_takes_the_settings_of_the_run(run_cli, tmp_path):
     code, out, err = run_cli("pretrain", *SMALL, "--method", "simclr", "--epochs", "1", "--out", "r", "--seed", "4")
     assert code == 0, err

@@ -1,5 +1,6 @@
 """Finetuning: what each scheme may change, TRADES, the checkpoint it writes, selection, resume."""
 
+import copy
 import json
 
 import pytest
@@ -161,3 +162,110 @@ def test_classifier_parent_with_other_classes_is_refused(tmp_path):
     parent = load_checkpoint(save_model(tmp_path / "c.safetensors", clf, kind="classifier", method="advcl", dataset="digits"))
     with pytest.raises(DataError, match="7 classes"):
         run(parent, tmp_path / "x", scheme="aff", epochs=1)
+
+
+# --- ALF and AFF against their schemes written out ----------------------------------------------
+
+ONE_STEP = dict(dataset="digits", epochs=1, limit=32, batch_size=32, eval_limit=8, image_size=16)  # one batch
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """An AdvCL encoder with differing BN sets whose running statistics fit the digits, so that
+    its eval-mode features depend on the input (the default initialisation's do not)."""
+    from advcl_cli.data.augment import to_float
+    from advcl_cli.data.registry import load_dataset
+    from nets import advcl_net
+
+    enc = advcl_net(ks=(2, 10), dtype=torch.float32)
+    x = to_float(load_dataset("digits", "train", limit=64, image_size=16).images)
+    for m in enc.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the pass below
+    with torch.no_grad():
+        for bn in ("normal", "pgd", "pgd_ce"):
+            enc.features(x, bn)
+    path = tmp_path_factory.mktemp("enc") / "enc.safetensors"
+    return load_checkpoint(save_model(path, enc.eval(), kind="encoder", method="advcl", dataset="digits", eps=8 / 255))
+
+
+def first_batch(settings):
+    """The engine's first batch of a one-epoch run and its epoch's random stream, after the
+    crop + flip augmentation (the engine's order of draws: views first, then the attack)."""
+    from advcl_cli.data.augment import crop_flip_view
+    from advcl_cli.data.batches import Batches
+    from advcl_cli.data.registry import load_dataset
+    from advcl_cli.engine.run import epoch_generator
+
+    data = load_dataset("digits", "train", limit=32, image_size=16)
+    batches = Batches(data, 32, seed=settings.seed, drop_last=False)
+    batches.set_epoch(0)
+    images, labels, _ = next(iter(batches))
+    gen = epoch_generator(settings.seed, 0, torch.device("cpu"))
+    return crop_flip_view(images, gen), labels, gen
+
+
+def start_model(encoder, settings):
+    from advcl_cli.engine.finetune import SCHEMES, build_classifier
+
+    torch.manual_seed(settings.seed)  # the engine seeds before building (the new head's init)
+    return build_classifier(encoder, 10, SCHEMES[settings.scheme](settings))
+
+
+def signed_ascent(model, x, start, loss_of, steps=10, eps=8 / 255, step=2 / 255):
+    x_adv = start
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_of(model(x_adv)), [x_adv])
+        x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
+def test_alf_trains_the_head_on_pgd10_examples(calibrated, tmp_path):
+    encoder = calibrated
+    settings = resolve(FinetuneSettings, dict(out=tmp_path / "alf", scheme="alf", **ONE_STEP))
+    assert settings.attack_steps == 10 and settings.eps == pytest.approx(8 / 255)
+    clf = load_checkpoint(finetune(settings, encoder, Reporter()).path).build()
+    x, y, gen = first_batch(settings)
+    model = start_model(encoder, settings).eval()
+    uniform = x + (2 * torch.rand(x.shape, generator=gen) - 1) * (8 / 255)  # PGD's random start
+    x_pgd = signed_ascent(model, x, uniform, lambda logits: F.cross_entropy(logits, y, reduction="sum"))
+
+    def head_after_one_step(images):
+        head = copy.deepcopy(model.fc)
+        opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9, weight_decay=2e-4)
+        with torch.no_grad():
+            feat = model.features(images)
+        F.cross_entropy(head(feat), y).backward()
+        opt.step()
+        return head.weight.detach()
+
+    on_pgd, on_clean = head_after_one_step(x_pgd), head_after_one_step(x)
+    torch.testing.assert_close(clf.fc.weight, on_pgd, rtol=0, atol=1e-6)
+    assert (on_clean - on_pgd).abs().max() > 1e-4  # training on clean images would show
+
+
+def test_aff_loss_is_trades_written_out(calibrated, tmp_path):
+    """CE(clean) + 6 KL(p_clean || p_adv) summed over classes, batch mean; x_adv from
+    x + 0.001 N(0, 1) ascending that KL for 10 steps of 2/255 in eval mode; the loss in train mode."""
+    settings = resolve(FinetuneSettings, dict(out=tmp_path / "aff", scheme="aff", **ONE_STEP))
+    assert settings.trades_beta == 6.0 and settings.attack_steps == 10
+    finetune(settings, calibrated, Reporter())
+    logged = json.loads((tmp_path / "aff" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    x, y, gen = first_batch(settings)
+    model = start_model(calibrated, settings).eval()
+
+    def kl_sum(logits_nat, logits_adv):  # sum over the batch of KL(p_nat || p_adv)
+        return (F.softmax(logits_nat, 1) * (F.log_softmax(logits_nat, 1) - F.log_softmax(logits_adv, 1))).sum()
+
+    with torch.no_grad():
+        nat = model(x)
+    start = x + 0.001 * torch.randn(x.shape, generator=gen)
+    x_adv = signed_ascent(model, x, start, lambda logits: kl_sum(nat, logits))
+    model.train()
+    logits_nat, logits_adv = model(x), model(x_adv)
+    kl = (kl_sum(logits_nat, logits_adv) / len(y)).item()
+    expected = F.cross_entropy(logits_nat, y).item() + 6.0 * kl
+    assert kl > 1e-3 * expected  # the KL term is visible at the tolerance below
+    assert logged == pytest.approx(expected, rel=1e-5)

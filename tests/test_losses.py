@@ -34,12 +34,22 @@ def test_supcon_equals_the_formula(views):
 
 def test_two_view_supcon_with_unit_scale_is_nt_xent():
     feats = _features(b=6, v=2)
-    z = torch.cat([feats[:, 0], feats[:, 1]]).float()
+    z = torch.cat([feats[:, 0], feats[:, 1]])
     logits = z @ z.T / 0.5
     logits.fill_diagonal_(float("-inf"))
     target = torch.cat([torch.arange(6) + 6, torch.arange(6)])
     expected = F.cross_entropy(logits, target)
-    assert torch.allclose(supcon_loss(feats, 0.5, 0.5), expected, atol=1e-5)
+    assert torch.allclose(supcon_loss(feats, 0.5, 0.5), expected, rtol=0, atol=1e-12)
+
+
+def test_losses_compute_in_float64_and_upcast_only_half_precisions():
+    feats = _features()
+    logits, targets = [feats[:, 0, :2], feats[:, 1, :5]], [torch.tensor([0, 1, 1, 0, 1]), torch.tensor([4, 3, 0, 2, 1])]
+    for dtype, expected in ((torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)):
+        assert supcon_loss(feats.to(dtype)).dtype == expected, dtype
+        assert pseudo_label_ce([lg.to(dtype) for lg in logits], targets).dtype == expected, dtype
+    # in float64 the loss is the formula to float64 precision, not float32's
+    assert abs(float(supcon_loss(feats)) - supcon_by_hand(feats, 0.5, 0.07)) < 1e-12
 
 
 def test_supcon_does_not_depend_on_image_order_and_rejects_bad_shapes():

@@ -23,7 +23,23 @@ from advcl_cli.pseudolabels import (
 )
 from advcl_cli.settings import PretrainSettings
 
-AUTHORS_PKL = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet_clPretrain_pseudo_labels.pkl"
+AUTHORS_KS = (2, 10, 50, 100, 500)
+
+
+def authors_pickle(path: Path, n_train: int = 50_000, n_test: int = 10_000) -> dict[str, np.ndarray]:
+    """A file in the format of the authors' imagenet_clPretrain_pseudo_labels.pkl: a pickled
+    (protocol 3) dict of int32 arrays, pseudo_train_{k} then pseudo_test_{k} for each k, its
+    arrays named as numpy 1.x pickles them (numpy.core.multiarray._reconstruct)."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for k in AUTHORS_KS:
+        arrays[f"pseudo_train_{k}"] = rng.integers(0, k, n_train).astype(np.int32)
+        arrays[f"pseudo_test_{k}"] = rng.integers(0, k, n_test).astype(np.int32)
+    data = pickle.dumps(arrays, protocol=3)
+    new, old = b"cnumpy._core.multiarray\n_reconstruct\n", b"cnumpy.core.multiarray\n_reconstruct\n"
+    path.write_bytes(data.replace(new, old))
+    assert old in path.read_bytes() and new not in path.read_bytes()
+    return arrays
 
 
 def test_labels_file_round_trip_and_validation(tmp_path):
@@ -62,20 +78,20 @@ def test_kmeans_finds_separated_clusters():
 
 
 def test_authors_pickle_is_imported_safely(tmp_path):
-    assert AUTHORS_PKL.is_file(), f"the authors' pickle is expected at {AUTHORS_PKL}"
-    arrays = read_authors_pickle(AUTHORS_PKL)
-    with open(AUTHORS_PKL, "rb") as f:
-        trusted = pickle.load(f)  # our own copy of a known file, for comparison only
-    assert arrays.keys() == trusted.keys()
-    out = import_authors_pickle(AUTHORS_PKL, tmp_path / "cifar10.safetensors")
+    path = tmp_path / "imagenet_clPretrain_pseudo_labels.pkl"
+    arrays = authors_pickle(path)
+    read = read_authors_pickle(path)
+    assert read.keys() == arrays.keys() and all(np.array_equal(read[k], arrays[k]) for k in arrays)
+    out = import_authors_pickle(path, tmp_path / "cifar10.safetensors")
     labels = load_labels(out, 50_000)
-    assert labels.ks == (2, 10, 50, 100, 500)
+    assert labels.ks == AUTHORS_KS
     assert labels.meta == {
-        "dataset": "cifar10", "split": "train", "n": 50_000, "ks": [2, 10, 50, 100, 500],
-        "encoder": f"imported:{sha256_file(AUTHORS_PKL)}",
+        "dataset": "cifar10", "split": "train", "n": 50_000, "ks": list(AUTHORS_KS),
+        "encoder": f"imported:{sha256_file(path)}",
     }
-    for k in labels.ks:
-        assert np.array_equal(labels.labels[k].numpy(), trusted[f"pseudo_train_{k}"].astype(np.int64))
+    for k in labels.ks:  # the training labels, not the test ones
+        assert labels.labels[k].dtype == torch.int64
+        assert np.array_equal(labels.labels[k].numpy(), arrays[f"pseudo_train_{k}"].astype(np.int64))
 
 
 class _Evil:
@@ -106,7 +122,8 @@ def test_pickles_of_other_shapes_are_refused(tmp_path):
     no_train.write_bytes(pickle.dumps({"pseudo_test_2": np.zeros(3, dtype=np.int32)}))
     with pytest.raises(CheckpointError, match="no pseudo_train"):
         import_authors_pickle(no_train, tmp_path / "x.safetensors")
-    (tmp_path / "trunc.pkl").write_bytes(AUTHORS_PKL.read_bytes()[:1000])
+    authors_pickle(tmp_path / "full.pkl", 2000, 100)
+    (tmp_path / "trunc.pkl").write_bytes((tmp_path / "full.pkl").read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="not a readable pickle"):
         read_authors_pickle(tmp_path / "trunc.pkl")
 
@@ -133,7 +150,8 @@ def test_cli_makes_labels_from_an_encoder(run_cli, tmp_path, encoder):
 
 
 def test_cli_imports_the_authors_pickle_and_refuses_evil_ones(run_cli, tmp_path):
-    code, out, err = run_cli("pseudo-labels", "import", AUTHORS_PKL, "--out", "c10.safetensors", "--json")
+    authors_pickle(tmp_path / "labels.pkl")
+    code, out, err = run_cli("pseudo-labels", "import", tmp_path / "labels.pkl", "--out", "c10.safetensors", "--json")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["n"] == 50_000 and doc["ks"] == [2, 10, 50, 100, 500] and Path(doc["path"]).is_file()

@@ -4,10 +4,12 @@
 its ``AutoAttack(version='standard')`` and then set every component to the standard version's
 settings explicitly, so a change of the package's defaults cannot silently weaken the attack:
 
-- APGD-CE: 100 iterations, 1 restart, rho 0.75, EOT 1;
-- APGD-T (targeted DLR): 100 iterations, 1 restart, 9 target classes;
-- FAB-T (targeted FAB): 100 iterations, 1 restart, 9 target classes;
-- Square: 5000 queries, p_init 0.8, 1 restart;
+- APGD-CE: 100 iterations, 1 restart, step-size decay rho 0.75, EOT 1, random start, no
+  larger-eps schedule (and the checkpoints 0.22 / 0.06 / 0.03 x 100 iterations);
+- APGD-T (targeted DLR): the same, 9 target classes;
+- FAB-T (targeted FAB): 100 iterations, 1 restart, 9 target classes, alpha_max 0.1, eta 1.05,
+  beta 0.9;
+- Square: 5000 queries, p_init 0.8, 1 restart, margin loss, no rescaled schedule;
 
 run in that order on the points still robust (the worst case over the four is kept). With fewer
 than 10 classes the targeted attacks use ``n_classes - 1`` targets; below 4 classes the
@@ -29,8 +31,10 @@ from .pgd import project
 
 APGD_ITERS = 100
 APGD_RESTARTS = 1
+APGD_RHO = 0.75  # the step-size decay's threshold (``thr_decr``)
 TARGETS = 9
 FAB_ITERS = 100
+FAB_STEP = {"alpha_max": 0.1, "eta": 1.05, "beta": 0.9}
 SQUARE_QUERIES = 5000
 SQUARE_P_INIT = 0.8
 ATTACKS = ["apgd-ce", "apgd-t", "fab-t", "square"]
@@ -49,7 +53,7 @@ def _package():
 def describe() -> str:
     version = getattr(_package(), "__version__", "?")
     return (
-        f"AutoAttack standard (pyautoattack {version}): APGD-CE {APGD_ITERS} iters {APGD_RESTARTS} restart, "
+        f"AutoAttack standard (pyautoattack {version}): APGD-CE {APGD_ITERS} iters {APGD_RESTARTS} restart rho {APGD_RHO}, "
         f"APGD-T {APGD_ITERS} iters {TARGETS} targets, FAB-T {FAB_ITERS} iters {TARGETS} targets, "
         f"Square {SQUARE_QUERIES} queries"
     )
@@ -77,11 +81,17 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, seed: int 
     targets = min(TARGETS, n_classes - 1)
     adversary = pkg.AutoAttack(model, norm="Linf", eps=float(eps), version="standard", seed=int(seed), device=x.device)
     adversary.attacks_to_run = list(ATTACKS)
-    adversary.apgd.n_iter, adversary.apgd.n_restarts, adversary.apgd.eot_iter = APGD_ITERS, APGD_RESTARTS, 1
-    adversary.apgd_targeted.n_iter, adversary.apgd_targeted.n_restarts = APGD_ITERS, 1
+    for apgd in (adversary.apgd, adversary.apgd_targeted):
+        apgd.n_iter, apgd.n_restarts, apgd.eot_iter, apgd.thr_decr = APGD_ITERS, APGD_RESTARTS, 1, APGD_RHO
+        apgd.use_rs, apgd.use_largereps = True, False
+        # the step-size checkpoints, which the package derives from n_iter when it builds the attack
+        apgd.n_iter_2, apgd.n_iter_min, apgd.size_decr = (max(int(f * APGD_ITERS), 1) for f in (0.22, 0.06, 0.03))
     adversary.apgd_targeted.n_target_classes = targets
     adversary.fab.n_iter, adversary.fab.n_restarts, adversary.fab.n_target_classes = FAB_ITERS, 1, targets
-    adversary.square.n_queries, adversary.square.p_init, adversary.square.n_restarts = SQUARE_QUERIES, SQUARE_P_INIT, 1
+    for name, value in FAB_STEP.items():
+        setattr(adversary.fab, name, value)
+    sq = adversary.square
+    sq.n_queries, sq.p_init, sq.n_restarts, sq.loss, sq.resc_schedule = SQUARE_QUERIES, SQUARE_P_INIT, 1, "margin", False
     adversary.verbose = False
 
     logger = logging.getLogger("auto-attack")

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..engine.device import upcast
+
 CW_KAPPA = 50.0  # the confidence of the CW-inf margin loss used in robustness evaluations
 
 
@@ -40,14 +42,14 @@ def _uniform_start(x: Tensor, eps: float, gen: torch.Generator | None) -> Tensor
 
 def ce_loss(logits: Tensor, y: Tensor) -> Tensor:
     """Cross-entropy summed over the batch (the sign of its gradient is the per-sample one)."""
-    return F.cross_entropy(logits.float(), y, reduction="sum")
+    return F.cross_entropy(upcast(logits), y, reduction="sum")
 
 
 def cw_loss(logits: Tensor, y: Tensor, kappa: float = CW_KAPPA) -> Tensor:
     """The CW margin loss summed over the batch: ``-clamp(z_y - max_{j != y} z_j + kappa, min=0)``.
 
     Ascending it lowers the true-class margin until another class wins by ``kappa``."""
-    logits = logits.float()
+    logits = upcast(logits)
     true = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
     return -(true - others + kappa).clamp(min=0).sum()
@@ -107,7 +109,7 @@ def cw(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 20, step
 
 def trades_kl(logits_adv: Tensor, p_nat: Tensor) -> Tensor:
     """``KLDivLoss(reduction='sum')(log_softmax(logits_adv), p_nat)``: sum over the batch."""
-    return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), p_nat, reduction="sum")
+    return F.kl_div(F.log_softmax(upcast(logits_adv), dim=1), p_nat, reduction="sum")
 
 
 def trades_adversary(model: nn.Module, x: Tensor, eps: float, steps: int = 10, step_size: float = 2 / 255,
@@ -117,7 +119,7 @@ def trades_adversary(model: nn.Module, x: Tensor, eps: float, steps: int = 10, s
     dual-BN model) and the model's softmax on ``x_adv``."""
     x = x.detach()
     with torch.no_grad():
-        p_nat = F.softmax((natural or model)(x).float(), dim=1)
+        p_nat = F.softmax(upcast((natural or model)(x)), dim=1)
     start = x + 0.001 * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
     return iterative_attack(model, x, p_nat, eps, steps, step_size, loss_fn=trades_kl, start=start)
 
@@ -126,8 +128,9 @@ def trades_objective(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, beta: fl
     """``CE(logits_nat, y) + beta * KL_sum(softmax(logits_adv) || softmax(logits_nat)) / B``
     (batch-mean cross-entropy; the gradient flows through the clean softmax too, as in the
     reference's ``criterion_kl(log_softmax(adv), softmax(nat))``)."""
-    p_nat = F.softmax(logits_nat.float(), dim=1)
-    return F.cross_entropy(logits_nat.float(), y) + beta * trades_kl(logits_adv, p_nat) / logits_nat.shape[0]
+    logits_nat = upcast(logits_nat)
+    p_nat = F.softmax(logits_nat, dim=1)
+    return F.cross_entropy(logits_nat, y) + beta * trades_kl(logits_adv, p_nat) / logits_nat.shape[0]
 
 
 def trades_loss(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, beta: float = 6.0) -> Tensor:

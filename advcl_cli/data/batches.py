@@ -14,7 +14,9 @@ class Batches:
     The order is a function of (seed, epoch) only: call ``set_epoch`` before iterating;
     iterating twice gives the same batches, so a resumed run, and every rank of a torchrun job
     (each then keeps its slice of the global batch, engine/distributed.local_slice), sees the
-    same ones. With ``drop_last=False`` the last, smaller batch is kept.
+    same ones. With ``drop_last=False`` the last, smaller batch is kept, unless it has fewer
+    than ``min_last`` images or does not divide into ``ranks`` equal shares: then it is dropped.
+    Fewer images than one batch are an error with ``drop_last`` or ``require_full``.
     """
 
     def __init__(
@@ -25,18 +27,28 @@ class Batches:
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
+        ranks: int = 1,
+        min_last: int = 1,
+        require_full: bool | None = None,
     ):
         n = len(data)
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}", "pass a positive --batch-size")
-        if drop_last and n < batch_size:
+        if (drop_last if require_full is None else require_full) and n < batch_size:
             raise DataError(
                 f"dataset {data.name!r} has {n} images, fewer than one batch of {batch_size}",
                 f"use a smaller --batch-size (at most {n})",
             )
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.shuffle, self.drop_last = shuffle, drop_last
+        rest = n % batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last or (rest > 0 and (rest < min_last or rest % ranks != 0))
         self.epoch = 0
+        if len(self) == 0:
+            raise DataError(
+                f"dataset {data.name!r} has {n} images: no batch of at least {min_last} that divides among {ranks} processes",
+                "use more images (--limit) or fewer processes",
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

@@ -32,3 +32,9 @@ def autocast(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least float32: half precisions (bf16 autocast) are upcast for losses and
+    statistics, float32 and float64 are kept as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

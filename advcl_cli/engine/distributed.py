@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import AdvclError, UsageError
+from .device import upcast
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims = [0] if x.dim() == 2 else [0, 2, 3]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        xf = x.float()
-        count = torch.full((1,), x.numel() / x.shape[1], device=x.device, dtype=torch.float32)
+        xf = upcast(x)  # float64 stays float64
+        count = torch.full((1,), x.numel() / x.shape[1], device=x.device, dtype=xf.dtype)
         # two passes (mean, then centred squares), as a single device would compute them:
         # E[x^2] - E[x]^2 loses precision when a channel's mean is large beside its spread
         first = _AllReduceSum.apply(torch.cat([xf.sum(dims), count]))
@@ -182,10 +183,12 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def _convert_bn(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        like = module.weight if module.affine else module.running_mean  # device and float dtype to keep
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats, device=like.device, dtype=like.dtype)
         new.load_state_dict(module.state_dict())
         new.train(module.training)
-        return new.to(next(iter(module.state_dict().values())).device)
+        return new
     for name, child in module.named_children():
         setattr(module, name, _convert_bn(child))
     return module
@@ -256,8 +259,14 @@ def barrier(ctx: DistContext) -> None:
 
 
 def shutdown(ctx: DistContext) -> None:
-    """Tear down the process group, if any."""
+    """Tear down the process group, if any, once every rank has got here.
+
+    Call it on every rank at the same point (after the last collective). The barrier keeps a
+    rank from shutting its gloo connections down while another is still finishing the last
+    collective on them, which could end a rank with SIGABRT at exit ("terminate called without
+    an active exception")."""
     if ctx.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -307,8 +307,9 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
             f"lr {settings.lr}, BN {sets}, {device.type} {precision} -> {run.path}"
         )
     loop.run(start, settings.epochs, end_epoch)
+    # every rank leaves the process group together; rank 0 alone evaluates and saves
+    shutdown(ctx)
     if not ctx.is_main:
-        shutdown(ctx)
         return RunResult(out_file, run.path, settings.epochs, {}, False)
 
     # the kept model: the best epoch on the held-out split, else the last one
@@ -331,5 +332,4 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     save_model(out_file, kept, metrics=final, **save_args)
     extra["final"] = final
     run.save_state(model, optimizer, epoch=settings.epochs, total_epochs=settings.epochs, config=config, extra=extra)
-    shutdown(ctx)
     return RunResult(out_file, run.path, settings.epochs, final)

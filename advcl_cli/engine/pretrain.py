@@ -117,8 +117,11 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
         model.backbone.compile()
         if model.proj is not None:
             model.proj.compile()
-    # every rank walks the same global batches; the method keeps this rank's slice
-    batches = Batches(data, settings.batch_size, seed=settings.seed)
+    # every rank walks the same global batches; the method keeps this rank's slice. The last
+    # partial batch is kept (as the reference's DataLoader does) unless --drop-last, or when it
+    # has a single image (batch norm needs two) or does not divide among the processes
+    batches = Batches(data, settings.batch_size, seed=settings.seed, drop_last=settings.drop_last,
+                      ranks=ctx.world_size, min_last=2, require_full=True)
     encoder = run.artifact(ENCODER_FILE)
     saved = {"note": f"the last saved encoder is {encoder}" if encoder.exists() else "no encoder was saved yet"}
     last = {"metrics": (run.read_metrics() or [{}])[-1] if start else {}}

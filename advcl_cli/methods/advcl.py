@@ -22,14 +22,16 @@ One step, matched to the authors' ``pretraining_advCL.py`` (class ``AttackPGD`` 
   loss. The reference recomputes them at every PGD step and again after the attack; with the
   same weights and train-mode BN that gives the same numbers, so the losses, adversarial
   examples and gradients are identical; only the running statistics of the "normal" BN set and
-  of the projection head's BN see fewer updates (``recompute_clean=True`` in ``attack`` runs
-  the reference's way for the equivalence test and the benchmark);
+  of the projection head's BN see fewer updates (tests/reference holds an independent copy of
+  the reference's step, and tests/test_advcl_reference.py compares the two in float64);
 - training loss: ``supcon([z_cl, z1, z2, z_HFC]) + ce_weight * mean over heads of CE`` (batch
   mean), the SupCon loss with temperature 0.5 scaled by 0.5 / 0.07; the projections are
-  all-gathered across ranks first, so the loss sees the global batch (the attack uses the
-  rank's local batch).
+  all-gathered across ranks first, so the loss sees the global batch (PGD runs on each rank's
+  slice; its contrastive loss, too, sees every rank's projections);
 - the reference also passes ``x_ce`` through the projection and predictor heads and never
-  uses the result (it only moves BN running statistics); we skip it.
+  uses the result (it only moves BN running statistics); we skip it;
+- everything runs in the model's float dtype (float64 too: the views, the random start and the
+  losses follow the parameters' dtype).
 
 Without pseudo labels the CE term and ``x_ce`` are dropped (the engine says so on stderr).
 """
@@ -44,7 +46,7 @@ from torch import Tensor
 
 from ..attacks.pgd import project
 from ..checkpoint import unwrap
-from ..data.augment import crop_flip_view, high_frequency, simclr_view, to_float
+from ..data.augment import ADVCL_VIEW, crop_flip_view, high_frequency, simclr_view, to_float
 from ..engine.distributed import DistContext, all_gather_with_grad, local_slice
 from ..settings import option
 from .base import ContrastiveSettings, CosineSettings, Method, PGDSettings, TrainSettings
@@ -64,50 +66,65 @@ class AttackConfig:
 
 
 def random_start(x_org: Tensor, gen: torch.Generator) -> Tensor:
-    """Two U(-1, 1) draws shaped like ``x_org`` (for x_cl and x_ce), scaled by eps later."""
-    return torch.rand((2, *x_org.shape), generator=gen, device=x_org.device, dtype=x_org.dtype) * 2 - 1
+    """Two U(-1, 1) draws shaped like ``x_org`` (for x_cl and x_ce), scaled by eps later. Drawn
+    in float32 whatever the dtype, so the random stream does not depend on the precision."""
+    noise = torch.rand((2, *x_org.shape), generator=gen, device=x_org.device) * 2 - 1
+    return noise.to(x_org.dtype)
+
+
+def contrastive_term(net, x_cl: Tensor, clean: list[Tensor], cfg: AttackConfig, ctx: DistContext) -> Tensor:
+    """SupCon over [z_cl, z1, z2, z_HFC] (x_cl through the "pgd" BN set), every rank's rows included."""
+    z_cl = net.project(net.features(x_cl, "pgd"))
+    features = all_gather_with_grad(torch.stack([z_cl, *clean], dim=1), ctx)
+    return supcon_loss(features, cfg.temperature, cfg.base_temperature)
+
+
+def pseudo_label_term(net, x_ce: Tensor, targets: list[Tensor], reduction: str = "mean") -> Tensor:
+    """The pseudo-label cross-entropy of x_ce (through the "pgd_ce" BN set), mean over heads."""
+    return pseudo_label_ce(net.pseudo_logits(net.features(x_ce, "pgd_ce")), targets, reduction=reduction)
+
+
+def attack_objective(net, x_cl: Tensor, x_ce: Tensor | None, clean: list[Tensor], targets: list[Tensor] | None,
+                     cfg: AttackConfig, ctx: DistContext = DistContext()) -> Tensor:
+    """The loss both adversarial views ascend at every PGD step: the contrastive term of x_cl
+    plus ``ce_weight`` times the pseudo-label CE of x_ce summed over the batch."""
+    loss = contrastive_term(net, x_cl, clean, cfg, ctx)
+    if x_ce is not None:
+        loss = loss + cfg.ce_weight * pseudo_label_term(net, x_ce, targets, reduction="sum")
+    return loss
 
 
 def attack(
     net,
     x_org: Tensor,
-    clean: list[Tensor] | None,
+    clean: list[Tensor],
     targets: list[Tensor] | None,
     gen: torch.Generator,
     cfg: AttackConfig,
-    recompute_clean=None,
     *,
     noise: Tensor | None = None,
     ctx: DistContext = DistContext(),
 ) -> tuple[Tensor, Tensor | None]:
     """The adversarial views ``(x_cl, x_ce)``; ``x_ce`` is None without pseudo labels.
 
-    ``clean`` holds the projections [z1, z2, z_HFC] of the clean views (used detached);
-    ``recompute_clean``, a callable returning them, makes every PGD step recompute them, as the
-    reference does. ``noise`` (2, B, ...) in [-1, 1] is the random start (drawn from ``gen``
-    when not given). Under torchrun the contrastive loss inside the attack also sees every
-    rank's projections, as one process holding the global batch would.
+    ``clean`` holds the projections [z1, z2, z_HFC] of the clean views (used detached).
+    ``noise`` (2, B, ...) in [-1, 1] is the random start (drawn from ``gen`` when not given).
+    Under torchrun the contrastive loss inside the attack also sees every rank's projections,
+    as one process holding the global batch would.
     """
     if noise is None:
         noise = random_start(x_org, gen)
     noise = noise * cfg.eps
     x_cl = x_org + noise[0]
     x_ce = x_org + noise[1] if targets is not None else None
-    clean = [z.detach() for z in clean] if clean is not None else None
+    clean = [z.detach() for z in clean]
     for _ in range(cfg.steps):
-        if recompute_clean is not None:
-            clean = recompute_clean()
         x_cl = x_cl.detach().requires_grad_(True)
         inputs = [x_cl]
-        z_cl = net.project(net.features(x_cl, "pgd"))
-        features = all_gather_with_grad(torch.stack([z_cl, *clean], dim=1), ctx)
-        loss = supcon_loss(features, cfg.temperature, cfg.base_temperature)
         if x_ce is not None:
             x_ce = x_ce.detach().requires_grad_(True)
             inputs.append(x_ce)
-            logits = net.pseudo_logits(net.features(x_ce, "pgd_ce"))
-            loss = loss + cfg.ce_weight * pseudo_label_ce(logits, targets, reduction="sum")
-        grads = torch.autograd.grad(loss, inputs)
+        grads = torch.autograd.grad(attack_objective(net, x_cl, x_ce, clean, targets, cfg, ctx), inputs)
         x_cl = project(x_cl.detach() + cfg.step_size * grads[0].sign(), x_org, cfg.eps)
         if x_ce is not None:
             x_ce = project(x_ce.detach() + cfg.step_size * grads[1].sign(), x_org, cfg.eps)
@@ -137,7 +154,6 @@ class AdvCL(Method):
             ce_weight=settings.ce_weight,
         )
         self.hfc_radius = settings.hfc_radius
-        self.recompute_clean = False  # True: the reference's way (tests, benchmark)
         self.labels: Tensor | None = None
         self.ks: tuple[int, ...] = ()
         pl = self.inputs.get("pseudo_labels")
@@ -155,20 +171,25 @@ class AdvCL(Method):
     def model_config(self, arch: str) -> dict:
         return {"bn_sets": BN_SETS, "proj_dim": 128, "pseudo_ks": self.ks}
 
-    def views(self, batch: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """x1, x2 (SimCLR), x_org (crop + flip), x_HFC (high-frequency part of x_org)."""
-        x = to_float(batch)
-        x1, x2 = simclr_view(x, gen), simclr_view(x, gen)
-        x_org = crop_flip_view(x, gen)
-        return x1, x2, x_org, high_frequency(x_org, self.hfc_radius)
+    def views(self, batch: Tensor, gen: torch.Generator, dtype: torch.dtype = torch.float32, *,
+              return_params: bool = False):
+        """x1, x2 (SimCLR, ``ADVCL_VIEW``), x_org (crop + flip), x_HFC (high-frequency part of
+        x_org), in ``dtype``; with ``return_params`` also ``{"x1", "x2", "x_org"}`` -> the
+        parameters drawn for each (x_HFC is a function of x_org)."""
+        x = to_float(batch, dtype)
+        x1, p1 = simclr_view(x, gen, ADVCL_VIEW, return_params=True)
+        x2, p2 = simclr_view(x, gen, ADVCL_VIEW, return_params=True)
+        x_org, po = crop_flip_view(x, gen, return_params=True)
+        views = (x1, x2, x_org, high_frequency(x_org, self.hfc_radius))
+        return (views, {"x1": p1, "x2": p2, "x_org": po}) if return_params else views
 
     def targets(self, indices: Tensor) -> list[Tensor] | None:
         return None if self.labels is None else list(self.labels[:, indices].unbind(0))
 
     def step(self, model, batch: Tensor, indices: Tensor, gen: torch.Generator, ctx: DistContext = DistContext()):
         """The loss of one global batch: every rank draws the same views and random starts for all
-        of it and keeps its own slice."""
-        views = self.views(batch, gen)
+        of it and keeps its own slice. The views are in the model's float dtype."""
+        views = self.views(batch, gen, next(unwrap(model).parameters()).dtype)
         noise = local_slice(random_start(views[2], gen), ctx, dim=1)
         views = tuple(local_slice(v, ctx) for v in views)
         return self.loss(model, views, local_slice(indices, ctx), gen, ctx, noise=noise)
@@ -179,23 +200,12 @@ class AdvCL(Method):
         net = unwrap(model)
         x1, x2, x_org, x_hfc = views
         targets = self.targets(indices)
-
-        def clean_projections():
-            return [net.project(net.features(v, "normal")) for v in (x1, x2, x_hfc)]
-
-        if self.recompute_clean:  # the reference's way: clean views again at every PGD step and after
-            recompute = lambda: [z.detach() for z in clean_projections()]  # noqa: E731
-            x_cl, x_ce = attack(net, x_org, None, targets, gen, self.cfg, recompute, noise=noise, ctx=ctx)
-            clean = clean_projections()
-        else:
-            clean = clean_projections()
-            x_cl, x_ce = attack(net, x_org, clean, targets, gen, self.cfg, noise=noise, ctx=ctx)
-        z_cl = net.project(net.features(x_cl, "pgd"))
-        features = all_gather_with_grad(torch.stack([z_cl, *clean], dim=1), ctx)
-        contrast = supcon_loss(features, self.cfg.temperature, self.cfg.base_temperature)
+        clean = [net.project(net.features(v, "normal")) for v in (x1, x2, x_hfc)]
+        x_cl, x_ce = attack(net, x_org, clean, targets, gen, self.cfg, noise=noise, ctx=ctx)
+        contrast = contrastive_term(net, x_cl, clean, self.cfg, ctx)
         loss, terms = contrast, {"contrast": contrast.detach()}
         if x_ce is not None:
-            ce = pseudo_label_ce(net.pseudo_logits(net.features(x_ce, "pgd_ce")), targets)
+            ce = pseudo_label_term(net, x_ce, targets)
             loss = loss + self.cfg.ce_weight * ce
             terms["pseudo_ce"] = ce.detach()
         return loss, terms

@@ -10,6 +10,9 @@ With two views and ``base_temperature == temperature`` it is SimCLR's NT-Xent.
 ``pseudo_label_ce`` is AdvCL's pseudo-supervision term: the mean over the ClusterFit heads of the
 cross-entropy, with ``-1`` labels ignored (``reduction="sum"`` inside the attack, ``"mean"`` in
 the training loss, as in the reference).
+
+Both compute in the inputs' precision (float64 stays float64); half precisions from bf16
+autocast are upcast to float32.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..engine.device import upcast
+
 
 def supcon_loss(features: Tensor, temperature: float = 0.5, base_temperature: float = 0.07) -> Tensor:
     """Unsupervised SupCon loss of ``features`` (B, V, D), L2-normalised along D."""
     if features.dim() != 3:
         raise ValueError(f"features must be (batch, views, dim), got shape {tuple(features.shape)}")
     b, v, _ = features.shape
-    z = features.transpose(0, 1).reshape(b * v, -1).float()  # view-major: [view0 of all; view1 of all; ...]
+    z = upcast(features.transpose(0, 1).reshape(b * v, -1))  # view-major: [view0 of all; view1 of all; ...]
     logits = z @ z.T / temperature
     eye = torch.eye(b * v, dtype=torch.bool, device=z.device)
     log_denominator = torch.logsumexp(logits.masked_fill(eye, float("-inf")), dim=1, keepdim=True)
@@ -40,6 +45,6 @@ def pseudo_label_ce(logits: list[Tensor], targets: list[Tensor], reduction: str 
     if len(logits) != len(targets) or not logits:
         raise ValueError(f"{len(logits)} heads but {len(targets)} label sets")
     total = sum(
-        F.cross_entropy(lg.float(), t, ignore_index=-1, reduction=reduction) for lg, t in zip(logits, targets)
+        F.cross_entropy(upcast(lg), t, ignore_index=-1, reduction=reduction) for lg, t in zip(logits, targets)
     )
     return total / len(logits)

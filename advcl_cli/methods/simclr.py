@@ -32,7 +32,7 @@ class SimCLR(Method):
 
     def step(self, model, batch: Tensor, indices: Tensor, gen: torch.Generator, ctx: DistContext = DistContext()):
         net = unwrap(model)
-        x = to_float(batch)
+        x = to_float(batch, next(net.parameters()).dtype)
         # every rank draws the views of the whole global batch and keeps its slice
         views = torch.cat([local_slice(simclr_view(x, gen), ctx), local_slice(simclr_view(x, gen), ctx)])
         z = net.project(net.features(views, "normal"))
