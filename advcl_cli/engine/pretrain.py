@@ -2,8 +2,9 @@
 
 Top to bottom: the files the method's settings name (pseudo labels, a teacher checkpoint) are
 checked, the training split goes to the device as uint8, the files are read and handed to the
-method; the method's model is built (seeded, channels_last on GPU; ``compile`` compiles the
-backbone and projection head in place, so the saved weight names do not change); then the
+method; the method's model is built (seeded, then ``method.init_model``, where DeACL loads its
+teacher's weights; channels_last on GPU; ``compile`` compiles the backbone and projection head
+in place, so the saved weight names do not change); then the
 shared epoch loop (``engine.loop``) runs ``method.step`` on the global batches of ``Batches``.
 Under torchrun every rank walks the same global batches and the method keeps the rank's slice,
 so N processes match one process. After every epoch rank 0 appends to ``metrics.jsonl`` and
@@ -106,6 +107,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
 
     torch.manual_seed(settings.seed)
     model = create_model(settings.arch, **method.model_config(settings.arch)).to(device)
+    method.init_model(model)  # the method's initial weights (DeACL: its teacher's), before anything copies them
     model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
     # before the optimizer exists: with several processes it swaps the BN modules (new parameters)
     model = prepare_model(model, ctx)
