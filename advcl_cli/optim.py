@@ -16,6 +16,11 @@ per epoch): they hold no state, so resuming a run needs only the epoch it stoppe
   ``base * t / W`` during ``W`` warm-up units, then at
   ``min + (base - min) * (1 + cos(pi * (t - W) / (T - W))) / 2``; a unit is a step
   (``per="step"``, ACL) or an epoch (``per="epoch"``).
+- ``LinearWarmupCosine``: solo-learn's ``warmup_cosine`` (pl_bolts'
+  ``LinearWarmupCosineAnnealingLR``), which Lightning steps once per epoch, as DeACL's code runs
+  it: epoch ``e < W`` at ``start + e * (base - start) / (W - 1)`` (the last warm-up epoch is at
+  ``base``), then ``min + (base - min) * (1 + cos(pi * (e - W) / (E - W))) / 2`` (epoch ``W``
+  at ``base`` again; the last epoch above ``min``).
 - ``MultiStep``: the rate times ``gamma`` at every milestone epoch reached (finetuning).
 
 ``LARS`` is layer-wise adaptive rate scaling as the ACL code defines it (``optimizer/lars.py``):
@@ -69,6 +74,21 @@ class CosineAnnealing:
             return self.base_lr * t / warmup
         progress = (t - warmup) / max(total - warmup, 1)
         return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class LinearWarmupCosine:
+    base_lr: float
+    epochs: int
+    warmup_epochs: int = 10
+    warmup_from: float = 0.003
+    min_lr: float = 0.0
+
+    def lr(self, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+        if epoch < self.warmup_epochs:
+            return self.warmup_from + epoch * (self.base_lr - self.warmup_from) / max(self.warmup_epochs - 1, 1)
+        progress = (epoch - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1)
+        return self.min_lr + (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * progress)) / 2
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from advcl_cli.engine.report import Reporter
 from advcl_cli.errors import DataError, UsageError
 from advcl_cli.models import backbone_with_bn_set, create_model
 from advcl_cli.settings import FinetuneSettings
+from training import InterruptAt
 
 SMALL = dict(dataset="digits", epochs=2, limit=64, batch_size=32, eval_limit=8, image_size=16, attack_steps=2)
 
@@ -136,18 +137,9 @@ def test_validation_split_selects_an_epoch_off_the_test_set(encoder, tmp_path):
 
 def test_resume_after_an_interruption_matches_an_uninterrupted_run(encoder, tmp_path):
     full = run(encoder, tmp_path / "full", scheme="aff", epochs=2)
-
-    class StopInEpoch2(Reporter):
-        steps = 0
-
-        def advance(self, n=1, **info):
-            self.steps += n
-            if self.steps == 3:  # 2 steps per epoch: the first step of epoch 2
-                raise KeyboardInterrupt
-
     settings = resolve(FinetuneSettings, dict(out=tmp_path / "cut", scheme="aff", **{**SMALL, "epochs": 2}))
     with pytest.raises(KeyboardInterrupt):
-        finetune(settings, encoder, StopInEpoch2())
+        finetune(settings, encoder, InterruptAt(3))  # 2 steps per epoch: the first step of epoch 2
     with pytest.raises(UsageError, match="unfinished run"):
         finetune(settings, encoder, Reporter())
     resumed = finetune(settings, encoder, Reporter(), resume=True)

@@ -1,7 +1,22 @@
-"""A plain supervised loop for tests that need a trained classifier (attacks need one)."""
+"""Helpers for tests that train: a plain supervised loop for tests that need a trained
+classifier (attacks need one), and a reporter that interrupts a run."""
 
 import torch
 import torch.nn.functional as F
+
+from advcl_cli.engine.report import Reporter
+
+
+class InterruptAt(Reporter):
+    """Raises KeyboardInterrupt (as Ctrl-C would) when the ``step``-th step (1-based) is done."""
+
+    def __init__(self, step: int):
+        self.step, self.steps = step, 0
+
+    def advance(self, n=1, **info):
+        self.steps += n
+        if self.steps == self.step:
+            raise KeyboardInterrupt
 
 
 def fit(model, x, y, opt, *, epochs: int, batch_size: int):

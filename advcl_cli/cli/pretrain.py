@@ -26,6 +26,11 @@ DOC = """Pretrain an encoder with one of the methods below; print the encoder ch
       advcl pseudo-labels --encoder $enc -d cifar10 --out labels.safetensors
       advcl pretrain -d cifar10 --pseudo-labels labels.safetensors --out runs/advcl
       advcl pretrain -d cifar10 --pseudo-labels labels.safetensors --out runs/advcl --resume
+
+    DeACL, distilling a SimCLR teacher (about a twentieth of ACL's compute beyond it):
+
+    \b
+      advcl pretrain -d cifar10 --method deacl --teacher $enc
     """
 
 TRAINING_PANEL = "Training (defaults are the method's)"

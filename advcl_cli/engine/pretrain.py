@@ -2,8 +2,9 @@
 
 Top to bottom: the files the method's settings name (pseudo labels, a teacher checkpoint) are
 checked, the training split goes to the device as uint8, the files are read and handed to the
-method; the method's model is built (seeded, channels_last on GPU; ``compile`` compiles the
-backbone and projection head in place, so the saved weight names do not change); then the
+method; the method's model is built (seeded, then ``method.init_model``, where DeACL loads its
+teacher's weights; channels_last on GPU; ``compile`` compiles the backbone and projection head
+in place, so the saved weight names do not change); then the
 shared epoch loop (``engine.loop``) runs ``method.step`` on the global batches of ``Batches``.
 Under torchrun every rank walks the same global batches and the method keeps the rank's slice,
 so N processes match one process. After every epoch rank 0 appends to ``metrics.jsonl`` and
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_checkpoint, save_model
+from ..checkpoint import Checkpoint, load_checkpoint, save_model
 from ..data.batches import Batches
 from ..errors import UsageError
 from ..methods import get_method
@@ -106,6 +107,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
 
     torch.manual_seed(settings.seed)
     model = create_model(settings.arch, **method.model_config(settings.arch)).to(device)
+    method.init_model(model)  # the method's initial weights (DeACL: its teacher's), before anything copies them
     model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
     # before the optimizer exists: with several processes it swaps the BN modules (new parameters)
     model = prepare_model(model, ctx)
@@ -123,6 +125,8 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
     batches = Batches(data, settings.batch_size, seed=settings.seed, drop_last=settings.drop_last,
                       ranks=ctx.world_size, min_last=2, require_full=True)
     encoder = run.artifact(ENCODER_FILE)
+    # the lineage: the checkpoint the method started from (DeACL's teacher), if any
+    parent = next((c.sha256 for c in method.inputs.values() if isinstance(c, Checkpoint)), None)
     saved = {"note": f"the last saved encoder is {encoder}" if encoder.exists() else "no encoder was saved yet"}
     last = {"metrics": (run.read_metrics() or [{}])[-1] if start else {}}
 
@@ -133,7 +137,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
         run.append_metrics(metrics)
         if done % settings.save_every == 0 or done == settings.epochs:
             save_model(encoder, model, kind="encoder", method=method.checkpoint_name, dataset=data.name,
-                       eps=method.eps, config=settings.to_config(), metrics=metrics)
+                       eps=method.eps, config=settings.to_config(), metrics=metrics, parent=parent)
             saved["note"] = f"the last saved encoder is {encoder} (epoch {done})"
         run.save_state(model, optimizer, epoch=done, total_epochs=settings.epochs, config=settings.to_config(),
                        extra={"method": method.state()})

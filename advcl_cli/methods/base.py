@@ -10,13 +10,14 @@ name, and the resolved values go into the checkpoint's ``config``.
 The engine builds ``Method(settings, n_images=N, device=D, inputs=...)`` (``inputs`` holds the
 files the settings name, read by the engine: a field declared with ``option(..., input="labels")``
 arrives as a ``PseudoLabels``, one with ``input="checkpoint"`` as a ``Checkpoint``), builds the
-network from ``model_config(arch)``, the optimizer from ``optimizer(params)`` and the schedule
-from ``schedule()``, and per step calls ``step(model, batch_uint8, indices, gen, ctx) -> (loss,
-terms)``, does backward, the gradient all-reduce and the optimizer step, then
-``after_step(model)``. ``start_epoch(epoch)`` runs before each epoch; ``state()`` /
-``load_state(tensors)`` carry a method's own tensors (a momentum encoder, say) in the resume
-state. Third-party methods register a ``Method`` subclass under the ``advcl.methods`` entry
-point group.
+network from ``model_config(arch)`` and hands it to ``init_model(model)`` (a method that starts
+from other weights than the seeded ones loads them there), then builds the optimizer from
+``optimizer(params)`` and the schedule from ``schedule()``, and per step calls ``step(model,
+batch_uint8, indices, gen, ctx) -> (loss, terms)``, does backward, the gradient all-reduce and
+the optimizer step, then ``after_step(model)``. ``start_epoch(epoch)`` runs before each
+epoch; ``state()`` / ``load_state(tensors)`` carry a method's own tensors (a momentum encoder,
+say) in the resume state. Third-party methods register a ``Method`` subclass under the
+``advcl.methods`` entry point group.
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ class Method:
         warmup = s.warmup_epochs if s.warmup_epochs is not None else (10 if s.batch_size > 256 else 0)
         return WarmupCosine(base_lr=s.lr, epochs=s.epochs, warmup_epochs=min(warmup, s.epochs),
                             warmup_from=s.warmup_from, min_ratio=s.min_lr_ratio)
+
+    def init_model(self, model) -> None:
+        """Called once on the freshly built network (seeded initial weights), before the
+        optimizer exists and before a resume loads its state; a method that starts from other
+        weights (DeACL: its teacher's) loads them here."""
 
     def start_epoch(self, epoch: int) -> None:
         """Called before every epoch (0-based), also after a resume."""
