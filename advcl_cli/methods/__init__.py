@@ -22,6 +22,7 @@ from ..settings import PretrainSettings
 ENTRY_POINT_GROUP = "advcl.methods"
 BUILTIN = {
     "advcl": "advcl_cli.methods.advcl:AdvCL",
+    "acl": "advcl_cli.methods.acl:ACL",
     "simclr": "advcl_cli.methods.simclr:SimCLR",
     "deacl": "advcl_cli.methods.deacl:DeACL",
 }

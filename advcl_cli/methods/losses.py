@@ -7,6 +7,9 @@ all ``B * V - 1`` other vectors, and the mean over anchors is scaled by
 ``temperature / base_temperature`` (0.5 / 0.07 with SupConLoss's default base temperature).
 With two views and ``base_temperature == temperature`` it is SimCLR's NT-Xent.
 
+``nt_xent`` is the ACL family's contrastive loss: ``supcon_loss`` with two views, unscaled,
+on projections it normalises itself.
+
 ``pseudo_label_ce`` is AdvCL's pseudo-supervision term: the mean over the ClusterFit heads of the
 cross-entropy, with ``-1`` labels ignored (``reduction="sum"`` inside the attack, ``"mean"`` in
 the training loss, as in the reference).
@@ -38,6 +41,13 @@ def supcon_loss(features: Tensor, temperature: float = 0.5, base_temperature: fl
     positive = (image[:, None] == image[None, :]) & ~eye
     mean_log_prob_pos = (log_prob * positive).sum(1) / (v - 1)
     return -(temperature / base_temperature) * mean_log_prob_pos.mean()
+
+
+def nt_xent(features: Tensor, temperature: float = 0.5) -> Tensor:
+    """NT-Xent (SimCLR's loss) of view pairs ``features`` (B, 2, D), normalised here: each of the
+    2B vectors is an anchor, its positive the other view of its image, its denominator the
+    2B - 1 others (the ACL family's ``nt_xent``; ``supcon_loss`` with two views, unscaled)."""
+    return supcon_loss(F.normalize(upcast(features), dim=-1), temperature, temperature)
 
 
 def pseudo_label_ce(logits: list[Tensor], targets: list[Tensor], reduction: str = "mean") -> Tensor:
