@@ -1,16 +1,20 @@
-"""Images/s and peak memory of one AdvCL pretraining step: ours beside a reference-style step.
+"""Images/s and peak memory of one pretraining step: ours beside a reference-style step.
 
-Both variants run the full AdvCL step (four contrastive views, x_cl and x_ce attacked with
-5 PGD steps, five pseudo-label heads with random labels, backward, SGD step) on the same
-random CIFAR-sized images, each in its own subprocess so that peak memory is measured apart:
+``--method advcl`` (the default): both variants run the full AdvCL step (four contrastive
+views, x_cl and x_ce attacked with 5 PGD steps, five pseudo-label heads with random labels,
+backward, SGD step); ``--method acl``: the full ACL step (two views, both attacked with 5 PGD
+steps in eval mode, the clean and adversarial NT-Xent, backward, SGD step). Both variants use
+the same random CIFAR-sized images, each in its own subprocess so that peak memory is measured
+apart:
 
 - ``ours``: the images are a uint8 tensor on the device, augmented as whole batches there, and
   the clean views' forward passes are computed once per step (advcl_cli's engine path);
 - ``reference``: the authors' way: per-image torchvision transforms on PIL images on the host
   (as their DataLoader does; here inline, as with num_workers=0), the batch moved to the
-  device, and the step of ``tests/reference/advcl_step.py`` (the independent copy of the
-  authors' step the tests compare advcl with: every view recomputed at every PGD step and once
-  more after the attack), always fp32 and eager whatever ``--precision``/``--compile`` say.
+  device, and the step of ``tests/reference/advcl_step.py`` or ``tests/reference/acl_step.py``
+  (the independent copies of the authors' steps the tests compare advcl with; AdvCL's
+  recomputes every view at every PGD step and once more after the attack, ACL's attacks the
+  interleaved pair), always fp32 and eager whatever ``--precision``/``--compile`` say.
 
 The model FLOPs of one step are counted with torch's FLOP formulas during the warm-up step
 (matmuls and convolutions, forward and backward); TFLOP/s is that count over the step's time,
@@ -24,6 +28,7 @@ peak resident set during the steps (above what it held after warm-up; the first 
 torch's own start-up). Usage:
 
     python benchmarks/pretrain_step.py --arch resnet18 --batch-size 32 --steps 2
+    python benchmarks/pretrain_step.py --method acl --arch resnet18 --batch-size 32 --steps 2
     python benchmarks/pretrain_step.py --batch-size 512 --precision bf16 --compile   # on a GPU
 """
 
@@ -78,8 +83,10 @@ def measure(variant: str, args) -> dict:
     labels = {k: torch.randint(0, k, (b,), generator=g) for k in DEFAULT_KS}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_labels(os.path.join(tmp, "pl.safetensors"), labels, dataset="bench", split="train", encoder="random")
-        settings = resolve(PretrainSettings, dict(arch=args.arch, batch_size=b, pseudo_labels=path))
-        method = make_method(settings, b, device)
+        flags = dict(method=args.method, arch=args.arch, batch_size=b)
+        if args.method == "advcl":
+            flags["pseudo_labels"] = path
+        method = make_method(resolve(PretrainSettings, flags), b, device)
     torch.manual_seed(0)
     model = create_model(args.arch, **method.model_config(args.arch)).to(device).train()
     if device.type == "cuda" and not reference:
@@ -102,22 +109,37 @@ def measure(variant: str, args) -> dict:
         from PIL import Image
 
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from reference.advcl_step import reference_step
-
-        targets = [labels[int(name[1:])].to(device) for name in model.pseudo]  # heads "k2", "k10", ...
         pil = [Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy())) for img in images]
-        simclr = T.Compose([
-            T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2), T.ToTensor(),
-        ])
-        crop_flip = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
 
-        def step():
-            x1 = torch.stack([simclr(im) for im in pil]).to(device)
-            x2 = torch.stack([simclr(im) for im in pil]).to(device)
-            x_org = torch.stack([crop_flip(im) for im in pil]).to(device)
-            uniform = torch.rand((2, *x_org.shape), generator=gen, device=device) * 2 - 1
-            return reference_step(model, x1, x2, x_org, targets, uniform)["loss"], {}
+        def simclr(scale, interpolation):
+            return T.Compose([
+                T.RandomResizedCrop(32, scale=scale, interpolation=interpolation), T.RandomHorizontalFlip(),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2), T.ToTensor(),
+            ])
+
+        def batch(transform):
+            return torch.stack([transform(im) for im in pil]).to(device)
+
+        if args.method == "advcl":
+            from reference.advcl_step import reference_step
+
+            targets = [labels[int(name[1:])].to(device) for name in model.pseudo]  # heads "k2", "k10", ...
+            view = simclr((0.2, 1.0), T.InterpolationMode.BILINEAR)
+            crop_flip = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
+
+            def step():
+                x1, x2, x_org = batch(view), batch(view), batch(crop_flip)
+                uniform = torch.rand((2, *x_org.shape), generator=gen, device=device) * 2 - 1
+                return reference_step(model, x1, x2, x_org, targets, uniform)["loss"], {}
+        else:
+            from reference.acl_step import reference_step as acl_step
+
+            view = simclr((0.1, 1.0), T.InterpolationMode.BICUBIC)
+
+            def step():
+                x1, x2 = batch(view), batch(view)
+                uniform = torch.rand((2, *x1.shape), generator=gen, device=device) * 2 - 1
+                return acl_step(model, x1, x2, uniform)["loss"], {}
 
     def train_step():
         loss, _ = step()
@@ -160,6 +182,7 @@ def measure(variant: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="advcl", choices=["advcl", "acl"])
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (the fastest is reported)")
@@ -184,7 +207,7 @@ def main() -> None:
     ref, ours = results["reference"], results["ours"]
     peak = peak_tflops(ours["device"], ours["precision"])
     lines = [
-        f"{date.today().isoformat()}, {ours['device']}; AdvCL step, {args.arch}, batch {args.batch_size}, "
+        f"{date.today().isoformat()}, {ours['device']}; {args.method} step, {args.arch}, batch {args.batch_size}, "
         f"torch {ours['torch']}, load average {ours['load_average']:.1f}",
         "",
         "| step | precision | images/s | s/step (best / mean) | peak MB | GFLOP/image | TFLOP/s | of peak | speed-up |",

@@ -5,6 +5,8 @@ writes what they give to DIR, so a test can compare 1 process x B with 2 process
 
 - ``primitives.safetensors``: one SGD step of a tiny contrastive model through the engine's
   distributed functions (all-gather with gradients, global-batch BN, gradient all-reduce);
+- ``acl.safetensors``: one production ACL step (5 PGD steps in eval mode, both NT-Xents) in
+  float64 on a tiny ACL-family network whose BN sets differ, then one LARS step;
 - ``advcl.safetensors``: one production AdvCL step (views, 5 PGD steps on x_cl and x_ce with
   pseudo labels from LABELS, the loss) in float64 on a tiny network whose BN sets differ, then
   one SGD step (lr 0.5, momentum 0.9, weight decay 1e-4).
@@ -51,6 +53,18 @@ def primitives(out: str, ctx) -> None:
         save_file({**state, "__loss__": loss.reshape(1)}, out)
 
 
+def update_and_save(model, opt, loss, terms, out: str, ctx) -> None:
+    """Backward, the gradient all-reduce, one optimizer step; rank 0 writes the weights and the
+    loss terms (averaged over ranks)."""
+    opt.zero_grad()
+    loss.backward()
+    sync_gradients(model, ctx)
+    opt.step()
+    terms = {f"__{k}__": reduce_mean(v, ctx).reshape(1) for k, v in {"loss": loss.detach(), **terms}.items()}
+    if ctx.is_main:
+        save_file({**{k: v.detach().contiguous() for k, v in model.state_dict().items()}, **terms}, out)
+
+
 def advcl_step(out: str, labels: str, ctx) -> None:
     from advcl_cli.config import resolve
     from advcl_cli.engine.pretrain import make_method
@@ -62,14 +76,22 @@ def advcl_step(out: str, labels: str, ctx) -> None:
     model = prepare_model(advcl_net(load_labels(labels).ks, torch.float64), ctx)
     images = torch.randint(0, 256, (ADVCL_BATCH, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     loss, terms = method.step(model, images, torch.arange(ADVCL_BATCH), torch.Generator().manual_seed(3), ctx)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
-    opt.zero_grad()
-    loss.backward()
-    sync_gradients(model, ctx)
-    opt.step()
-    terms = {f"__{k}__": reduce_mean(v, ctx).reshape(1) for k, v in {"loss": loss.detach(), **terms}.items()}
-    if ctx.is_main:
-        save_file({**{k: v.detach().contiguous() for k, v in model.state_dict().items()}, **terms}, out)
+    update_and_save(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4), loss, terms, out, ctx)
+
+
+def acl_step(out: str, ctx) -> None:
+    """One production ACL step (views, the attack in eval mode, both NT-Xents) in float64, then
+    one LARS step."""
+    from advcl_cli.config import resolve
+    from advcl_cli.engine.pretrain import make_method
+    from advcl_cli.settings import PretrainSettings
+    from nets import acl_net
+
+    method = make_method(resolve(PretrainSettings, {"method": "acl", "arch": "resnet18-tiny"}), ADVCL_BATCH)
+    model = prepare_model(acl_net(torch.float64), ctx)
+    images = torch.randint(0, 256, (ADVCL_BATCH, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    loss, terms = method.step(model, images, torch.arange(ADVCL_BATCH), torch.Generator().manual_seed(5), ctx)
+    update_and_save(model, method.optimizer(model.parameters()), loss, terms, out, ctx)
 
 
 def steps(folder: str, labels: str) -> None:
@@ -77,6 +99,7 @@ def steps(folder: str, labels: str) -> None:
     ctx = init_distributed(torch.device("cpu"))
     primitives(f"{folder}/primitives.safetensors", ctx)
     advcl_step(f"{folder}/advcl.safetensors", labels, ctx)
+    acl_step(f"{folder}/acl.safetensors", ctx)
     shutdown(ctx)
 
 

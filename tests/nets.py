@@ -24,6 +24,17 @@ def randomise_batch_norms(model: nn.Module, seed: int = 1) -> nn.Module:
     return model
 
 
+def acl_net(dtype=torch.float64, seed: int = 0) -> nn.Module:
+    """resnet18-tiny as the ACL family builds it: BN sets normal/pgd (randomised), the three-layer
+    projection head with a BN per set, ImageNet normalisation; in ``dtype`` and train mode."""
+    from advcl_cli.models import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(seed)
+    model = create_model("resnet18-tiny", bn_sets=("normal", "pgd"), proj_dim=64, proj_head="mlp3",
+                         mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return randomise_batch_norms(model, seed + 1).to(dtype).train()
+
+
 def advcl_net(ks=(2, 5), dtype=torch.float64, seed: int = 0) -> nn.Module:
     """resnet18-tiny with AdvCL's three BN sets (randomised), a 128-d projection head and one
     pseudo-label head per k, in ``dtype`` and train mode."""

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from advcl_cli.models import create_model
-from nets import advcl_net
+from nets import acl_net, advcl_net
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 
@@ -61,7 +61,7 @@ def steps(tmp_path_factory):
     dist = torchrun(2, WORKER, "steps", str(root / "two"), str(labels))
     assert dist.returncode == 0, dist.stderr[-3000:]
     return {name: (load_file(root / "one" / name), load_file(root / "two" / name))
-            for name in ("primitives.safetensors", "advcl.safetensors")}
+            for name in ("primitives.safetensors", "advcl.safetensors", "acl.safetensors")}
 
 
 def test_global_batch_primitives_match_one_process(steps):
@@ -85,6 +85,19 @@ def test_advcl_step_with_the_attack_on_two_processes_matches_one(steps):
     start = advcl_net((2, 5)).state_dict()
     moved = max(float((one[k] - start[k]).abs().max()) for k in start if k.endswith("weight"))
     assert moved > 1e-3  # the step did move the weights
+
+
+def test_acl_step_with_the_attack_on_two_processes_matches_one(steps):
+    """One ACL step with 5 PGD steps and LARS, float64: 2 processes x 4 images == 1 x 8. It
+    needs the NT-Xent's all-gather in the attack and the loss, global-batch BN over both views
+    and the gradient all-reduce."""
+    one, two = steps["acl.safetensors"]
+    for key in ("__loss__", "__clean__", "__adv__"):
+        assert abs(float(one[key]) - float(two[key])) < 1e-10, key
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-8, msg=key)
+    start = acl_net().state_dict()
+    assert max(float((one[k] - start[k]).abs().max()) for k in start if k.endswith("weight")) > 1e-4
 
 
 def test_a_killed_rank_ends_the_job_with_an_error(tmp_path):
