@@ -102,6 +102,8 @@ def labels_file(path, labels: dict, meta=None):
 def test_pretrain_unknown_dataset_leaves_no_run_folder(run_cli, tmp_path):
     refused(run_cli("pretrain", *ADVCL, "--dataset", "cifar11"), 2, "unknown dataset 'cifar11'")
     assert tree(tmp_path) == set()  # no runs/advcl-cifar11-resnet18-tiny
+    refused(run_cli("pretrain", *ADVCL, "--batch-size", "128"), 2, "fewer than one batch")  # found after loading
+    assert tree(tmp_path) == set()
 
 
 def test_pretrain_pgd_steps_0_for_a_robust_method_is_refused(run_cli, tmp_path):
@@ -122,6 +124,13 @@ def test_pretrain_refuses_broken_pseudo_labels_before_any_work(run_cli, tmp_path
     path = labels_file(tmp_path / "labels.safetensors", labels, meta)
     _, err = refused(run_cli("pretrain", *ADVCL, "--pseudo-labels", path), 2, phrase)
     assert tree(tmp_path) == {"labels.safetensors"} and "training:" not in err
+
+
+def test_pseudo_labels_are_checked_before_the_dataset_is_loaded(run_cli, tmp_path, monkeypatch):
+    path = labels_file(tmp_path / "labels.safetensors", {2: [0, 7] + [0] * 62})
+    monkeypatch.setenv("ADVCL_DOWNLOAD", "0")  # loading cifar10 would fail: it is not there
+    refused(run_cli("pretrain", *ADVCL, "-d", "cifar10", "--data-dir", "nodata", "--pseudo-labels", path), 2,
+            "outside [-1, 1]")
 
 
 def test_pretrain_out_an_existing_file(run_cli, tmp_path):
