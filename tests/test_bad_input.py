@@ -106,9 +106,13 @@ def test_pretrain_unknown_dataset_leaves_no_run_folder(run_cli, tmp_path):
     assert tree(tmp_path) == set()
 
 
-def test_pretrain_pgd_steps_0_for_a_robust_method_is_refused(run_cli, tmp_path):
-    _, err = refused(run_cli("pretrain", *ADVCL, "--pgd-steps", "0"), 2, "--pgd-steps 0", "without adversarial examples")
-    assert "--method simclr" in hint(err) and tree(tmp_path) == set()
+def test_pretrain_pgd_steps_0_for_a_robust_method_is_said_and_recorded(run_cli, tmp_path):
+    code, out, err = run_cli("pretrain", *ADVCL, "--pgd-steps", "0", "--out", "r")
+    assert code == 0, err
+    assert "warning: --pgd-steps 0: advcl trains without adversarial examples, so the encoder will not be robust" in err
+    assert read_metadata(out.strip()).eps is None  # not "8/255": nothing was attacked
+    code, out, err = run_cli("pretrain", *ADVCL, "--out", "r1")
+    assert code == 0 and "--pgd-steps" not in err and read_metadata(out.strip()).eps == pytest.approx(8 / 255)
 
 
 @pytest.mark.parametrize("labels, meta, phrase", [
@@ -176,7 +180,8 @@ def test_a_failed_check_with_force_deletes_nothing(run_cli, tmp_path):
     code, out, err = run_cli("pretrain", *ADVCL, "--out", "r")
     assert code == 0, err
     before = {name: (tmp_path / "r" / name).read_bytes() for name in tree(tmp_path / "r")}
-    refused(run_cli("pretrain", *ADVCL, "--out", "r", "--force", "--pgd-steps", "0"), 2, "--pgd-steps 0")
+    labels = labels_file(tmp_path / "labels.safetensors", {2: [0, 5] + [0] * 62})
+    refused(run_cli("pretrain", *ADVCL, "--out", "r", "--force", "--pseudo-labels", labels), 2, "outside [-1, 1]")
     refused(run_cli("pretrain", *ADVCL, "--out", "r", "--force", "--batch-size", "128"), 2, "fewer than one batch")
     assert {name: (tmp_path / "r" / name).read_bytes() for name in tree(tmp_path / "r")} == before
 

@@ -1,8 +1,9 @@
 """The pretraining engine: any method of ``advcl_cli.methods``, with its optimizer and schedule.
 
 Top to bottom: what can be refused before any work is (``check_settings``: the dataset's
-name, ``--pgd-steps 0`` for a robust method, the files the method's settings name, such as
-pseudo labels or a teacher checkpoint; then the run folder, without writing to it); the
+name, the files the method's settings name, such as pseudo labels or a teacher checkpoint;
+then the run folder, without writing to it; ``--pgd-steps 0`` for a robust method gets a
+warning, and its encoder records no eps); the
 training split goes to the device as uint8, the files are read and handed to the method; the
 method's model is built (seeded, channels_last on GPU; ``compile`` compiles the backbone and
 projection head in place, so the saved weight names do not change); the run folder is created
@@ -70,15 +71,16 @@ def check_inputs(settings) -> None:
 
 
 def check_settings(settings) -> None:
-    """What can be refused before anything is loaded: an unknown dataset, a robust method told
-    to train without adversarial examples, input files that are missing or malformed."""
+    """What can be refused before anything is loaded: an unknown dataset, input files that are
+    missing or malformed."""
     num_classes_of(settings.dataset)  # a DataError naming the closest known dataset
-    if getattr(settings, "pgd_steps", None) == 0:
-        raise UsageError(
-            f"--pgd-steps 0 would train {settings.method} without adversarial examples: the encoder would not be robust",
-            "use --pgd-steps 1 or more (the paper uses 5), or --method simclr for a non-robust encoder",
-        )
     check_inputs(settings)
+
+
+def without_attack(settings) -> bool:
+    """A robust method told to take no PGD steps: it trains without adversarial examples (an
+    ablation, or a test that wants no attack), so its encoder is not robust and records no eps."""
+    return getattr(settings, "pgd_steps", None) == 0
 
 
 def load_inputs(settings, n_images: int) -> dict:
@@ -111,6 +113,9 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
             raise UsageError(f"--{name.replace('_', '-')} {path} is a file the run folder {run.path} writes",
                              "choose another --out, or move the file")
     state = open_run(run, ctx, batch_size=settings.batch_size, resume=resume, force=force)
+    if without_attack(settings) and ctx.is_main:
+        reporter.warn(f"--pgd-steps 0: {settings.method} trains without adversarial examples, so the encoder will not be "
+                      "robust and records no eps (use --pgd-steps 1 or more, the paper uses 5)")
     if state is not None:
         check_resume_config(state["config"], settings.to_config(), RESUME_MAY_CHANGE)
         if state.get("finished"):
@@ -156,7 +161,8 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
         run.append_metrics(metrics)
         if done % settings.save_every == 0 or done == settings.epochs:
             save_model(encoder, model, kind="encoder", method=method.checkpoint_name, dataset=data.name,
-                       eps=method.eps, config=settings.to_config(), metrics=metrics, rescue=done == settings.epochs)
+                       eps=None if without_attack(settings) else method.eps, config=settings.to_config(),
+                       metrics=metrics, rescue=done == settings.epochs)
             saved["note"] = f"the last saved encoder is {encoder} (epoch {done})"
         run.save_state(model, optimizer, epoch=done, total_epochs=settings.epochs, config=settings.to_config(),
                        extra={"method": method.state()})
