@@ -317,6 +317,15 @@ def test_eval_plot_into_an_unwritable_place_is_refused_before_evaluating(run_cli
     assert "clean accuracy" not in err and tree(tmp_path / "ro") == set()
 
 
+def test_an_output_that_is_a_folder_is_refused_even_with_force(run_cli, tmp_path, classifier, original):
+    (tmp_path / "out").mkdir()
+    for args in (["eval", classifier, "-a", "fgsm", "--plot", "out"], ["attack", classifier, "--out", "out"],
+                 ["import", original, "--out", "out"]):
+        _, err = refused(run_cli(*args, "--force"), 2, "out: it is a folder")
+        assert "--force" not in hint(err)
+    assert tree(tmp_path / "out") == set()
+
+
 def test_eval_plot_replaces_a_file_only_with_force_and_never_the_model(run_cli, tmp_path, classifier):
     (tmp_path / "c.png").write_bytes(b"my old picture")
     refused(run_cli("eval", classifier, "-a", "fgsm", "--limit", "4", "--plot", "c.png"), 2, "--plot c.png already exists")

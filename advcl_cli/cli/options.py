@@ -185,5 +185,5 @@ def check_output(path: Path | None, force: bool, flag: str = "--out",
         if source is not None and _same_file(Path(path), Path(source)):
             raise UsageError(f"{flag} {path} is {what}",
                              f"choose another {flag} path: a command never writes over its input")
+    check_writable(path, flag)  # first: --force cannot help a folder, or a folder that is not writable
     refuse_overwrite(Path(path), force, flag)
-    check_writable(path, flag)
