@@ -6,8 +6,8 @@ Disk faults are injected at the ``os`` calls advcl writes through (``faults``): 
 root, whom permission bits do not stop, and a full disk cannot be made without filling one.
 """
 
+import argparse
 import json
-import os
 import shlex
 import tempfile
 from pathlib import Path
@@ -443,15 +443,9 @@ def test_import_an_empty_ckpt(run_cli, tmp_path):
 
 
 def test_import_refuses_a_pickle_without_torchs_advice(run_cli, tmp_path):
-    torch.save({"model": {"conv1.weight": torch.zeros(1)}, "args": argparse_namespace()}, tmp_path / "x.ckpt")
+    torch.save({"model": {"conv1.weight": torch.zeros(1)}, "args": argparse.Namespace(lr=0.5)}, tmp_path / "x.ckpt")
     _, err = refused(run_cli("import", "x.ckpt"), 2, "holds objects other than tensors (argparse.Namespace)", "refused")
     assert "weights_only" not in err and tree(tmp_path) == {"x.ckpt"}
-
-
-def argparse_namespace():
-    import argparse
-
-    return argparse.Namespace(lr=0.5)
 
 
 def test_import_unknown_dataset(run_cli, tmp_path, original):
