@@ -24,9 +24,9 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_save
 
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, UsageError, os_error
 from .models import AdvclNet, ModelConfig
 
 FORMAT_VERSION = 1
@@ -73,44 +73,123 @@ def _umask() -> int:
     return mask
 
 
-def check_writable(path: str | Path) -> Path:
+def check_writable(path: str | Path, flag: str | None = None) -> Path:
     """A UsageError unless ``atomic_write(path)`` can work: ``path`` is not a folder, and its
-    folder (or the nearest existing one above, under which the rest is created) is writable."""
+    folder (or the nearest existing one above, under which the rest is created) is a folder
+    where a file can be created (tried: permission bits say nothing to root, and a read-only
+    file system is read-only for everyone). ``flag`` names the option in the message."""
     path = Path(path)
+    what = f"{flag} {path}" if flag else str(path)
     if path.is_dir():
-        raise UsageError(f"cannot write {path}: it is a folder")
-    folder = path.absolute().parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write {path}: {folder} is not a writable folder")
+        raise UsageError(f"cannot write {what}: it is a folder", "name a file")
+    check_folder_writable(path.parent, what)
     return path
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, flush it to disk and rename it
-    into place (mode 0666 less the umask, as ``open`` would give). An OSError (a folder that is
-    not writable, a full disk) is a UsageError naming ``path``; the old file is left intact."""
-    path = Path(path)
-    tmp = None
+def check_folder_writable(folder: str | Path, what: str | None = None) -> Path:
+    """A UsageError (or a DiskError) unless files can be created in ``folder``, or, when it does
+    not exist yet, in the nearest existing folder above it (where it will be created)."""
+    folder = Path(folder)
+    what = what or str(folder)
+    probe_dir = folder
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise UsageError(f"cannot write {what}: {probe_dir} is not a writable folder (it is a file)",
+                         "a part of the path is a file, not a folder: choose another path")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, probe = tempfile.mkstemp(prefix=".advcl-probe-", dir=probe_dir)
+    except OSError as e:
+        err = os_error(e, what)
+        err.message = f"cannot write {what}: {probe_dir} is not a writable folder ({e.strerror or e})"
+        raise err from None
+    os.close(fd)
+    os.unlink(probe)
+    return folder
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to the file descriptor ``fd`` with ``os.write``: a failure (a full disk)
+    is an OSError, never a silent short write."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        write_all(fd, data)
+    finally:
         os.close(fd)
-        write(Path(tmp))
+
+
+def refuse_empty(path: Path) -> None:
+    """A CheckpointError for a file of 0 bytes (a copy or download that never happened)."""
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes)", "copy or download it again")
+
+
+def _write_into(folder: Path, name: str, write: Callable[[Path], None] | bytes) -> Path:
+    """Write to a new temporary file in ``folder``, flushed to disk; return its path (removed
+    again if anything fails)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        if isinstance(write, (bytes, bytearray, memoryview)):
+            _write_bytes(Path(tmp), write)
+        else:
+            write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())  # after write: mkstemp gives 0600, and writers may recreate the file
         fd = os.open(tmp, os.O_RDWR)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
+    except BaseException:
+        if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None] | bytes, *, rescue: bool = False) -> Path:
+    """Write ``path`` atomically: the bytes ``write`` (or what ``write(tmp)`` puts in a temporary
+    file beside ``path``) are flushed to disk and renamed into place (mode 0666 less the umask,
+    as ``open`` would give). Nothing half-written stays and an old file is left intact.
+
+    An OSError is an error naming ``path`` and its cause (``errors.os_error``: exit 2 for a bad
+    path, 1 for a full disk). With ``rescue`` (a result that took long to compute) the file is
+    then written to the temporary folder instead, and the error names where it went."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(_write_into(path.parent, path.name, write), path)
+    except OSError as e:
+        err = os_error(e, path)
+        if rescue:
+            err.message += "; " + _rescue(path, write)
+        raise err from None
     return path
+
+
+def _rescue(path: Path, write: Callable[[Path], None] | bytes) -> str:
+    """Save what could not be written at ``path`` in the temporary folder; say where."""
+    folder = Path(tempfile.gettempdir())
+    try:
+        tmp = _write_into(folder, path.name, write)
+        fd, target = tempfile.mkstemp(prefix="advcl-rescued-", suffix=f"-{path.name}", dir=folder)
+        os.close(fd)
+        os.replace(tmp, target)
+    except OSError as e:
+        return f"it could not be saved elsewhere either ({folder}: {e.strerror or e})"
+    return f"saved it as {target} instead"
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes, for ``atomic_write``: every file advcl writes goes through
+    its one ``os.write`` path, where a failed write is an OSError naming the file."""
+    return safetensors_save(tensors, metadata=metadata)
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -146,8 +225,10 @@ def save_model(
     config: dict | None = None,
     metrics: dict | None = None,
     parent: str | None = None,
+    rescue: bool = False,
 ) -> Path:
-    """Write ``model`` and its metadata atomically; return the path."""
+    """Write ``model`` and its metadata atomically; return the path. ``rescue``: see
+    ``atomic_write``."""
     net = unwrap(model)
     meta = Metadata(
         kind=kind,
@@ -161,12 +242,12 @@ def save_model(
         parent=parent,
         model=net.config.to_dict(),
     )
-    return _write(path, clean_state_dict(net.state_dict()), meta)
+    return _write(path, clean_state_dict(net.state_dict()), meta, rescue=rescue)
 
 
-def _write(path: str | Path, tensors: dict[str, torch.Tensor], meta: Metadata) -> Path:
+def _write(path: str | Path, tensors: dict[str, torch.Tensor], meta: Metadata, *, rescue: bool = False) -> Path:
     doc = {META_KEY: meta.model_dump_json()}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=doc))
+    return atomic_write(path, safetensors_bytes(tensors, doc), rescue=rescue)
 
 
 def with_metadata(src: str | Path, dst: str | Path, meta: Metadata) -> Path:
@@ -199,18 +280,23 @@ class Checkpoint:
 
 def _read_header(path: Path) -> tuple[dict, int]:
     """Parse the safetensors header by hand so that bad files get precise messages."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise CheckpointError(f"{path} is not a safetensors file (bad header)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{path} is not a safetensors file (bad header)") from None
+    try:
+        refuse_empty(path)
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise CheckpointError(f"{path} is not a safetensors file (bad header)")
+            raw = f.read(n)
+    except OSError as e:
+        raise os_error(e, path, "read") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} is not a safetensors file (bad header)") from None
     try:  # a string map of metadata; per tensor a shape of integers and data offsets
         meta = header.get("__metadata__") or {}
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
@@ -231,6 +317,8 @@ def _read_header(path: Path) -> tuple[dict, int]:
 
 def _checked_header(path: str | Path) -> tuple[Path, dict]:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file", "name the .safetensors file in it")
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint file: {path}")
     return path, _read_header(path)[0]
@@ -313,11 +401,38 @@ def _read_tensors(path: Path, load: bool = True) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} could not be read: {e}") from None
 
 
-def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
-    """Validate a checkpoint (``check_checkpoint``), then read its weights."""
+def nonfinite(tensors: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """The first floating-point tensor holding NaN or inf: (name, bad values, values); None when
+    every value is finite."""
+    for name, t in tensors.items():
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return name, bad, t.numel()
+    return None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """A CheckpointError naming the first tensor with NaN or inf values: such a model computes
+    nothing meaningful (a diverged run), so no score of it should be reported."""
+    found = nonfinite(tensors)
+    if found is not None:
+        name, bad, total = found
+        raise CheckpointError(
+            f"{what} holds NaN or inf weights (tensor '{name}': {bad} of {total} values)",
+            "the run that wrote it diverged; use an earlier checkpoint (its metadata still reads with read_metadata)",
+        )
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None, *, allow_nonfinite: bool = False) -> Checkpoint:
+    """Validate a checkpoint (``check_checkpoint``), then read its weights, which must be finite
+    (``check_finite``) unless ``allow_nonfinite`` (to inspect a broken file from Python)."""
     path = Path(path)
     meta = check_checkpoint(path, kind)
-    return Checkpoint(path=path, meta=meta, tensors=_read_tensors(path))
+    tensors = _read_tensors(path)
+    if not allow_nonfinite:
+        check_finite(tensors, str(path))
+    return Checkpoint(path=path, meta=meta, tensors=tensors)
 
 
 # --- resume state: nested dicts/lists of tensors and JSON values --------------------------
@@ -356,7 +471,7 @@ def save_state(path: str | Path, state: dict) -> Path:
     if not tensors:  # safetensors needs at least one tensor to be a useful file
         tensors["t_empty"] = torch.zeros(1)
     meta = {"advcl_state": json.dumps(doc)}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return atomic_write(path, safetensors_bytes(tensors, meta))
 
 
 def load_state(path: str | Path) -> dict:

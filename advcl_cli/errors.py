@@ -1,10 +1,13 @@
 """The project's errors. Each carries a one-line message, a hint (what to do) and an exit code.
 
 The CLI's one error handler (``advcl_cli.cli.app.main``) turns them into two lines on stderr and
-the exit code; nothing else in the package prints errors or calls ``sys.exit``.
+the exit code; nothing else in the package prints errors or calls ``sys.exit``. An OSError on a
+path becomes one of them through ``os_error`` (exit 2 for a bad path, 1 for a failing disk).
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class AdvclError(Exception):
@@ -45,3 +48,46 @@ class TrainingError(AdvclError):
     """A training run failed: diverged loss, a rank that died."""
 
     exit_code = 1
+
+
+class DiskError(AdvclError):
+    """The machine failed a read or write that was right to try: a full disk, a quota, an I/O error."""
+
+    exit_code = 1
+
+
+class Interrupted(AdvclError):
+    """Ctrl-C, or SIGTERM during training."""
+
+    exit_code = 130
+
+
+# errno values that say the user's path is wrong (exit 2); any other OSError is the environment's (exit 1)
+_PATH_ERRNOS = {
+    errno.EROFS: "the file system is read-only: choose a path on another one",
+    errno.EACCES: "you may not {verb} there: choose another path or fix its permissions",
+    errno.EPERM: "you may not {verb} there: choose another path or fix its permissions",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EISDIR: "it is a folder: name a file",
+    errno.EEXIST: "something is already there: choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.ELOOP: "the path has a loop of symbolic links",
+}
+_DISK_HINTS = {
+    errno.ENOSPC: "free some space on that disk, or write somewhere else",
+    errno.EDQUOT: "your disk quota is used up: free some space, or write somewhere else",
+    errno.EIO: "the disk failed to {verb}: check it, or use another one",
+}
+
+
+def os_error(e: OSError, path=None, verb: str = "write") -> AdvclError:
+    """An OSError on a path the user gave, as one line naming the path and the cause: a
+    UsageError (exit 2) when the path is wrong (read-only, not permitted, not a folder, missing),
+    a DiskError (exit 1) when the machine failed (full disk, quota, I/O error, anything else)."""
+    path = path if path is not None else (e.filename or "?")
+    cause = e.strerror or str(e) or type(e).__name__
+    message = f"cannot {verb} {path}: {cause}"
+    if e.errno in _PATH_ERRNOS:
+        return UsageError(message, _PATH_ERRNOS[e.errno].format(verb=verb))
+    return DiskError(message, _DISK_HINTS.get(e.errno, "check the disk and run again").format(verb=verb))

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import save_model, sha256_file
-from .errors import CheckpointError, UsageError
+from .checkpoint import check_finite, refuse_empty, save_model, sha256_file
+from .errors import CheckpointError, UsageError, os_error
 from .models import ARCHS, create_model
 
 BN_SET_NAMES = ("normal", "pgd", "pgd_ce")
@@ -80,14 +80,27 @@ def map_key(key: str) -> str | None:
 def read_original(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The state dict (prefixes stripped) and the other entries of an original checkpoint."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, not a checkpoint file", "name the .ckpt file in it")
     if not path.is_file():
         raise UsageError(f"no such checkpoint file: {path}")
     try:
+        refuse_empty(path)
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds objects other than tensors; refused to load it: {str(e).splitlines()[0]}") from None
-    except Exception as e:  # not a torch file at all
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise os_error(e, path, "read") from None
+    except Exception as e:  # torch's own messages run over several lines and advise weights_only=False: not repeated
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if found:
+            raise CheckpointError(
+                f"{path} holds objects other than tensors ({found.group(1)}); refused to load it, since unpickling "
+                "them could run code",
+                "advcl reads only tensors and plain values from a .ckpt (the authors' epoch_N.ckpt files hold nothing else)",
+            ) from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(e).__name__})",
+                              "is it the authors' epoch_N.ckpt?") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a checkpoint dict")
     state = obj.get("model", obj.get("state_dict", obj))
@@ -142,8 +155,9 @@ def import_original(path: str | Path, out: str | Path, *, dataset: str = "cifar1
         parts = [f"{label}: {', '.join(keys)}" for label, keys in (
             ("unmatched", sorted(unmatched)), ("missing", missing), ("wrong shape", wrong)) if keys]
         raise CheckpointError(f"{path} does not map onto an advcl {config['arch']} encoder; " + "; ".join(parts))
+    check_finite({key: value for key, value in state.items() if not key.startswith(DROPPED_HEADS)}, str(path))
     model.load_state_dict({k: v.to(want[k].dtype) for k, v in mapped.items()}, strict=True)
     return save_model(
         out, model, kind="encoder", method="advcl", dataset=dataset, eps=eps,
-        config={"imported_from": path.name, **extra}, parent=sha256_file(path),
+        config={"imported_from": path.name, **extra}, parent=sha256_file(path), rescue=True,
     )

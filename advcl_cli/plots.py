@@ -4,6 +4,7 @@ picture is asked for; without it the commands say how to install it."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from .checkpoint import atomic_write
@@ -25,11 +26,15 @@ def require_matplotlib():
 
 
 def _save(fig, path: str | Path) -> Path:
+    """The figure as a PNG at ``path``: drawn in memory, then written atomically (a failed write
+    is an OSError that ``atomic_write`` turns into an error naming ``path``)."""
     plt = require_matplotlib()
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
+    return atomic_write(path, buf.getvalue())
 
 
 def robustness_curve(results: dict, path: str | Path, title: str = "") -> Path:

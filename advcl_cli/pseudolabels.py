@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .checkpoint import atomic_write, sha256_file
-from .errors import CheckpointError, DataError, UsageError
+from .checkpoint import atomic_write, refuse_empty, safetensors_bytes, sha256_file
+from .errors import CheckpointError, DataError, UsageError, os_error
 
 META_KEY = "advcl_pseudo_labels"
 DEFAULT_KS = (2, 10, 50, 100, 500)
@@ -55,14 +54,16 @@ class PseudoLabels:
         return torch.stack([self.labels[k] for k in self.ks])
 
 
-def save_labels(path: str | Path, labels: dict[int, torch.Tensor], *, dataset: str, split: str, encoder: str) -> Path:
-    """Write a labels file atomically; ``labels`` maps k to (N,) integer tensors."""
+def save_labels(path: str | Path, labels: dict[int, torch.Tensor], *, dataset: str, split: str, encoder: str,
+                rescue: bool = False) -> Path:
+    """Write a labels file atomically; ``labels`` maps k to (N,) integer tensors. ``rescue``:
+    see ``checkpoint.atomic_write``."""
     ks = sorted(int(k) for k in labels)
     tensors = {f"k{k}": torch.as_tensor(labels[k]).to(torch.int64).contiguous() for k in ks}
     n = int(next(iter(tensors.values())).shape[0])
     meta = {"dataset": dataset, "split": split, "n": n, "ks": ks, "encoder": encoder}
     doc = {META_KEY: json.dumps(meta)}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=doc))
+    return atomic_write(path, safetensors_bytes(tensors, doc), rescue=rescue)
 
 
 def load_labels(path: str | Path, n_expected: int | None = None, *, allow_longer: bool = False) -> PseudoLabels:
@@ -72,22 +73,38 @@ def load_labels(path: str | Path, n_expected: int | None = None, *, allow_longer
     if not path.is_file():
         raise UsageError(f"no such pseudo-label file: {path}", "make one with `advcl pseudo-labels --encoder CKPT`")
     try:
+        refuse_empty(path)
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise os_error(e, path, "read") from None
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{path} is not a safetensors file: {e}") from None
     if raw is None:
         raise CheckpointError(f"{path} is not an advcl pseudo-label file (no '{META_KEY}' metadata)")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the '{META_KEY}' metadata is not a JSON object",
+                              "make the file again with advcl pseudo-labels")
     labels: dict[int, torch.Tensor] = {}
     for name, t in tensors.items():
         m = re.fullmatch(r"k(\d+)", name)
         if not m or t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
             raise CheckpointError(f"{path}: tensor '{name}' is not a k<K> vector of integer labels")
         k, t = int(m.group(1)), t.to(torch.int64)
+        if k < 2:
+            raise CheckpointError(f"{path}: '{name}' has {k} cluster{'' if k == 1 else 's'}, which labels nothing",
+                                  "make labels with k of at least 2")
         if t.numel() and (int(t.min()) < -1 or int(t.max()) >= k):
             raise CheckpointError(f"{path}: labels of '{name}' are outside [-1, {k - 1}]")
+        if t.numel() and bool((t == -1).all()):
+            raise CheckpointError(f"{path}: '{name}' labels no image (every label is -1)", "make the file again")
         labels[k] = t
     if not labels:
         raise CheckpointError(f"{path} holds no labels")
@@ -175,10 +192,13 @@ def read_authors_pickle(path: str | Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
     try:
+        refuse_empty(path)
         with open(path, "rb") as f:
             obj = NumpyOnlyUnpickler(f).load()
     except CheckpointError:
         raise
+    except OSError as e:
+        raise os_error(e, path, "read") from None
     except Exception as e:  # truncated or not a pickle at all
         raise CheckpointError(f"{path} is not a readable pickle: {type(e).__name__}: {e}") from None
     if not isinstance(obj, dict) or not all(
@@ -198,7 +218,7 @@ def import_authors_pickle(path: str | Path, out: str | Path, dataset: str = "cif
             train[int(m.group(1))] = torch.from_numpy(value.astype(np.int64))
     if not train:
         raise CheckpointError(f"{path} has no pseudo_train_<k> arrays", "is it the authors' *_pseudo_labels.pkl?")
-    return save_labels(out, train, dataset=dataset, split="train", encoder=f"imported:{sha256_file(path)}")
+    return save_labels(out, train, dataset=dataset, split="train", encoder=f"imported:{sha256_file(path)}", rescue=True)
 
 
 # --- the verb -----------------------------------------------------------------------------
@@ -212,11 +232,20 @@ def make_pseudo_labels(settings, encoder: str | Path, out: str | Path | None, re
     from .engine.device import resolve_device
     from .engine.report import Reporter
 
+    from .data.registry import num_classes_of
+
     reporter = reporter or Reporter()
-    if not settings.k or any(k < 1 for k in settings.k):
-        raise UsageError(f"bad --k {settings.k}", "give positive cluster counts, e.g. --k 2,10,50,100,500")
+    if not settings.k:
+        raise UsageError("--k gives no cluster counts", "give cluster counts of at least 2, e.g. --k 2,10,50,100,500")
+    if min(settings.k) < 2:
+        k = min(settings.k)
+        why = "puts every image in one cluster, so its labels say nothing" if k == 1 else "is not a number of clusters"
+        raise UsageError(f"--k {k} {why}", "give cluster counts of at least 2, e.g. --k 2,10,50,100,500")
+    num_classes_of(settings.dataset)  # an unknown dataset, before the encoder is read
     device = resolve_device(settings.device)
     ckpt = load_checkpoint(encoder)
+    if ckpt.meta.kind == "classifier":
+        reporter.log(f"note: {encoder} is a classifier: its head is ignored, the features come from its backbone")
     model = ckpt.build(device)
     bn = settings.bn_set or model.default_bn
     if bn not in model.config.bn_sets:
@@ -235,7 +264,8 @@ def make_pseudo_labels(settings, encoder: str | Path, out: str | Path | None, re
         labels[k] = kmeans_labels(feats, k, seed=settings.seed)
         reporter.advance(1, k=k)
     reporter.finish()
-    return save_labels(out or default_labels_path(settings.dataset), labels, dataset=data.name, split="train", encoder=ckpt.sha256)
+    return save_labels(out or default_labels_path(settings.dataset), labels, dataset=data.name, split="train",
+                       encoder=ckpt.sha256, rescue=True)
 
 
 def default_labels_path(dataset: str) -> Path:

@@ -10,9 +10,10 @@ import torch
 
 # Two cores and several test processes: keep each test single-threaded and deterministic.
 torch.set_num_threads(1)
-if "ADVCL_DATA_DIR" not in os.environ:
-    os.environ["ADVCL_DATA_DIR"] = tempfile.mkdtemp(prefix="advcl-test-data-")
-    atexit.register(shutil.rmtree, os.environ["ADVCL_DATA_DIR"], True)
+# Nothing outside the checkout: datasets (and anything written there) go to a folder of this
+# session, whatever ADVCL_DATA_DIR the machine sets (subprocesses inherit it).
+os.environ["ADVCL_DATA_DIR"] = tempfile.mkdtemp(prefix="advcl-test-data-")
+atexit.register(shutil.rmtree, os.environ["ADVCL_DATA_DIR"], True)
 
 
 @pytest.fixture(autouse=True)

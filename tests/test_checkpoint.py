@@ -2,6 +2,7 @@ import json
 import os
 import stat
 import struct
+import tempfile
 
 import pytest
 import torch
@@ -17,8 +18,9 @@ from advcl_cli.checkpoint import (
     save_state,
     sha256_file,
 )
-from advcl_cli.errors import CheckpointError, UsageError
+from advcl_cli.errors import CheckpointError, DiskError, UsageError
 from advcl_cli.models import create_model
+from faults import disk_full
 
 
 @pytest.fixture
@@ -185,15 +187,43 @@ def test_plain_safetensors_without_metadata(tmp_path):
 def test_atomic_write_keeps_old_file_on_failure(ckpt, monkeypatch):
     net, path = ckpt
     before = path.read_bytes()
-
-    def boom(*a, **k):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr("advcl_cli.checkpoint.save_file", boom)
-    with pytest.raises(RuntimeError):
+    disk_full(monkeypatch, path.parent)
+    with pytest.raises(DiskError, match=f"cannot write {path}: No space left on device"):
         save_model(path, net, kind="encoder", method="advcl", dataset="digits")
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+
+
+def test_a_rescued_write_lands_in_the_temporary_folder(ckpt, monkeypatch, tmp_path_factory):
+    net, path = ckpt
+    before = path.read_bytes()
+    disk_full(monkeypatch, path.parent)
+    spare = tmp_path_factory.mktemp("spare")  # beside the full folder, not in it
+    monkeypatch.setattr(tempfile, "tempdir", str(spare))
+    with pytest.raises(DiskError, match=f"cannot write {path}: No space left on device; saved it as ") as info:
+        save_model(path, net, kind="encoder", method="advcl", dataset="digits", rescue=True)
+    (rescued,) = spare.glob("advcl-rescued-*-enc.safetensors")
+    assert str(rescued) in info.value.message and path.read_bytes() == before
+    assert torch.equal(load_checkpoint(rescued).tensors["backbone.conv1.weight"], net.state_dict()["backbone.conv1.weight"])
+    assert not list(spare.glob(".*.tmp"))
+
+    disk_full(monkeypatch, spare)  # the spare folder is full too: both causes are said
+    with pytest.raises(DiskError, match="could not be saved elsewhere either"):
+        save_model(path, net, kind="encoder", method="advcl", dataset="digits", rescue=True)
+    assert len(list(spare.iterdir())) == 1
+
+
+def test_non_finite_weights_are_refused_at_load_naming_the_tensor(ckpt, tmp_path):
+    net, _ = ckpt
+    with torch.no_grad():
+        net.backbone.conv1.weight[0, 0, 0, 0] = float("nan")
+        net.proj.net[0].bias.fill_(float("inf"))
+    path = save_model(tmp_path / "bad.safetensors", net, kind="encoder", method="advcl", dataset="digits")
+    with pytest.raises(CheckpointError, match=r"NaN or inf weights \(tensor 'backbone.conv1.weight': 1 of 216 values\)"):
+        load_checkpoint(path)
+    assert read_metadata(path).kind == "encoder"  # the metadata can still be read
+    kept = load_checkpoint(path, allow_nonfinite=True)  # and the weights, from Python, when asked
+    assert torch.isnan(kept.tensors["backbone.conv1.weight"]).sum() == 1
 
 
 def test_atomic_write_syncs_and_gives_the_umask_mode(tmp_path, monkeypatch):

@@ -58,8 +58,9 @@ def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(tmp_path, uni
     code, stdout, stderr = start_and_interrupt(out, sig)
     if sig == signal.SIGKILL:
         assert code == -signal.SIGKILL
-    else:  # handled: a clean exit 130 with a hint, no traceback
-        assert code == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    else:  # handled: a clean exit 130 with the command that resumes it, no traceback
+        assert code == 130 and "error: interrupted" in stderr and "Traceback" not in stderr
+        assert f"hint: continue it from its last saved epoch: advcl pretrain --out {out} --resume" in stderr
     assert stdout == ""
     state = load_state(out / "state.safetensors")
     assert 1 <= state["epoch"] < 3 and not state["finished"]

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..version import __version__
-from ..errors import AdvclError
+from ..errors import AdvclError, os_error
 from . import attack, evaluate, finetune, imports, pretrain, pseudo_labels, pull, push, zoo
 from .options import documented
 from .output import Output
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = build_app(verb)(args=args, prog_name="advcl", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
+        if code == 130:  # Typer turns a KeyboardInterrupt into a silent exit 130 (training raises Interrupted instead)
+            out.error("interrupted")
     except AdvclError as e:
         if debug:
             raise
@@ -105,14 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         cmd = e.ctx.command_path if getattr(e, "ctx", None) else "advcl"
         out.error(e.format_message(), f"see `{cmd} --help`")
         code = e.exit_code
-    except KeyboardInterrupt:
-        out.error("interrupted", "a training run continues from its last saved epoch with --resume")
+    except KeyboardInterrupt:  # outside a command
+        out.error("interrupted")
         code = 130
     except BrokenPipeError:
         code = 0
     except Exception as e:  # a bug: say so in one line, the traceback only on request
         if debug:
             raise
+        if isinstance(e, OSError) and e.filename:  # the disk, not a bug: the path and the cause
+            err = os_error(e, e.filename, "use")
+            out.error(err.message, err.hint)
+            return _exit(err.exit_code, argv)
         out.error(f"internal error: {type(e).__name__}: {e}", "rerun with ADVCL_DEBUG=1 for the traceback and report it")
         code = 1
     return _exit(code, argv)

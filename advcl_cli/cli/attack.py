@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..settings import AttackSettings
-from .options import ConfigOpt, JsonOpt, ModelArg, model_path, refuse_overwrite, settings_options, with_options
+from .options import ConfigOpt, JsonOpt, ModelArg, check_output, model_path, settings_options, with_options
 from .output import Output
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Where to write the tensors (an existing file only with --force).")]
@@ -44,6 +44,7 @@ def attack(model: ModelArg = None, out: OutOpt = Path("adv.safetensors"), grid: 
     from ..checkpoint import load_checkpoint
     from ..config import resolve
     from ..engine.attack import attack_test_images, save_attacked
+    from ..errors import AdvclError
     from ..settings import format_eps
 
     output = Output(json_output)
@@ -53,7 +54,8 @@ def attack(model: ModelArg = None, out: OutOpt = Path("adv.safetensors"), grid: 
 
         require_matplotlib()
     path = model_path(model)
-    _check_outputs(path, {"--out": out, "--grid": grid}, force)
+    check_output(out, force, "--out", {"the model being attacked": path})
+    check_output(grid, force, "--grid", {"the model being attacked": path, "also --out": out})
     ckpt = load_checkpoint(path, kind="classifier")
     reporter = output.reporter()
     try:
@@ -66,10 +68,14 @@ def attack(model: ModelArg = None, out: OutOpt = Path("adv.safetensors"), grid: 
     if grid is not None:
         from ..plots import adversarial_grid
 
-        adversarial_grid(
-            res["clean"], res["adversarial"], res["labels"], res["clean_pred"], res["adv_pred"], attacked.classes,
-            settings.eps, grid, title=f"{path.name}: {meta['attack']}, eps {format_eps(settings.eps)}",
-        )
+        try:
+            adversarial_grid(
+                res["clean"], res["adversarial"], res["labels"], res["clean_pred"], res["adv_pred"], attacked.classes,
+                settings.eps, grid, title=f"{path.name}: {meta['attack']}, eps {format_eps(settings.eps)}",
+            )
+        except AdvclError as e:  # the tensors are saved: say where
+            e.message += f"; the adversarial examples are saved in {out}"
+            raise
         output.log(f"wrote {grid}")
     if json_output:
         output.document({"path": str(out), **({"grid": str(grid)} if grid else {}), **meta})
@@ -79,17 +85,3 @@ def attack(model: ModelArg = None, out: OutOpt = Path("adv.safetensors"), grid: 
 
 with_options(attack, settings_options(AttackSettings))
 
-
-def _check_outputs(model: Path, outputs: dict, force: bool) -> None:
-    """Before any work: never write over the model, an existing file only with --force, and
-    only where the folder is writable."""
-    from ..checkpoint import check_writable
-    from ..errors import UsageError
-
-    for flag, target in outputs.items():
-        if target is None:
-            continue
-        if target.exists() and target.samefile(model):
-            raise UsageError(f"{flag} {target} is the model being attacked", f"choose another {flag} path")
-        refuse_overwrite(target, force, flag)
-        check_writable(target)

@@ -9,25 +9,30 @@ from typing import Annotated, Optional
 import typer
 
 from ..settings import EvalSettings
-from .options import ConfigOpt, JsonOpt, ModelArg, model_path, settings_options, with_options
+from .options import ConfigOpt, JsonOpt, ModelArg, check_output, model_path, settings_options, with_options
 from .output import Output
 
 PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of robust accuracy against eps (needs advcl[plot]).", show_default=False)]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Overwrite an existing --plot file (never the model itself).", metavar="")
+]
 PerImageOpt = Annotated[
     bool,
     typer.Option("--per-image", help="With --json: add each attack's per-image flags (a 0/1 string in image order; 1 = robust).", metavar=""),
 ]
 
 
-def evaluate(model: ModelArg = None, plot: PlotOpt = None, per_image: PerImageOpt = False, config: ConfigOpt = None,
-             json_output: JsonOpt = False, **options) -> None:
+def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = False, per_image: PerImageOpt = False,
+             config: ConfigOpt = None, json_output: JsonOpt = False, **options) -> None:
     """Evaluate a classifier on its test split: clean accuracy and robust accuracy per attack.
 
     The dataset is the one the model was finetuned on unless --dataset says otherwise. A table
     goes to stdout (or one JSON document with --json: model path and sha256, dataset, n, eps,
     clean accuracy, robust accuracy and seconds per attack and eps; accuracies are fractions).
     Progress and the attacks' exact settings go to stderr. MODEL may be a path, a zoo name, or
-    '-' / omitted to read a path from stdin. An image counts as robust only if both its clean
+    '-' / omitted to read a path from stdin. --plot is checked before the evaluation starts (an
+    existing file is replaced only with --force), and the numbers are printed before it is
+    written. An image counts as robust only if both its clean
     and its adversarial prediction are right; with several attacks a "worst case" row counts
     an image only if every attack failed on it. Under torchrun the test images are split
     among the processes (same numbers as one process).
@@ -42,10 +47,12 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, per_image: PerImageOp
     \b
       advcl eval model.safetensors -a pgd20 --eps 2/255,4/255,8/255 --plot curve.png
 
-    From the zoo, through a pipe, as JSON:
+    Through a pipe, as JSON (offline, on the bundled digits data):
 
     \b
-      advcl pull advcl-r18-cifar10 | advcl eval --attack pgd20 --json
+      advcl pretrain -d digits --arch resnet18-tiny --epochs 2 --batch-size 64 \\
+        | advcl finetune --scheme slf --epochs 2 \\
+        | advcl eval --attack pgd20 --json
 
     On 8 GPUs (each takes an eighth of the images):
 
@@ -60,7 +67,7 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, per_image: PerImageOp
     from ..config import resolve
     from ..engine.evaluate import encode_flags, load_test_data
     from ..engine.report import Reporter
-    from ..errors import UsageError
+    from ..errors import AdvclError, UsageError
 
     out = Output(json_output)
     settings = resolve(EvalSettings, options, config_file=config, warn=out.warn)
@@ -72,13 +79,14 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, per_image: PerImageOp
         if not attacks:
             raise UsageError("--plot draws robust accuracy, so it needs at least one --attack", "add e.g. --attack pgd20")
     path = model_path(model)
+    check_output(plot, force, "--plot", {"the model being evaluated": path})
     ckpt = load_checkpoint(path, kind="classifier")
     dev = resolve_device(settings.device)
     ctx = init_distributed(dev)  # under torchrun every rank evaluates its share of the images
     try:
         data = load_test_data(
             ckpt, settings.dataset, limit=settings.limit, image_size=settings.image_size,
-            data_dir=settings.data_dir, download=settings.download, ctx=ctx,
+            data_dir=settings.data_dir, download=settings.download, ctx=ctx, warn=out.warn if ctx.is_main else None,
         )
         if ctx.is_main:
             for a in attacks:
@@ -106,17 +114,13 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, per_image: PerImageOp
         "eps": list(settings.eps),
         "seed": settings.seed,
         "clean_acc": result["clean_acc"],
+        "nonfinite_logits": result["nonfinite_logits"],
         "robust": result["robust"],
         "worst_case": result["worst_case"],
         "attacks": result["attacks"],
     }
     if per_image:
         doc["per_image"] = {k: encode_flags(v) for k, v in result["per_image"].items()}
-    if plot is not None:
-        from ..plots import robustness_curve
-
-        robustness_curve({path.name: result}, plot, title=f"{path.name} on {data.name} (n={result['n']})")
-        out.log(f"wrote {plot}")
     rows = [{"attack": "clean", "eps": "-", "accuracy %": f"{100 * result['clean_acc']:.2f}", "seconds": "", "images/s": ""}]
     for r in result["robust"]:
         rows.append({
@@ -126,7 +130,21 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, per_image: PerImageOp
     for r in result["worst_case"]:
         rows.append({"attack": "worst case", "eps": r["eps_label"], "accuracy %": f"{100 * r['robust_acc']:.2f}",
                      "seconds": "", "images/s": ""})
+    chance = 1 / data.num_classes
+    if result["clean_acc"] <= chance + 0.05:
+        out.log(f"note: the clean accuracy {result['clean_acc']:.1%} is near or below chance ({chance:.1%} for "
+                f"{data.num_classes} classes): the model has not learned much yet (a short run?), so its robust "
+                "accuracy says little")
     out.table(rows, title=f"{path.name} on {data.name} test, {result['n']} images", doc=doc)
+    if plot is not None:  # after the numbers: a failed write loses nothing
+        from ..plots import robustness_curve
+
+        try:
+            robustness_curve({path.name: result}, plot, title=f"{path.name} on {data.name} (n={result['n']})")
+        except AdvclError as e:
+            e.message += "; the results above are complete"
+            raise
+        out.log(f"wrote {plot}")
 
 
 with_options(evaluate, settings_options(EvalSettings))

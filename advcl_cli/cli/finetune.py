@@ -38,12 +38,14 @@ def finetune(checkpoint: ModelArg = None, resume: ResumeOpt = False, force: Forc
     from ..checkpoint import load_checkpoint
     from ..engine.finetune import RESUME_MAY_CHANGE, default_run_dir
     from ..engine.finetune import finetune as run_finetune
-    from .training import resolve_run_settings, run_and_print
+    from .training import resolve_run_settings, resume_command, run_and_print
 
     parent = load_checkpoint(model_path(checkpoint))
     settings = resolve_run_settings(FinetuneSettings, config, options, resume=resume,
                                     run_dir=lambda probe: default_run_dir(probe, parent), may_change=RESUME_MAY_CHANGE)
-    run_and_print(run_finetune, settings, parent, json_output=json_output, resume=resume, force=force, summary=_summary)
+    run_dir = settings.out or default_run_dir(settings, parent)
+    run_and_print(run_finetune, settings, parent, json_output=json_output, resume=resume, force=force, summary=_summary,
+                  run_dir=run_dir, command=resume_command("finetune", run_dir, parent.path))
 
 
 DOC = finetune.__doc__

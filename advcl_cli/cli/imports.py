@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import JsonOpt, refuse_overwrite
+from .options import JsonOpt, check_output
 from .output import Output
 
 
@@ -31,10 +31,12 @@ def import_checkpoint(
       advcl import checkpoint/AdvCL_Cifar10/epoch_1000.ckpt --out advcl-cifar10.safetensors
       advcl finetune advcl-cifar10.safetensors --scheme slf
     """
+    from ..data.registry import num_classes_of
     from ..importer import import_original
 
+    num_classes_of(dataset or "cifar10")  # an unknown dataset is refused before anything is read
     target = out or Path(file.name).with_suffix(".safetensors")
-    refuse_overwrite(target, force)
+    check_output(target, force, "--out", {"the checkpoint being imported": file})
     path = import_original(file, target, dataset=dataset or "cifar10")
     output = Output(json_output)
     if json_output:

@@ -154,3 +154,28 @@ def refuse_overwrite(path: Path, force: bool, flag: str = "--out") -> None:
     """An output file that exists is replaced only with --force."""
     if path.exists() and not force:
         raise UsageError(f"{flag} {path} already exists", f"pass --force to overwrite it, or choose another {flag} path")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def check_output(path: Path | None, force: bool, flag: str = "--out",
+                 inputs: dict[str, Path | None] | None = None) -> None:
+    """The overwrite rule every verb follows, checked before any work: an output is never one
+    of the command's inputs (not even with --force), an existing file is replaced only with
+    --force, and its folder must be writable. ``inputs`` maps what an input is ("the model
+    being attacked") to its path."""
+    from ..checkpoint import check_writable
+
+    if path is None:
+        return
+    for what, source in (inputs or {}).items():
+        if source is not None and _same_file(Path(path), Path(source)):
+            raise UsageError(f"{flag} {path} is {what}",
+                             f"choose another {flag} path: a command never writes over its input")
+    check_writable(path, flag)  # first: --force cannot help a folder, or a folder that is not writable
+    refuse_overwrite(Path(path), force, flag)

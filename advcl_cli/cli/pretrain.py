@@ -72,11 +72,13 @@ def command(full: bool):
                  json_output: JsonOpt = False, **options) -> None:
         from ..engine.pretrain import RESUME_MAY_CHANGE, default_run_dir
         from ..engine.pretrain import pretrain as run_pretrain
-        from .training import resolve_run_settings, run_and_print
+        from .training import resolve_run_settings, resume_command, run_and_print
 
         settings = resolve_run_settings(PretrainSettings, config, options, resume=resume, run_dir=default_run_dir,
                                         may_change=RESUME_MAY_CHANGE)
-        run_and_print(run_pretrain, settings, json_output=json_output, resume=resume, force=force)
+        run_dir = settings.out or default_run_dir(settings)
+        run_and_print(run_pretrain, settings, json_output=json_output, resume=resume, force=force, run_dir=run_dir,
+                      command=resume_command("pretrain", run_dir))
 
     params, listing = method_params() if full else ([], "")
     pretrain.__doc__ = DOC.replace("\n    Example,", listing + "\n    Example,", 1) if listing else DOC

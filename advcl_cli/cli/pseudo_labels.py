@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..settings import PseudoLabelSettings
-from .options import ConfigOpt, JsonOpt, refuse_overwrite, settings_options, with_options
+from .options import ConfigOpt, JsonOpt, check_output, settings_options, with_options
 from .output import Output
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,8 +54,8 @@ def pseudo_labels(
     output = Output(json_output)
     settings = resolve(PseudoLabelSettings, options, config_file=config, warn=output.warn)
     out = out or default_labels_path(settings.dataset)
-    refuse_overwrite(out, force)
     path = model_path(encoder)
+    check_output(out, force, "--out", {"the encoder": path})
     reporter = output.reporter()
     try:
         result = make_pseudo_labels(settings, path, out, reporter)
@@ -86,10 +86,12 @@ def import_pickle(
       advcl pseudo-labels import imagenet_clPretrain_pseudo_labels.pkl --out cifar10-labels.safetensors
       advcl pretrain -d cifar10 --pseudo-labels cifar10-labels.safetensors
     """
+    from ..data.registry import num_classes_of
     from ..pseudolabels import import_authors_pickle
 
+    num_classes_of(dataset or "cifar10")  # an unknown dataset is refused before anything is read
     target = out or Path(file.name).with_suffix(".safetensors")
-    refuse_overwrite(target, force)
+    check_output(target, force, "--out", {"the pickle being imported": file})
     result = import_authors_pickle(file, target, dataset=dataset or "cifar10")
     _print(Output(json_output), result, json_output)
 

@@ -4,11 +4,14 @@ engine, and printing its result."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shlex
 import signal
 import threading
 from pathlib import Path
 from typing import Callable
 
+from ..errors import DiskError, Interrupted
 from .output import Output
 
 
@@ -48,14 +51,39 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_and_print(engine: Callable, settings, *args, json_output: bool, resume: bool, force: bool,
-                  summary: Callable[[dict], str | None] = lambda m: None) -> None:
-    """Run a training engine with progress on stderr; rank 0 prints the model's path (or JSON)."""
+def resume_command(verb: str, run_dir: Path, *args: str | Path) -> str:
+    """The exact command that continues the run in ``run_dir`` (its stored settings are the
+    rest); under torchrun, the same arguments for the same torchrun command."""
+    cmd = " ".join(shlex.quote(str(a)) for a in ("advcl", verb, *args, "--out", run_dir, "--resume"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"the same torchrun command with `{cmd.removeprefix('advcl ')}`"
+    return cmd
+
+
+def continue_hint(run_dir: Path, command: str) -> str:
+    """What to do after a run stopped early: resume it when an epoch was saved, else start again."""
+    from ..engine.run import STATE_FILE
+
+    if (Path(run_dir) / STATE_FILE).is_file():
+        return f"continue it from its last saved epoch: {command}"
+    return "no epoch was saved yet: run the same command again (the run folder is reused)"
+
+
+def run_and_print(engine: Callable, settings, *args, json_output: bool, resume: bool, force: bool, run_dir: Path,
+                  command: str, summary: Callable[[dict], str | None] = lambda m: None) -> None:
+    """Run a training engine with progress on stderr; rank 0 prints the model's path (or JSON).
+    An interruption (Ctrl-C, SIGTERM) or a full disk ends it with the command (``command``,
+    from ``resume_command``) that continues the run in ``run_dir``."""
     output = Output(json_output)
     reporter = output.reporter()
     try:
         with sigterm_as_interrupt():
             result = engine(settings, *args, reporter, resume=resume, force=force)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted", continue_hint(run_dir, command)) from None
+    except DiskError as e:
+        e.hint = f"{e.hint}; then {continue_hint(run_dir, command)}"
+        raise
     finally:
         reporter.finish()
     if not result.is_main:  # another rank of a torchrun job: rank 0 prints

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import errno
 import os
 import pickle
 import sys
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from advcl_cli.errors import DataError, DownloadError
+from advcl_cli.errors import DataError, DownloadError, os_error
 
 # name -> number of classes (None: known only after loading)
 _KNOWN = {"cifar10": 10, "cifar100": 100, "stl10": 10, "digits": 10}
@@ -156,10 +157,18 @@ def _load_torchvision(key: str, split: str, root: Path, download: bool):
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, _TORCHVISION[key])
+    if root.exists() and not root.is_dir():
+        raise DataError(f"the data folder {root} is a file", "pass a folder as --data-dir (or $ADVCL_DATA_DIR)")
     folder = root / cls.base_folder
     needed = [name for name, _ in cls.train_list + cls.test_list]
     present = all((folder / f).is_file() for f in needed)
     place = f"place {cls.filename} in {root} (or its extracted {cls.base_folder}/ there)"
+    archive = root / cls.filename
+    damaged = not present and archive.is_file() and not _archive_ok(archive, cls.tgz_md5)
+    checksum = f"{archive} is there but its checksum failed: it is damaged or incomplete"
+    replace = f"delete it (advcl then downloads it again) or put a good copy there, or {OFFLINE_HINT}"
+    if damaged and not download:
+        raise DataError(checksum, replace)
     if not present and not download:
         raise DataError(f"{key} files not found in {folder}", f"{place}, allow downloading, or {OFFLINE_HINT}")
     kwargs = {"split": split} if key == "stl10" else {"train": split == "train"}
@@ -168,11 +177,17 @@ def _load_torchvision(key: str, split: str, root: Path, download: bool):
             ds = cls(str(root), download=not present, **kwargs)
     except (OSError, RuntimeError, ValueError, EOFError, KeyError, tarfile.TarError, pickle.UnpicklingError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES,
+                                                  errno.EPERM, errno.ENOTDIR):  # the folder, not the download
+            raise os_error(e, e.filename or root) from e
         if present:
             raise DataError(
                 f"{key} files in {folder} are unreadable or corrupted: {reason}",
                 f"delete {folder} to download it again, or {place}",
             ) from e
+        if damaged:  # torchvision tried to fetch a good copy and could not
+            raise DownloadError(f"{checksum}, and a new copy could not be downloaded from {cls.url}: {reason}",
+                                replace) from e
         raise DownloadError(
             f"could not download {key} from {cls.url} into {folder}: {reason}",
             f"{place} and run again, or {OFFLINE_HINT}",
@@ -187,6 +202,13 @@ def _load_torchvision(key: str, split: str, root: Path, download: bool):
         labels = torch.as_tensor(ds.targets, dtype=torch.int64)
         classes = list(ds.classes)
     return images, labels, classes
+
+
+def _archive_ok(path: Path, md5: str) -> bool:
+    """Whether the archive at ``path`` has the published md5 (torchvision's own check)."""
+    from torchvision.datasets.utils import check_integrity
+
+    return check_integrity(str(path), md5)
 
 
 def _load_imagefolder(path: Path, split: str, size: int):

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..attacks import get_attack
-from ..checkpoint import Checkpoint, atomic_write
+from ..checkpoint import Checkpoint, atomic_write, safetensors_bytes
 from ..data.augment import to_float
 from .device import resolve_device
 from .evaluate import adversarial_examples, load_test_data, robust_correct
@@ -39,7 +38,7 @@ def attack_test_images(ckpt: Checkpoint, settings, reporter: Reporter | None = N
     spec = get_attack(settings.attack)
     device = resolve_device(settings.device)
     data = load_test_data(ckpt, settings.dataset, limit=settings.n, image_size=settings.image_size,
-                          data_dir=settings.data_dir, download=settings.download)
+                          data_dir=settings.data_dir, download=settings.download, warn=reporter.warn)
     reporter.log(f"{spec.name}: {spec.description}")
     res = adversarial_examples(ckpt.build(device), to_float(data.images), data.labels, spec, settings.eps,
                                device=device, seed=settings.seed, reporter=reporter)
@@ -62,6 +61,7 @@ def attack_test_images(ckpt: Checkpoint, settings, reporter: Reporter | None = N
 
 
 def save_attacked(path: str | Path, attacked: Attacked) -> Path:
-    """Write the tensors and their metadata atomically."""
+    """Write the tensors and their metadata atomically (saved in the temporary folder, and
+    named in the error, if ``path`` cannot be written)."""
     doc = {META_KEY: json.dumps(attacked.meta)}
-    return atomic_write(path, lambda tmp: save_file(attacked.tensors, str(tmp), metadata=doc))
+    return atomic_write(path, safetensors_bytes(attacked.tensors, doc), rescue=True)

@@ -71,15 +71,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def predictions(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Predicted labels for uint8 or float images, batched, no gradients."""
-    out = []
+def predictions(model: nn.Module, images: torch.Tensor, batch_size: int, nonfinite: list | None = None) -> torch.Tensor:
+    """Predicted labels for uint8 or float images, batched, no gradients. With ``nonfinite`` (a
+    list), the per-image flags "some logit is NaN or inf" are appended to it (one tensor)."""
+    out, bad = [], []
     with torch.no_grad():
         for i in range(0, images.shape[0], batch_size):
             chunk = images[i : i + batch_size]
             x = to_float(chunk) if chunk.dtype == torch.uint8 else chunk
-            out.append(model(x).argmax(1))
+            logits = model(x)
+            out.append(logits.argmax(1))
+            bad.append(_nonfinite_rows(logits))
+    if nonfinite is not None:
+        nonfinite.append(torch.cat(bad) if bad else torch.zeros(0, dtype=torch.bool, device=images.device))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=images.device)
+
+
+def _nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Per image: some logit is NaN or inf (its argmax, and so its score, means nothing)."""
+    return ~torch.isfinite(logits).all(1)
 
 
 @dataclass(frozen=True)
@@ -180,10 +190,13 @@ def evaluate(
 ) -> dict:
     """Clean accuracy and, for every attack and eps, robust accuracy and seconds.
 
-    Returns ``{"n", "clean_acc", "robust": [{"attack", "eps", "eps_label", "robust_acc",
-    "seconds", "images_per_s"}], "worst_case": [{"eps", "eps_label", "attacks", "robust_acc"}],
+    Returns ``{"n", "clean_acc", "nonfinite_logits", "robust": [{"attack", "eps", "eps_label",
+    "robust_acc", "seconds", "images_per_s", "nonfinite_logits"}], "worst_case": [{"eps",
+    "eps_label", "attacks", "robust_acc"}],
     "attacks": {name: description}, "per_image": {"clean" | flag_key(attack, eps) |
-    "worst@EPS": bool tensor (n,)}}``; accuracies are fractions. ``worst_case`` has one row per
+    "worst@EPS": bool tensor (n,)}}``; accuracies are fractions. ``nonfinite_logits`` counts the
+    images whose logits held NaN or inf (clean, and per attack on the adversarial images); any
+    is reported as a warning, since their predictions (an argmax over NaN) mean nothing. ``worst_case`` has one row per
     eps when there are several attacks: an image counts only if every attack failed on it.
 
     The images are taken in blocks of ``batch_size``; block k's random starts come from a
@@ -201,17 +214,20 @@ def evaluate(
     images, labels = _local(data, part, device)
 
     t0 = time.perf_counter()
-    clean_pred = predictions(logits, images, batch_size)  # block by block: the shard starts at a block
+    bad: list = []
+    clean_pred = predictions(logits, images, batch_size, bad)  # block by block: the shard starts at a block
     per_image = {"clean": gather_shards(clean_pred == labels, part.sizes, ctx).cpu()}
     clean_acc = per_image["clean"].sum().item() / max(n, 1)
     reporter.log(f"clean accuracy {clean_acc:.2%} on {n} images ({time.perf_counter() - t0:.1f} s)")
+    nonfinite = {"clean": int(gather_shards(bad[0], part.sizes, ctx).sum().item())}
+    _warn_nonfinite(reporter, nonfinite["clean"], n, "clean images")
 
     results = []
     gen = torch.Generator(device=device)
     for attack in attacks:
         for eps in eps_list:
             label = f"{attack.name} eps={format_eps(eps)}"
-            local = []
+            local, local_bad = [], []
             reporter.start(label, n, unit="img")
             _sync(device)
             start = time.perf_counter()
@@ -224,16 +240,21 @@ def evaluate(
                     gen.manual_seed(block_seed(seed, k))
                     x_adv = attack(logits, x, y, eps, gen=gen, seed=block_seed(seed, k), log=reporter.warn)
                     with torch.no_grad():
-                        adv_pred = logits(x_adv).argmax(1)
+                        adv_logits = logits(x_adv)
+                    adv_pred = adv_logits.argmax(1)
+                    local_bad.append(_nonfinite_rows(adv_logits))
                     local.append(robust_correct(clean_pred[a:b], adv_pred, y))
                     done = b - a
                 reporter.advance(sum_over_ranks(done, ctx, device))
             mine = torch.cat(local) if local else torch.zeros(0, dtype=torch.bool, device=device)
             flags = per_image[flag_key(attack.name, eps)] = gather_shards(mine, part.sizes, ctx).cpu()
             acc = flags.sum().item() / max(n, 1)  # the one sync of this attack
+            mine_bad = torch.cat(local_bad) if local_bad else torch.zeros(0, dtype=torch.bool, device=device)
+            n_bad = int(gather_shards(mine_bad, part.sizes, ctx).sum().item())
             seconds = time.perf_counter() - start
             reporter.finish()
             reporter.log(f"{label}: robust accuracy {acc:.2%} ({seconds:.1f} s)")
+            _warn_nonfinite(reporter, n_bad, n, f"images attacked by {label}")
             results.append(
                 {
                     "attack": attack.name,
@@ -242,6 +263,7 @@ def evaluate(
                     "robust_acc": acc,
                     "seconds": seconds,
                     "images_per_s": n / seconds if seconds > 0 else None,
+                    "nonfinite_logits": n_bad,
                 }
             )
     worst = []
@@ -254,11 +276,18 @@ def evaluate(
     return {
         "n": n,
         "clean_acc": clean_acc,
+        "nonfinite_logits": nonfinite["clean"],
         "robust": results,
         "worst_case": worst,
         "attacks": {a.name: a.description for a in attacks},
         "per_image": per_image,
     }
+
+
+def _warn_nonfinite(reporter: Reporter, bad: int, n: int, what: str) -> None:
+    if bad:
+        reporter.warn(f"the model's logits are NaN or inf for {bad} of {n} {what}: "
+                      "their predictions are arbitrary, so the accuracy means little")
 
 
 def corruption_accuracy(
@@ -333,12 +362,34 @@ def adversarial_examples(
     }
 
 
+def class_names_differ(ckpt, data) -> str | None:
+    """A warning when the classifier ``ckpt`` was trained on other classes than ``data`` has:
+    its outputs are scored by class index, so against other names they mean little. Without
+    recorded names (older classifiers) only a different dataset is said; None when all agree."""
+    trained = ckpt.meta.config.get("classes")
+    if not isinstance(trained, list):
+        if str(data.name).lower() != str(ckpt.meta.dataset).lower():
+            return (f"the classifier was finetuned on '{ckpt.meta.dataset}', not '{data.name}', and does not record "
+                    "its class names: check that the classes are the same, in the same order")
+        return None
+    if [str(c) for c in trained] == [str(c) for c in data.classes]:
+        return None
+
+    def names(classes) -> str:
+        return ", ".join(map(str, classes[:5])) + (f", ... ({len(classes)} in all)" if len(classes) > 5 else "")
+
+    return (f"the classifier was trained on the classes {names(trained)} (of '{ckpt.meta.dataset}') but "
+            f"'{data.name}' has the classes {names(data.classes)}: outputs are scored by class index, so the "
+            "accuracy may mean nothing")
+
+
 def load_test_data(ckpt, dataset: str | None = None, *, split: str = "test", limit: int | None = None,
                    image_size: int | None = None, data_dir=None, download: bool = True,
-                   ctx: DistContext | None = None) -> ImageData:
+                   ctx: DistContext | None = None, warn=None) -> ImageData:
     """The split to evaluate ``ckpt`` on: its own dataset unless ``dataset`` is given, at the
-    image size it was finetuned at unless ``image_size`` is given; the class counts must match.
-    Under torchrun (``ctx``) each node downloads it once."""
+    image size it was finetuned at unless ``image_size`` is given; the class counts must match,
+    and ``warn`` (a callable) hears when the class names differ from those the classifier was
+    trained on. Under torchrun (``ctx``) each node downloads it once."""
     from ..data.registry import num_classes_of
     from .run import load_split
 
@@ -359,4 +410,8 @@ def load_test_data(ckpt, dataset: str | None = None, *, split: str = "test", lim
             f"dataset '{name}' has {data.num_classes} classes but the classifier {ckpt.path} has {want}",
             f"evaluate it on its own dataset ('{ckpt.meta.dataset}') or one with {want} classes",
         )
+    if warn is not None:
+        note = class_names_differ(ckpt, data)
+        if note:
+            warn(note)
     return data

@@ -28,7 +28,10 @@ has one, else its only set; a classifier checkpoint (e.g. from SLF) can be finet
 No model selection on the test set: the last epoch is kept, or with ``val_fraction`` that part
 of the training split is held out and the epoch with the best PGD-20 accuracy on it is kept.
 At the end the kept model's clean and PGD-20 accuracy on the test split (``eval_limit`` first
-images) go into the checkpoint's metrics as fractions: ``clean_acc``, ``pgd20_acc``, ``n_eval``.
+images) go into the checkpoint's metrics as fractions: ``clean_acc``, ``pgd20_acc``, ``n_eval``
+(with a note when it is near or below chance); the test split is read before training starts, so a
+broken one stops the run before any epoch. The checkpoint's ``config`` also records the
+dataset's class names (``classes``), which evaluation compares with the dataset it is given.
 
 The run folder works as in pretraining (``engine.run``): ``classifier.safetensors``,
 ``state.safetensors`` after every epoch, ``metrics.jsonl``; ``resume`` continues it.
@@ -48,17 +51,17 @@ from ..attacks.pgd import pgd, trades_adversary, trades_objective
 from ..checkpoint import Checkpoint, load_checkpoint, save_model, unwrap
 from ..data.augment import crop_flip_view
 from ..data.batches import Batches
-from ..data.registry import load_dataset
+from ..data.registry import load_dataset, num_classes_of
 from ..errors import DataError, UsageError
 from ..methods import method_for
 from ..models import backbone_with_bn_set
 from ..optim import MultiStep
 from .device import autocast, resolve_device, resolve_precision
-from .distributed import init_distributed, local_slice, prepare_model, shutdown
-from .evaluate import evaluate
+from .distributed import init_distributed, local_slice, on_main, prepare_model, shutdown
+from .evaluate import class_names_differ, evaluate
 from .loop import Loop
 from .report import Reporter, plural
-from .run import RunDir, RunResult, check_resume_config, load_split, open_run, restore
+from .run import RunDir, RunResult, begin_run, check_resume_config, load_split, open_run, restore
 
 CLASSIFIER_FILE = "classifier.safetensors"
 PROTOCOL: dict[str, dict[str, Any]] = {  # the RobustSSL benchmark's defaults (REFERENCE.md)
@@ -185,9 +188,11 @@ def _keep_set(net, bn: str):
 SCHEMES = {cls.name: cls for cls in (SLF, ALF, AFF)}
 
 
-def build_classifier(parent: Checkpoint, num_classes: int, scheme: Scheme, reporter: Reporter | None = None):
-    """The model to finetune: the encoder's backbone (the scheme's BN set(s)) with a new linear
-    head; a classifier checkpoint as it is."""
+def build_classifier(parent: Checkpoint, data, scheme: Scheme, reporter: Reporter | None = None):
+    """The model to finetune for ``data`` (an ImageData, or its number of classes): the
+    encoder's backbone (the scheme's BN set(s)) with a new linear head; a classifier checkpoint
+    as it is (its head kept, noted)."""
+    num_classes = data if isinstance(data, int) else data.num_classes
     net = parent.build("cpu")
     if parent.meta.kind == "classifier":
         if net.config.num_classes != num_classes:
@@ -195,12 +200,32 @@ def build_classifier(parent: Checkpoint, num_classes: int, scheme: Scheme, repor
                 f"the classifier {parent.path} has {net.config.num_classes} classes, the dataset {num_classes}",
                 "finetune on a dataset with the same classes, or start from the encoder",
             )
+        if reporter is not None:
+            reporter.log(f"note: {parent.path} is a classifier: finetuning continues from it, its head included")
+            if not isinstance(data, int):
+                note = class_names_differ(parent, data)
+                if note:
+                    reporter.warn(note)
         return net
     sets = net.config.bn_sets
     keep = scheme.bn_sets(sets)
     if scheme.s.bn_set is None and keep == sets[0] and len(sets) > 1 and reporter is not None:
         reporter.warn(f"the encoder has no 'pgd' batch-norm set; starting from '{keep}'")
     return backbone_with_bn_set(net, keep, num_classes=num_classes)
+
+
+def chance_note(acc: float, num_classes: int, epochs: int, protocol_epochs: int, pretrain_epochs=None) -> str | None:
+    """A note when the test accuracy is within 5 points of chance (1/classes): after a short run
+    that is what to expect, and people should not read it as a broken tool."""
+    chance = 1 / max(num_classes, 1)
+    if acc > chance + 0.05:
+        return None
+    said = f"note: the test clean accuracy {acc:.1%} is near or below chance ({chance:.1%} for {num_classes} classes)"
+    pretrained = f", from an encoder pretrained for {plural(pretrain_epochs, 'epoch')}" if isinstance(pretrain_epochs, int) else ""
+    if epochs < protocol_epochs or (isinstance(pretrain_epochs, int) and pretrain_epochs < 100):
+        return (f"{said}: expected of a short run like this one ({plural(epochs, 'epoch')} of finetuning{pretrained}); "
+                f"train longer (the protocol finetunes {protocol_epochs} epochs, on encoders pretrained for hundreds)")
+    return f"{said}: check the encoder (is it trained?) and the learning rate"
 
 
 # --- the engine ---------------------------------------------------------------------------------
@@ -235,6 +260,10 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     ctx = init_distributed(device)
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(CLASSIFIER_FILE,))
     config = settings.to_config()
+    if run.holds(parent.path):
+        raise UsageError(f"{parent.path} is the checkpoint being finetuned, and the run folder {run.path} writes it",
+                         "choose another --out")
+    num_classes_of(dataset)  # an unknown dataset, before anything else
     state = open_run(run, ctx, batch_size=settings.batch_size, resume=resume, force=force)
     if not ctx.is_main:
         reporter = Reporter()  # only rank 0 reports
@@ -253,11 +282,14 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
 
     load = dict(data_dir=settings.data_dir, download=settings.download, image_size=settings.image_size)
     full = load_split(dataset, "train", ctx, limit=settings.limit, **load)
+    # the test split of the final evaluation is read now, so that a broken one stops the run
+    # before it trains (rank 0 evaluates; its failure reaches every rank)
+    test = on_main(lambda: load_dataset(dataset, "test", limit=settings.eval_limit, **load), ctx)
     train, val = split_validation(full, settings.val_fraction, settings.seed)
     train, val = train.to(device), (val.to(device) if val is not None else None)
 
     torch.manual_seed(settings.seed)
-    model = build_classifier(parent, full.num_classes, scheme, reporter).to(device)
+    model = build_classifier(parent, full, scheme, reporter).to(device)
     if scheme.frozen:
         model.backbone.requires_grad_(False)
     else:  # before the optimizer exists: with several processes it swaps the BN modules
@@ -269,9 +301,12 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     # every rank walks the same global batches and keeps its slice; with several processes the
     # last partial batch is dropped so that every rank gets an equal share
     batches = Batches(train, settings.batch_size, seed=settings.seed, drop_last=ctx.enabled)
+    begin_run(run, ctx, state)  # every check passed: the folder is created (or cleared) now
     out_file = run.artifact(CLASSIFIER_FILE)
     eps = settings.eps
-    save_args = dict(kind="classifier", method=parent.meta.method, dataset=full.name, eps=eps, config=config, parent=parent.sha256)
+    # the class names go into the classifier's metadata, so evaluation can tell a dataset with others
+    save_args = dict(kind="classifier", method=parent.meta.method, dataset=full.name, eps=eps,
+                     config={**config, "classes": full.classes}, parent=parent.sha256)
 
     def step(images, labels, indices, gen):
         x, y = local_slice(crop_flip_view(images, gen), ctx), local_slice(labels, ctx)
@@ -317,8 +352,11 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     if val is not None:
         kept = load_checkpoint(out_file).build(device)
         reporter.log(f"keeping epoch {extra['best_epoch']} (best PGD-20 accuracy on the held-out split)")
-    test = load_dataset(dataset, "test", limit=settings.eval_limit, **load)
     res = evaluate(kept, test, ["pgd20"], [eps], device=device, reporter=reporter, seed=settings.seed)
+    note = chance_note(res["clean_acc"], test.num_classes, settings.epochs,
+                       protocol(parent.meta.method, scheme.name, dataset)["epochs"], parent.meta.config.get("epochs"))
+    if note:
+        reporter.log(note)
     final = {
         "clean_acc": res["clean_acc"],
         "pgd20_acc": res["robust"][0]["robust_acc"],
@@ -329,7 +367,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     }
     if val is not None:
         final.update(val_clean_acc=extra["best_val_clean_acc"], val_pgd20_acc=extra["best_val_pgd20_acc"])
-    save_model(out_file, kept, metrics=final, **save_args)
+    save_model(out_file, kept, metrics=final, rescue=True, **save_args)
     extra["final"] = final
     run.save_state(model, optimizer, epoch=settings.epochs, total_epochs=settings.epochs, config=config, extra=extra)
     return RunResult(out_file, run.path, settings.epochs, final)

@@ -1,11 +1,15 @@
 """The pretraining engine: any method of ``advcl_cli.methods``, with its optimizer and schedule.
 
-Top to bottom: the files the method's settings name (pseudo labels, a teacher checkpoint) are
-checked, the training split goes to the device as uint8, the files are read and handed to the
-method; the method's model is built (seeded, then ``method.init_model``, where DeACL loads its
-teacher's weights; channels_last on GPU; ``compile`` compiles the backbone and projection head
-in place, so the saved weight names do not change); then the
-shared epoch loop (``engine.loop``) runs ``method.step`` on the global batches of ``Batches``.
+Top to bottom: what can be refused before any work is (``check_settings``: the dataset's
+name, the files the method's settings name, such as pseudo labels or a teacher checkpoint;
+then the run folder, without writing to it; ``--pgd-steps 0`` for a robust method gets a
+warning, and its encoder records no eps); the
+training split goes to the device as uint8, the files are read and handed to the method; the
+method's model is built (seeded, then ``method.init_model``, where DeACL loads its
+teacher's weights; channels_last on GPU; ``compile`` compiles the backbone and
+projection head in place, so the saved weight names do not change); the run folder is created
+(``begin_run``), and the shared epoch loop (``engine.loop``) runs ``method.step`` on the global
+batches of ``Batches``.
 Under torchrun every rank walks the same global batches and the method keeps the rank's slice,
 so N processes match one process. After every epoch rank 0 appends to ``metrics.jsonl`` and
 saves the resume state (the method's own tensors included); every ``save_every`` epochs and at
@@ -19,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint, load_checkpoint, save_model
+from ..checkpoint import Checkpoint, check_checkpoint, load_checkpoint, save_model
 from ..data.batches import Batches
+from ..data.registry import num_classes_of
 from ..errors import UsageError
 from ..methods import get_method
 from ..models import create_model
@@ -29,7 +34,7 @@ from .device import resolve_device, resolve_precision
 from .distributed import init_distributed, prepare_model, shutdown
 from .loop import Loop
 from .report import Reporter, plural
-from .run import RunDir, RunResult, check_resume_config, load_split, open_run, restore
+from .run import RunDir, RunResult, begin_run, check_resume_config, load_split, open_run, restore
 
 ENCODER_FILE = "encoder.safetensors"
 # settings that may change when a run is resumed (they do not change what is computed)
@@ -53,12 +58,30 @@ def input_fields(settings) -> dict[str, tuple[str, Path]]:
 
 
 def check_inputs(settings) -> None:
-    """Before any expensive step: every input file exists."""
+    """Before any expensive step: every input file exists and is what it should be (a labels
+    file's labels in range and of one length, a checkpoint's header valid)."""
     for name, (kind, path) in input_fields(settings).items():
         if not path.is_file():
             what = "pseudo-label file" if kind == "labels" else "checkpoint file"
             hint = "make one with `advcl pseudo-labels --encoder CKPT`" if kind == "labels" else "check the path"
             raise UsageError(f"no such {what}: {path} (--{name.replace('_', '-')})", hint)
+        if kind == "labels":
+            load_labels(path)
+        else:
+            check_checkpoint(path)
+
+
+def check_settings(settings) -> None:
+    """What can be refused before anything is loaded: an unknown dataset, input files that are
+    missing or malformed."""
+    num_classes_of(settings.dataset)  # a DataError naming the closest known dataset
+    check_inputs(settings)
+
+
+def without_attack(settings) -> bool:
+    """A robust method told to take no PGD steps: it trains without adversarial examples (an
+    ablation, or a test that wants no attack), so its encoder is not robust and records no eps."""
+    return getattr(settings, "pgd_steps", None) == 0
 
 
 def load_inputs(settings, n_images: int) -> dict:
@@ -85,8 +108,15 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
     precision = resolve_precision(settings.precision, device)
     ctx = init_distributed(device)
     run = RunDir(settings.out or default_run_dir(settings), artifacts=(ENCODER_FILE,))
-    check_inputs(settings)
+    check_settings(settings)
+    for name, (_, path) in input_fields(settings).items():
+        if run.holds(path):
+            raise UsageError(f"--{name.replace('_', '-')} {path} is a file the run folder {run.path} writes",
+                             "choose another --out, or move the file")
     state = open_run(run, ctx, batch_size=settings.batch_size, resume=resume, force=force)
+    if without_attack(settings) and ctx.is_main:
+        reporter.warn(f"--pgd-steps 0: {settings.method} trains without adversarial examples, so the encoder will not be "
+                      "robust and records no eps (use --pgd-steps 1 or more, the paper uses 5)")
     if state is not None:
         check_resume_config(state["config"], settings.to_config(), RESUME_MAY_CHANGE)
         if state.get("finished"):
@@ -124,6 +154,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
     # has a single image (batch norm needs two) or does not divide among the processes
     batches = Batches(data, settings.batch_size, seed=settings.seed, drop_last=settings.drop_last,
                       ranks=ctx.world_size, min_last=2, require_full=True)
+    begin_run(run, ctx, state)  # every check passed: the folder is created (or cleared) now
     encoder = run.artifact(ENCODER_FILE)
     # the lineage: the checkpoint the method started from (DeACL's teacher), if any
     parent = next((c.sha256 for c in method.inputs.values() if isinstance(c, Checkpoint)), None)
@@ -137,7 +168,8 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
         run.append_metrics(metrics)
         if done % settings.save_every == 0 or done == settings.epochs:
             save_model(encoder, model, kind="encoder", method=method.checkpoint_name, dataset=data.name,
-                       eps=method.eps, config=settings.to_config(), metrics=metrics, parent=parent)
+                       eps=None if without_attack(settings) else method.eps, config=settings.to_config(),
+                       metrics=metrics, parent=parent, rescue=done == settings.epochs)
             saved["note"] = f"the last saved encoder is {encoder} (epoch {done})"
         run.save_state(model, optimizer, epoch=done, total_epochs=settings.epochs, config=settings.to_config(),
                        extra={"method": method.state()})

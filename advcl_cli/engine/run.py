@@ -7,8 +7,12 @@ finished epoch). Nothing here knows which method trains the model.
 
 Rules:
 
+- the folder is checked first (``check``, which writes nothing) and created or cleared only
+  when every other check has passed and training is about to start (``begin``), so a refused
+  run leaves no folder behind;
 - a fresh run refuses a folder that already holds a run (finished or not) unless ``force``;
-  with ``force`` the old files are deleted first;
+  with ``force`` the old files are deleted at ``begin``. A folder without a state file holds no
+  run: a fresh start reuses it (a stale metrics log is deleted; a model file only with ``force``);
 - ``resume`` needs a state file; the metrics log is cut back to the epochs the state holds,
   so a run killed after logging an epoch but before saving its state logs that epoch once;
 - the state is written atomically after every epoch, after the model file, so a crash loses at
@@ -29,8 +33,9 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_write, clean_state_dict, load_state, save_state, unwrap
-from ..errors import CheckpointError, TrainingError, UsageError
+from ..checkpoint import (atomic_write, check_folder_writable, clean_state_dict, load_state, save_state, unwrap,
+                          write_all)
+from ..errors import CheckpointError, TrainingError, UsageError, os_error
 
 STATE_FILE = "state.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -77,44 +82,73 @@ class RunDir:
         """The configuration of the run in this folder, or None without a state file."""
         return self.read_state().get("config") if self.state_path.is_file() else None
 
-    def prepare(self, *, resume: bool, force: bool) -> dict | None:
-        """Check the folder for a fresh or resumed run; return the resume state (None: fresh)."""
+    def check(self, *, resume: bool, force: bool) -> dict | None:
+        """Check the folder for a fresh or resumed run, changing nothing; return the resume
+        state (None: fresh). A folder without a state file holds no run: a fresh start reuses
+        it (``begin`` clears a stale metrics log), though a model file in it is replaced only
+        with ``force``."""
         if resume and force:
             raise UsageError("--resume and --force contradict each other", "--resume continues a run, --force starts over")
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"--out {self.path} is a file, not a run folder", "choose a folder path for --out")
         if resume:
             if not self.state_path.is_file():
                 raise UsageError(
                     f"nothing to resume in {self.path}: no {STATE_FILE}",
                     "start the run without --resume (pass the same --out)",
                 )
+            return self.read_state()
+        if self.state_path.is_file() and not force:
             state = self.read_state()
-            self._truncate_metrics(int(state["epoch"]))
-            return state
-        existing = [p for p in (self.state_path, self.metrics_path, *map(self.artifact, self.artifacts)) if p.exists()]
-        if existing and not force:
-            if self.state_path.is_file():
-                state = self.read_state()
-                if state.get("finished"):
-                    raise UsageError(
-                        f"{self.path} already holds a finished run ({state['epoch']} epochs)",
-                        "pass --force to overwrite it, or choose another --out",
-                    )
+            if state.get("finished"):
                 raise UsageError(
-                    f"{self.path} holds an unfinished run ({state['epoch']} of {state['total_epochs']} epochs)",
-                    "pass --resume to continue it, --force to start over, or choose another --out",
+                    f"{self.path} already holds a finished run ({state['epoch']} epochs)",
+                    "pass --force to overwrite it, or choose another --out",
                 )
-            raise UsageError(f"{self.path} already holds {existing[0].name}", "pass --force to overwrite it, or choose another --out")
-        for p in existing:
-            p.unlink()
-        self.path.mkdir(parents=True, exist_ok=True)
+            raise UsageError(
+                f"{self.path} holds an unfinished run ({state['epoch']} of {state['total_epochs']} epochs)",
+                "pass --resume to continue it, --force to start over, or choose another --out",
+            )
+        models = [p for p in map(self.artifact, self.artifacts) if p.exists()]
+        if models and not force:
+            raise UsageError(f"{self.path} already holds {models[0].name}",
+                             "pass --force to overwrite it, or choose another --out")
+        check_folder_writable(self.path, f"--out {self.path}")
         return None
+
+    def holds(self, path: str | Path) -> bool:
+        """Whether ``path`` is one of the files this run folder writes (or deletes)."""
+        target = Path(path).resolve()
+        own = (self.state_path, self.metrics_path, *map(self.artifact, self.artifacts))
+        return any(target == p.resolve() for p in own)
+
+    def begin(self, state: dict | None) -> None:
+        """Start writing, once every check has passed: a fresh run deletes the old run's files
+        (``check`` allowed it) and creates the folder; a resumed one cuts the metrics log back
+        to the epochs its state holds."""
+        try:
+            if state is not None:
+                self._truncate_metrics(int(state["epoch"]))
+                return
+            for p in (self.state_path, self.metrics_path, *map(self.artifact, self.artifacts)):
+                if p.exists():
+                    p.unlink()
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise os_error(e, e.filename or self.path) from None
 
     # --- metrics ------------------------------------------------------------------------
     def append_metrics(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        data = (json.dumps(record) + "\n").encode()
+        try:
+            fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise os_error(e, self.metrics_path) from None
 
     def read_metrics(self) -> list[dict]:
         """The logged epochs; a line torn by a crash mid-write is skipped."""
@@ -134,7 +168,7 @@ class RunDir:
         keep = [r for r in self.read_metrics() if int(r.get("epoch", 0)) <= epochs_done]
         text = "".join(json.dumps(r) + "\n" for r in keep)
         if text != self.metrics_path.read_text():
-            atomic_write(self.metrics_path, lambda tmp: tmp.write_text(text))
+            atomic_write(self.metrics_path, text.encode())
 
     # --- resume state ---------------------------------------------------------------------
     def save_state(
@@ -199,17 +233,26 @@ def check_resume_config(stored: dict, current: dict, ignore: set[str]) -> None:
 
 def open_run(run: "RunDir", ctx, *, batch_size: int, resume: bool, force: bool) -> dict | None:
     """The start every training engine shares: the global batch must divide among the ranks;
-    rank 0 checks (and with --force clears) the folder while the others wait, then the others
-    read the resume state. Returns that state (None for a fresh run)."""
+    rank 0 checks the folder (``RunDir.check``: nothing is written yet) while the others wait,
+    then the others read the resume state. Returns that state (None for a fresh run)."""
     from .distributed import on_main
 
     if batch_size % ctx.world_size:
         raise UsageError(f"--batch-size {batch_size} does not divide among {ctx.world_size} processes",
                          "the batch size is the global batch: use a multiple of the process count")
-    state = on_main(lambda: run.prepare(resume=resume, force=force), ctx)
+    state = on_main(lambda: run.check(resume=resume, force=force), ctx)
     if not ctx.is_main and resume:
         state = run.read_state()
     return state
+
+
+def begin_run(run: "RunDir", ctx, state: dict | None) -> None:
+    """After every check and before the first epoch: rank 0 creates (or with --force clears) the
+    run folder, or cuts a resumed run's metrics back (``RunDir.begin``); a failure stops every
+    rank. A check that fails before this leaves no folder behind."""
+    from .distributed import on_main
+
+    on_main(lambda: run.begin(state), ctx)
 
 
 def load_split(name: str, split: str, ctx, *, download: bool, **kwargs):
