@@ -25,6 +25,7 @@ BUILTIN = {
     "acl": "advcl_cli.methods.acl:ACL",
     "simclr": "advcl_cli.methods.simclr:SimCLR",
     "deacl": "advcl_cli.methods.deacl:DeACL",
+    "air": "advcl_cli.methods.air:AIR",
 }
 
 

@@ -83,7 +83,6 @@ class ACL(Method):
 
     name = "acl"
     summary = "ACL (Jiang et al., NeurIPS 2020), dual stream: clean + adversarial NT-Xent, BN sets normal/pgd"
-    aliases = ("acl-air",)  # ACL-AIR encoders finetune as ACL's
     finetune_protocol = {  # the RobustSSL benchmark's ACL settings
         "slf": {"batch_size": 512, "lr": {"cifar100": 0.05, "*": 0.01}, "milestones": [10, 20]},
         "alf": {"batch_size": 512, "lr": {"cifar100": 0.05, "*": 0.01}, "milestones": [10, 20]},
@@ -110,16 +109,17 @@ class ACL(Method):
 
     def views(self, batch: Tensor, gen: torch.Generator, dtype: torch.dtype = torch.float32, *,
               return_params: bool = False):
-        """The two augmented views, in ``dtype`` (with their drawn parameters if asked)."""
+        """The views ``loss`` takes, in ``dtype`` (with their drawn parameters if asked): ACL's
+        two augmented views (AIR adds the un-augmented image)."""
         x, spec = to_float(batch, dtype), self.view_spec()
         (x1, p1), (x2, p2) = (simclr_view(x, gen, spec, return_params=True) for _ in range(2))
         return ((x1, x2), {"x1": p1, "x2": p2}) if return_params else (x1, x2)
 
     def step(self, model, batch: Tensor, indices: Tensor, gen: torch.Generator, ctx: DistContext = DistContext()):
         """One global batch: every rank draws all of its views and random starts, keeps its slice."""
-        x1, x2 = self.views(batch, gen, next(unwrap(model).parameters()).dtype)
-        noise = local_slice(random_start(x1, gen), ctx, dim=1)
-        return self.loss(model, (local_slice(x1, ctx), local_slice(x2, ctx)), noise, ctx)
+        views = self.views(batch, gen, next(unwrap(model).parameters()).dtype)
+        noise = local_slice(random_start(views[0], gen), ctx, dim=1)
+        return self.loss(model, tuple(local_slice(v, ctx) for v in views), noise, ctx)
 
     def attack(self, net, x1: Tensor, x2: Tensor, noise: Tensor, ctx: DistContext) -> tuple[Tensor, Tensor]:
         s = self.settings

@@ -10,11 +10,15 @@ With two views and ``base_temperature == temperature`` it is SimCLR's NT-Xent.
 ``nt_xent`` is the ACL family's contrastive loss: ``supcon_loss`` with two views, unscaled,
 on projections it normalises itself.
 
+``standard_invariance`` and ``adversarial_invariance`` are AIR's SIR and AIR regularisers
+(Xu et al., NeurIPS 2023) as the authors' ``AIR.py`` computes them (see their docstrings: they
+pass probabilities where ``kl_div`` expects log-probabilities, deliberately reproduced here).
+
 ``pseudo_label_ce`` is AdvCL's pseudo-supervision term: the mean over the ClusterFit heads of the
 cross-entropy, with ``-1`` labels ignored (``reduction="sum"`` inside the attack, ``"mean"`` in
 the training loss, as in the reference).
 
-Both compute in the inputs' precision (float64 stays float64); half precisions from bf16
+All compute in the inputs' precision (float64 stays float64); half precisions from bf16
 autocast are upcast to float32.
 """
 
@@ -48,6 +52,39 @@ def nt_xent(features: Tensor, temperature: float = 0.5) -> Tensor:
     2B vectors is an anchor, its positive the other view of its image, its denominator the
     2B - 1 others (the ACL family's ``nt_xent``; ``supcon_loss`` with two views, unscaled)."""
     return supcon_loss(F.normalize(upcast(features), dim=-1), temperature, temperature)
+
+
+def batch_logits(a: Tensor, b: Tensor, temperature: float) -> Tensor:
+    """(B,) ``a_k . b_k / temperature`` of the L2-normalised rows: the diagonal of AIR's
+    ``a @ b.T / temperature``, the logits its softmax runs over the batch index k with."""
+    return (F.normalize(upcast(a), dim=-1) * F.normalize(upcast(b), dim=-1)).sum(-1) / temperature
+
+
+def standard_invariance(z_i: Tensor, z_j: Tensor, z_o: Tensor, temperature: float = 0.5) -> Tensor:
+    """AIR's SIR of the clean views' projections ``z_i``, ``z_j`` and the un-augmented view's
+    ``z_o`` (B, D each, normalised here), as coded in the authors' ``AIR.py``:
+    ``kl_div(softmax_k(d(z_i, z_o)), log_softmax_k(d(z_j, z_o)), log_target=True, reduction="sum")``
+    with d = ``batch_logits``. ``kl_div`` takes its input as log-probabilities; the code passes
+    probabilities, so the value is ``sum_k q_k (log q_k - p_k)`` (p, q the two softmaxes), not
+    KL(q || p). Reproduced on purpose: it is what trained the released encoders. Gradients flow
+    through every argument."""
+    p = torch.softmax(batch_logits(z_i, z_o, temperature), dim=0)
+    log_q = torch.log_softmax(batch_logits(z_j, z_o, temperature), dim=0)
+    return F.kl_div(p, log_q, log_target=True, reduction="sum")
+
+
+def adversarial_invariance(z_i: Tensor, z_j: Tensor, z_o: Tensor, za_i: Tensor, za_j: Tensor,
+                           temperature: float = 0.5) -> Tensor:
+    """AIR's AIR term, as coded: with the adversarial views' projections ``za_i``, ``za_j``,
+    ``P_i = softmax_k(d(za_i, z_o)) * softmax_k(d(za_i, z_i))`` (a product of two softmaxes over
+    the batch, not renormalised) and ``P_j`` likewise,
+    ``kl_div(P_i, log P_j, log_target=True, reduction="sum") = sum_k P_j,k (log P_j,k - P_i,k)``:
+    probabilities as the input again, as in ``standard_invariance``. ``log P_j`` is taken as the
+    sum of the two log-softmaxes (the log of the product, without its underflow)."""
+    p_i = torch.softmax(batch_logits(za_i, z_o, temperature), dim=0) * torch.softmax(batch_logits(za_i, z_i, temperature), dim=0)
+    log_p_j = (torch.log_softmax(batch_logits(za_j, z_o, temperature), dim=0)
+               + torch.log_softmax(batch_logits(za_j, z_j, temperature), dim=0))
+    return F.kl_div(p_i, log_p_j, log_target=True, reduction="sum")
 
 
 def pseudo_label_ce(logits: list[Tensor], targets: list[Tensor], reduction: str = "mean") -> Tensor:
