@@ -45,3 +45,9 @@ class TrainingError(AdvclError):
     """A training run failed: diverged loss, a rank that died."""
 
     exit_code = 1
+
+
+class Interrupted(AdvclError):
+    """Ctrl-C or SIGTERM ended a job that keeps its finished work (exit 130)."""
+
+    exit_code = 130
