@@ -107,7 +107,7 @@ def benchmark_chart(records: list[dict], path: str | Path, reported=None, title:
     for ax, (name, key) in zip(axes[0], COLUMNS):
         for i, by_scheme in enumerate(encoders):
             first = next(iter(by_scheme.values()))
-            published = reported.row(first.method, first.dataset)
+            published = reported.row_for(first.method, first.dataset)
             label = f"{first.encoder} ({first.dataset})"
             for j, s in enumerate(schemes):
                 x = j - 0.4 + width * (i + 0.5)

@@ -226,6 +226,48 @@ class AttackSettings(Settings):
     download: bool = option(True, "Download a missing dataset.", flag=False)
 
 
+SCHEME_NAMES = ("slf", "alf", "aff")
+
+
+def parse_schemes(value: Any) -> list[str]:
+    """``slf,alf`` (or a list) -> finetuning schemes, each once."""
+    names = parse_name_list(value)
+    unknown = next((n for n in names if n not in SCHEME_NAMES), None)
+    if unknown is not None or not names:
+        start = f"unknown scheme '{unknown}'; " if unknown is not None else ""
+        raise ValueError(start + "choose from slf, alf, aff (comma-separated)")
+    return names
+
+
+class BenchmarkSettings(DataSettings):
+    """`advcl benchmark`: every encoder finetuned with every scheme under the protocol of its
+    method, then evaluated (SA, PGD-20, the RA attack(s), CA). ``limit`` counts training images."""
+
+    section: ClassVar[str] = "benchmark"
+
+    limit: int | None = option(None, "Finetune on the first N training images only (smoke runs).", ge=1)
+    dataset: str | None = option(None, "Dataset to finetune and evaluate on (default: each encoder's).", short="-d")
+    schemes: Annotated[list[str], BeforeValidator(parse_schemes)] = option(
+        list(SCHEME_NAMES), "Finetuning schemes, comma-separated: slf, alf, aff.", short="-s", metavar="SCHEME,...")
+    attack: NameList = option(["autoattack"], "The attack(s) of RA (robust accuracy; the worst case over several). "
+                                              "PGD-20 is always measured too.", short="-a", metavar="ATTACK")
+    eps: Eps = option(8 / 255, "L-inf budget of the finetuning attacks and of RA, as 8/255 or 0.031.", metavar="EPS")
+    transfer: str | None = option(None, "Also finetune and evaluate on this dataset at 32x32 (the benchmark's "
+                                        "cross-task setting: stl10).")
+    corruptions: Path | None = option(None, "Folder of CIFAR-10-C / CIFAR-100-C (or the folder above them) for CA "
+                                            "(default: DATA_DIR/CIFAR-10-C when it exists; digits uses digits-c).",
+                                      metavar="DIR")
+    out: Path = option(Path("runs/benchmark"), "Benchmark folder: cells, finetuning runs, results.json, "
+                                               "leaderboard.md, leaderboard.png.", short="-o")
+    epochs: int | None = option(None, "Finetuning epochs of every scheme (default: the protocol's; smoke runs).", ge=1)
+    batch_size: int | None = option(None, "Finetuning batch size of every scheme (default: the protocol's).",
+                                    short="-b", ge=1)
+    eval_limit: int | None = option(None, "Evaluate only the first N test images (and of each corruption split).", ge=1)
+    eval_batch_size: int = option(256, "Images per evaluation batch (the attacks' random starts follow it).", ge=1)
+    precision: Precision = option("auto", "Finetuning precision: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32 "
+                                          "(evaluation runs in fp32).")
+
+
 class HubSettings(SettingsModel):
     section: ClassVar[str] = "hub"
 
@@ -236,7 +278,8 @@ class HubSettings(SettingsModel):
 
 
 VERBS: dict[str, type[SettingsModel]] = {
-    cls.section: cls for cls in (PretrainSettings, PseudoLabelSettings, FinetuneSettings, EvalSettings, AttackSettings, HubSettings)
+    cls.section: cls for cls in (PretrainSettings, PseudoLabelSettings, FinetuneSettings, EvalSettings, AttackSettings,
+                                 BenchmarkSettings, HubSettings)
 }
 
 

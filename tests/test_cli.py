@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-VERBS = ["pretrain", "pseudo-labels", "import", "finetune", "attack", "eval", "pull", "push", "zoo"]
+VERBS = ["pretrain", "pseudo-labels", "import", "finetune", "attack", "eval", "benchmark", "pull", "push", "zoo"]
 
 
 def test_version(run_cli):

@@ -60,3 +60,23 @@ def test_bar_chart_is_a_png(tmp_path):
 def test_a_record_without_its_keys_is_refused():
     with pytest.raises(ValueError, match="scheme"):
         leaderboard_markdown([{"encoder": "x", "sha256": "0" * 64, "method": "advcl", "dataset": "cifar10"}])
+
+
+def test_ra_under_another_attack_is_named_and_smoke_runs_are_marked():
+    records = [cell("advcl-r18", "a1b2c3d4", "advcl", "slf", sa=0.8, ra=0.3, ra_attack="pgd5", aa=None,
+                    deviations=["epochs=2"])]
+    text = leaderboard_markdown(records)
+    header, rows = parse(text)
+    assert rows[0][3:6] == ["30.00", "-", "80.00"] and rows[1][3] == "43.18"  # ours under pgd5, theirs AutoAttack
+    assert "RA: robust accuracy under pgd5 (L-inf eps 8/255; published RA is AutoAttack's)" in text
+    assert "Not the full protocol (a smoke run): epochs=2." in text
+    assert "Not the full protocol" not in leaderboard_markdown(RECORDS)
+
+
+def test_a_checkpoints_method_reaches_the_published_rows_through_one_mapping():
+    from advcl_cli.benchmark.reported import REPORTED_IDS, load_reported, reported_id
+
+    rep = load_reported()
+    assert {r.method for r in rep.numbers} <= set(REPORTED_IDS.values())  # every published method is reachable
+    assert reported_id("DynACL++") == "dynacl++" and reported_id("simclr") is None
+    assert rep.row_for("simclr", "cifar10") is None and rep.row_for("acl", "cifar100").label.startswith("ACL")

@@ -4,22 +4,25 @@ reports them (``reported.toml``).
 
 The input is the benchmark's result records, one per (encoder, scheme) cell, as dicts (the
 records of ``results.json``): ``encoder`` (a display name), ``sha256``, ``method``,
-``dataset``, ``scheme`` and the accuracies as fractions: ``sa``, ``aa`` (AutoAttack RA),
+``dataset``, ``scheme`` and the accuracies as fractions: ``sa``, ``ra`` (robust accuracy under
+``ra_attack``, AutoAttack by default; taken from ``aa`` when absent), ``aa`` (AutoAttack),
 ``pgd20``, ``ca`` (None when not measured), with ``seconds``, ``n``, ``eps`` and
-``corruptions`` (the set CA was measured on). Pure functions; writing is atomic.
+``corruptions`` (the set CA was measured on) and ``deviations`` (settings off the protocol, for
+the caption). Published RA is AutoAttack's; when ours is not,
+the caption says so. Pure functions; writing is atomic.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..checkpoint import atomic_write
 from ..settings import format_eps
 from .reported import SCHEMES, Reported, load_reported
 
-COLUMNS = (("RA", "aa"), ("CA", "ca"), ("SA", "sa"))
+COLUMNS = (("RA", "ra"), ("CA", "ca"), ("SA", "sa"))
 MISSING = "-"
 
 
@@ -34,6 +37,8 @@ class Cell(BaseModel):
     dataset: str
     scheme: str = Field(pattern="^(slf|alf|aff)$")
     sa: float | None = None
+    ra: float | None = None
+    ra_attack: str = "autoattack"
     aa: float | None = None
     pgd20: float | None = None
     ca: float | None = None
@@ -41,6 +46,12 @@ class Cell(BaseModel):
     n: int | None = None
     eps: float | None = None
     corruptions: str | None = None
+
+    @model_validator(mode="after")
+    def _ra_from_aa(self):
+        if self.ra is None and self.ra_attack == "autoattack":
+            self.ra = self.aa
+        return self
 
 
 def _pct(value: float | None, scale: float = 100.0) -> str:
@@ -72,7 +83,7 @@ def leaderboard_table(records: list[dict], reported: Reported | None = None) -> 
             c = by_scheme.get(s)
             row += [_pct(getattr(c, key) if c is not None else None) for _, key in COLUMNS]
         rows.append(row)
-        published = reported.row(first.method, first.dataset)
+        published = reported.row_for(first.method, first.dataset)
         if published is not None:
             source = reported.sources[published.source]
             if source not in sources:
@@ -92,13 +103,22 @@ def leaderboard_markdown(records: list[dict], reported: Reported | None = None, 
     eps = sorted({c.eps for c in cells if c.eps is not None})
     corrupt = sorted({c.corruptions for c in cells if c.corruptions})
     datasets = sorted({c.dataset for c in cells})
+    attacks = sorted({c.ra_attack for c in cells if c.ra is not None}) or ["autoattack"]
+    budget = f"L-inf eps {', '.join(map(format_eps, eps)) or '8/255'}"
+    if attacks == ["autoattack"]:
+        ra = f"AutoAttack (standard, {budget})"
+    else:
+        ra = f"{', '.join('AutoAttack' if a == 'autoattack' else a for a in attacks)} ({budget}; published RA is AutoAttack's)"
     lines = [f"# {title or 'Benchmark: ' + ', '.join(datasets)}", ""]
     lines.append(
-        f"RA: robust accuracy under AutoAttack (standard, L-inf eps {', '.join(map(format_eps, eps)) or '8/255'}); "
+        f"RA: robust accuracy under {ra}; "
         f"CA: mean accuracy over 15 corruptions x 5 severities ({', '.join(corrupt) or 'not measured'}); "
         f"SA: standard accuracy. Percent; {MISSING} = not measured. \"reported\" rows are published numbers "
         "for the same method and dataset."
     )
+    off = list(dict.fromkeys(d for r in records for d in (r.get("deviations") or [])))
+    if off:
+        lines += ["", f"Not the full protocol (a smoke run): {', '.join(off)}."]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     if sources:

@@ -33,6 +33,20 @@ class Source(BaseModel):
     code: str | None = Field(None, pattern=r"^https?://")
 
 
+# The method a checkpoint records (``meta.method``, as each pretraining method or importer names
+# its encoders) -> the method id of its rows below; a method missing here has no published rows
+# (simclr: the non-robust baseline). The one place where the two namings meet.
+REPORTED_IDS = {
+    "advcl": "advcl", "acl": "acl", "dynacl": "dynacl", "dynacl++": "dynacl++", "acl-air": "acl-air",
+    "dynacl-air": "dynacl-air", "dynacl-air++": "dynacl-air++", "deacl": "deacl", "rocl": "rocl",
+}
+
+
+def reported_id(method: str) -> str | None:
+    """The reported-numbers id of a checkpoint's method, or None when no source reports it."""
+    return REPORTED_IDS.get(str(method).strip().lower())
+
+
 class Numbers(BaseModel):
     """One cell: SA, AutoAttack RA, PGD-20 RA and CA in percent (those the source gives)."""
 
@@ -42,6 +56,11 @@ class Numbers(BaseModel):
     aa: Percent = None
     pgd20: Percent = None
     ca: Percent = None
+
+    @property
+    def ra(self) -> float | None:
+        """The published RA: AutoAttack's."""
+        return self.aa
 
 
 class Row(BaseModel):
@@ -81,6 +100,11 @@ class Reported(BaseModel):
         """The preferred (first) row for ``method`` on ``dataset``, or None."""
         method, dataset = str(method).strip().lower(), str(dataset).strip().lower()
         return next((r for r in self.numbers if r.method == method and r.dataset == dataset), None)
+
+    def row_for(self, checkpoint_method: str, dataset: str) -> Row | None:
+        """``row`` for the method a checkpoint records (through ``reported_id``)."""
+        rid = reported_id(checkpoint_method)
+        return self.row(rid, dataset) if rid is not None else None
 
     def lookup(self, method: str, dataset: str, scheme: Literal["slf", "alf", "aff"],
                metric: str | None = None) -> tuple[Numbers, Source, Row] | None:

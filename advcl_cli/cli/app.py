@@ -10,7 +10,7 @@ import typer
 
 from ..version import __version__
 from ..errors import AdvclError, os_error
-from . import attack, evaluate, finetune, imports, pretrain, pseudo_labels, pull, push, zoo
+from . import attack, benchmark, evaluate, finetune, imports, pretrain, pseudo_labels, pull, push, zoo
 from .options import documented
 from .output import Output
 
@@ -62,6 +62,7 @@ def build_app(verb: str | None = None) -> typer.Typer:
     app.command("finetune")(finetune.command(full=verb == "finetune"))
     app.command("attack")(attack.attack)
     app.command("eval")(evaluate.evaluate)
+    app.command("benchmark")(benchmark.benchmark)
     app.command("pull")(pull.pull)
     app.command("push")(push.push)
     app.add_typer(zoo.app, name="zoo")

@@ -131,19 +131,25 @@ def documented(func):
 # --- the MODEL argument and outputs -----------------------------------------------------------
 
 
+def stdin_lines(what: str, hint: str) -> list[str]:
+    """The non-empty lines of stdin, for an argument given as '-' or not at all (``what``:
+    the argument's name, for the error)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError(f"no {what} given", hint)
+    try:
+        text = sys.stdin.read()
+    except OSError:
+        text = ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UsageError(f"no {what} given: stdin was empty", "did the command before the pipe fail?")
+    return lines
+
+
 def model_path(value: str | None) -> Path:
     """Resolve a MODEL argument: a path, a zoo name (pulled), or a path on stdin."""
     if value in (None, "-"):
-        if sys.stdin is None or sys.stdin.isatty():
-            raise UsageError("no MODEL given", "pass a checkpoint path or zoo name, or pipe one: advcl pull NAME | advcl eval")
-        try:
-            text = sys.stdin.read()
-        except OSError:
-            text = ""
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        if not lines:
-            raise UsageError("no MODEL given: stdin was empty", "did the command before the pipe fail?")
-        value = lines[-1]
+        value = stdin_lines("MODEL", "pass a checkpoint path or zoo name, or pipe one: advcl pull NAME | advcl eval")[-1]
     from ..zoo import resolve
     from .output import Output
 

@@ -32,6 +32,16 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _rich_table(rows: list[dict], columns: Iterable[str] | None, title: str | None) -> Table:
+    columns = list(columns or (rows[0].keys() if rows else []))
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(_fmt(row.get(c, "")) for c in columns))
+    return table
+
+
 class Output:
     def __init__(self, json_mode: bool = False):
         self.json_mode = json_mode
@@ -51,13 +61,7 @@ class Output:
         if self.json_mode:
             self.document(rows if doc is None else doc)
             return
-        columns = list(columns or (rows[0].keys() if rows else []))
-        table = Table(title=title, title_justify="left")
-        for col in columns:
-            table.add_column(col)
-        for row in rows:
-            table.add_row(*(_fmt(row.get(c, "")) for c in columns))
-        Console(file=sys.stdout, highlight=False, soft_wrap=True).print(table)
+        Console(file=sys.stdout, highlight=False, soft_wrap=True).print(_rich_table(rows, columns, title))
 
     # --- people (stderr) -------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -65,6 +69,10 @@ class Output:
 
     def warn(self, message: str) -> None:
         self.err.print(f"warning: {message}", style="yellow", markup=False)
+
+    def log_table(self, rows: list[dict], columns: Iterable[str] | None = None, title: str | None = None) -> None:
+        """A table for people on stderr (progress of a long job; stdout keeps the data)."""
+        self.err.print(_rich_table(rows, columns, title))
 
     def error(self, message: str, hint: str | None = None) -> None:
         self.err.print(f"error: {message}", style="red", markup=False)

@@ -25,7 +25,7 @@ per-image results are gathered in the original order (``gather_shards``); see
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -41,6 +41,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owner: bool = field(default=True, compare=False)  # this context joined the group: ``shutdown`` leaves it
 
     @property
     def is_main(self) -> bool:
@@ -68,11 +69,12 @@ def init_distributed(device: torch.device) -> DistContext:
                 "set --nproc-per-node to the number of GPUs",
             )
         torch.cuda.set_device(local)
-    if not dist.is_initialized():
+    owner = not dist.is_initialized()  # else a caller (the benchmark) joined it and leaves it
+    if owner:
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=int(os.environ.get("ADVCL_DIST_TIMEOUT", "600")))
         dist.init_process_group(backend=backend, timeout=timeout)
-    return DistContext(rank=rank, world_size=world, local_rank=local)
+    return DistContext(rank=rank, world_size=world, local_rank=local, owner=owner)
 
 
 def local_slice(x: torch.Tensor, ctx: DistContext, dim: int = 0) -> torch.Tensor:
@@ -259,13 +261,15 @@ def barrier(ctx: DistContext) -> None:
 
 
 def shutdown(ctx: DistContext) -> None:
-    """Tear down the process group, if any, once every rank has got here.
+    """Tear down the process group, if ``ctx`` joined it (an engine called by another engine
+    that holds the group, as the benchmark calls finetuning, leaves it to its caller), once
+    every rank has got here.
 
     Call it on every rank at the same point (after the last collective). The barrier keeps a
     rank from shutting its gloo connections down while another is still finishing the last
     collective on them, which could end a rank with SIGABRT at exit ("terminate called without
     an active exception")."""
-    if ctx.enabled and dist.is_initialized():
+    if ctx.enabled and ctx.owner and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
