@@ -166,7 +166,7 @@ def test_both_phases_learn_the_pseudo_labels_not_the_true_ones(parent, tmp_path,
 
 def test_the_probe_leaves_the_encoder_alone_then_trades_trains_it(parent, tmp_path):
     run = tmp_path / "run"
-    s = lpaft_settings(out=run)
+    s = lpaft_settings(out=run, milestones=[1])
     with pytest.raises(KeyboardInterrupt):
         L.lpaft(s, parent, InterruptAt(3))  # 2 steps per epoch: the first TRADES step
     state = load_state(run / "state.safetensors")
@@ -187,6 +187,9 @@ def test_the_probe_leaves_the_encoder_alone_then_trades_trains_it(parent, tmp_pa
     assert enc.tensors.keys() == {k for k in final if not k.startswith("fc.")}
     assert all(torch.equal(enc.tensors[k], final[k]) for k in enc.tensors)
     assert not torch.equal(final["backbone.conv1.weight"], start["backbone.conv1.weight"])
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # the probe's constant rate, then TRADES' 0.1 with its milestones counted from its own first epoch
+    assert [(m["phase"], m["lr"]) for m in metrics] == [("probe", 0.01), ("trades", 0.1), ("trades", pytest.approx(0.01))]
 
 
 def test_resume_gives_the_uninterrupted_encoder(parent, tmp_path):
