@@ -121,7 +121,7 @@ def test_the_trades_attack_starts_at_x_without_noise(parent):
     x, y = batch(2)
     s = lpaft_settings().model_copy(update={"attack_steps": 0})
     loss, logits = L.Steps(s, "pgd").trades(ours, x, y, torch.Generator().manual_seed(0), "fp32", CPU)
-    assert float(loss) == float(F.cross_entropy(logits, y))
+    assert float(loss.detach()) == float(F.cross_entropy(logits, y).detach())
 
 
 # --- the engine -------------------------------------------------------------------------------
