@@ -16,6 +16,12 @@ per epoch): they hold no state, so resuming a run needs only the epoch it stoppe
   ``base * t / W`` during ``W`` warm-up units, then at
   ``min + (base - min) * (1 + cos(pi * (t - W) / (T - W))) / 2``; a unit is a step
   (``per="step"``, ACL) or an epoch (``per="epoch"``).
+- ``EpochWarmupCosine``: DynACL's schedule (``train_DynACL.py``): the ``cosine_annealing`` of
+  its ``utils.py`` (warm-up factor ``(step + 1) / W``) through ``LambdaLR``, whose
+  ``scheduler.step()`` runs once after each epoch, so epoch ``e`` (0-based) runs at
+  ``base * (e + 1) / W`` for ``e < W``, then at
+  ``min + (base - min) * (1 + cos(pi * (e - W) / (E - W))) / 2`` (epoch ``W`` at ``base``, the
+  last epoch above ``min``); constant within an epoch.
 - ``LinearWarmupCosine``: solo-learn's ``warmup_cosine`` (pl_bolts'
   ``LinearWarmupCosineAnnealingLR``), which Lightning steps once per epoch, as DeACL's code runs
   it: epoch ``e < W`` at ``start + e * (base - start) / (W - 1)`` (the last warm-up epoch is at
@@ -73,6 +79,20 @@ class CosineAnnealing:
         if t < warmup:
             return self.base_lr * t / warmup
         progress = (t - warmup) / max(total - warmup, 1)
+        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class EpochWarmupCosine:
+    base_lr: float
+    epochs: int
+    warmup_epochs: int = 10
+    min_lr: float = 0.0
+
+    def lr(self, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+        if epoch < self.warmup_epochs:
+            return self.base_lr * (epoch + 1) / self.warmup_epochs
+        progress = (epoch - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1)
         return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

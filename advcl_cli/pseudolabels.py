@@ -139,14 +139,16 @@ def extract_features(model, images_uint8: torch.Tensor, *, batch_size: int = 512
     return torch.cat(feats)
 
 
-def kmeans_labels(features: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
-    """k-means cluster index (N,) int64 of L2-normalised ``features``."""
+def kmeans_labels(features: torch.Tensor, k: int, seed: int = 0, *, normalize: bool = True) -> torch.Tensor:
+    """k-means cluster index (N,) int64 of ``features``, L2-normalised first unless
+    ``normalize=False`` (DynACL++ clusters the raw features)."""
     from sklearn.cluster import KMeans
 
     n = features.shape[0]
     if not 1 <= k <= n:
         raise DataError(f"cannot make {k} clusters from {n} images", f"use k values of at most {n} (--k)")
-    x = torch.nn.functional.normalize(features.float(), dim=1).numpy().astype(np.float32)
+    x = torch.nn.functional.normalize(features.float(), dim=1) if normalize else features.float()
+    x = x.numpy().astype(np.float32)
     km = KMeans(n_clusters=k, n_init=1, random_state=seed)
     return torch.from_numpy(km.fit_predict(x).astype(np.int64))
 

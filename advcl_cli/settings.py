@@ -204,6 +204,33 @@ class FinetuneSettings(DataSettings):
     precision: Precision = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
 
 
+class LpaftSettings(DataSettings):
+    """DynACL++'s post-processing (``advcl lpaft``); the defaults are the authors' ``LPAFT.py``."""
+
+    section: ClassVar[str] = "lpaft"
+
+    dataset: str | None = option(None, "Dataset to post-process on, its training split (default: the encoder's).", short="-d")
+    out: Path | None = option(None, "Run folder (default runs/METHOD++-DATASET-SHA8).", short="-o")
+    clusters: int = option(10, "k-means clusters on the un-augmented training features: the pseudo-label classes "
+                               "(the authors' 10 for every dataset).", ge=2)
+    bn_set: str | None = option(None, "The encoder's BN set that is trained and kept (default: pgd, or its only set).")
+    dual_bn: bool = option(False, "Keep the encoder's normal BN set too, unchanged (the authors' LPAFT_AFF.py: an "
+                                  "encoder for AFF with both sets); default: a single-BN encoder (LPAFT.py).")
+    probe_epochs: int = option(10, "Epochs of linear probing on the pseudo labels (encoder frozen, eval mode).", ge=0)
+    probe_lr: float = option(0.01, "Learning rate of the linear probe (constant).", gt=0)
+    epochs: int = option(25, "Epochs of TRADES on the pseudo labels (the whole network).", ge=1)
+    lr: float = option(0.1, "Learning rate of the TRADES epochs.", gt=0)
+    milestones: IntList = option([10, 20], "TRADES epochs where lr is multiplied by 0.1.", metavar="E,E,...")
+    momentum: float = option(0.9, "SGD momentum (both phases).", ge=0)
+    weight_decay: float = option(1e-4, "Weight decay (both phases).", ge=0)
+    batch_size: int = option(512, "Batch size (both phases; the last partial batch is dropped).", short="-b", ge=1)
+    eps: Eps = option(8 / 255, "L-inf budget of TRADES' attack, as 8/255 or 0.031.", metavar="EPS")
+    attack_steps: int = option(10, "Steps of TRADES' attack (it starts at x, no random noise).", ge=1)
+    attack_step_size: Eps = option(2 / 255, "Step size of TRADES' attack.", metavar="EPS")
+    trades_beta: float = option(6.0, "TRADES beta.", ge=0)
+    precision: Precision = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
+
+
 class EvalSettings(DataSettings):
     section: ClassVar[str] = "eval"
 
@@ -278,8 +305,8 @@ class HubSettings(SettingsModel):
 
 
 VERBS: dict[str, type[SettingsModel]] = {
-    cls.section: cls for cls in (PretrainSettings, PseudoLabelSettings, FinetuneSettings, EvalSettings, AttackSettings,
-                                 BenchmarkSettings, HubSettings)
+    cls.section: cls for cls in (PretrainSettings, PseudoLabelSettings, FinetuneSettings, LpaftSettings, EvalSettings,
+                                 AttackSettings, BenchmarkSettings, HubSettings)
 }
 
 

@@ -10,6 +10,9 @@ writes what they give to DIR, so a test can compare 1 process x B with 2 process
 - ``advcl.safetensors``: one production AdvCL step (views, 5 PGD steps on x_cl and x_ce with
   pseudo labels from LABELS, the loss) in float64 on a tiny network whose BN sets differ, then
   one SGD step (lr 0.5, momentum 0.9, weight decay 1e-4).
+
+``python dist_worker.py dynacl DIR`` writes ``dynacl.safetensors``: one DynACL step with its
+momentum encoder, likewise.
 """
 
 import sys
@@ -53,16 +56,16 @@ def primitives(out: str, ctx) -> None:
         save_file({**state, "__loss__": loss.reshape(1)}, out)
 
 
-def update_and_save(model, opt, loss, terms, out: str, ctx) -> None:
-    """Backward, the gradient all-reduce, one optimizer step; rank 0 writes the weights and the
-    loss terms (averaged over ranks)."""
+def update_and_save(model, opt, loss, terms, out: str, ctx, extra=None) -> None:
+    """Backward, the gradient all-reduce, one optimizer step; rank 0 writes the weights, ``extra``
+    tensors and the loss terms (averaged over ranks)."""
     opt.zero_grad()
     loss.backward()
     sync_gradients(model, ctx)
     opt.step()
     terms = {f"__{k}__": reduce_mean(v, ctx).reshape(1) for k, v in {"loss": loss.detach(), **terms}.items()}
     if ctx.is_main:
-        save_file({**{k: v.detach().contiguous() for k, v in model.state_dict().items()}, **terms}, out)
+        save_file({**{k: v.detach().contiguous() for k, v in model.state_dict().items()}, **(extra or {}), **terms}, out)
 
 
 def advcl_step(out: str, labels: str, ctx) -> None:
@@ -94,6 +97,28 @@ def acl_step(out: str, ctx) -> None:
     update_and_save(model, method.optimizer(model.parameters()), loss, terms, out, ctx)
 
 
+def dynacl(folder: str) -> None:
+    """One production DynACL step with its momentum encoder (float64, 5 PGD steps, epoch 150
+    of 1000), then one SGD step; rank 0 writes the network, the momentum encoder
+    (``momentum_encoder.*``: parameters and BN statistics) and the loss terms."""
+    from advcl_cli.config import resolve
+    from advcl_cli.engine.pretrain import make_method
+    from advcl_cli.settings import PretrainSettings
+    from nets import acl_family_net
+
+    torch.set_num_threads(1)
+    ctx = init_distributed(torch.device("cpu"))
+    method = make_method(resolve(PretrainSettings, {"method": "dynacl", "arch": "resnet18-tiny"}), ADVCL_BATCH)
+    model = prepare_model(acl_family_net(method), ctx)
+    method.start_epoch(149)
+    images = torch.randint(0, 256, (ADVCL_BATCH, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    loss, terms = method.step(model, images, torch.arange(ADVCL_BATCH), torch.Generator().manual_seed(3), ctx)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    update_and_save(model, opt, loss, terms, f"{folder}/dynacl.safetensors", ctx, extra=method.state())
+    assert all(p.grad is None and not p.requires_grad for p in method.momentum_net.parameters())
+    shutdown(ctx)
+
+
 def steps(folder: str, labels: str) -> None:
     torch.set_num_threads(1)
     ctx = init_distributed(torch.device("cpu"))
@@ -119,4 +144,4 @@ def collectives(out: str) -> None:
 
 
 if __name__ == "__main__":
-    {"steps": steps, "collectives": collectives}[sys.argv[1]](*sys.argv[2:])
+    {"steps": steps, "collectives": collectives, "dynacl": dynacl}[sys.argv[1]](*sys.argv[2:])

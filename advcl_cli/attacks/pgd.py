@@ -113,14 +113,19 @@ def trades_kl(logits_adv: Tensor, p_nat: Tensor) -> Tensor:
 
 
 def trades_adversary(model: nn.Module, x: Tensor, eps: float, steps: int = 10, step_size: float = 2 / 255,
-                     gen: torch.Generator | None = None, natural: nn.Module | None = None) -> Tensor:
-    """TRADES' inner maximisation: start at ``x + 0.001 N(0, 1)`` and ascend the summed KL
-    between the softmax on ``x`` (computed once, by ``natural`` when given: the clean route of a
-    dual-BN model) and the model's softmax on ``x_adv``."""
+                     gen: torch.Generator | None = None, natural: nn.Module | None = None,
+                     random_start: bool = True) -> Tensor:
+    """TRADES' inner maximisation: start at ``x + 0.001 N(0, 1)`` (at ``x`` itself without
+    ``random_start``, as DynACL++'s code does) and ascend the summed KL between the softmax on
+    ``x`` (computed once, by ``natural`` when given: the clean route of a dual-BN model) and the
+    model's softmax on ``x_adv``."""
     x = x.detach()
     with torch.no_grad():
         p_nat = F.softmax(upcast((natural or model)(x)), dim=1)
-    start = x + 0.001 * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    if random_start:
+        start = x + 0.001 * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    else:
+        start = x.clone()
     return iterative_attack(model, x, p_nat, eps, steps, step_size, loss_fn=trades_kl, start=start)
 
 

@@ -10,7 +10,7 @@ import typer
 
 from ..version import __version__
 from ..errors import AdvclError, os_error
-from . import attack, benchmark, evaluate, finetune, imports, pretrain, pseudo_labels, pull, push, zoo
+from . import attack, benchmark, evaluate, finetune, imports, lpaft, pretrain, pseudo_labels, pull, push, zoo
 from .options import documented
 from .output import Output
 
@@ -59,6 +59,7 @@ def build_app(verb: str | None = None) -> typer.Typer:
     app.command("pretrain")(pretrain.command(full=verb == "pretrain"))
     app.add_typer(pseudo_labels.app, name="pseudo-labels")
     app.command("import")(imports.import_checkpoint)
+    app.command("lpaft")(lpaft.lpaft)
     app.command("finetune")(finetune.command(full=verb == "finetune"))
     app.command("attack")(attack.attack)
     app.command("eval")(evaluate.evaluate)

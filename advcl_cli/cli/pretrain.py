@@ -31,6 +31,12 @@ DOC = """Pretrain an encoder with one of the methods below; print the encoder ch
 
     \b
       advcl pretrain -d cifar10 --method deacl --teacher $enc
+
+    DynACL with the authors' momentum encoder, then DynACL++'s post-processing:
+
+    \b
+      enc=$(advcl pretrain -d cifar10 --method dynacl --out runs/dynacl)
+      advcl lpaft $enc --out runs/dynacl++
     """
 
 TRAINING_PANEL = "Training (defaults are the method's)"

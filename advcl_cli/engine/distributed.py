@@ -255,6 +255,13 @@ def sum_over_ranks(n: int, ctx: DistContext, device: torch.device) -> int:
     return int(t.item())
 
 
+def broadcast_from_main(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Rank 0's ``x`` on every rank (the others pass a tensor of the same shape and dtype)."""
+    if ctx.enabled:
+        dist.broadcast(x, src=0)
+    return x
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
@@ -279,6 +286,7 @@ __all__ = [
     "GlobalBatchNorm",
     "all_gather_with_grad",
     "barrier",
+    "broadcast_from_main",
     "gather_shards",
     "init_distributed",
     "local_slice",

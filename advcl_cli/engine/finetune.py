@@ -56,12 +56,12 @@ from ..errors import DataError, UsageError
 from ..methods import method_for
 from ..models import backbone_with_bn_set
 from ..optim import MultiStep
-from .device import autocast, resolve_device, resolve_precision
-from .distributed import init_distributed, local_slice, on_main, prepare_model, shutdown
+from .device import autocast, upcast
+from .distributed import local_slice, on_main, prepare_model, shutdown
 from .evaluate import class_names_differ, evaluate
 from .loop import Loop
 from .report import Reporter, plural
-from .run import RunDir, RunResult, begin_run, check_resume_config, load_split, open_run, restore
+from .run import RunDir, RunResult, begin_derived_run, begin_run, load_split, restore
 
 CLASSIFIER_FILE = "classifier.safetensors"
 PROTOCOL: dict[str, dict[str, Any]] = {  # the RobustSSL benchmark's defaults (REFERENCE.md)
@@ -125,12 +125,7 @@ class Scheme:
         return model
 
     def _head_loss(self, model, x, y, precision, device):
-        model.eval()  # the encoder's BN statistics never move
-        with torch.no_grad(), autocast(precision, device):
-            feat = model.features(x)
-        with autocast(precision, device):
-            logits = model.fc(feat.float())
-        return F.cross_entropy(logits.float(), y), logits
+        return head_loss(model, x, y, precision, device)
 
 
 class SLF(Scheme):
@@ -162,20 +157,52 @@ class AFF(Scheme):
     def loss(self, model, x, y, gen, precision, device):
         sets = unwrap(model).config.bn_sets
         clean, adv = ("normal", "pgd") if sets == ("normal", "pgd") else (None, None)
-        model.eval()
-        with autocast(precision, device):
-            x_adv = trades_adversary(lambda z: model(z, adv), x, self.s.eps, self.s.attack_steps, self.s.attack_step_size,
-                                     gen=gen, natural=lambda z: model(z, clean))
-        model.train()
-        with autocast(precision, device):
-            logits = model(x, clean)
-            return trades_objective(logits, model(x_adv, adv), y, self.s.trades_beta), logits
+        return trades_step(model, x, y, gen, precision, device, self.s, clean_bn=clean, adv_bn=adv)
 
     def final(self, model):
         net = unwrap(model)
         if net.config.bn_sets == ("normal", "pgd"):
             return _keep_set(net, "pgd")
         return model
+
+
+def head_loss(model, x, y, precision, device, bn: str | None = None):
+    """(cross-entropy, logits) of the linear head on the frozen encoder's features (BN set
+    ``bn``, default the model's first), the model in eval mode so its BN statistics never move."""
+    model.eval()
+    with torch.no_grad(), autocast(precision, device):
+        feat = model.features(x, bn)
+    with autocast(precision, device):
+        logits = model.fc(upcast(feat))
+    return F.cross_entropy(upcast(logits), y), logits
+
+
+def trades_step(model, x, y, gen, precision, device, s, *, clean_bn: str | None = None, adv_bn: str | None = None,
+                random_start: bool = True):
+    """(TRADES loss, clean logits) of one batch: the adversary (``s.attack_steps`` steps of
+    ``s.attack_step_size`` within ``s.eps``, from ``x + 0.001 N(0, 1)`` or, without
+    ``random_start``, from ``x``) with the model in eval mode, then the clean (``clean_bn``) and
+    adversarial (``adv_bn``) forward passes in train mode; beta ``s.trades_beta``."""
+    model.eval()
+    with autocast(precision, device):
+        x_adv = trades_adversary(lambda z: model(z, adv_bn), x, s.eps, s.attack_steps, s.attack_step_size, gen=gen,
+                                 natural=lambda z: model(z, clean_bn), random_start=random_start)
+    model.train()
+    with autocast(precision, device):
+        logits = model(x, clean_bn)
+        return trades_objective(logits, model(x_adv, adv_bn), y, s.trades_beta), logits
+
+
+def supervised_step(loss, ctx):
+    """The ``Loop`` step of a supervised scheme: RandomCrop(padding 4) + flip of the global batch,
+    this rank's slice of images and labels, ``loss(x, y, gen) -> (loss, logits)``; the training
+    accuracy as a metric."""
+    def step(images, labels, indices, gen):
+        x, y = local_slice(crop_flip_view(images, gen), ctx), local_slice(labels, ctx)
+        value, logits = loss(x, y, gen)
+        return value, {"train_acc": (logits.argmax(1) == y).float().mean()}
+
+    return step
 
 
 def _keep_set(net, bn: str):
@@ -255,25 +282,14 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     settings = with_protocol(settings, parent.meta.method, dataset)
     dual_bn = bool(protocol(parent.meta.method, settings.scheme, dataset).get("dual_bn"))
     scheme = SCHEMES[settings.scheme](settings, dual_bn=dual_bn)
-    device = resolve_device(settings.device)
-    precision = resolve_precision(settings.precision, device)
-    ctx = init_distributed(device)
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(CLASSIFIER_FILE,))
-    config = settings.to_config()
     if run.holds(parent.path):
         raise UsageError(f"{parent.path} is the checkpoint being finetuned, and the run folder {run.path} writes it",
                          "choose another --out")
     num_classes_of(dataset)  # an unknown dataset, before anything else
-    state = open_run(run, ctx, batch_size=settings.batch_size, resume=resume, force=force)
-    if not ctx.is_main:
-        reporter = Reporter()  # only rank 0 reports
+    device, precision, ctx, config, state, reporter = begin_derived_run(
+        settings, run, parent.sha256, "finetunes", reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE)
     if state is not None:
-        check_resume_config(state["config"], config, RESUME_MAY_CHANGE)
-        if state["extra"].get("parent") != parent.sha256:
-            raise UsageError(
-                f"{run.path} finetunes another checkpoint (sha256 {str(state['extra'].get('parent'))[:12]}...)",
-                "resume with the checkpoint it started from, or start over with --force",
-            )
         if state.get("finished") and "final" in state["extra"]:
             reporter.log(f"{run.path} already finished all {state['epoch']} epochs")
             shutdown(ctx)
@@ -308,10 +324,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     save_args = dict(kind="classifier", method=parent.meta.method, dataset=full.name, eps=eps,
                      config={**config, "classes": full.classes}, parent=parent.sha256)
 
-    def step(images, labels, indices, gen):
-        x, y = local_slice(crop_flip_view(images, gen), ctx), local_slice(labels, ctx)
-        loss, logits = scheme.loss(model, x, y, gen, precision, device)
-        return loss, {"train_acc": (logits.argmax(1) == y).float().mean()}
+    step = supervised_step(lambda x, y, gen: scheme.loss(model, x, y, gen, precision, device), ctx)
 
     def end_epoch(done: int, metrics: dict) -> None:
         model.eval()

@@ -13,7 +13,8 @@ batches of ``Batches``.
 Under torchrun every rank walks the same global batches and the method keeps the rank's slice,
 so N processes match one process. After every epoch rank 0 appends to ``metrics.jsonl`` and
 saves the resume state (the method's own tensors included); every ``save_every`` epochs and at
-the end it saves ``encoder.safetensors``.
+the end it saves ``encoder.safetensors``: the network ``method.export(model)`` names (the
+trained one, or DynACL's momentum encoder).
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
             return
         run.append_metrics(metrics)
         if done % settings.save_every == 0 or done == settings.epochs:
-            save_model(encoder, model, kind="encoder", method=method.checkpoint_name, dataset=data.name,
+            save_model(encoder, method.export(model), kind="encoder", method=method.checkpoint_name, dataset=data.name,
                        eps=None if without_attack(settings) else method.eps, config=settings.to_config(),
                        metrics=metrics, parent=parent, rescue=done == settings.epochs)
             saved["note"] = f"the last saved encoder is {encoder} (epoch {done})"

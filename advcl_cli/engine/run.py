@@ -29,7 +29,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -229,6 +229,46 @@ def check_resume_config(stored: dict, current: dict, ignore: set[str]) -> None:
             "cannot resume with different settings: " + "; ".join(parts),
             "drop those flags to resume as started, or start over with --force",
         )
+
+
+class DerivedRun(NamedTuple):
+    """What ``begin_derived_run`` sets up for a run made from a checkpoint."""
+
+    device: torch.device
+    precision: str
+    ctx: Any  # engine.distributed.DistContext
+    config: dict
+    state: dict | None  # the resume state (None: a fresh run)
+    reporter: Any  # the caller's on rank 0, a silent one on the others
+
+
+def begin_derived_run(settings, run: "RunDir", parent_sha256: str, does: str, reporter, *, resume: bool, force: bool,
+                      may_change: set[str]) -> DerivedRun:
+    """The start that finetuning and post-processing share: device, precision and process
+    group; the run folder opened (``open_run``); on resume the stored settings and parent
+    checked (``check_resume_config``, ``check_parent``)."""
+    from .device import resolve_device, resolve_precision
+    from .distributed import init_distributed
+    from .report import Reporter
+
+    device = resolve_device(settings.device)
+    precision = resolve_precision(settings.precision, device)
+    ctx = init_distributed(device)
+    config = settings.to_config()
+    state = open_run(run, ctx, batch_size=settings.batch_size, resume=resume, force=force)
+    if state is not None:
+        check_resume_config(state["config"], config, may_change)
+        check_parent(state, parent_sha256, run, does)
+    return DerivedRun(device, precision, ctx, config, state, reporter if ctx.is_main else Reporter())
+
+
+def check_parent(state: dict, sha256: str, run: "RunDir", does: str) -> None:
+    """A resumed run that started from a checkpoint (finetuning, post-processing) continues from
+    that checkpoint only; ``does`` says what the run does with it ("finetunes")."""
+    stored = state["extra"].get("parent")
+    if stored != sha256:
+        raise UsageError(f"{run.path} {does} another checkpoint (sha256 {str(stored)[:12]}...)",
+                         "resume with the checkpoint it started from, or start over with --force")
 
 
 def open_run(run: "RunDir", ctx, *, batch_size: int, resume: bool, force: bool) -> dict | None:

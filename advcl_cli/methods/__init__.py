@@ -23,6 +23,7 @@ ENTRY_POINT_GROUP = "advcl.methods"
 BUILTIN = {
     "advcl": "advcl_cli.methods.advcl:AdvCL",
     "acl": "advcl_cli.methods.acl:ACL",
+    "dynacl": "advcl_cli.methods.dynacl:DynACL",
     "simclr": "advcl_cli.methods.simclr:SimCLR",
     "deacl": "advcl_cli.methods.deacl:DeACL",
     "air": "advcl_cli.methods.air:AIR",

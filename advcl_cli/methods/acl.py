@@ -65,14 +65,16 @@ def random_start(x: Tensor, gen: torch.Generator) -> Tensor:
 
 
 def contrastive_attack(net, x1: Tensor, x2: Tensor, noise: Tensor, *, eps: float, steps: int, step_size: float,
-                       temperature: float, ctx: DistContext = DistContext()) -> tuple[Tensor, Tensor]:
+                       temperature: float, ctx: DistContext = DistContext(), objective=None) -> tuple[Tensor, Tensor]:
     """ACL's PGD on the NT-Xent of the pair through "pgd" in eval mode (``net`` is left in eval
-    mode); gradients with respect to the inputs only."""
+    mode); gradients with respect to the inputs only. ``objective(a1, a2)``, if given, is the
+    loss ascended instead (DynACL: the second view through its momentum encoder)."""
     net.eval()
+    objective = objective or (lambda v1, v2: pair_loss(net, v1, v2, "pgd", temperature, ctx))
     a1, a2 = x1 + eps * noise[0], x2 + eps * noise[1]
     for _ in range(steps):
         a1, a2 = a1.detach().requires_grad_(True), a2.detach().requires_grad_(True)
-        g1, g2 = torch.autograd.grad(pair_loss(net, a1, a2, "pgd", temperature, ctx), [a1, a2])
+        g1, g2 = torch.autograd.grad(objective(a1, a2), [a1, a2])
         a1 = project(a1.detach() + step_size * g1.sign(), x1, eps)
         a2 = project(a2.detach() + step_size * g2.sign(), x2, eps)
     return a1.detach(), a2.detach()

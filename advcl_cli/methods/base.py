@@ -16,7 +16,8 @@ from other weights than the seeded ones loads them there), then builds the optim
 batch_uint8, indices, gen, ctx) -> (loss, terms)``, does backward, the gradient all-reduce and
 the optimizer step, then ``after_step(model)``. ``start_epoch(epoch)`` runs before each
 epoch; ``state()`` / ``load_state(tensors)`` carry a method's own tensors (a momentum encoder,
-say) in the resume state. Third-party methods register a ``Method`` subclass under the
+say) in the resume state; ``export(model)`` is the network the engine saves as the encoder (the
+trained one, or e.g. DynACL's momentum encoder). Third-party methods register a ``Method`` subclass under the
 ``advcl.methods`` entry point group.
 """
 
@@ -116,6 +117,10 @@ class Method:
 
     def after_step(self, model) -> None:
         """Called after every optimizer step."""
+
+    def export(self, model):
+        """The network saved as the run's encoder (default: the trained ``model``)."""
+        return model
 
     def state(self) -> dict[str, Tensor]:
         """The method's own tensors to keep in the resume state."""

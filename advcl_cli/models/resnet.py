@@ -211,9 +211,10 @@ class AdvclNet(nn.Module):
         width, blocks = ARCHS[config.arch]
         self.backbone = ResNetBackbone(width, blocks, config.bn_sets)
         d = self.backbone.out_dim
-        if config.mean is not None:  # not in the state dict: the config says it; float64, cast per use
-            self.register_buffer("mean", torch.tensor(config.mean, dtype=torch.float64).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor(config.std, dtype=torch.float64).view(1, 3, 1, 1), persistent=False)
+        if config.mean is not None:  # not in the state dict: the config says it. float32 values, as the
+            # authors' NormalizeByChannelMeanStd buffers hold (a float64 model casts those values)
+            self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
         self.proj = None
         if config.proj_dim:
             mlp3 = config.proj_head == "mlp3"

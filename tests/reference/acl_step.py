@@ -28,8 +28,9 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def forward(model, x, bn_name):
-    mean = torch.tensor(IMAGENET[0], dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET[1], dtype=x.dtype).view(1, 3, 1, 1)
+    # their buffers are torch.tensor(mean): float32 values, cast to the model's dtype
+    mean = torch.tensor(IMAGENET[0]).to(x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET[1]).to(x.dtype).view(1, 3, 1, 1)
     return model.proj(model.backbone((x - mean) / std, bn_name), bn_name)
 
 
