@@ -268,7 +268,7 @@ def test_finetune_never_writes_over_its_own_input(run_cli, tmp_path, classifier)
     (tmp_path / "ft").mkdir()
     parent = tmp_path / "ft" / "classifier.safetensors"
     parent.write_bytes(classifier.read_bytes())
-    refused(run_cli("finetune", parent, *FT, "--out", "ft", "--force"), 2, "is the checkpoint being finetuned")
+    refused(run_cli("finetune", parent, *FT, "--out", "ft", "--force"), 2, "the checkpoint it finetunes")
     assert parent.read_bytes() == classifier.read_bytes() and tree(tmp_path / "ft") == {"classifier.safetensors"}
 
 

@@ -233,7 +233,7 @@ def test_methods_names_and_bad_inputs(parent, tmp_path):
     assert not (tmp_path / "w").exists()
     (tmp_path / "r").mkdir()
     inside = load_checkpoint(shutil.copy(parent.path, tmp_path / "r" / "encoder.safetensors"))
-    with pytest.raises(UsageError, match="is the encoder being post-processed"):
+    with pytest.raises(UsageError, match="the checkpoint it post-processes"):
         L.lpaft(lpaft_settings(out=tmp_path / "r"), inside, force=True)
     assert inside.path.is_file() and sha256_file(inside.path) == sha256_file(parent.path)
     assert L.bn_routes(("normal", "pgd"), lpaft_settings(dual_bn=True)) == ("pgd", ("normal", "pgd"), "normal")

@@ -51,7 +51,7 @@ from ..attacks.pgd import pgd, trades_adversary, trades_objective
 from ..checkpoint import Checkpoint, load_checkpoint, save_model, unwrap
 from ..data.augment import crop_flip_view
 from ..data.batches import Batches
-from ..data.registry import load_dataset, num_classes_of
+from ..data.registry import load_dataset
 from ..errors import DataError, UsageError
 from ..methods import method_for
 from ..models import backbone_with_bn_set
@@ -283,12 +283,8 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     dual_bn = bool(protocol(parent.meta.method, settings.scheme, dataset).get("dual_bn"))
     scheme = SCHEMES[settings.scheme](settings, dual_bn=dual_bn)
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(CLASSIFIER_FILE,))
-    if run.holds(parent.path):
-        raise UsageError(f"{parent.path} is the checkpoint being finetuned, and the run folder {run.path} writes it",
-                         "choose another --out")
-    num_classes_of(dataset)  # an unknown dataset, before anything else
     device, precision, ctx, config, state, reporter = begin_derived_run(
-        settings, run, parent.sha256, "finetunes", reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE)
+        settings, run, parent, dataset, "finetunes", reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE)
     if state is not None:
         if state.get("finished") and "final" in state["extra"]:
             reporter.log(f"{run.path} already finished all {state['epoch']} epochs")

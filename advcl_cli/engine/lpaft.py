@@ -44,7 +44,6 @@ import torch
 
 from ..checkpoint import Checkpoint, save_model, unwrap
 from ..data.batches import Batches
-from ..data.registry import num_classes_of
 from ..errors import DataError, UsageError
 from ..models import backbone_with_bn_set
 from ..optim import MultiStep
@@ -138,12 +137,8 @@ def lpaft(settings, parent: Checkpoint, reporter: Reporter | None = None, *, res
     encoder = parent.build("cpu")
     bn, keep, cluster_bn = bn_routes(encoder.config.bn_sets, settings)
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(ENCODER_FILE, LABELS_FILE))
-    if run.holds(parent.path):
-        raise UsageError(f"{parent.path} is the encoder being post-processed, and the run folder {run.path} writes it",
-                         "choose another --out")
-    num_classes_of(dataset)  # an unknown dataset, before anything else
     device, precision, ctx, config, state, reporter = begin_derived_run(
-        settings, run, parent.sha256, "post-processes", reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE)
+        settings, run, parent, dataset, "post-processes", reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE)
     if state is not None and state.get("finished"):
         reporter.log(f"{run.path} already finished all {state['epoch']} epochs")
         shutdown(ctx)

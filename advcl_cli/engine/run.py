@@ -242,15 +242,22 @@ class DerivedRun(NamedTuple):
     reporter: Any  # the caller's on rank 0, a silent one on the others
 
 
-def begin_derived_run(settings, run: "RunDir", parent_sha256: str, does: str, reporter, *, resume: bool, force: bool,
+def begin_derived_run(settings, run: "RunDir", parent, dataset: str, does: str, reporter, *, resume: bool, force: bool,
                       may_change: set[str]) -> DerivedRun:
-    """The start that finetuning and post-processing share: device, precision and process
-    group; the run folder opened (``open_run``); on resume the stored settings and parent
-    checked (``check_resume_config``, ``check_parent``)."""
+    """The start that finetuning and post-processing share: the checks (the run folder must not
+    write the ``parent`` checkpoint; ``dataset`` must be known), then device, precision and
+    process group; the run folder opened (``open_run``); on resume the stored settings and
+    parent checked (``check_resume_config``, ``check_parent``). ``does`` says what the run does
+    with ``parent`` ("finetunes")."""
+    from ..data.registry import num_classes_of
     from .device import resolve_device, resolve_precision
     from .distributed import init_distributed
     from .report import Reporter
 
+    if run.holds(parent.path):
+        raise UsageError(f"the run folder {run.path} would write {parent.path}, the checkpoint it {does}",
+                         "choose another --out")
+    num_classes_of(dataset)  # an unknown dataset, before anything else
     device = resolve_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     ctx = init_distributed(device)
@@ -258,7 +265,7 @@ def begin_derived_run(settings, run: "RunDir", parent_sha256: str, does: str, re
     state = open_run(run, ctx, batch_size=settings.batch_size, resume=resume, force=force)
     if state is not None:
         check_resume_config(state["config"], config, may_change)
-        check_parent(state, parent_sha256, run, does)
+        check_parent(state, parent.sha256, run, does)
     return DerivedRun(device, precision, ctx, config, state, reporter if ctx.is_main else Reporter())
 
 
