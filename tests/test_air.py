@@ -315,3 +315,39 @@ def test_two_processes_match_one(tmp_path):
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     worker(sys.argv[1])
+
+
+# --- DynACL-AIR ------------------------------------------------------------------------------
+
+
+def test_dynacl_air_is_air_with_dynacls_strength_schedule(run):
+    """The authors' --DynAug: strength s = 1 - 50 floor(e / 50) / epochs (0-based e), views at s
+    with bicubic crops, w = (2/3)(1 - s) on the two contrastive terms; no momentum encoder,
+    ACL's per-step cosine; checkpoints named dynacl-air, finetuned as DynACL's."""
+    from advcl_cli.engine.pretrain import make_method
+    from advcl_cli.methods.air import DynACLAIR
+
+    method = make_method(resolve(PretrainSettings, {"method": "dynacl-air", "arch": "resnet18-tiny"}), B)
+    assert isinstance(method, DynACLAIR) and method.checkpoint_name == "dynacl-air"
+    expected = {0: 1.0, 49: 1.0, 50: 0.95, 51: 0.95, 999: 0.05}  # epochs 1, 50, 51, 52, 1000 counted from 1
+    for epoch, s in expected.items():
+        method.start_epoch(epoch)
+        assert method.strength() == pytest.approx(s)
+        assert method.adversarial_weight() == pytest.approx((2 / 3) * (1 - s))
+        spec = method.view_spec()
+        assert spec.interpolation == "bicubic" and spec.flip_p == 0.5
+        assert spec.scale == pytest.approx((1 - 0.9 * s, 1.0))
+        assert spec.jitter == pytest.approx((0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s))
+        assert (spec.jitter_p, spec.gray_p) == pytest.approx((0.8 * s, 0.2 * s))
+    assert method.schedule() == ACL(method.settings, n_images=B).schedule()  # per step, as ACL's
+    assert not hasattr(method, "momentum_net")
+    assert protocol("dynacl-air", "aff", "cifar10") == protocol("dynacl", "aff", "cifar10")
+    assert protocol("dynacl-air", "aff", "cifar10") != protocol("acl", "aff", "cifar10")
+
+    method.start_epoch(500)  # s = 0.5, w = 1/3: the step against the reference at that weight
+    x1, x2, x_o = run["views"]
+    noise = torch.rand((2, B, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2 - 1
+    loss, _ = method.loss(copy.deepcopy(run["start"]), (x1, x2, x_o), noise)
+    theirs = copy.deepcopy(run["start"])
+    ref = reference_step(as_model(theirs), theirs, x1, x2, x_o, EPS * noise[0], EPS * noise[1], weight=1 / 3)
+    assert abs(float(loss.detach()) - float(ref["loss"].detach())) < TOL

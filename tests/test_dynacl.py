@@ -204,7 +204,7 @@ def test_defaults_and_finetuning_protocol():
         True, 0.99, 50, pytest.approx(2 / 3), 0.5, 5)
     assert get_method("dynacl") is DynACL
     for name in ("dynacl", "dynacl++", "dynacl-air", "dynacl-air++"):
-        assert method_for(name) is DynACL
+        assert method_for(name) is (DynACL if name != "dynacl-air" else get_method("dynacl-air"))  # DynACL-AIR: its own class
         assert protocol(name, "slf", "cifar10") == {"epochs": 25, "batch_size": 512, "lr": 0.01, "milestones": [10, 20]}
         assert protocol(name, "alf", "cifar100")["lr"] == 0.05
         assert protocol(name, "aff", "cifar10") == {"epochs": 25, "batch_size": 128, "lr": 0.1, "milestones": [15, 20],

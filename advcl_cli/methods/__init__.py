@@ -27,6 +27,7 @@ BUILTIN = {
     "simclr": "advcl_cli.methods.simclr:SimCLR",
     "deacl": "advcl_cli.methods.deacl:DeACL",
     "air": "advcl_cli.methods.air:AIR",
+    "dynacl-air": "advcl_cli.methods.air:DynACLAIR",
 }
 
 

@@ -25,22 +25,27 @@ Under torchrun the NT-Xent terms and the softmaxes over k see the global batch: 
 projections of every image are gathered (with gradients) from every rank before the loss, so
 N processes compute what one does. Batch norm normalises x_o over the global batch.
 
-DynACL-AIR (the authors' ``--ACL_DS --DynAug``) is this step with the dynamic augmentation: the
-views at DynACL's strength s (bicubic, as the authors' AIR transform), w = (2/3)(1 - s) from
-``adversarial_weight``, and, in their code, neither a momentum encoder nor DynACL's per-epoch
-cosine.
+DynACL-AIR (``DynACLAIR``, ``--method dynacl-air``; the authors' ``--ACL_DS --DynAug``) is
+this step with the dynamic augmentation: the views at DynACL's strength s = 1 - 50 floor(e /
+50) / epochs (0-based e; bicubic, as the authors' AIR transform, where DynACL's own crop is
+bilinear), w = (2/3)(1 - s), which steps with s (DynACL's own weight steps one epoch earlier);
+as in their code, neither a momentum encoder nor DynACL's per-epoch cosine (ACL's per-step
+one). Its encoders finetune with DynACL's protocol.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor
 
 from ..checkpoint import unwrap
-from ..data.augment import to_float
+from ..data.augment import ViewSpec, to_float
 from ..engine.distributed import DistContext, all_gather_with_grad
 from ..settings import option
 from .acl import ACL, pair_projections
+from .dynacl import DynACL, block_strength
 from .losses import adversarial_invariance, nt_xent, standard_invariance
 
 
@@ -95,3 +100,36 @@ class AIR(ACL):
         s = self.settings
         return air_loss(z, temperature=s.temperature, adv_weight=self.adversarial_weight(),
                         sir_weight=s.sir_weight, air_weight=s.air_weight)
+
+
+class DynACLAIR(AIR):
+    """DynACL-AIR: AIR with DynACL's augmentation-strength schedule and w = (2/3)(1 - s)."""
+
+    name = "dynacl-air"
+    summary = "DynACL-AIR (Xu et al., NeurIPS 2023): AIR with DynACL's annealed augmentation"
+    aliases = ()
+    finetune_protocol = DynACL.finetune_protocol
+
+    class Settings(AIR.Settings):
+        strength_block: int = option(50, "Epochs per augmentation strength (the authors' reload_frequency).", ge=1)
+        weight_swap: float = option(2 / 3, "The adversarial weight w = weight-swap x (1 - strength) (the authors' LAMBDA).",
+                                    ge=0)
+
+    epoch = 0
+
+    @property
+    def checkpoint_name(self) -> str:
+        return "dynacl-air"
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def strength(self) -> float:
+        """The augmentation strength of the current epoch (DynACL's blocks)."""
+        return block_strength(self.epoch, self.settings.strength_block, self.settings.epochs)
+
+    def adversarial_weight(self) -> float:
+        return self.settings.weight_swap * (1 - self.strength())
+
+    def view_spec(self) -> ViewSpec:
+        return dataclasses.replace(ViewSpec.dynacl(self.strength()), interpolation="bicubic")

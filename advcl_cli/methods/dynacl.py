@@ -68,6 +68,12 @@ def split_pair_loss(q, k, x1: Tensor, x2: Tensor, bn: str, temperature: float, c
     return nt_xent(all_gather_with_grad(torch.stack([z1, z2], dim=1), ctx), temperature)
 
 
+def block_strength(epoch: int, block: int, epochs: int) -> float:
+    """DynACL's augmentation strength of 0-based ``epoch``: 1 - block floor(epoch / block) / epochs,
+    constant over blocks of ``block`` epochs (1.00, 0.95, ..., 0.05 for 50 of 1000)."""
+    return 1 - (epoch // block) * block / epochs
+
+
 @torch.no_grad()
 def ema_update(k: torch.nn.Module, q: torch.nn.Module, decay: float) -> None:
     """Every parameter of ``k`` becomes ``decay * k + (1 - decay) * q`` (buffers untouched)."""
@@ -78,7 +84,7 @@ def ema_update(k: torch.nn.Module, q: torch.nn.Module, decay: float) -> None:
 class DynACL(ACL):
     name = "dynacl"
     summary = "DynACL (Luo et al., ICLR 2023): ACL with annealed views and a momentum encoder (DynACL++: advcl lpaft)"
-    aliases = ("dynacl++", "dynacl-air", "dynacl-air++")  # their encoders finetune as DynACL's
+    aliases = ("dynacl++", "dynacl-air++")  # their encoders finetune as DynACL's
     finetune_protocol = {  # the RobustSSL benchmark's DynACL(++) settings: ACL's SLF/ALF, AFF at batch 128
         "slf": ACL.finetune_protocol["slf"],
         "alf": ACL.finetune_protocol["alf"],
@@ -104,8 +110,7 @@ class DynACL(ACL):
     # --- the schedules (epochs 0-based) --------------------------------------------------------
     def strength(self, epoch: int) -> float:
         """The augmentation strength of epoch ``epoch``."""
-        k = self.settings.strength_block
-        return 1 - (epoch // k) * k / self.settings.epochs
+        return block_strength(epoch, self.settings.strength_block, self.settings.epochs)
 
     def adv_factor(self, epoch: int) -> float:
         """The factor ``a`` of the adversarial term (``2 - a`` of the clean one); ``w = a - 1``."""
