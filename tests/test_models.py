@@ -140,3 +140,24 @@ def test_new_model_fields_round_trip_and_are_checked():
         ModelConfig.from_dict({**cfg.to_dict(), "std": None})
     old = {k: v for k, v in cfg.to_dict().items() if k not in ("proj_head", "mean", "std")}  # a file of the first version
     assert ModelConfig.from_dict(old).proj_head == "mlp2" and ModelConfig.from_dict(old).mean is None
+
+
+def test_the_stem_padding_is_a_model_field():
+    """solo-learn's CIFAR stem (the DeACL authors' model) pads its 3x3 conv by 2: 34x34 maps."""
+    torch.manual_seed(0)
+    one, two = create_model("resnet18-tiny"), create_model("resnet18-tiny", stem_padding=2)
+    two.load_state_dict(one.state_dict())  # the same tensors: only the function differs
+    one.eval(), two.eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert one.backbone.conv1(x).shape[-1] == 32 and two.backbone.conv1(x).shape[-1] == 34
+    assert not torch.allclose(one.features(x), two.features(x))
+    cfg = two.config
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["stem_padding"] == 2
+    old = {k: v for k, v in cfg.to_dict().items() if k != "stem_padding"}  # a file written before the field
+    assert ModelConfig.from_dict(old).stem_padding == 1
+    for bad in (3, True, 2.0, "2"):
+        with pytest.raises(CheckpointError, match="bad model field 'stem_padding'"):
+            ModelConfig.from_dict({**cfg.to_dict(), "stem_padding": bad})
+    with pytest.raises(CheckpointError, match="unknown stem padding 0"):
+        ModelConfig("resnet18-tiny", stem_padding=0)
+    assert backbone_with_bn_set(two, "normal", num_classes=3).config.stem_padding == 2  # finetuning keeps it

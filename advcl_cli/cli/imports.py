@@ -1,4 +1,4 @@
-"""`advcl import`: an original research checkpoint -> an advcl encoder.
+"""`advcl import`: a published research checkpoint -> an advcl encoder.
 
 No ``from __future__ import annotations``: Typer reads the annotations at definition time.
 """
@@ -13,32 +13,44 @@ from .output import Output
 
 
 def import_checkpoint(
-    file: Annotated[Path, typer.Argument(help="The original AdvCL checkpoint (epoch_N.ckpt).", show_default=False)],
+    file: Annotated[Path, typer.Argument(help="The published checkpoint (AdvCL's epoch_N.ckpt, the RobustSSL benchmark's ACL_DS.pt, DynACL++.pt, ...).", show_default=False)],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the encoder (default FILE's name with .safetensors).", show_default=False)] = None,
+    source: Annotated[Optional[str], typer.Option("--from", help="The method that made it: acl, acl-air, advcl, deacl, dynacl, dynacl++, dynacl-air or dynacl-air++ (default: detected from its keys; needed where several methods share a layout).", metavar="METHOD", show_default=False)] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset it was pretrained on, for the metadata (default cifar10).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
     json_output: JsonOpt = False,
 ) -> None:
-    """Convert an original AdvCL pretraining checkpoint into an advcl encoder; print its path.
+    """Convert a published AdvCL, ACL, ACL-AIR, DynACL(++), DynACL-AIR(++) or DeACL checkpoint
+    into an advcl encoder; print its path.
 
-    The file is read with torch.load(weights_only=True): no code in it runs. Every tensor must
-    map onto the advcl model (the unused head_pred and head_ce heads are dropped), otherwise
-    the import fails and lists what did not match. BN sets 0/1/2 become normal/pgd/pgd_ce.
+    The file is read with torch.load(weights_only=True): no code in it runs. Its layout is
+    detected from the keys (AdvCL: bn_list.2, head_proj, fc_XXX; DynACL: encoder_k.; DeACL:
+    backbone.); ACL, ACL-AIR, DynACL and DynACL-AIR share one layout, DynACL++ and DynACL-AIR++
+    another: name the method with --from, since it picks the finetuning protocol. Every tensor
+    must map onto the advcl model, or be dropped by name (heads and networks that are not the
+    encoder, listed on stderr), otherwise the import fails and lists what did not match. BN
+    sets 0/1/2 become normal/pgd/pgd_ce; the input normalisation goes into the model.
 
     Example:
 
     \b
       advcl import checkpoint/AdvCL_Cifar10/epoch_1000.ckpt --out advcl-cifar10.safetensors
+      advcl import DynACL++.pt --from dynacl++
       advcl finetune advcl-cifar10.safetensors --scheme slf
     """
     from ..data.registry import num_classes_of
-    from ..importer import import_original
+    from ..importer import import_original, source_named
 
-    num_classes_of(dataset or "cifar10")  # an unknown dataset is refused before anything is read
+    num_classes_of(dataset or "cifar10")  # an unknown dataset or method is refused before anything is read
+    if source is not None:
+        source_named(source)
     target = out or Path(file.name).with_suffix(".safetensors")
     check_output(target, force, "--out", {"the checkpoint being imported": file})
-    path = import_original(file, target, dataset=dataset or "cifar10")
+    notes: list[str] = []
+    path = import_original(file, target, dataset=dataset or "cifar10", source=source, notes=notes)
     output = Output(json_output)
+    for note in notes:
+        output.log(note)
     if json_output:
         from ..checkpoint import read_metadata
 

@@ -1,7 +1,9 @@
 """The paper's CIFAR ResNet-18 with named batch-norm sets, and the heads around it.
 
 The backbone is the CIFAR variant (3x3 stride-1 stem, no max-pool) that AdvCL and the ACL
-family use. Every BN layer of the backbone holds one BatchNorm per named set ("normal", "pgd",
+family use; ``stem_padding`` 2 gives solo-learn's CIFAR stem (the same 3x3 stride-1 conv with
+2 pixels of zero padding, so 34x34 maps from 32x32 images), which the DeACL authors' published
+encoder has. Every BN layer of the backbone holds one BatchNorm per named set ("normal", "pgd",
 "pgd_ce" for AdvCL; "normal", "pgd" for the ACL family); the set is chosen per forward call, so
 clean and adversarial views keep separate statistics while sharing every convolution. Inputs
 are [0, 1] pixels; a model may normalise them inside (``mean``/``std``: the ACL family uses
@@ -45,6 +47,7 @@ class ModelConfig:
     num_classes: int | None = None  # linear classifier head
     mean: tuple[float, ...] | None = None  # input normalisation inside the model (RGB), or none
     std: tuple[float, ...] | None = None
+    stem_padding: int = 1  # zero padding of the 3x3 stem conv: 1, or 2 (solo-learn's, the DeACL authors' model)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -57,6 +60,8 @@ class ModelConfig:
             raise CheckpointError(f"unknown projection head '{self.proj_head}'", f"choose one of: {', '.join(PROJ_HEADS)}")
         if (self.mean is None) != (self.std is None):
             raise CheckpointError("a model's normalisation needs both mean and std")
+        if self.stem_padding not in STEM_PADDINGS:
+            raise CheckpointError(f"unknown stem padding {self.stem_padding!r}", "advcl's stems pad by 1 or 2")
         object.__setattr__(self, "bn_sets", tuple(self.bn_sets))
         object.__setattr__(self, "pseudo_ks", tuple(int(k) for k in self.pseudo_ks))
         for name in ("mean", "std"):
@@ -88,6 +93,7 @@ class ModelConfig:
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PROJ_HEADS = ("mlp2", "mlp3")
+STEM_PADDINGS = (1, 2)
 
 
 def _count(v) -> bool:
@@ -108,6 +114,7 @@ _FIELD_CHECKS = {  # ModelConfig field -> (test, what it should be)
     "proj_head": (lambda v: v in PROJ_HEADS, "one of " + ", ".join(PROJ_HEADS)),
     "mean": (_rgb, "null or three numbers"),
     "std": (lambda v: _rgb(v) and (v is None or all(x > 0 for x in v)), "null or three positive numbers"),
+    "stem_padding": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v in STEM_PADDINGS, "1 or 2"),
 }
 
 
@@ -142,11 +149,12 @@ class BasicBlock(nn.Module):
 
 
 class ResNetBackbone(nn.Module):
-    """CIFAR ResNet: 3x3 stride-1 stem, four stages, global average pool -> feature vector."""
+    """CIFAR ResNet: 3x3 stride-1 stem (padding 1, or 2 as solo-learn's), four stages, global
+    average pool -> feature vector."""
 
-    def __init__(self, width: int, blocks: tuple[int, ...], sets: tuple[str, ...]):
+    def __init__(self, width: int, blocks: tuple[int, ...], sets: tuple[str, ...], stem_padding: int = 1):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(3, width, 3, 1, stem_padding, bias=False)
         self.bn1 = MultiBatchNorm2d(width, sets)
         layers, cin = [], width
         for stage, n in enumerate(blocks):
@@ -209,7 +217,7 @@ class AdvclNet(nn.Module):
         super().__init__()
         self.config = config
         width, blocks = ARCHS[config.arch]
-        self.backbone = ResNetBackbone(width, blocks, config.bn_sets)
+        self.backbone = ResNetBackbone(width, blocks, config.bn_sets, config.stem_padding)
         d = self.backbone.out_dim
         if config.mean is not None:  # not in the state dict: the config says it. float32 values, as the
             # authors' NormalizeByChannelMeanStd buffers hold (a float64 model casts those values)
