@@ -29,8 +29,12 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .checkpoint import atomic_write, refuse_empty, safetensors_bytes, sha256_file
+from .checkpoint import atomic_write, load_checkpoint, refuse_empty, safetensors_bytes, sha256_file
+from .data.augment import to_float
+from .data.registry import load_dataset, num_classes_of
+from .device import resolve_device
 from .errors import CheckpointError, DataError, UsageError, os_error
+from .report import Reporter
 
 META_KEY = "advcl_pseudo_labels"
 DEFAULT_KS = (2, 10, 50, 100, 500)
@@ -128,8 +132,6 @@ def load_labels(path: str | Path, n_expected: int | None = None, *, allow_longer
 @torch.no_grad()
 def extract_features(model, images_uint8: torch.Tensor, *, batch_size: int = 512, bn: str | None = None) -> torch.Tensor:
     """Backbone features (N, D) float32 on the CPU, in eval mode; images stay on their device."""
-    from .data.augment import to_float
-
     was_training = model.training
     model.eval()
     try:
@@ -229,13 +231,6 @@ def import_authors_pickle(path: str | Path, out: str | Path, dataset: str = "cif
 def make_pseudo_labels(settings, encoder: str | Path, out: str | Path | None, reporter=None) -> Path:
     """``advcl pseudo-labels``: features of ``settings.dataset`` (train split) by the encoder
     checkpoint, k-means for every k in ``settings.k``; returns the labels file's path."""
-    from .checkpoint import load_checkpoint
-    from .data.registry import load_dataset
-    from .engine.device import resolve_device
-    from .engine.report import Reporter
-
-    from .data.registry import num_classes_of
-
     reporter = reporter or Reporter()
     if not settings.k:
         raise UsageError("--k gives no cluster counts", "give cluster counts of at least 2, e.g. --k 2,10,50,100,500")

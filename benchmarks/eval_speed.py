@@ -114,7 +114,7 @@ def main(argv=None):
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
 
-    from advcl_cli.engine.device import resolve_device
+    from advcl_cli.device import resolve_device
     from advcl_cli.models import create_model
 
     if args.threads:

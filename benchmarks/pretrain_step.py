@@ -64,7 +64,7 @@ def measure(variant: str, args) -> dict:
     import torch
 
     from advcl_cli.config import resolve
-    from advcl_cli.engine.device import autocast, resolve_device, resolve_precision
+    from advcl_cli.device import autocast, resolve_device, resolve_precision
     from advcl_cli.engine.pretrain import make_method
     from advcl_cli.models import create_model
     from advcl_cli.pseudolabels import DEFAULT_KS, save_labels

@@ -20,7 +20,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from advcl_cli.engine.distributed import (
+from advcl_cli.distributed import (
     all_gather_with_grad,
     init_distributed,
     local_slice,

@@ -159,7 +159,7 @@ def test_aff_of_an_acl_encoder_keeps_both_bn_sets_and_trains_trades_through_them
     the classifier keeps the "pgd" set."""
     from advcl_cli.checkpoint import load_checkpoint, save_model
     from advcl_cli.engine.finetune import finetune
-    from advcl_cli.engine.report import Reporter
+    from advcl_cli.report import Reporter
     from advcl_cli.models import backbone_with_bn_set
     from advcl_cli.settings import FinetuneSettings
     from test_finetune import ONE_STEP, first_batch, signed_ascent

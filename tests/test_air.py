@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from advcl_cli.config import resolve
 from advcl_cli.data.augment import ViewSpec
-from advcl_cli.engine.distributed import DistContext
+from advcl_cli.distributed import DistContext
 from advcl_cli.engine.finetune import PROTOCOL, protocol
 from advcl_cli.engine.pretrain import make_method
 from advcl_cli.methods import get_method, method_for
@@ -272,7 +272,7 @@ def worker(folder: str) -> None:
     statistics (``python tests/test_air.py DIR``, as one process or under torchrun)."""
     from safetensors.torch import save_file
 
-    from advcl_cli.engine.distributed import init_distributed, prepare_model, reduce_mean, shutdown, sync_gradients
+    from advcl_cli.distributed import init_distributed, prepare_model, reduce_mean, shutdown, sync_gradients
 
     torch.set_num_threads(1)
     ctx = init_distributed(torch.device("cpu"))

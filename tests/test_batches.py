@@ -43,7 +43,7 @@ def test_order_is_a_function_of_seed_and_epoch():
 
 
 def test_rank_slices_of_the_global_batch_join_to_it():
-    from advcl_cli.engine.distributed import DistContext, local_slice
+    from advcl_cli.distributed import DistContext, local_slice
 
     data, world = tiny(), 4
     for x, y, i in batches_of(Batches(data, 8, seed=7)):

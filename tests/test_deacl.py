@@ -16,7 +16,7 @@ from advcl_cli.checkpoint import load_checkpoint, load_state, save_model, sha256
 from advcl_cli.config import resolve
 from advcl_cli.engine.finetune import PROTOCOL, protocol
 from advcl_cli.engine.pretrain import make_method, pretrain
-from advcl_cli.engine.report import RecordingReporter, Reporter
+from advcl_cli.report import RecordingReporter, Reporter
 from advcl_cli.errors import UsageError
 from advcl_cli.methods import get_method
 from advcl_cli.methods.deacl import DeACL, attack

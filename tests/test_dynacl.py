@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 from advcl_cli.checkpoint import load_state
 from advcl_cli.config import resolve
 from advcl_cli.data.augment import ViewSpec
-from advcl_cli.engine.distributed import DistContext
+from advcl_cli.distributed import DistContext
 from advcl_cli.engine.finetune import protocol
 from advcl_cli.engine.pretrain import make_method, pretrain
-from advcl_cli.engine.report import Reporter
+from advcl_cli.report import Reporter
 from advcl_cli.methods import get_method, method_for
 from advcl_cli.methods.acl import random_start
 from advcl_cli.methods.dynacl import DynACL, ema_update

@@ -8,7 +8,7 @@ import torch
 from advcl_cli.attacks import Attack
 from advcl_cli.checkpoint import load_checkpoint, save_model
 from advcl_cli.data.registry import ImageData, load_dataset
-from advcl_cli.engine.distributed import DistContext
+from advcl_cli.distributed import DistContext
 from advcl_cli.engine.evaluate import (
     decode_flags,
     encode_flags,
@@ -19,7 +19,7 @@ from advcl_cli.engine.evaluate import (
     shard,
     worst_case,
 )
-from advcl_cli.engine.report import RecordingReporter
+from advcl_cli.report import RecordingReporter
 from advcl_cli.errors import CheckpointError, DataError
 from advcl_cli.models import AdvclNet, ModelConfig, create_model
 from test_attacks import train_tiny_classifier

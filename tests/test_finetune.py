@@ -11,7 +11,7 @@ from advcl_cli.config import resolve
 from advcl_cli.attacks.pgd import trades_adversary, trades_loss
 from advcl_cli.checkpoint import load_checkpoint, read_metadata, save_model, sha256_file
 from advcl_cli.engine.finetune import finetune, protocol, split_validation, with_protocol
-from advcl_cli.engine.report import Reporter
+from advcl_cli.report import Reporter
 from advcl_cli.errors import DataError, UsageError
 from advcl_cli.models import backbone_with_bn_set, create_model
 from advcl_cli.settings import FinetuneSettings

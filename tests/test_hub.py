@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from advcl_cli.checkpoint import save_model, sha256_file
-from advcl_cli.engine.report import RecordingReporter
+from advcl_cli.report import RecordingReporter
 from advcl_cli.errors import CheckpointError, DownloadError, UsageError
 from advcl_cli.models import create_model
 from advcl_cli.zoo import load_manifest, load_model, pull, resolve

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from advcl_cli.engine.report import RecordingReporter
+from advcl_cli.report import RecordingReporter
 from advcl_cli.errors import DownloadError
 from advcl_cli.zoo import hub as hubmod
 from advcl_cli.zoo.hub import fetch, transient

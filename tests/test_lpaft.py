@@ -15,7 +15,7 @@ import advcl_cli.engine.lpaft as L
 from advcl_cli.checkpoint import load_checkpoint, load_state, save_model, sha256_file
 from advcl_cli.config import resolve
 from advcl_cli.data.registry import load_dataset
-from advcl_cli.engine.report import Reporter
+from advcl_cli.report import Reporter
 from advcl_cli.errors import UsageError
 from advcl_cli.pseudolabels import extract_features, kmeans_labels, load_labels
 from advcl_cli.settings import LpaftSettings, PretrainSettings

@@ -12,7 +12,7 @@ TOY = '''
 """A toy method: SimCLR's loss on two crop+flip views, scaled by its own option."""
 import torch
 from advcl_cli.data.augment import crop_flip_view, to_float
-from advcl_cli.engine.distributed import all_gather_with_grad, local_slice
+from advcl_cli.distributed import all_gather_with_grad, local_slice
 from advcl_cli.methods.base import Method, TrainSettings
 from advcl_cli.methods.losses import supcon_loss
 from advcl_cli.settings import option, with_defaults

@@ -9,7 +9,7 @@ import torch
 from advcl_cli.config import resolve
 from advcl_cli.checkpoint import load_checkpoint, load_state, sha256_file
 from advcl_cli.engine.pretrain import make_method, pretrain
-from advcl_cli.engine.report import RecordingReporter
+from advcl_cli.report import RecordingReporter
 from advcl_cli.engine.run import FiniteGuard, RunDir, check_resume_config
 from advcl_cli.errors import TrainingError, UsageError
 from advcl_cli.methods.advcl import AdvCL

@@ -3,7 +3,7 @@
 import pytest
 
 from advcl_cli.checkpoint import save_model, sha256_file
-from advcl_cli.engine.report import RecordingReporter
+from advcl_cli.report import RecordingReporter
 from advcl_cli.errors import UsageError
 from advcl_cli.models import create_model
 from advcl_cli.zoo.card import written_by_advcl

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from advcl_cli.checkpoint import load_checkpoint, read_metadata, sha256_file
-from advcl_cli.engine.report import RecordingReporter
+from advcl_cli.report import RecordingReporter
 from advcl_cli.errors import UsageError
 from advcl_cli.zoo import private as private_mod
 from advcl_cli.zoo.hub import fetch

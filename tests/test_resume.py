@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from advcl_cli.config import resolve
 from advcl_cli.checkpoint import load_state
 from advcl_cli.engine.pretrain import pretrain
-from advcl_cli.engine.report import RecordingReporter
+from advcl_cli.report import RecordingReporter
 from advcl_cli.settings import PretrainSettings
 
 ARGS = dict(dataset="digits", arch="resnet18-tiny", limit=64, batch_size=32, epochs=3, pgd_steps=1, save_every=1, device="cpu")

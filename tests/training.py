@@ -4,7 +4,7 @@ classifier (attacks need one), and a reporter that interrupts a run."""
 import torch
 import torch.nn.functional as F
 
-from advcl_cli.engine.report import Reporter
+from advcl_cli.report import Reporter
 
 
 class InterruptAt(Reporter):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.device import upcast
+from ..device import upcast
 
 CW_KAPPA = 50.0  # the confidence of the CW-inf margin loss used in robustness evaluations
 

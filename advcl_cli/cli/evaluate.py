@@ -61,12 +61,12 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
     """
     from ..attacks import get_attack
     from ..checkpoint import load_checkpoint
-    from ..engine.device import resolve_device, resolve_precision
-    from ..engine.distributed import init_distributed, shutdown
+    from ..device import resolve_device, resolve_precision
+    from ..distributed import init_distributed, shutdown
     from ..engine.evaluate import evaluate as run_evaluate
     from ..config import resolve
     from ..engine.evaluate import encode_flags, load_test_data
-    from ..engine.report import Reporter
+    from ..report import Reporter
     from ..errors import AdvclError, UsageError
 
     out = Output(json_output)

@@ -23,7 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ..engine.report import Reporter
+from ..report import Reporter
 
 
 def _fmt(value: Any) -> str:

@@ -13,7 +13,7 @@ class Batches:
 
     The order is a function of (seed, epoch) only: call ``set_epoch`` before iterating;
     iterating twice gives the same batches, so a resumed run, and every rank of a torchrun job
-    (each then keeps its slice of the global batch, engine/distributed.local_slice), sees the
+    (each then keeps its slice of the global batch, distributed.local_slice), sees the
     same ones. With ``drop_last=False`` the last, smaller batch is kept, unless it has fewer
     than ``min_last`` images or does not divide into ``ranks`` equal shares: then it is dropped.
     Fewer images than one batch are an error with ``drop_last`` or ``require_full``.

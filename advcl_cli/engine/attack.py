@@ -18,9 +18,9 @@ import torch
 from ..attacks import get_attack
 from ..checkpoint import Checkpoint, atomic_write, safetensors_bytes
 from ..data.augment import to_float
-from .device import resolve_device
+from ..device import resolve_device
 from .evaluate import adversarial_examples, load_test_data, robust_correct
-from .report import Reporter
+from ..report import Reporter
 
 META_KEY = "advcl_attack"
 

@@ -43,11 +43,11 @@ from ..data.corruptions import PUBLISHED, CorruptionSet, corruptions_for, load_c
 from ..data.registry import default_data_dir, num_classes_of
 from ..errors import UsageError
 from ..settings import BenchmarkSettings, FinetuneSettings, format_eps
-from .device import resolve_device, resolve_precision
-from .distributed import DistContext, barrier, init_distributed, shutdown
+from ..device import resolve_device, resolve_precision
+from ..distributed import DistContext, barrier, init_distributed, shutdown
 from .evaluate import corruption_accuracy, encode_flags, evaluate, flag_key, worst_case
 from .finetune import CLASSIFIER_FILE, RESUME_MAY_CHANGE, finetune, with_protocol
-from .report import Reporter
+from ..report import Reporter
 from .run import RunDir, load_split
 
 CELL_FORMAT = 1  # part of every key: a change of what a cell holds recomputes the cells

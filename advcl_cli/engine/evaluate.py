@@ -32,12 +32,13 @@ from ..attacks import Attack, get_attack
 from ..checkpoint import not_a_classifier, unwrap
 from ..data.augment import to_float
 from ..data.corruptions import SEVERITIES, CorruptionSet
-from ..data.registry import ImageData
+from ..data.registry import ImageData, num_classes_of
+from ..device import autocast
+from ..distributed import DistContext, gather_shards, sum_over_ranks
 from ..errors import DataError
+from ..report import Reporter
 from ..settings import format_eps
-from .device import autocast
-from .distributed import DistContext, gather_shards, sum_over_ranks
-from .report import Reporter
+from .run import load_split
 
 
 def robust_correct(clean_pred: torch.Tensor, adv_pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -390,9 +391,6 @@ def load_test_data(ckpt, dataset: str | None = None, *, split: str = "test", lim
     image size it was finetuned at unless ``image_size`` is given; the class counts must match,
     and ``warn`` (a callable) hears when the class names differ from those the classifier was
     trained on. Under torchrun (``ctx``) each node downloads it once."""
-    from ..data.registry import num_classes_of
-    from .run import load_split
-
     name = dataset or ckpt.meta.dataset
     want = ckpt.meta.num_classes
     known = num_classes_of(name)

@@ -56,11 +56,11 @@ from ..errors import DataError, UsageError
 from ..methods import method_for
 from ..models import backbone_with_bn_set
 from ..optim import MultiStep
-from .device import autocast, upcast
-from .distributed import local_slice, on_main, prepare_model, shutdown
+from ..device import autocast, upcast
+from ..distributed import local_slice, on_main, prepare_model, shutdown
 from .evaluate import class_names_differ, evaluate
 from .loop import Loop
-from .report import Reporter, plural
+from ..report import Reporter, plural
 from .run import RunDir, RunResult, begin_derived_run, begin_run, load_split, restore
 
 CLASSIFIER_FILE = "classifier.safetensors"

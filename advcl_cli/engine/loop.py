@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 
 from ..optim import set_lr
-from .device import autocast
-from .distributed import DistContext, reduce_mean, sync_gradients
-from .report import Reporter
+from ..device import autocast
+from ..distributed import DistContext, reduce_mean, sync_gradients
+from ..report import Reporter
 from .run import FiniteGuard, epoch_generator
 
 LOG_EVERY = 10  # steps between progress updates / NaN checks

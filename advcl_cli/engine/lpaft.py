@@ -48,10 +48,10 @@ from ..errors import DataError, UsageError
 from ..models import backbone_with_bn_set
 from ..optim import MultiStep
 from ..pseudolabels import extract_features, kmeans_labels, save_labels
-from .distributed import broadcast_from_main, on_main, prepare_model, shutdown
+from ..distributed import broadcast_from_main, on_main, prepare_model, shutdown
 from .finetune import head_loss, supervised_step, trades_step
 from .loop import Loop
-from .report import Reporter, plural
+from ..report import Reporter, plural
 from .run import RunDir, RunResult, begin_derived_run, begin_run, load_split, restore
 
 ENCODER_FILE = "encoder.safetensors"

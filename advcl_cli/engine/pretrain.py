@@ -31,10 +31,10 @@ from ..errors import UsageError
 from ..methods import get_method
 from ..models import create_model
 from ..pseudolabels import load_labels
-from .device import resolve_device, resolve_precision
-from .distributed import init_distributed, prepare_model, shutdown
+from ..device import resolve_device, resolve_precision
+from ..distributed import init_distributed, prepare_model, shutdown
 from .loop import Loop
-from .report import Reporter, plural
+from ..report import Reporter, plural
 from .run import RunDir, RunResult, begin_run, check_resume_config, load_split, open_run, restore
 
 ENCODER_FILE = "encoder.safetensors"

@@ -35,7 +35,11 @@ import torch
 
 from ..checkpoint import (atomic_write, check_folder_writable, clean_state_dict, load_state, save_state, unwrap,
                           write_all)
+from ..data.registry import load_dataset, num_classes_of
+from ..distributed import barrier, init_distributed, on_main
 from ..errors import CheckpointError, TrainingError, UsageError, os_error
+from ..report import Reporter
+from ..device import resolve_device, resolve_precision
 
 STATE_FILE = "state.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -236,7 +240,7 @@ class DerivedRun(NamedTuple):
 
     device: torch.device
     precision: str
-    ctx: Any  # engine.distributed.DistContext
+    ctx: Any  # distributed.DistContext
     config: dict
     state: dict | None  # the resume state (None: a fresh run)
     reporter: Any  # the caller's on rank 0, a silent one on the others
@@ -249,10 +253,6 @@ def begin_derived_run(settings, run: "RunDir", parent, dataset: str, does: str, 
     process group; the run folder opened (``open_run``); on resume the stored settings and
     parent checked (``check_resume_config``, ``check_parent``). ``does`` says what the run does
     with ``parent`` ("finetunes")."""
-    from ..data.registry import num_classes_of
-    from .device import resolve_device, resolve_precision
-    from .distributed import init_distributed
-    from .report import Reporter
 
     if run.holds(parent.path):
         raise UsageError(f"the run folder {run.path} would write {parent.path}, the checkpoint it {does}",
@@ -282,7 +282,6 @@ def open_run(run: "RunDir", ctx, *, batch_size: int, resume: bool, force: bool) 
     """The start every training engine shares: the global batch must divide among the ranks;
     rank 0 checks the folder (``RunDir.check``: nothing is written yet) while the others wait,
     then the others read the resume state. Returns that state (None for a fresh run)."""
-    from .distributed import on_main
 
     if batch_size % ctx.world_size:
         raise UsageError(f"--batch-size {batch_size} does not divide among {ctx.world_size} processes",
@@ -297,7 +296,6 @@ def begin_run(run: "RunDir", ctx, state: dict | None) -> None:
     """After every check and before the first epoch: rank 0 creates (or with --force clears) the
     run folder, or cuts a resumed run's metrics back (``RunDir.begin``); a failure stops every
     rank. A check that fails before this leaves no folder behind."""
-    from .distributed import on_main
 
     on_main(lambda: run.begin(state), ctx)
 
@@ -305,8 +303,6 @@ def begin_run(run: "RunDir", ctx, state: dict | None) -> None:
 def load_split(name: str, split: str, ctx, *, download: bool, **kwargs):
     """Load a dataset split on every rank, downloading it once per node: local rank 0 first
     (with ``download``), then the others from its files."""
-    from ..data.registry import load_dataset
-    from .distributed import barrier
 
     data = load_dataset(name, split, download=download, **kwargs) if ctx.local_rank == 0 else None
     barrier(ctx)

@@ -36,7 +36,7 @@ from torch import Tensor
 from ..attacks.pgd import project
 from ..checkpoint import unwrap
 from ..data.augment import ViewSpec, simclr_view, to_float
-from ..engine.distributed import DistContext, all_gather_with_grad, local_slice
+from ..distributed import DistContext, all_gather_with_grad, local_slice
 from ..models import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from ..optim import CosineAnnealing
 from ..settings import option, with_defaults

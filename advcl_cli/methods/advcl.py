@@ -47,7 +47,7 @@ from torch import Tensor
 from ..attacks.pgd import project
 from ..checkpoint import unwrap
 from ..data.augment import ADVCL_VIEW, crop_flip_view, high_frequency, simclr_view, to_float
-from ..engine.distributed import DistContext, all_gather_with_grad, local_slice
+from ..distributed import DistContext, all_gather_with_grad, local_slice
 from ..settings import option
 from .base import ContrastiveSettings, CosineSettings, Method, PGDSettings, TrainSettings
 from .losses import pseudo_label_ce, supcon_loss

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..checkpoint import unwrap
 from ..data.augment import ViewSpec, to_float
-from ..engine.distributed import DistContext, all_gather_with_grad
+from ..distributed import DistContext, all_gather_with_grad
 from ..settings import option
 from .acl import ACL, pair_projections
 from .dynacl import DynACL, block_strength

@@ -52,7 +52,7 @@ from torch import Tensor
 from ..attacks.pgd import project
 from ..checkpoint import unwrap
 from ..data.augment import crop_flip_view, to_float
-from ..engine.distributed import DistContext, local_slice
+from ..distributed import DistContext, local_slice
 from ..errors import UsageError
 from ..models import backbone_with_bn_set
 from ..optim import LinearWarmupCosine

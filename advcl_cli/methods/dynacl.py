@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ..checkpoint import clean_state_dict, unwrap
 from ..data.augment import ViewSpec
-from ..engine.distributed import DistContext, all_gather_with_grad, prepare_model
+from ..distributed import DistContext, all_gather_with_grad, prepare_model
 from ..errors import CheckpointError
 from ..optim import EpochWarmupCosine
 from ..settings import option

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine.device import upcast
+from ..device import upcast
 
 
 def supcon_loss(features: Tensor, temperature: float = 0.5, base_temperature: float = 0.07) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..checkpoint import unwrap
 from ..data.augment import simclr_view, to_float
-from ..engine.distributed import DistContext, all_gather_with_grad, local_slice
+from ..distributed import DistContext, all_gather_with_grad, local_slice
 from .base import ContrastiveSettings, CosineSettings, Method, TrainSettings
 from .losses import supcon_loss
 

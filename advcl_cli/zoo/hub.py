@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from ..config import resolve
-from ..engine.report import Reporter
+from ..report import Reporter
 from ..errors import AdvclError, CheckpointError, DownloadError, UsageError
 from ..settings import HubSettings
 from .manifest import Entry, load_manifest, manifest_path

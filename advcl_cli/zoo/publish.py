@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import resolve
-from ..engine.report import Reporter
+from ..report import Reporter
 from ..errors import AdvclError, DownloadError, UsageError
 from ..settings import HubSettings
 from .hub import DEFAULT_FILENAME, REPO_RE, endpoint_of, hub_cache_dir, hub_error, offline, retrying

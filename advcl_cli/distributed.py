@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import AdvclError, UsageError
+from .errors import AdvclError, UsageError
 from .device import upcast
 
 

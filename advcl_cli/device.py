@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from ..errors import UsageError
+from .errors import UsageError
 
 
 def resolve_device(pref: str = "auto") -> torch.device:
