@@ -64,6 +64,11 @@ class WarmupCosine:
         return self.cosine(epoch)
 
 
+def half_cosine(base_lr: float, min_lr: float, progress: float) -> float:
+    """From ``base_lr`` at progress 0 down to ``min_lr`` at 1, along half a cosine."""
+    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 @dataclass(frozen=True)
 class CosineAnnealing:
     base_lr: float
@@ -79,7 +84,7 @@ class CosineAnnealing:
         if t < warmup:
             return self.base_lr * t / warmup
         progress = (t - warmup) / max(total - warmup, 1)
-        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+        return half_cosine(self.base_lr, self.min_lr, progress)
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ class EpochWarmupCosine:
         if epoch < self.warmup_epochs:
             return self.base_lr * (epoch + 1) / self.warmup_epochs
         progress = (epoch - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1)
-        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+        return half_cosine(self.base_lr, self.min_lr, progress)
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ class LinearWarmupCosine:
         if epoch < self.warmup_epochs:
             return self.warmup_from + epoch * (self.base_lr - self.warmup_from) / max(self.warmup_epochs - 1, 1)
         progress = (epoch - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1)
-        return self.min_lr + (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * progress)) / 2
+        return half_cosine(self.base_lr, self.min_lr, progress)
 
 
 @dataclass(frozen=True)
