@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from .benchmark.leaderboard import COLUMNS, group_cells
+from .benchmark.reported import load_reported
 from .checkpoint import atomic_write
 from .errors import UsageError
 
@@ -96,9 +98,6 @@ def benchmark_chart(records: list[dict], path: str | Path, reported=None, title:
     """RA, CA and SA (%) per finetuning scheme, one bar per encoder, from the benchmark's result
     records (``benchmark.leaderboard``); a black line over a bar marks the number published for
     the encoder's method and dataset, when there is one."""
-    from .benchmark.leaderboard import COLUMNS, group_cells
-    from .benchmark.reported import load_reported
-
     plt = require_matplotlib()
     reported = reported if reported is not None else load_reported()
     schemes, encoders = group_cells(records)

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError, DownloadError
+from .augment import to_float
+from .corrupt import corrupt
 from .registry import OFFLINE_HINT, ImageData, _resize, default_data_dir, load_dataset
 
 # RobustBench's order of the 15 CIFAR-10-C corruptions (the four extra CIFAR-100-C files are not used)
@@ -201,9 +203,6 @@ def _check_folder(path: Path, key: str, spec: Published) -> tuple[int, np.ndarra
 
 
 def _digits_c(limit: int | None, image_size: int | None, seed: int) -> CorruptionSet:
-    from .augment import to_float
-    from .corrupt import corrupt
-
     clean = load_dataset("digits", "test", limit=limit, image_size=image_size)
     x = to_float(clean.images)
 

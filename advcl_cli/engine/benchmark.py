@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..attacks import get_attack
+from ..benchmark.leaderboard import write_leaderboard
 from ..checkpoint import Metadata, atomic_write, check_checkpoint, check_writable, load_checkpoint, sha256_file
 from ..data.corruptions import PUBLISHED, CorruptionSet, corruptions_for, load_corruptions
 from ..data.registry import default_data_dir, num_classes_of
@@ -45,9 +46,10 @@ from ..errors import UsageError
 from ..settings import BenchmarkSettings, FinetuneSettings, format_eps
 from ..device import resolve_device, resolve_precision
 from ..distributed import DistContext, barrier, init_distributed, shutdown
+from ..plots import benchmark_chart, require_matplotlib
+from ..report import Reporter
 from .evaluate import corruption_accuracy, encode_flags, evaluate, flag_key, worst_case
 from .finetune import CLASSIFIER_FILE, RESUME_MAY_CHANGE, finetune, with_protocol
-from ..report import Reporter
 from .run import RunDir, load_split
 
 CELL_FORMAT = 1  # part of every key: a change of what a cell holds recomputes the cells
@@ -315,16 +317,12 @@ def run_cell(cell: Cell, test, *, device, ctx: DistContext, reporter: Reporter, 
 
 def write_outputs(out: Path, records: list[dict], title: str) -> tuple[Path, Path]:
     """results.json and leaderboard.md (atomic writes)."""
-    from ..benchmark.leaderboard import write_leaderboard
-
     results = _write_json(out / RESULTS_FILE, records)
     return results, write_leaderboard(records, out / LEADERBOARD_FILE, title=title)
 
 
 def write_chart(out: Path, records: list[dict], title: str, reporter: Reporter) -> Path | None:
     """leaderboard.png, or a warning (and None) without matplotlib."""
-    from ..plots import benchmark_chart, require_matplotlib
-
     try:
         require_matplotlib()
     except UsageError as e:

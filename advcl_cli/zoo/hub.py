@@ -24,6 +24,7 @@ from ..config import resolve
 from ..report import Reporter
 from ..errors import AdvclError, CheckpointError, DownloadError, UsageError
 from ..settings import HubSettings
+from ..version import __version__
 from .manifest import Entry, load_manifest, manifest_path
 
 HF_PREFIX = "hf:"
@@ -279,8 +280,6 @@ def cached_file(target: Target) -> Path | None:
 
 
 def _download_args(target: Target, endpoint: str, filename: str) -> dict:
-    from .. import __version__
-
     return dict(
         repo_id=target.repo,
         filename=filename,
@@ -309,8 +308,6 @@ def download(target: Target, endpoint: str, force_download: bool = False, report
     """The file in the Hugging Face cache, downloaded if needed; errors mapped."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.errors import LocalEntryNotFoundError
-
-    from .. import __version__
 
     reporter = reporter or Reporter()
     where = f"'{target.label}' ({target.repo}@{target.revision}:{target.filename})"

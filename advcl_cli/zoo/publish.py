@@ -31,8 +31,12 @@ from ..config import resolve
 from ..report import Reporter
 from ..errors import AdvclError, DownloadError, UsageError
 from ..settings import HubSettings
+from ..version import __version__
+from .card import PAPER, build_card, pinned_commit, sealed, test_accuracies, written_by_advcl
 from .hub import DEFAULT_FILENAME, REPO_RE, endpoint_of, hub_cache_dir, hub_error, offline, retrying
+from .hubspec import check_license, validate_card_data
 from .manifest import NAME_RE, SHIPPED, Entry, Manifest, load_manifest, manifest_path, render_manifest, validate_entry, write_manifest
+from .private import private_in_text, public_metadata
 
 README = "README.md"
 CONFIG = "config.json"
@@ -89,8 +93,6 @@ def entry_for_push(existing: Entry | None, *, name: str, manifest: Path, repo: s
                    license: str, recipe: list[str]) -> Entry:
     """The manifest entry ``name`` for a pushed checkpoint: location, claims from its metadata,
     kept notes; validated as the manifest would be (a UsageError names the field)."""
-    from .card import PAPER, test_accuracies
-
     metrics = dict(existing.metrics) if existing else {}
     verb = "finetune" if meta.kind == "classifier" else "pretrain"
     for key, value in test_accuracies(meta.metrics).items():
@@ -155,8 +157,6 @@ def _check_names(repo: str, zoo_entry: str | None, revision: str | None, private
 
 def _card_recipe(recipe: list[str]) -> list[str]:
     """The recipe lines, refused if one names a local path, the user or the machine."""
-    from .private import private_in_text
-
     for i, line in enumerate(recipe, 1):
         found = private_in_text(line)
         if found:
@@ -253,9 +253,6 @@ def push(
 ) -> Pushed:
     """Upload a checkpoint and its config.json, then its model card; optionally pin it in a manifest."""
     from ..checkpoint import check_checkpoint, sha256_file, with_metadata
-    from .card import build_card, sealed
-    from .hubspec import check_license, validate_card_data
-    from .private import public_metadata
 
     reporter = reporter or Reporter()
     _check_names(repo, zoo_entry, revision, private, make_private, create_pr)
@@ -318,9 +315,6 @@ def push(
 def send(plan: Plan, reporter: Reporter) -> None:
     """Steps 1-4 of the module docstring; fills in ``plan.result``."""
     from huggingface_hub import CommitOperationAdd, HfApi
-
-    from .. import __version__
-    from .card import pinned_commit, sealed, written_by_advcl
 
     result, ep = plan.result, plan.endpoint
     repo, branch = result.repo, result.revision
