@@ -1,16 +1,21 @@
-"""Does the pipeline produce robustness? AdvCL against SimCLR on the offline digits data.
+"""Does each method produce robustness? The method family on the offline digits data.
 
-Pretrains a ``simclr`` and an ``advcl`` encoder with the same architecture and budget (epochs,
-batch, lr), the AdvCL one with ClusterFit pseudo labels made from the SimCLR encoder (the
-faithful recipe: ``advcl pseudo-labels``), finetunes each with SLF (frozen encoder, linear head
-on clean images), and evaluates both on the whole digits test split (360 images): clean
-accuracy (SA) and PGD-20 robust accuracy (RA) at several eps. Everything goes through the CLI
-(``python -m advcl_cli ...``) as a user would run it. Prints a table, writes a
-robustness-vs-eps PNG, and appends the table to benchmarks/RESULTS.md unless ``--no-record``.
+Pretrains one encoder per method (SimCLR, AdvCL, ACL, DynACL, ACL-AIR, DeACL) with the same
+architecture, epochs, batch and seed; each method keeps its own loss, attack, optimiser and
+learning rate, and the schedules the authors give in epochs (warm-up, DynACL's strength blocks)
+are scaled to the shorter run. AdvCL gets ClusterFit pseudo labels clustered from the SimCLR
+encoder (``advcl pseudo-labels``) and DeACL distils that same SimCLR encoder, so the SimCLR run
+is their common start. Each encoder is finetuned with SLF (frozen encoder, linear head on clean
+images, the same head settings for all) and evaluated on the digits test split at 8/255: clean
+accuracy (SA) and PGD-20 on all 360 test images, the standard AutoAttack on the first 120
+(``--aa-limit``: on two CPU cores it costs minutes per hundred robust images). Everything goes
+through the CLI (``python -m advcl_cli ...``) as a user would run it. Prints a
+table and writes a bar chart PNG; unless ``--no-record`` it appends the table to
+benchmarks/RESULTS.md and copies the chart beside it (benchmarks/robustness-digits.png).
 
-Usage (about 12 minutes on 2 busy CPU cores with one thread):
+Usage (about an hour on 2 CPU cores):
 
-    python benchmarks/robustness_digits.py --out runs/robustness-digits --threads 1
+    python benchmarks/robustness_digits.py --out runs/robustness-digits
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +32,10 @@ from pathlib import Path
 
 from _common import RESULTS, device_name, record
 
-HEADING = "## Robustness on digits: AdvCL vs SimCLR (benchmarks/robustness_digits.py)"
+HEADING = "## Robustness on digits: the method family (benchmarks/robustness_digits.py)"
+METHODS = ("simclr", "advcl", "acl", "dynacl", "air", "deacl")
+# the authors' run lengths, for scaling the schedules they give in epochs
+FULL_EPOCHS = {"acl": 1000, "dynacl": 1000, "air": 1000, "deacl": 100}
 
 
 def advcl(*args, env) -> str:
@@ -39,82 +48,132 @@ def advcl(*args, env) -> str:
     return done.stdout.strip()
 
 
+def scaled(epochs: int, method: str, authors: int) -> int:
+    """An ``authors``-epoch part of ``method``'s schedule, scaled from its full run to ``epochs``."""
+    return round(authors * epochs / FULL_EPOCHS[method])
+
+
+def method_flags(method: str, epochs: int, teacher: str, labels: str) -> list:
+    """What each method needs beyond the common budget."""
+    if method == "advcl":
+        return ["--pseudo-labels", labels]
+    if method == "deacl":
+        return ["--teacher", teacher, "--warmup-epochs", scaled(epochs, method, 10)]
+    if method in ("acl", "air"):
+        return ["--warmup-epochs", scaled(epochs, method, 10)]
+    if method == "dynacl":
+        return ["--warmup-epochs", scaled(epochs, method, 10), "--strength-block", max(1, scaled(epochs, method, 50))]
+    return []
+
+
+def chart(results: dict, path: Path, title: str) -> Path:
+    """SA, PGD-20 and AutoAttack accuracy (%) per method, one group of bars per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = ("SA", "PGD-20", "AutoAttack")
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    width = 0.8 / len(columns)
+    for j, column in enumerate(columns):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(results))]
+        ax.bar(xs, [100 * row[column] for row in results.values()], width, label=column, color=f"C{j}")
+    ax.set_xticks(range(len(results)), list(results))
+    ax.set_ylabel("accuracy (%), eps 8/255")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/robustness-digits"))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated; simclr always runs (the others' start)")
     p.add_argument("--arch", default="resnet18-tiny")
-    p.add_argument("--epochs", type=int, default=15, help="pretraining epochs, both methods")
-    p.add_argument("--batch-size", type=int, default=128, help="pretraining batch, both methods")
-    p.add_argument("--lr", type=float, default=0.5, help="pretraining peak lr, both methods")
+    p.add_argument("--epochs", type=int, default=15, help="pretraining epochs, every method")
+    p.add_argument("--batch-size", type=int, default=128, help="pretraining batch, every method")
     p.add_argument("--slf-epochs", type=int, default=25)
     p.add_argument("--slf-batch-size", type=int, default=128)
     p.add_argument("--slf-lr", type=float, default=0.1)
-    p.add_argument("--eps", default="2/255,4/255,8/255,16/255")
+    p.add_argument("--aa-limit", type=int, default=120,
+                   help="AutoAttack on the first N test images (0: all 360; SA and PGD-20 always use all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda, for every step")
     p.add_argument("--threads", type=int, default=0, help="OMP threads for every step (default: torch's choice)")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = p.parse_args(argv)
+    methods = ["simclr"] + [m for m in args.methods.split(",") if m and m != "simclr"]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
 
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     out = args.out
     common = ["-d", "digits", "--seed", args.seed, "--device", args.device]
-    pre = [*common, "--arch", args.arch, "--epochs", args.epochs, "--batch-size", args.batch_size, "--lr", args.lr, "--force"]
+    budget = [*common, "--arch", args.arch, "--epochs", args.epochs, "--batch-size", args.batch_size, "--force"]
+    aa_limit = ["--limit", args.aa_limit] if args.aa_limit else []
     t0 = time.perf_counter()
-    times = {}
+    enc, labels, results = {}, "", {}
 
-    t = time.perf_counter()
-    enc = {"simclr": advcl("pretrain", *pre, "--method", "simclr", "--out", out / "simclr", env=env)}
-    times["simclr pretrain"] = time.perf_counter() - t
-    t = time.perf_counter()
-    labels = advcl("pseudo-labels", "--encoder", enc["simclr"], *common, "--out", out / "pseudo-labels.safetensors", "--force", env=env)
-    times["pseudo labels"] = time.perf_counter() - t
-    t = time.perf_counter()
-    enc["advcl"] = advcl("pretrain", *pre, "--method", "advcl", "--pseudo-labels", labels, "--out", out / "advcl", env=env)
-    times["advcl pretrain"] = time.perf_counter() - t
-
-    results = {}
-    for method in ("advcl", "simclr"):
+    for method in methods:
         t = time.perf_counter()
-        clf = advcl(
-            "finetune", enc[method], "--scheme", "slf", *common, "--epochs", args.slf_epochs,
-            "--batch-size", args.slf_batch_size, "--lr", args.slf_lr,
-            "--out", out / f"{method}-slf", "--force", env=env,
-        )
-        times[f"{method} slf"] = time.perf_counter() - t
+        flags = method_flags(method, args.epochs, enc.get("simclr", ""), labels)
+        enc[method] = advcl("pretrain", *budget, "--method", method, *flags, "--out", out / method, env=env)
+        pretrain = time.perf_counter() - t
+        if method == "simclr":
+            t = time.perf_counter()
+            labels = advcl("pseudo-labels", "--encoder", enc["simclr"], *common,
+                           "--out", out / "pseudo-labels.safetensors", "--force", env=env)
+            pretrain += time.perf_counter() - t  # AdvCL's labels are part of the SimCLR run's cost
         t = time.perf_counter()
-        doc = json.loads(advcl("eval", clf, "--attack", "pgd20", "--eps", args.eps, "--seed", args.seed, "--device", args.device, "--json", env=env))
-        times[f"{method} eval"] = time.perf_counter() - t
-        results[method] = doc
+        clf = advcl("finetune", enc[method], "--scheme", "slf", *common, "--epochs", args.slf_epochs,
+                    "--batch-size", args.slf_batch_size, "--lr", args.slf_lr, "--out", out / f"{method}-slf",
+                    "--force", env=env)
+        slf = time.perf_counter() - t
+        t = time.perf_counter()
+        evaluate = ["--eps", "8/255", "--seed", args.seed, "--device", args.device, "--json"]
+        doc = json.loads(advcl("eval", clf, "--attack", "pgd20", *evaluate, env=env))
+        aa = json.loads(advcl("eval", clf, "--attack", "autoattack", *aa_limit, *evaluate, env=env))
+        results[method] = {"SA": doc["clean_acc"], "PGD-20": doc["robust"][0]["robust_acc"],
+                           "AutoAttack": aa["robust"][0]["robust_acc"], "AA SA": aa["clean_acc"], "n": doc["n"],
+                           "aa_n": aa["n"], "pretrain_s": pretrain, "slf_s": slf, "eval_s": time.perf_counter() - t}
+        print(f"{method}: {json.dumps(results[method])}", file=sys.stderr, flush=True)
     total = time.perf_counter() - t0
 
     import torch
 
-    from advcl_cli.plots import robustness_curve
-
-    png = robustness_curve(results, out / "robustness-digits.png", title=f"SLF on digits ({args.arch}, {args.epochs} pretraining epochs)")
-
-    eps_labels = [r["eps_label"] for r in results["advcl"]["robust"]]
+    png = chart(results, out / "robustness-digits.png",
+                f"SLF on digits ({args.arch}, {args.epochs} pretraining epochs, batch {args.batch_size})")
+    n, aa_n = next(iter(results.values()))["n"], next(iter(results.values()))["aa_n"]
     lines = [
-        f"{date.today().isoformat()}, {device_name(torch.device(args.device))}{f' (OMP_NUM_THREADS={args.threads})' if args.threads else ''}; {args.arch}, pretraining {args.epochs} epochs, batch {args.batch_size}, lr {args.lr} "
-        f"(both methods); SLF {args.slf_epochs} epochs, batch {args.slf_batch_size}, lr {args.slf_lr}; "
-        f"digits test split, n={results['advcl']['n']}; total {total / 60:.1f} min",
+        f"{date.today().isoformat()}, {device_name(torch.device(args.device))}"
+        f"{f' (OMP_NUM_THREADS={args.threads})' if args.threads else ''}; {args.arch}, pretraining {args.epochs} "
+        f"epochs at batch {args.batch_size} for every method (each with its own optimiser and lr); SLF "
+        f"{args.slf_epochs} epochs, batch {args.slf_batch_size}, lr {args.slf_lr}; digits test split, n={n} "
+        f"(AutoAttack: the first {aa_n}); eps 8/255; total {total / 60:.1f} min",
         "",
-        "| encoder | SA | " + " | ".join(f"PGD-20 RA @ {e}" for e in eps_labels) + " |",
-        "|---|---|" + "---|" * len(eps_labels),
+        f"| method | SA | PGD-20 | AutoAttack (n={aa_n}) | SA (n={aa_n}) | pretraining min | SLF min | eval min |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for method, doc in results.items():
-        ras = " | ".join(f"{100 * r['robust_acc']:.2f}" for r in doc["robust"])
-        lines.append(f"| {method} + SLF | {100 * doc['clean_acc']:.2f} | {ras} |")
-    lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())]
+    for method, row in results.items():
+        lines.append(f"| {method} | {100 * row['SA']:.2f} | {100 * row['PGD-20']:.2f} | {100 * row['AutoAttack']:.2f} "
+                     f"| {100 * row['AA SA']:.2f} | {row['pretrain_s'] / 60:.1f} | {row['slf_s'] / 60:.1f} | {row['eval_s'] / 60:.1f} |")
     text = "\n".join(lines)
     print(text)
-    print(f"plot: {png}", file=sys.stderr)
+    print(f"chart: {png}", file=sys.stderr)
     if not args.no_record:
-        record(HEADING, text)
-        print(f"appended to {RESULTS}", file=sys.stderr)
+        shutil.copyfile(png, RESULTS.with_name(png.name))
+        record(HEADING, f"{text}\n\n![SA, PGD-20 and AutoAttack per method]({png.name})")
+        print(f"appended to {RESULTS}, chart copied beside it", file=sys.stderr)
 
 
 if __name__ == "__main__":
