@@ -332,6 +332,16 @@ def test_an_unexpected_or_missing_key_fails_with_a_list(tmp_path):
     assert not (tmp_path / "model.pt.safetensors").exists()
 
 
+def test_one_unexpected_key_alone_fails_with_it_named(tmp_path):
+    """Nothing missing, every shape right: the one tensor that maps nowhere still fails the import."""
+    _, state = acl_pretrained()
+    with pytest.raises(CheckpointError) as err:
+        imported(tmp_path, {"state_dict": {**state, "fc.weight": torch.zeros(10, D)}}, source="acl")
+    msg = err.value.message
+    assert "unmatched: fc.weight" in msg and "missing" not in msg and "wrong shape" not in msg
+    assert not (tmp_path / "model.pt.safetensors").exists()
+
+
 def test_a_key_mapped_twice_and_a_wrong_method_fail(tmp_path):
     _, state = dynacl_post_dual()
     twice = {**state, "layer2.0.downsample.0.weight": state["layer2.0.downsample.conv.weight"]}
