@@ -94,26 +94,25 @@ class EpochWarmupCosine:
     warmup_epochs: int = 10
     min_lr: float = 0.0
 
+    def warmup(self, epoch: int) -> float:
+        return self.base_lr * (epoch + 1) / self.warmup_epochs
+
     def lr(self, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
         if epoch < self.warmup_epochs:
-            return self.base_lr * (epoch + 1) / self.warmup_epochs
+            return self.warmup(epoch)
         progress = (epoch - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1)
         return half_cosine(self.base_lr, self.min_lr, progress)
 
 
 @dataclass(frozen=True)
-class LinearWarmupCosine:
-    base_lr: float
-    epochs: int
-    warmup_epochs: int = 10
-    warmup_from: float = 0.003
-    min_lr: float = 0.0
+class LinearWarmupCosine(EpochWarmupCosine):
+    """EpochWarmupCosine with solo-learn's warm-up: from ``warmup_from`` at epoch 0 to ``base``
+    at epoch ``W - 1``."""
 
-    def lr(self, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
-        if epoch < self.warmup_epochs:
-            return self.warmup_from + epoch * (self.base_lr - self.warmup_from) / max(self.warmup_epochs - 1, 1)
-        progress = (epoch - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1)
-        return half_cosine(self.base_lr, self.min_lr, progress)
+    warmup_from: float = 0.003
+
+    def warmup(self, epoch: int) -> float:
+        return self.warmup_from + epoch * (self.base_lr - self.warmup_from) / max(self.warmup_epochs - 1, 1)
 
 
 @dataclass(frozen=True)
