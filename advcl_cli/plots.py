@@ -27,7 +27,7 @@ def require_matplotlib():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     """The figure as a PNG at ``path``: drawn in memory, then written atomically (a failed write
     is an OSError that ``atomic_write`` turns into an error naming ``path``)."""
     plt = require_matplotlib()
@@ -60,7 +60,7 @@ def robustness_curve(results: dict, path: str | Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or "robust accuracy", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def adversarial_grid(clean, adv, labels, clean_pred, adv_pred, classes: list[str], eps: float,
@@ -91,7 +91,7 @@ def adversarial_grid(clean, adv, labels, clean_pred, adv_pred, classes: list[str
                 ax.set_ylabel(row_name, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def benchmark_chart(records: list[dict], path: str | Path, reported=None, title: str = "") -> Path:
@@ -125,4 +125,4 @@ def benchmark_chart(records: list[dict], path: str | Path, reported=None, title:
     axes[0][0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
