@@ -284,6 +284,8 @@ class BenchmarkSettings(DataSettings):
     corruptions: Path | None = option(None, "Folder of CIFAR-10-C / CIFAR-100-C (or the folder above them) for CA "
                                             "(default: DATA_DIR/CIFAR-10-C when it exists; digits uses digits-c).",
                                       metavar="DIR")
+    download_corruptions: bool = option(False, "Download CIFAR-10-C / CIFAR-100-C (zenodo, about 2.9 GB) into the "
+                                               "data folder when it is not there (default: CA is skipped).")
     out: Path = option(Path("runs/benchmark"), "Benchmark folder: cells, finetuning runs, results.json, "
                                                "leaderboard.md, leaderboard.png.", short="-o")
     epochs: int | None = option(None, "Finetuning epochs of every scheme (default: the protocol's; smoke runs).", ge=1)

@@ -484,6 +484,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def dead_endpoint():
+    """A URL on 127.0.0.1 where nothing answers: its port is bound but not listening, so a
+    connection is refused, and held until the block ends, so no other test can take it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
 def _wait_for_port(port: int, deadline: float, alive=lambda: True) -> None:
     while True:
         if not alive():
@@ -500,17 +509,25 @@ def running_server(root: Path, timeout: float = 60.0, private_orgs: tuple[str, .
     """Start the server as a subprocess on a free port; yield its URL; stop it."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = open(root / "server.log", "wb")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--root", str(root)]
-    if private_orgs:
-        cmd += ["--private-orgs", ",".join(private_orgs)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    try:
+    for attempt in range(3):  # the port is free when picked; another test may bind it before the server does
+        port = free_port()
+        log = open(root / "server.log", "wb")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--root", str(root)]
+        if private_orgs:
+            cmd += ["--private-orgs", ",".join(private_orgs)]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)
         try:
             _wait_for_port(port, time.monotonic() + timeout, alive=lambda: proc.poll() is None)
+            break
         except RuntimeError as e:
-            raise RuntimeError(f"hub test server: {e}: {(root / 'server.log').read_text()[-2000:]}") from None
+            proc.kill()
+            proc.wait()
+            log.close()
+            text = (root / "server.log").read_text()
+            if attempt < 2 and "address already in use" in text.lower():
+                continue
+            raise RuntimeError(f"hub test server: {e}: {text[-2000:]}") from None
+    try:
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

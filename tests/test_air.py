@@ -294,12 +294,11 @@ def test_two_processes_match_one(tmp_path):
     """Under torchrun the NT-Xent terms and the softmaxes of SIR and AIR run over the gathered
     global batch and BN normalises over it: 2 processes x B/2 give one process's gradients."""
     from safetensors.torch import load_file
-    from test_distributed import env1, free_port
+    from test_distributed import env1, launcher
 
     def run(name, procs):
         (tmp_path / name).mkdir()
-        launch = [] if procs == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(procs),
-                                        "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+        launch = [] if procs == 1 else launcher(procs)
         done = subprocess.run([sys.executable, *launch, __file__, str(tmp_path / name)], capture_output=True,
                               text=True, timeout=180, env=env1())
         assert done.returncode == 0, done.stderr[-3000:]

@@ -576,3 +576,45 @@ def test_a_config_file_that_is_not_utf8(run_cli, tmp_path):
     (tmp_path / "advcl.toml").write_bytes("epochs = 2 # \xe9t\xe9\n".encode("latin-1"))
     refused(run_cli("pretrain", *SIMCLR), 2, "advcl.toml is not UTF-8")
     assert tree(tmp_path) == {"advcl.toml"}
+
+
+@pytest.mark.parametrize("toml, phrase, closest", [
+    ("[pretrain]\nepocs = 3\n", "unknown key 'epocs' in [pretrain] of advcl.toml", "did you mean 'epochs'?"),
+    ("batch_sise = 8\n", "unknown key 'batch_sise' in the top level of advcl.toml", "did you mean 'batch_size'?"),
+    ("[pretrian]\nepochs = 3\n", "unknown table [pretrian] in advcl.toml", "did you mean [pretrain]?"),
+])
+def test_a_typo_in_the_config_file_stops_before_any_work(run_cli, tmp_path, toml, phrase, closest):
+    (tmp_path / "advcl.toml").write_text(toml)
+    _, err = refused(run_cli("pretrain", *SIMCLR), 2, phrase)
+    assert hint(err) == f"hint: {closest}"
+    assert tree(tmp_path) == {"advcl.toml"}  # no run folder
+
+
+def evaluated(result) -> list[tuple[str, str]]:
+    """(attack, eps label) of every robust row of `advcl eval --json`."""
+    code, out, err = result
+    assert code == 0, err
+    return [(row["attack"], row["eps_label"]) for row in json.loads(out)["robust"]]
+
+
+def test_eval_settings_from_the_environment_and_the_config_file_are_used(run_cli, tmp_path, classifier, monkeypatch):
+    args = ("eval", classifier, "--limit", "4", "--device", "cpu", "--json")
+    # the variables are named after the flags, eps in the documented k/255 form, lists comma-separated
+    monkeypatch.setenv("ADVCL_EPS", "2/255,4/255")
+    monkeypatch.setenv("ADVCL_ATTACK", "fgsm")
+    assert evaluated(run_cli(*args)) == [("fgsm", "2/255"), ("fgsm", "4/255")]
+    monkeypatch.delenv("ADVCL_EPS")
+    monkeypatch.delenv("ADVCL_ATTACK")
+    (tmp_path / "advcl.toml").write_text('[eval]\nattack = ["fgsm", "FGSM"]\neps = "8/255"\n')
+    assert evaluated(run_cli(*args)) == [("fgsm", "8/255")]  # a repeated attack runs once
+    assert evaluated(run_cli(*args, "--eps", "1/255,1/255")) == [("fgsm", "1/255")]  # the flag wins; once
+    # an unknown ADVCL_* variable is a warning naming the closest, and the run goes on
+    monkeypatch.setenv("ADVCL_EPSS", "4/255")
+    code, out, err = run_cli(*args)
+    assert code == 0 and "warning: environment variable ADVCL_EPSS is not an advcl setting" in err
+    assert "did you mean ADVCL_EPS?" in err and evaluated((code, out, err)) == [("fgsm", "8/255")]
+
+
+def test_a_malformed_eps_from_the_environment_is_refused_in_one_line(run_cli, classifier, monkeypatch):
+    monkeypatch.setenv("ADVCL_EPS", "8/0")
+    refused(run_cli("eval", classifier, "--limit", "4", "--device", "cpu"), 2, "ADVCL_EPS", "8/0")

@@ -9,12 +9,13 @@ import io
 import json
 import os
 import shutil
+import tarfile
 
 import pytest
 import torch
 
 from advcl_cli.checkpoint import load_checkpoint, read_metadata, sha256_file
-from advcl_cli.data.corruptions import CORRUPTIONS, load_corruptions
+from advcl_cli.data.corruptions import CORRUPTIONS, PUBLISHED, Published, load_corruptions
 from advcl_cli.engine import benchmark as engine
 from advcl_cli.engine.evaluate import corruption_accuracy
 from fakedata import allow_fake_archives, write_cifar10, write_cifar_c, write_stl10
@@ -179,10 +180,23 @@ def test_a_cifar10_c_folder_is_read_and_scored(finished, run_cli, monkeypatch, t
     code, _, err = run_cli(*args)
     assert code == 0, err
     assert "warning: no cifar10-c in" in err and "CA is not measured" in err and "already finished" in err
+    assert "--download-corruptions" in err
     assert json.loads((tmp_path / "out" / "results.json").read_text())[0]["ca"] is None
 
+    # --download-corruptions gets the archive into the data folder (a local URL stands in for zenodo)
+    archive = tmp_path / "zenodo" / "CIFAR-10-C.tar"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w") as tar:
+        tar.add(folder, arcname="CIFAR-10-C")
+    monkeypatch.setitem(PUBLISHED, "cifar10-c", Published(archive.as_uri(), "CIFAR-10-C", 10))
+    code, _, err = run_cli(*args, "--download-corruptions")
+    assert code == 0, err
+    assert f"getting cifar10-c ({archive.as_uri()}" in err and (data / "CIFAR-10-C" / "labels.npy").is_file()
+    (r,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert r["ca"] == want["ca"] and r["ca_by_corruption"] == want["by_corruption"]
 
-def test_a_missing_or_broken_corruption_folder_stops_before_any_work(finished, run_cli, tmp_path):
+
+def test_a_missing_or_broken_corruption_folder_stops_before_any_work(finished, run_cli, monkeypatch, tmp_path):
     args = ["benchmark", finished["enc"], *SMOKE, "--dataset", "cifar10", "--out", tmp_path / "out"]
     code, out, err = run_cli(*args, "--corruptions", tmp_path / "nope")
     assert code == 2 and out == ""
@@ -192,6 +206,11 @@ def test_a_missing_or_broken_corruption_folder_stops_before_any_work(finished, r
     (folder / "fog.npy").unlink()
     code, _, err = run_cli(*args, "--corruptions", folder)
     assert code == 2 and f"error: {folder} lacks fog.npy" in err
+    # a download that cannot reach its URL: exit 1 naming the URL and the data folder
+    url = "http://127.0.0.1:9/CIFAR-10-C.tar"  # nothing listens there
+    monkeypatch.setitem(PUBLISHED, "cifar10-c", Published(url, "CIFAR-10-C", 10))
+    code, _, err = run_cli(*args, "--download-corruptions", "--data-dir", tmp_path / "data")
+    assert code == 1 and f"error: could not get cifar10-c from {url} into {tmp_path / 'data'}" in err
     assert not (tmp_path / "out").exists()  # nothing was trained, loaded or written
 
 

@@ -31,3 +31,35 @@ def test_errors_have_no_traceback_unless_debug(tmp_path):
     assert "Traceback" not in quiet.stderr and len(quiet.stderr.strip().splitlines()) <= 2
     loud = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "ADVCL_DEBUG": "1"})
     assert loud.returncode != 0 and "Traceback" in loud.stderr
+
+
+def test_help_shows_only_budgets_as_k_over_255():
+    from advcl_cli.cli.options import format_default, is_eps
+    from advcl_cli.methods import get_method
+    from advcl_cli.settings import EvalSettings
+
+    def shown(settings, name):
+        field = settings.model_fields[name]
+        return format_default(field.default, is_eps(field))
+
+    advcl, dynacl = get_method("advcl").Settings, get_method("dynacl").Settings
+    assert shown(advcl, "eps") == "8/255" and shown(advcl, "pgd_step_size") == "2/255"
+    assert shown(EvalSettings, "eps") == "8/255"  # a list of budgets
+    assert shown(advcl, "ce_weight") == "0.2"  # 51/255 is a weight, not a budget
+    assert shown(dynacl, "weight_swap") == "0.666667"
+    assert shown(advcl, "warmup_epochs") == "rule"
+    assert format_default(1e-20, True) == "1e-20"  # not 0/255
+
+
+def test_help_keeps_bracketed_text_and_aligns_the_methods(run_cli):
+    for verb in ("eval", "attack"):
+        code, out, _ = run_cli(verb, "--help")
+        assert code == 0 and "advcl[plot]" in out and "(needs advcl)." not in out, verb
+    from advcl_cli.methods import method_names
+
+    code, out, _ = run_cli("pretrain", "--help")
+    columns = set()
+    for name in method_names():
+        line = next(line for line in out.splitlines() if line.split()[:1] == [name] and line.startswith("   "))
+        columns.add(line.index(line.split()[1], line.index(name) + len(name)))
+    assert code == 0 and len(columns) == 1, columns

@@ -264,7 +264,7 @@ def test_defaults_are_the_authors():
     s = resolve(PretrainSettings, dict(method="deacl"))
     assert (s.epochs, s.batch_size, s.optimizer, s.lr, s.momentum, s.weight_decay) == (100, 256, "sgd", 0.5, 0.9, 5e-4)
     assert (s.eps, s.pgd_steps, s.pgd_step_size, s.adv_weight) == (pytest.approx(8 / 255), 5, pytest.approx(2 / 255), 2.0)
-    assert (s.warmup_epochs, s.warmup_from, s.min_lr_ratio, s.teacher) == (None, 0.003, 0.0, None)
+    assert (s.warmup_epochs, s.warmup_from, s.min_lr_ratio, s.teacher) == (10, 0.003, 0.0, None)  # solo-learn: 10 warm-up epochs
     assert get_method("deacl") is DeACL
     for scheme in PROTOCOL:  # RobustSSL's DeACL protocol is the default one
         assert protocol("deacl", scheme, "cifar10") == protocol("no-such-method", scheme, "cifar10")
@@ -351,14 +351,13 @@ def test_simclr_teacher_then_deacl_then_finetune_and_eval_on_digits(run_cli, tmp
 def test_two_processes_match_one(teacher, tmp_path):
     """Under torchrun each rank keeps its slice of the global batch's views and starts; the
     per-sample means, averaged gradients and global-batch BN give one process's step."""
-    from test_distributed import env1, free_port
+    from test_distributed import env1, launcher
 
     def run(name, procs):
         args = ["pretrain", "--method", "deacl", "--teacher", str(teacher), "--dataset", "digits", "--limit", "16",
                 "--arch", "resnet18-tiny", "--image-size", str(SIZE), "--epochs", "1", "--batch-size", "16",
                 "--warmup-from", "0.5", "--pgd-steps", "2", "--device", "cpu", "--out", str(tmp_path / name)]
-        launch = [] if procs == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(procs),
-                                        "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+        launch = [] if procs == 1 else launcher(procs)
         done = subprocess.run([sys.executable, *launch, "-m", "advcl_cli", *args], capture_output=True, text=True,
                               timeout=180, env=env1())
         assert done.returncode == 0, done.stderr[-3000:]

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import time
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +18,10 @@ from nets import acl_net, advcl_net
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def launcher(n: int) -> list[str]:
+    """``-m torch.distributed.run`` for ``n`` local processes; the standalone rendezvous binds a
+    free port itself (a port picked here could be taken by another test before torchrun binds it)."""
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
 
 
 def env1() -> dict:
@@ -32,8 +31,7 @@ def env1() -> dict:
 
 def torchrun(n: int, *args, timeout: float = 120) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args,
+        sys.executable, *launcher(n), *args,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env1())
 
@@ -103,8 +101,7 @@ def test_acl_step_with_the_attack_on_two_processes_matches_one(steps):
 def test_a_killed_rank_ends_the_job_with_an_error(tmp_path):
     out = tmp_path / "pid"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        sys.executable, *launcher(2),
         WORKER, "collectives", str(out),
     ]
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env1())
@@ -132,8 +129,7 @@ def run_pretrain(tmp_path, name, procs, pgd_steps):
     if procs == 1:
         cmd = [sys.executable, "-m", "advcl_cli", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-addr",
-               "127.0.0.1", "--master-port", str(free_port()), "-m", "advcl_cli", *args]
+        cmd = [sys.executable, *launcher(procs), "-m", "advcl_cli", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / name / "metrics.jsonl").read_text())
@@ -175,8 +171,7 @@ def test_aff_on_two_processes_trains_batch_norm(tmp_path):
     torch.manual_seed(0)
     enc = create_model("resnet18-tiny", bn_sets=("normal", "pgd", "pgd_ce"), proj_dim=128)
     save_model(tmp_path / "enc.safetensors", enc, kind="encoder", method="advcl", dataset="digits", eps=8 / 255)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "advcl_cli", "finetune", str(tmp_path / "enc.safetensors"),
+    cmd = [sys.executable, *launcher(2), "-m", "advcl_cli", "finetune", str(tmp_path / "enc.safetensors"),
            "--scheme", "aff", "--epochs", "1", "--limit", "32", "--batch-size", "16", "--attack-steps", "1",
            "--eval-limit", "8", "--device", "cpu", "--out", str(tmp_path / "aff")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env1())

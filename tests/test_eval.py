@@ -183,6 +183,26 @@ def test_robust_flags_need_the_clean_prediction_right_too():
     assert res["robust"][0]["robust_acc"] == 0.8
 
 
+def test_each_block_gets_its_own_seed_and_random_starts_whatever_the_rank():
+    """AutoAttack's seed and the random starts of block k are seed * 1_000_003 + k (the images it
+    holds, not the rank or the call count): what lets N processes give one process's flags."""
+    calls = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Spy(Attack):
+        def __call__(self, model, x, y, eps, *, gen=None, seed=0, log=None):
+            calls.append((x[:, 1, 0, 0].mul(255).round().long().tolist(), seed, torch.rand(1, generator=gen).item()))
+            return x
+
+    data, model = label_data(23), LabelInPixel(ModelConfig("resnet18-tiny", num_classes=10))
+    evaluate(model, data, [Spy("spy", "autoattack")], [8 / 255], batch_size=5, seed=7)
+    labels = data.labels.tolist()
+    assert [c[0] for c in calls] == [labels[k * 5:(k + 1) * 5] for k in range(5)]  # five blocks, the last of 3
+    assert [c[1] for c in calls] == [7 * 1_000_003 + k for k in range(5)]
+    assert [c[2] for c in calls] == [torch.rand(1, generator=torch.Generator().manual_seed(7 * 1_000_003 + k)).item()
+                                     for k in range(5)]
+
+
 @pytest.mark.parametrize("n, block, world", [(37, 8, 2), (40, 8, 2), (10, 8, 3), (117, 14, 2), (5, 2, 4)])
 def test_shards_are_whole_blocks_in_rank_order(n, block, world):
     parts = [shard(n, block, DistContext(rank=r, world_size=world)) for r in range(world)]

@@ -87,10 +87,9 @@ def test_unknown_repo_revision_and_file(tmp_path, hub, token):
 
 
 def test_unreachable_server_fails_with_a_clear_message(tmp_path):
-    from hubserver import free_port
+    from hubserver import dead_endpoint
 
-    url = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(DownloadError) as e:
+    with dead_endpoint() as url, pytest.raises(DownloadError) as e:
         pull("hf:advcl-test/any", endpoint=url)
     assert e.value.message == f"cannot reach {url}"
     assert "--endpoint" in e.value.hint and "HF_HUB_OFFLINE" in e.value.hint

@@ -10,7 +10,7 @@ from advcl_cli.errors import DownloadError
 from advcl_cli.zoo import hub as hubmod
 from advcl_cli.zoo.hub import fetch, transient
 from advcl_cli.zoo.publish import push
-from hubserver import Fault, FaultyProxy, free_port
+from hubserver import Fault, FaultyProxy, dead_endpoint
 from hubtools import commits, hub, make_classifier, repo_name, token  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.hub
@@ -88,14 +88,16 @@ def test_push_retries_a_5xx_commit_and_a_reset_preupload_and_commits_once(tmp_pa
 
 
 def test_a_dead_endpoint_fails_at_once_with_the_offline_hint(tmp_path, token, waits):
-    url = f"http://127.0.0.1:{free_port()}"
+    clf = make_classifier(tmp_path / "clf.safetensors")
     rec = RecordingReporter()
-    started = time.monotonic()
-    with pytest.raises(DownloadError) as e:
-        fetch("hf:advcl-test/any", endpoint=url, reporter=rec)
-    with pytest.raises(DownloadError) as pushing:
-        push(make_classifier(tmp_path / "clf.safetensors"), repo_name(), endpoint=url, reporter=rec)
-    assert time.monotonic() - started < 5 and waits == [] and warnings_of(rec) == []
+    with dead_endpoint() as url:
+        started = time.monotonic()
+        with pytest.raises(DownloadError) as e:
+            fetch("hf:advcl-test/any", endpoint=url, reporter=rec)
+        with pytest.raises(DownloadError) as pushing:
+            push(clf, repo_name(), endpoint=url, reporter=rec)
+        took = time.monotonic() - started
+    assert took < 5 and waits == [] and warnings_of(rec) == []
     for err in (e.value, pushing.value):
         assert err.message == f"cannot reach {url}" and "HF_HUB_OFFLINE" in err.hint
 

@@ -45,7 +45,7 @@ def test_shipped_manifest_holds_the_paper_models_unpublished_with_recipes():
     slf = zoo.get("advcl-r18-cifar10-slf")
     assert {k: m.value for k, m in slf.metrics.items()} == {"sa": 82.36, "pgd20": 50.45, "aa": 43.18}
     assert all(m.status == "reported" and m.source for m in slf.metrics.values())
-    assert "2111.01124" in slf.metrics["pgd20"].source and "RobustSSL" in slf.metrics["aa"].source
+    assert (slf.metrics["pgd20"].source, slf.metrics["aa"].source) == ("advcl-paper", "robustssl")
     assert {k: m.value for k, m in zoo.get("advcl-r18-cifar100-aff").metrics.items()} == {"sa": 58.29, "aa": 25.26}
     assert slf.eps == pytest.approx(8 / 255) and slf.scheme == "slf" and slf.kind == "classifier"
     assert "ImageNet" in zoo.get("simclr-r18-cifar10").notes
@@ -78,6 +78,39 @@ def test_validation_errors_name_the_entry_and_the_field(change, entry_field, wor
         parse_manifest(text, Path("team.toml"))
     assert f"manifest team.toml: entry 'mine', field '{entry_field}'" in e.value.message
     assert words in e.value.message
+
+
+def test_reported_metrics_are_the_published_numbers_file():
+    """A metric whose source is an id of reported.toml carries that file's number, so the zoo and
+    the benchmark's leaderboard cannot disagree; the file itself, read as plain TOML, is the reference."""
+    import tomllib
+
+    from advcl_cli.benchmark.reported import SHIPPED as REPORTED
+
+    published = tomllib.loads(REPORTED.read_text())
+    shipped, checked = load_manifest(), 0
+    for name, entry in shipped.entries.items():
+        for key, metric in entry.metrics.items():
+            if metric.status != "reported":
+                continue
+            assert metric.source in published["sources"], (name, key, metric.source)  # no free-text copy left
+            rows = [r for r in published["numbers"] if (r["source"], r["method"], r["dataset"]) ==
+                    (metric.source, entry.method, entry.dataset) and key in r.get(entry.scheme, {})]
+            assert rows and metric.value == rows[0][entry.scheme][key], (name, key)
+            checked += 1
+    assert checked == 13
+
+    reported = GOOD.replace('status = "measured"\ncommand = "advcl eval mine --attack pgd20"', 'status = "reported"\nsource = "robustssl"')
+    assert reported != GOOD
+    with pytest.raises(UsageError) as e:  # RobustSSL's AdvCL SLF SA on CIFAR-10 is 82.36, not 80.0
+        parse_manifest(reported, Path("team.toml"))
+    assert e.value.message == ("manifest team.toml: entry 'mine', metric 'sa' is 80.0, but source 'robustssl' "
+                               "in reported.toml gives 82.36")
+    assert parse_manifest(reported.replace("80.0", "82.36"), Path("team.toml")).entries["mine"].metrics["sa"].value == 82.36
+    with pytest.raises(UsageError, match="'advcl-paper' in reported.toml has no sa for advcl alf on cifar10"):
+        parse_manifest(reported.replace('"robustssl"', '"advcl-paper"').replace('"slf"', '"alf"'), Path("team.toml"))
+    # a free-text source is a team's own claim: accepted as written
+    assert parse_manifest(reported.replace('"robustssl"', '"our lab, table 2"'), Path("t.toml")).entries["mine"]
 
 
 def test_bad_toml_and_bad_names_are_usage_errors():

@@ -107,13 +107,13 @@ class Reported(BaseModel):
         return self.row(rid, dataset) if rid is not None else None
 
     def lookup(self, method: str, dataset: str, scheme: Literal["slf", "alf", "aff"],
-               metric: str | None = None) -> tuple[Numbers, Source, Row] | None:
+               metric: str | None = None, source: str | None = None) -> tuple[Numbers, Source, Row] | None:
         """The first row for (method, dataset) with numbers for ``scheme`` (and ``metric``, when
-        given), with its source; None when no source reports it."""
+        given; from ``source`` only, when given), with its source; None when none reports it."""
         method, dataset = str(method).strip().lower(), str(dataset).strip().lower()
         for row in self.numbers:
             cell = getattr(row, scheme)
-            if row.method == method and row.dataset == dataset and cell is not None:
+            if row.method == method and row.dataset == dataset and cell is not None and source in (None, row.source):
                 if metric is None or getattr(cell, metric) is not None:
                     return cell, self.sources[row.source], row
         return None

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from ..settings import AttackSettings
 from .options import ConfigOpt, JsonOpt, ModelArg, check_output, model_path, settings_options, with_options
@@ -16,7 +17,7 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Where to write the te
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing --out and --grid files (never the model itself).")]
 GridOpt = Annotated[
     Optional[Path],
-    typer.Option("--grid", help="Also write a PNG: clean / adversarial / amplified perturbation rows (needs advcl[plot]).", show_default=False),
+    typer.Option("--grid", help=escape("Also write a PNG: clean / adversarial / amplified perturbation rows (needs advcl[plot])."), show_default=False),
 ]
 
 

@@ -49,11 +49,13 @@ def benchmark(encoders: EncodersArg = None, force: ForceOpt = False, config: Con
       enc=$(advcl pretrain --dataset digits --arch resnet18-tiny --epochs 2 --batch-size 64)
       advcl benchmark $enc --dataset digits --schemes slf,alf,aff --epochs 3 --eval-limit 100 --attack pgd20
 
-    The full CIFAR-10 protocol, with CIFAR-10-C and the STL-10 transfer:
+    The full CIFAR-10 protocol for a published checkpoint, with CIFAR-10-C and the STL-10
+    transfer:
 
     \b
-      advcl benchmark advcl-r18-cifar10 --dataset cifar10 --corruptions /data/CIFAR-10-C
-      advcl benchmark advcl-r18-cifar10 --transfer stl10
+      enc=$(advcl import ACL_DS.pt --from acl)
+      advcl benchmark $enc --dataset cifar10 --corruptions /data/CIFAR-10-C
+      advcl benchmark $enc --transfer stl10
     """
     from ..config import resolve
     from ..engine.benchmark import benchmark as run_benchmark

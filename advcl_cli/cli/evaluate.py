@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from ..settings import EvalSettings
 from .options import ConfigOpt, JsonOpt, ModelArg, check_output, model_path, settings_options, with_options
 from .output import Output
 
-PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of robust accuracy against eps (needs advcl[plot]).", show_default=False)]
+PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help=escape("Write a PNG of robust accuracy against eps (needs advcl[plot])."), show_default=False)]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Overwrite an existing --plot file (never the model itself).", metavar="")
 ]

@@ -60,13 +60,23 @@ def _metavar(field: FieldInfo) -> str | None:
     return {int: "INT", float: "FLOAT", Path: "PATH", str: "TEXT"}.get(base)
 
 
-def _format_default(value: Any) -> str:
+def is_eps(field: FieldInfo) -> bool:
+    """Whether a settings field holds an L-inf budget (shown as k/255 in help)."""
+    from ..settings import parse_eps, parse_eps_list
+
+    return any(getattr(m, "func", None) in (parse_eps, parse_eps_list) for m in field.metadata)
+
+
+def format_default(value: Any, eps: bool = False) -> str:
+    """A default as help shows it: budgets as k/255 where exact, None as the method's rule."""
     from ..settings import format_eps
 
-    if isinstance(value, float) and 0 < value <= 1 and abs(value * 255 - round(value * 255)) < 1e-9 and round(value * 255) >= 1:
+    if value is None:
+        return "rule"
+    if eps and isinstance(value, float):
         return format_eps(value)
     if isinstance(value, (list, tuple)):
-        return ",".join(_format_default(v) for v in value) or "none"
+        return ",".join(format_default(v, eps) for v in value) or "none"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -77,7 +87,7 @@ def settings_option(name: str, field: FieldInfo, *, panel: str | None = None, de
     base = _base_type(field.annotation)
     help_text = field.description or ""
     if defaults is None and field.default is not None and base is not bool:
-        defaults = _format_default(field.default)
+        defaults = format_default(field.default, is_eps(field))
     if defaults:
         help_text += f" [default: {defaults}]"
     kwargs: dict[str, Any] = dict(help=escape(help_text), show_default=False, rich_help_panel=panel)

@@ -61,12 +61,13 @@ def method_params() -> tuple[list, str]:
         shown = {n: methods[n].Settings.model_fields[field].default for n in names}
         defaults = None
         if len({repr(v) for v in shown.values()}) > 1:
-            from .options import _format_default
+            from .options import format_default, is_eps
 
-            defaults = ", ".join(f"{n} {_format_default(v)}" for n, v in shown.items())
+            defaults = ", ".join(f"{n} {format_default(v, is_eps(info))}" for n, v in shown.items())
         panel = TRAINING_PANEL if field in TrainSettings.model_fields else f"Options of {', '.join(names)}"
         params.append(settings_option(field, info, panel=panel, defaults=defaults))
-    listing = "\n".join(f"      {name:<8} {cls.summary}" for name, cls in methods.items())
+    width = max(map(len, methods))
+    listing = "\n".join(f"      {name:<{width}} {cls.summary}" for name, cls in methods.items())
     return params, f"\n    Methods (--method):\n\n    \b\n{listing}\n"
 
 

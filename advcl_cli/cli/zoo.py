@@ -86,14 +86,18 @@ def info(
       advcl zoo info advcl-r18-cifar10-slf --json
     """
     from ..zoo.hub import cache_state
+    from ..benchmark.reported import load_reported
     from ..zoo.manifest import METRIC_NAMES
 
     zoo = _manifest(options, config)
     entry = zoo.get(name)
     cache = cache_state(name, entry)
     out = Output(json_mode)
+    reported = load_reported().sources
+    sources = {m.source: reported[m.source].model_dump() for m in entry.metrics.values() if m.source in reported}
     if json_mode:
-        out.document({"name": name, "manifest": str(zoo.path), "published": entry.published, **entry.model_dump(mode="json"), "cache": cache})
+        out.document({"name": name, "manifest": str(zoo.path), "published": entry.published, **entry.model_dump(mode="json"),
+                      "sources": sources, "cache": cache})
         return
     if not entry.published:
         where = "not published (no repo): reproduce it with the recipe below"
@@ -110,7 +114,8 @@ def info(
     out.table([{"field": k, "value": v} for k, v in fields.items() if v is not None], ["field", "value"], title=name)
     if entry.metrics:
         rows = [
-            {"metric": METRIC_NAMES[k], "value": f"{m.value:.2f}", "status": m.status, "source / command": m.source or m.command}
+            {"metric": METRIC_NAMES[k], "value": f"{m.value:.2f}", "status": m.status, "source / command": f"{m.source} ({sources[m.source]['url']})" if m.source in sources
+                                  else m.source or m.command}
             for k, m in entry.metrics.items()
         ]
         out.table(rows, ["metric", "value", "status", "source / command"], title="metrics (percent, L-inf)")

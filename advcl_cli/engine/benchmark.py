@@ -45,7 +45,7 @@ from ..data.registry import default_data_dir, num_classes_of
 from ..errors import UsageError
 from ..settings import BenchmarkSettings, FinetuneSettings, format_eps
 from ..device import resolve_device, resolve_precision
-from ..distributed import DistContext, barrier, init_distributed, shutdown
+from ..distributed import DistContext, barrier, init_distributed, on_main, shutdown
 from ..plots import benchmark_chart, require_matplotlib
 from ..report import Reporter
 from .evaluate import corruption_accuracy, encode_flags, evaluate, flag_key, worst_case
@@ -143,9 +143,10 @@ def targets(settings: BenchmarkSettings, meta: Metadata) -> list[Target]:
     return found
 
 
-def corruption_set(settings: BenchmarkSettings, target: Target, reporter: Reporter) -> CorruptionSet | None:
+def corruption_set(settings: BenchmarkSettings, target: Target, reporter: Reporter, ctx: DistContext) -> CorruptionSet | None:
     """The corruption set of a target, checked: ``digits-c`` made here; CIFAR-10/100-C from
-    ``corruptions`` (a bad folder is an error) or the data folder (absent: a warning, no CA)."""
+    ``corruptions`` (a bad folder is an error) or the data folder, downloaded there first with
+    ``download_corruptions`` (by rank 0; absent and not downloaded: a warning, no CA)."""
     name = corruptions_for(target.dataset)
     if target.transfer or name is None:
         return None
@@ -156,10 +157,13 @@ def corruption_set(settings: BenchmarkSettings, target: Target, reporter: Report
         return load_corruptions(name, folder=settings.corruptions, **size)
     spec = PUBLISHED[name]
     root = Path(settings.data_dir).expanduser() if settings.data_dir is not None else default_data_dir()
+    if settings.download_corruptions and not (root / spec.folder).is_dir():
+        reporter.log(f"getting {name} ({spec.url}, about 2.9 GB) into {root}")
+        on_main(lambda: load_corruptions(name, data_dir=root, download=True), ctx)
     if (root / spec.folder).is_dir() or (root / spec.archive).is_file():
         return load_corruptions(name, data_dir=root, download=False, **size)
     reporter.warn(f"no {name} in {root}: CA is not measured on {target.dataset}; pass --corruptions DIR "
-                  f"(the folder extracted from {spec.archive}, {spec.url})")
+                  f"(the folder extracted from {spec.archive}, {spec.url}) or --download-corruptions")
     return None
 
 
@@ -190,7 +194,8 @@ def ra_attacks(settings: BenchmarkSettings) -> list[str]:
     return list(dict.fromkeys(get_attack(a).name for a in settings.attack))
 
 
-def plan(settings: BenchmarkSettings, encoders: list[Encoder], precision: str, reporter: Reporter) -> list[Cell]:
+def plan(settings: BenchmarkSettings, encoders: list[Encoder], precision: str, reporter: Reporter,
+         ctx: DistContext) -> list[Cell]:
     """Every cell with its key, after checking every input (nothing is trained or loaded)."""
     if not encoders:
         raise UsageError("no ENCODER given", "pass checkpoint paths or zoo names, or pipe paths: ls runs/*/encoder.safetensors | advcl benchmark")
@@ -204,7 +209,7 @@ def plan(settings: BenchmarkSettings, encoders: list[Encoder], precision: str, r
     for enc in encoders:
         for target in targets(settings, enc.meta):
             if target not in sets:
-                sets[target] = corruption_set(settings, target, reporter)
+                sets[target] = corruption_set(settings, target, reporter, ctx)
             cs = sets[target]
             for scheme in settings.schemes:
                 name = f"{enc.sha256[:12]}-{scheme}-{_slug(target.dataset)}{'-transfer' if target.transfer else ''}"
@@ -343,7 +348,7 @@ def benchmark(settings: BenchmarkSettings, encoders: list[tuple[str, Path]], rep
         reporter, on_cell = Reporter(), None
     out = Path(settings.out)
     try:
-        cells = plan(settings, open_encoders(encoders, reporter), resolve_precision(settings.precision, device), reporter)
+        cells = plan(settings, open_encoders(encoders, reporter), resolve_precision(settings.precision, device), reporter, ctx)
         for cell in cells:
             cell.record = None if force else load_cell(cell, reporter)
             cell.cached = cell.record is not None

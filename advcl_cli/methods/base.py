@@ -46,7 +46,7 @@ class TrainSettings(BaseModel):
     momentum: float = option(0.9, "Momentum.", ge=0)
     weight_decay: float = option(1e-4, "Weight decay (LARS: on every parameter).", ge=0)
     lars_eta: float = option(1e-3, "LARS trust coefficient (with --optimizer lars).", gt=0)
-    warmup_epochs: int | None = option(None, "Linear warm-up epochs (default: the method's rule).", ge=0)
+    warmup_epochs: int | None = option(None, "Linear warm-up epochs (rule: 10 when the batch is over 256, else 0).", ge=0)
 
 
 class PGDSettings(BaseModel):

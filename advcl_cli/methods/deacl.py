@@ -105,7 +105,8 @@ class DeACL(Method):
     name = "deacl"
     summary = "DeACL (Zhang et al., ECCV 2022): a robust student distilled from a SimCLR --teacher"
 
-    class Settings(with_defaults(TrainSettings, "DeACLTraining", epochs=100, batch_size=256, lr=0.5, weight_decay=5e-4),
+    class Settings(with_defaults(TrainSettings, "DeACLTraining", epochs=100, batch_size=256, lr=0.5, weight_decay=5e-4,
+                                 warmup_epochs=10),
                    PGDSettings, with_defaults(CosineSettings, "DeACLCosine", warmup_from=0.003, min_lr_ratio=0.0)):
         teacher: Path | None = option(
             None, "The SimCLR encoder to distil (from `advcl pretrain --method simclr`); the student starts from "
@@ -152,7 +153,7 @@ class DeACL(Method):
 
     def schedule(self):
         s = self.settings
-        warmup = s.warmup_epochs if s.warmup_epochs is not None else 10
+        warmup = 10 if s.warmup_epochs is None else s.warmup_epochs
         return LinearWarmupCosine(base_lr=s.lr, epochs=s.epochs, warmup_epochs=min(warmup, s.epochs),
                                   warmup_from=s.warmup_from, min_lr=s.lr * s.min_lr_ratio)
 

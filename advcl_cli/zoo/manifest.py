@@ -21,6 +21,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from ..benchmark.reported import SHIPPED as SHIPPED_REPORTED
+from ..benchmark.reported import load_reported
 from ..config import resolve
 from ..errors import UsageError
 from ..settings import HubSettings, format_eps, parse_eps
@@ -44,7 +46,7 @@ class Metric(BaseModel):
 
     value: float = Field(ge=0, le=100)
     status: Literal["reported", "measured"]
-    source: str | None = None  # reported: paper, table, benchmark
+    source: str | None = None  # reported: an id of reported.toml's sources, or free text (paper, table)
     command: str | None = None  # measured: the advcl command that produced it
 
     @model_validator(mode="after")
@@ -130,6 +132,7 @@ def parse_manifest(text: str, path: Path) -> Manifest:
         if not isinstance(table, dict):
             raise UsageError(f"manifest {path}: top-level key '{name}' must be a table [{name}] describing a model")
         entries[name] = validate_entry(name, table, path)
+    check_reported(entries, path)
     header = "".join(_leading_comments(text)).rstrip()
     header = header + "\n" if header else ""
     return Manifest(path, entries, header)
@@ -146,6 +149,25 @@ def validate_entry(name: str, table: dict, path: Path) -> Entry:
         where = ".".join(str(p) for p in err["loc"] if p != "[key]") or "(entry)"
         msg = err["msg"].removeprefix("Value error, ")
         raise UsageError(f"manifest {path}: entry '{name}', field '{where}': {msg}{_revision_hint(err)}") from None
+
+
+def check_reported(entries: dict[str, Entry], path: Path) -> None:
+    """A reported metric whose ``source`` is an id of the published numbers (``reported.toml``,
+    which the benchmark's leaderboard reads too) must be the number that file gives for the
+    entry's method, dataset and scheme: the two files cannot drift apart. Other sources are free
+    text (a team's own manifest)."""
+    reported = load_reported()
+    for name, entry in entries.items():
+        for key, metric in entry.metrics.items():
+            if metric.status != "reported" or metric.source not in reported.sources:
+                continue
+            found = entry.scheme and reported.lookup(entry.method, entry.dataset, entry.scheme, key, metric.source)
+            published = getattr(found[0], key) if found else None
+            if published != metric.value:
+                said = f"gives {published}" if found else f"has no {key} for {entry.method} {entry.scheme or ''} on {entry.dataset}"
+                raise UsageError(f"manifest {path}: entry '{name}', metric '{key}' is {metric.value}, but source "
+                                 f"'{metric.source}' in {SHIPPED_REPORTED.name} {said}",
+                                 "take the number from the source, or name another source")
 
 
 def _leading_comments(text: str):
