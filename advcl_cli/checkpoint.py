@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
-from .errors import CheckpointError, UsageError, os_error
+from .errors import CheckpointError, UsageError, os_error, require_file
 from .models import AdvclNet, ModelConfig
 
 FORMAT_VERSION = 1
@@ -316,11 +316,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
 
 
 def _checked_header(path: str | Path) -> tuple[Path, dict]:
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file", "name the .safetensors file in it")
-    if not path.is_file():
-        raise CheckpointError(f"no such checkpoint file: {path}")
+    path = require_file(path, "checkpoint file", error=CheckpointError)
     return path, _read_header(path)[0]
 
 
@@ -339,7 +335,10 @@ def _metadata(path: Path, header: dict) -> Metadata:
         doc = json.loads(raw)
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: the advcl metadata is not valid JSON") from None
-    version = doc.get("format_version") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or "format_version" not in doc:
+        raise CheckpointError(f"{path}: the advcl metadata is damaged (not an object with a format_version)",
+                              "use the original file, or write it again with the command that made it")
+    version = doc["format_version"]
     if version != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: unknown checkpoint format_version {version!r} (this advcl reads {FORMAT_VERSION})",

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import UsageError
+from .errors import UsageError, require_file
 from .methods import get_method, method_names, settings_model
 from .settings import VERBS, PretrainSettings, SettingsModel
 
@@ -109,10 +109,7 @@ def config_path(explicit: str | Path | None = None) -> Path | None:
     """``explicit``, else ``$ADVCL_CONFIG``, else ``./advcl.toml`` if it exists."""
     explicit = explicit or os.environ.get("ADVCL_CONFIG")
     if explicit:
-        path = Path(explicit)
-        if not path.is_file():
-            raise UsageError(f"config file not found: {path}", "pass an existing --config FILE or unset ADVCL_CONFIG")
-        return path
+        return require_file(explicit, "config file", "pass an existing --config FILE or unset ADVCL_CONFIG")
     default = Path("advcl.toml")
     return default if default.is_file() else None
 
@@ -141,11 +138,16 @@ def check_config(doc: dict[str, Any], path: Path) -> None:
     def unknown(key: str, where: str, valid) -> UsageError:
         return UsageError(f"unknown key '{key}' in {where} of {path}", _did_you_mean(key, valid) or "see `advcl VERB --help` for the setting names")
 
+    hub_verbs = ("pull", "push", "zoo")
     for key, value in doc.items():
         if not isinstance(value, dict):
+            if key in VERBS and not is_known(key):
+                raise UsageError(f"'{key}' in {path} is a table of settings, not a value", f"write [{key}] with its settings under it")
             if not is_known(key):
                 raise unknown(key, "the top level", known_fields() | set(VERBS))
             continue
+        if key in hub_verbs:
+            raise UsageError(f"unknown table [{key}] in {path}", f"{', '.join(hub_verbs)} read their settings from [hub]")
         if key not in VERBS:
             raise UsageError(f"unknown table [{key}] in {path}", _did_you_mean(key, VERBS, "[{}]") or f"tables are: {', '.join(VERBS)}")
         fields = set(VERBS[key].model_fields)
@@ -153,6 +155,8 @@ def check_config(doc: dict[str, Any], path: Path) -> None:
             fields |= {f for m in methods.values() for f in m.model_fields}
         for sub, sub_value in value.items():
             if isinstance(sub_value, dict):
+                if sub in fields:
+                    raise UsageError(f"'{sub}' in [{key}] of {path} takes a value, not a table", f"write {sub} = VALUE")
                 if key != "pretrain" or sub not in methods:
                     valid = methods if key == "pretrain" else ()
                     raise UsageError(f"unknown table [{key}.{sub}] in {path}",

@@ -8,6 +8,7 @@ path becomes one of them through ``os_error`` (exit 2 for a bad path, 1 for a fa
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 
 class AdvclError(Exception):
@@ -60,6 +61,17 @@ class Interrupted(AdvclError):
     """Ctrl-C, or SIGTERM during training."""
 
     exit_code = 130
+
+
+def require_file(path, what: str, hint: str | None = None, error: type[UsageError] = UsageError, flag: str = ""):
+    """``path`` as a Path when it is a file; else an ``error`` saying it is a folder or missing
+    (``what``: "checkpoint file", ...; ``flag`` names the option it came from)."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{path} is a folder, not a {what}{flag}", "name the file in it")
+    if not path.is_file():
+        raise error(f"no such {what}: {path}{flag}", hint)
+    return path
 
 
 # errno values that say the user's path is wrong (exit 2); any other OSError is the environment's (exit 1)

@@ -46,8 +46,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_finite, expected_shapes, refuse_empty, save_model, sha256_file
-from .errors import CheckpointError, UsageError, os_error
+from .checkpoint import check_finite, expected_shapes, read_metadata, refuse_empty, save_model, sha256_file
+from .errors import AdvclError, CheckpointError, UsageError, os_error, require_file
 from .models import ARCHS, IMAGENET_MEAN, IMAGENET_STD, ModelConfig, create_model
 
 # The DeACL authors' model normalises with CIFAR-10's statistics (solo-learn's
@@ -169,11 +169,15 @@ def map_key(key: str, source: Source = SOURCES["advcl"]) -> str | None:
 
 def read_original(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The state dict (wrapper prefixes stripped) and the file's other plain entries."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder, not a checkpoint file", "name the checkpoint file in it")
-    if not path.is_file():
-        raise UsageError(f"no such checkpoint file: {path}")
+    path = require_file(path, "checkpoint file")
+    try:
+        meta = read_metadata(path)
+    except AdvclError:
+        meta = None  # not an advcl checkpoint: what import is for
+    if meta is not None:
+        raise UsageError(f"{path} is already an advcl checkpoint (a {meta.kind} of {meta.method}): there is nothing "
+                         "to import", f"use it as it is, e.g. advcl eval {path}" if meta.kind == "classifier"
+                         else f"use it as it is, e.g. advcl finetune {path}")
     try:
         refuse_empty(path)
         obj = torch.load(path, map_location="cpu", weights_only=True)

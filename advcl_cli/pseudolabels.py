@@ -33,7 +33,7 @@ from .checkpoint import atomic_write, load_checkpoint, refuse_empty, safetensors
 from .data.augment import to_float
 from .data.registry import load_dataset, num_classes_of
 from .device import resolve_device
-from .errors import CheckpointError, DataError, UsageError, os_error
+from .errors import CheckpointError, DataError, UsageError, os_error, require_file
 from .report import Reporter
 
 META_KEY = "advcl_pseudo_labels"
@@ -73,9 +73,7 @@ def save_labels(path: str | Path, labels: dict[int, torch.Tensor], *, dataset: s
 def load_labels(path: str | Path, n_expected: int | None = None, *, allow_longer: bool = False) -> PseudoLabels:
     """Read and validate a labels file. ``n_expected`` is the dataset size; ``allow_longer``
     accepts a file for the whole split when only its first ``n_expected`` images are used."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"no such pseudo-label file: {path}", "make one with `advcl pseudo-labels --encoder CKPT`")
+    path = require_file(path, "pseudo-label file", "make one with `advcl pseudo-labels --encoder CKPT`")
     try:
         refuse_empty(path)
         with safe_open(str(path), framework="pt") as f:
@@ -192,9 +190,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 
 def read_authors_pickle(path: str | Path) -> dict[str, np.ndarray]:
     """The dict of integer arrays in the authors' pseudo-label pickle, read safely."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"no such file: {path}")
+    path = require_file(path, "file")
     try:
         refuse_empty(path)
         with open(path, "rb") as f:

@@ -16,11 +16,13 @@ a TOML value may be a string or a native value, and the validators below accept 
 from __future__ import annotations
 
 import copy
+import re
+import typing
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
 
 def option(default: Any, help: str, *, short: str | None = None, metavar: str | None = None,
@@ -103,6 +105,14 @@ def parse_int_list(value: Any) -> list[int]:
     return _unique([_whole(v) for v in _items(value)])
 
 
+def parse_epoch_list(value: Any) -> list[int]:
+    """``10,20`` -> epoch numbers (1 or more), each once, in increasing order."""
+    epochs = sorted(parse_int_list(value))
+    if epochs and epochs[0] < 1:
+        raise ValueError(f"epoch {epochs[0]} is not an epoch number (they start at 1)")
+    return epochs
+
+
 def parse_name_list(value: Any) -> list[str]:
     """``pgd20,fgsm`` (or a list, repeated flags) -> names, each once, in lower case."""
     return _unique([str(v).strip().lower() for v in _items(value)])
@@ -112,9 +122,20 @@ def _lower(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
 
 
+def parse_url(value: Any) -> Any:
+    """An http(s) URL with a host (a Hub endpoint or mirror), without a trailing slash."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not re.match(r"^https?://[^/\s:]+(:\d+)?(/\S*)?$", text):
+        raise ValueError(f"'{text}' is not an http(s) URL such as https://huggingface.co")
+    return text.rstrip("/")
+
+
 Eps = Annotated[float, BeforeValidator(parse_eps)]
 EpsList = Annotated[list[float], BeforeValidator(parse_eps_list)]
 IntList = Annotated[list[int], BeforeValidator(parse_int_list)]
+EpochList = Annotated[list[int], BeforeValidator(parse_epoch_list)]
 NameList = Annotated[list[str], BeforeValidator(parse_name_list)]
 Name = Annotated[str, BeforeValidator(_lower)]  # case-insensitive names (methods, schemes)
 Device = Annotated[Literal["auto", "cpu", "cuda"], BeforeValidator(_lower)]
@@ -124,10 +145,40 @@ Precision = Annotated[Literal["auto", "bf16", "fp32"], BeforeValidator(_lower)]
 # --- the models ------------------------------------------------------------------------------
 
 
-class SettingsModel(BaseModel):
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+class CheckedModel(BaseModel):
+    """The rules every settings model shares: unknown keys refused, defaults validated too,
+    numbers finite and within float32 (training computes in it), no empty path ("" would be
+    the current folder), no true/false where a number goes (as a flag or a variable refuses it)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_values(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        types = (annotation, *typing.get_args(annotation))
+        if isinstance(value, str) and not value.strip() and Path in types:
+            raise ValueError("the path is empty; give a file or folder name")
+        if isinstance(value, str) and not value.strip() and not any(typing.get_origin(t) is list for t in types):
+            raise ValueError("the value is empty")
+        if isinstance(value, bool) and bool not in types:  # TOML's true is not the number 1
+            raise ValueError("true and false are only for on/off settings")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _within_float32(cls, value: Any) -> Any:
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            raise ValueError(f"{value:g} is beyond float32 (at most 3.4e38)")
+        return value
+
+
+class SettingsModel(CheckedModel):
     """A verb's settings; ``section`` is the verb's table in the TOML file."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
     section: ClassVar[str] = ""
 
     def to_config(self) -> dict[str, Any]:
@@ -140,14 +191,14 @@ class Settings(SettingsModel):
 
     data_dir: Path | None = option(None, "Where datasets live (default: $ADVCL_DATA_DIR or ~/.cache/advcl/data).")
     device: Device = option("auto", "auto (a GPU when there is one), cpu or cuda.")
-    seed: int = option(0, "Random seed.")
+    seed: int = option(0, "Random seed.", ge=0, le=2**32 - 1)
 
 
 class DataSettings(Settings):
     """The dataset options of the verbs that load images."""
 
     limit: int | None = option(None, "Use only the first N images (smoke runs).", ge=1)
-    image_size: int | None = option(None, "Resize images to this square size.", ge=8)
+    image_size: int | None = option(None, "Resize images to this square size.", ge=8, le=1024)
     download: bool = option(True, "Download a missing dataset.", flag=False)
 
 
@@ -188,7 +239,7 @@ class FinetuneSettings(DataSettings):
     epochs: int | None = option(None, "Epochs (default: the protocol's, see above).", ge=1)
     batch_size: int | None = option(None, "Batch size (default: the protocol's).", short="-b", ge=1)
     lr: float | None = option(None, "Learning rate (default: the protocol's).", gt=0)
-    milestones: IntList | None = option(None, "Epochs where lr is multiplied by 0.1 (default: the protocol's).",
+    milestones: EpochList | None = option(None, "Epochs where lr is multiplied by 0.1 (default: the protocol's).",
                                         metavar="E,E,...")
     momentum: float = option(0.9, "SGD momentum.", ge=0)
     weight_decay: float = option(2e-4, "Weight decay.", ge=0)
@@ -220,7 +271,7 @@ class LpaftSettings(DataSettings):
     probe_lr: float = option(0.01, "Learning rate of the linear probe (constant).", gt=0)
     epochs: int = option(25, "Epochs of TRADES on the pseudo labels (the whole network).", ge=1)
     lr: float = option(0.1, "Learning rate of the TRADES epochs.", gt=0)
-    milestones: IntList = option([10, 20], "TRADES epochs where lr is multiplied by 0.1.", metavar="E,E,...")
+    milestones: EpochList = option([10, 20], "TRADES epochs where lr is multiplied by 0.1.", metavar="E,E,...")
     momentum: float = option(0.9, "SGD momentum (both phases).", ge=0)
     weight_decay: float = option(1e-4, "Weight decay (both phases).", ge=0)
     batch_size: int = option(512, "Batch size (both phases; the last partial batch is dropped).", short="-b", ge=1)
@@ -249,7 +300,7 @@ class AttackSettings(Settings):
     attack: Name = option("pgd20", "fgsm, pgd20 (any pgdN), cw20 (any cwN) or autoattack.", short="-a")
     eps: Eps = option(8 / 255, "L-inf budget, as 8/255 or 0.031.", metavar="EPS")
     n: int = option(64, "Attack the first N test images.", short="-n", ge=1)
-    image_size: int | None = option(None, "Resize images to this square size.", ge=8)
+    image_size: int | None = option(None, "Resize images to this square size.", ge=8, le=1024)
     download: bool = option(True, "Download a missing dataset.", flag=False)
 
 
@@ -300,7 +351,7 @@ class BenchmarkSettings(DataSettings):
 class HubSettings(SettingsModel):
     section: ClassVar[str] = "hub"
 
-    hf_endpoint: str | None = option(None, "Hub URL, e.g. a mirror (default: $HF_ENDPOINT or https://huggingface.co).",
+    hf_endpoint: Annotated[str | None, BeforeValidator(parse_url)] = option(None, "Hub URL, e.g. a mirror (default: $HF_ENDPOINT or https://huggingface.co).",
                                      aliases=("--endpoint",), metavar="URL")
     zoo_manifest: Path | None = option(None, "Zoo manifest file (default: the one shipped with advcl).",
                                        aliases=("--manifest",))

@@ -618,3 +618,156 @@ def test_eval_settings_from_the_environment_and_the_config_file_are_used(run_cli
 def test_a_malformed_eps_from_the_environment_is_refused_in_one_line(run_cli, classifier, monkeypatch):
     monkeypatch.setenv("ADVCL_EPS", "8/0")
     refused(run_cli("eval", classifier, "--limit", "4", "--device", "cpu"), 2, "ADVCL_EPS", "8/0")
+
+
+@pytest.mark.parametrize("flag, value, phrase", [
+    ("--momentum", "inf", "Input should be a finite number"),
+    ("--lr", "nan", "Input should be a finite number"),
+    ("--lr", "1e300", "1e+300 is beyond float32"),
+    ("--seed", "-1", "greater than or equal to 0"),
+    ("--seed", str(2**64), "less than or equal to 4294967295"),
+    ("--image-size", "40000", "less than or equal to 1024"),
+    ("--out", "", "the path is empty"),
+])
+def test_numbers_that_cannot_train_and_empty_paths_are_refused_up_front(run_cli, tmp_path, flag, value, phrase):
+    refused(run_cli("pretrain", *SIMCLR, flag, value), 2, f"bad value '{value}' for {flag}", phrase)
+    assert tree(tmp_path) == set()  # nothing trained into the current folder
+
+
+def test_weights_that_diverge_with_a_finite_loss_are_never_saved(run_cli, tmp_path, encoder, monkeypatch):
+    """The loss of the last step is finite, the update after it is not: no classifier is saved."""
+    real = torch.optim.SGD.step
+
+    def diverge(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", diverge)
+    _, err = refused(run_cli("finetune", encoder, *FT, "--out", "ft"), 1, "the weights became NaN or inf in epoch 1")
+    assert "start again" in hint(err) and "--resume" not in hint(err)  # nothing was saved to resume from
+    assert not (tmp_path / "ft" / "classifier.safetensors").exists() and not (tmp_path / "ft" / "state.safetensors").exists()
+
+
+@pytest.fixture
+def stopped_run(run_cli, tmp_path):
+    """A 2-epoch run stopped after its first epoch (the state of epoch 1, as a kill leaves it)."""
+    code, _, err = run_cli("pretrain", *SIMCLR, "--epochs", "1", "--out", "r")
+    assert code == 0, err
+    from advcl_cli.checkpoint import load_state
+
+    state = load_state(tmp_path / "r" / "state.safetensors")
+    state.update(total_epochs=2, finished=False)
+    state["config"]["epochs"] = 2
+    return state
+
+
+@pytest.mark.parametrize("damage, phrase", [
+    (lambda s: s.update(epoch=-1), "epoch -1 of 2 is not a finished epoch count"),
+    (lambda s: s.update(epoch=99), "epoch 99 of 2 is not a finished epoch count"),
+    (lambda s: s.pop("config"), "it lacks config"),
+    (lambda s: s.update(optimizer=[1, 2]), "is not a table"),
+])
+def test_a_damaged_resume_state_is_named_as_such(run_cli, tmp_path, stopped_run, damage, phrase):
+    from advcl_cli.checkpoint import save_state
+
+    damage(stopped_run)
+    save_state(tmp_path / "r" / "state.safetensors", stopped_run)
+    before = (tmp_path / "r" / "encoder.safetensors").read_bytes()
+    _, err = refused(run_cli("pretrain", *SIMCLR, "--epochs", "2", "--out", "r", "--resume"), 2,
+                     "resume state r/state.safetensors is damaged", phrase)
+    assert hint(err) == "hint: start over with --force"
+    assert (tmp_path / "r" / "encoder.safetensors").read_bytes() == before
+
+
+def test_a_state_missing_a_tensor_is_named_as_such(run_cli, tmp_path, stopped_run):
+    import json as json_
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "r" / "state.safetensors"
+    from advcl_cli.checkpoint import save_state
+
+    save_state(path, stopped_run)
+    with open(path, "rb") as f:
+        header = json_.loads(f.read(int.from_bytes(f.read(8), "little")))
+    tensors = load_file(path)
+    save_file({k: v for k, v in tensors.items() if k != sorted(tensors)[0]}, path, metadata=header["__metadata__"])
+    refused(run_cli("pretrain", *SIMCLR, "--epochs", "2", "--out", "r", "--resume"), 2, "is damaged: tensor", "is missing")
+
+
+def test_resuming_with_another_method_or_unknown_settings_says_so(run_cli, tmp_path, stopped_run):
+    from advcl_cli.checkpoint import save_state
+
+    save_state(tmp_path / "r" / "state.safetensors", stopped_run)
+    _, err = refused(run_cli("pretrain", *SMALL, "--method", "advcl", "--epochs", "2", "--out", "r", "--resume"), 2,
+                     "cannot resume with --method advcl: the run trains simclr")
+    assert hint(err) == "hint: resume with --method simclr, or start over with --force"
+    stopped_run["config"]["bogus_key"] = 1
+    save_state(tmp_path / "r" / "state.safetensors", stopped_run)
+    _, err = refused(run_cli("pretrain", *SIMCLR, "--epochs", "2", "--out", "r", "--resume"), 2,
+                     "settings this advcl does not have (bogus_key)")
+    stopped_run["config"].pop("bogus_key")
+    save_state(tmp_path / "r" / "state.safetensors", stopped_run)
+    code, _, err = run_cli("pretrain", *SIMCLR, "--epochs", "2", "--out", "r", "--resume")  # undamaged: it resumes
+    assert code == 0 and "resuming after epoch 1" in err, err
+
+
+def test_push_refuses_a_diverged_model_before_contacting_the_hub(run_cli, tmp_path):
+    path = make_classifier(tmp_path / "nan.safetensors", fill=nan_weights)
+    refused(run_cli("push", path, "--repo", "lab/m", "--dry-run", "--endpoint", "http://127.0.0.1:1"), 2,
+            "holds NaN or inf weights", "backbone.layers.1.0.conv2.weight")
+    assert tree(tmp_path) == {"nan.safetensors"}
+
+
+@pytest.mark.parametrize("toml, flag", [("limit = true\n", "--limit"), ("[eval]\nbatch_size = false\n", "--batch-size")])
+def test_toml_true_is_not_the_number_1(run_cli, tmp_path, classifier, toml, flag):
+    """A flag or a variable refuses `true` for a number, so the file does too (pydantic would read 1)."""
+    (tmp_path / "advcl.toml").write_text(toml)
+    refused(run_cli("eval", classifier, "--device", "cpu"), 2, f"for {flag} (from advcl.toml", "only for on/off settings")
+
+
+def test_a_folder_where_a_file_goes_is_called_a_folder(run_cli, tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
+    for args, what in [(("pretrain", *ADVCL, "--pseudo-labels", "d"), "pseudo-label file (--pseudo-labels)"),
+                       (("pseudo-labels", "import", "d"), "file"),
+                       (("pretrain", *SMALL, "--method", "deacl", "--teacher", "d"), "checkpoint file (--teacher)"),
+                       (("import", "d"), "checkpoint file"), (("eval", "d"), "checkpoint file")]:
+        _, err = refused(run_cli(*args), 2, f"d is a folder, not a {what}")
+        assert hint(err) == "hint: name the file in it"
+    monkeypatch.setenv("ADVCL_CONFIG", "d")
+    refused(run_cli("eval", "m.safetensors"), 2, "d is a folder, not a config file")
+    assert tree(tmp_path) == {"d"}
+
+
+@pytest.mark.parametrize("args, phrases", [
+    (["pull", "hf:lab/m", "--endpoint", "not a url"], ["bad value 'not a url' for --hf-endpoint", "not an http(s) URL"]),
+    (["pull", "hf:lab/m", "--endpoint", ""], ["bad value '' for --hf-endpoint"]),
+    (["finetune", "{clf}", "--milestones", "-3"], ["--milestones", "epoch -3 is not an epoch number"]),
+    (["finetune", "{clf}", "--bn-set", ""], ["bad value '' for --bn-set: the value is empty"]),
+    (["eval", "{clf}", "-d", ""], ["bad value '' for --dataset: the value is empty"]),
+    (["eval", "{clf}", "-a", "fgsm", "--plot", "curve.jpg"], ["--plot curve.jpg: advcl writes a PNG file there"]),
+    (["attack", "{clf}", "--grid", "grid"], ["--grid grid: advcl writes a PNG file there"]),
+    (["import", "{clf}", "--out", "new.safetensors"], ["clf.safetensors is already an advcl checkpoint (a classifier of advcl)"]),
+])
+def test_more_arguments_that_cannot_be_meant(run_cli, tmp_path, classifier, args, phrases):
+    before = tree(tmp_path)
+    refused(run_cli(*[a.format(clf=classifier) for a in args]), 2, *phrases)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("toml, phrase, closest", [
+    ("eval = 4\n", "'eval' in advcl.toml is a table of settings, not a value", "write [eval] with its settings under it"),
+    ("[eval]\nbatch_size = { a = 1 }\n", "'batch_size' in [eval] of advcl.toml takes a value, not a table",
+     "write batch_size = VALUE"),
+    ("[pull]\nhf_endpoint = \"http://x\"\n", "unknown table [pull] in advcl.toml", "pull, push, zoo read their settings from [hub]"),
+])
+def test_a_misplaced_table_in_the_config_file_is_explained(run_cli, tmp_path, classifier, toml, phrase, closest):
+    (tmp_path / "advcl.toml").write_text(toml)
+    _, err = refused(run_cli("eval", classifier), 2, phrase)
+    assert hint(err) == f"hint: {closest}"
+
+
+def test_per_image_without_json_is_said(run_cli, classifier):
+    code, out, err = run_cli("eval", classifier, "-a", "fgsm", "--limit", "4", "--device", "cpu", "--per-image")
+    assert code == 0 and "warning: --per-image adds the flags to the --json document" in err

@@ -110,8 +110,8 @@ def _rewrite_meta(path, tmp_path, change):
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     doc = json.loads(header["__metadata__"]["advcl"])
-    change(doc)
-    header["__metadata__"]["advcl"] = json.dumps(doc)
+    replaced = change(doc)  # edits doc in place, or returns what replaces it
+    header["__metadata__"]["advcl"] = json.dumps(doc if replaced is None else replaced)
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     out = tmp_path / "edited.safetensors"
@@ -124,6 +124,14 @@ def test_unknown_format_version(ckpt, tmp_path):
     edited = _rewrite_meta(path, tmp_path, lambda d: d.update(format_version=99))
     with pytest.raises(CheckpointError, match="format_version 99"):
         load_checkpoint(edited)
+
+
+@pytest.mark.parametrize("change", [lambda d: [d], lambda d: d.__delitem__("format_version")])
+def test_metadata_without_a_format_version_is_damaged_not_newer(ckpt, tmp_path, change):
+    _, path = ckpt
+    with pytest.raises(CheckpointError, match="the advcl metadata is damaged") as e:
+        load_checkpoint(_rewrite_meta(path, tmp_path, change))
+    assert "upgrade" not in e.value.hint
 
 
 @pytest.mark.parametrize(

@@ -228,6 +228,9 @@ def test_methods_names_and_bad_inputs(parent, tmp_path):
     with pytest.raises(UsageError, match="cannot make 40 clusters from 32 images"):
         L.lpaft(lpaft_settings(out=tmp_path / "z", clusters=40), parent)
     assert not (tmp_path / "z").exists()  # a failed check leaves no run folder
+    with pytest.raises(UsageError, match="fewer than one batch of 64"):  # before k-means: nothing written
+        L.lpaft(lpaft_settings(out=tmp_path / "b", batch_size=64), parent)
+    assert not (tmp_path / "b").exists()
     with pytest.raises(UsageError, match="unknown dataset 'cifar11'"):
         L.lpaft(lpaft_settings(out=tmp_path / "w", dataset="cifar11"), parent)
     assert not (tmp_path / "w").exists()

@@ -48,7 +48,7 @@ def test_explicit_config_file(tmp_path, monkeypatch):
     assert resolve(PretrainSettings, {}, config_file=cfg).batch_size == 64
     monkeypatch.setenv("ADVCL_CONFIG", str(cfg))
     assert resolve(PretrainSettings, {}).batch_size == 64
-    with pytest.raises(UsageError, match="config file not found"):
+    with pytest.raises(UsageError, match="no such config file"):
         resolve(PretrainSettings, {}, config_file=tmp_path / "missing.toml")
 
 

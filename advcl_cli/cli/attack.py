@@ -56,7 +56,7 @@ def attack(model: ModelArg = None, out: OutOpt = Path("adv.safetensors"), grid: 
         require_matplotlib()
     path = model_path(model)
     check_output(out, force, "--out", {"the model being attacked": path})
-    check_output(grid, force, "--grid", {"the model being attacked": path, "also --out": out})
+    check_output(grid, force, "--grid", {"the model being attacked": path, "also --out": out}, suffix=".png")
     ckpt = load_checkpoint(path, kind="classifier")
     reporter = output.reporter()
     try:

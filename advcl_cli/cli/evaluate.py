@@ -73,6 +73,8 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
     out = Output(json_output)
     settings = resolve(EvalSettings, options, config_file=config, warn=out.warn)
     attacks = list({a.name: a for a in map(get_attack, settings.attack)}.values())  # each attack once
+    if per_image and not json_output:
+        out.warn("--per-image adds the flags to the --json document; without --json it changes nothing")
     if plot is not None:
         from ..plots import require_matplotlib
 
@@ -80,7 +82,7 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
         if not attacks:
             raise UsageError("--plot draws robust accuracy, so it needs at least one --attack", "add e.g. --attack pgd20")
     path = model_path(model)
-    check_output(plot, force, "--plot", {"the model being evaluated": path})
+    check_output(plot, force, "--plot", {"the model being evaluated": path}, suffix=".png")
     ckpt = load_checkpoint(path, kind="classifier")
     dev = resolve_device(settings.device)
     ctx = init_distributed(dev)  # under torchrun every rank evaluates its share of the images

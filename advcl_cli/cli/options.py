@@ -180,11 +180,11 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_output(path: Path | None, force: bool, flag: str = "--out",
-                 inputs: dict[str, Path | None] | None = None) -> None:
+                 inputs: dict[str, Path | None] | None = None, suffix: str | None = None) -> None:
     """The overwrite rule every verb follows, checked before any work: an output is never one
     of the command's inputs (not even with --force), an existing file is replaced only with
     --force, and its folder must be writable. ``inputs`` maps what an input is ("the model
-    being attacked") to its path."""
+    being attacked") to its path; ``suffix`` is the one file type written (".png")."""
     from ..checkpoint import check_writable
 
     if path is None:
@@ -194,4 +194,7 @@ def check_output(path: Path | None, force: bool, flag: str = "--out",
             raise UsageError(f"{flag} {path} is {what}",
                              f"choose another {flag} path: a command never writes over its input")
     check_writable(path, flag)  # first: --force cannot help a folder, or a folder that is not writable
+    if suffix is not None and Path(path).suffix.lower() != suffix:
+        raise UsageError(f"{flag} {path}: advcl writes a {suffix[1:].upper()} file there",
+                         f"name it {Path(path).with_suffix(suffix).name}")
     refuse_overwrite(Path(path), force, flag)

@@ -114,7 +114,7 @@ def load_dataset(
         raise DataError(f"image size must be a whole number >= 1, got {image_size!r}", "use e.g. 32")
 
     if key == "digits":
-        images, labels, classes = _load_digits(split, image_size or 32)
+        images, labels, classes = _load_digits(split, image_size or 32, limit)
     elif key == "imagefolder":
         images, labels, classes = _load_imagefolder(Path(path).expanduser(), split, image_size or 32)
     else:
@@ -140,12 +140,13 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat(out) if out else images.new_zeros((0, images.shape[1], size, size))
 
 
-def _load_digits(split: str, size: int):
+def _load_digits(split: str, size: int, limit: int | None = None):
+    """The digits split at ``size`` pixels (only its first ``limit`` images are resized)."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     perm = np.random.default_rng(0).permutation(len(bunch.target))
-    idx = perm[:DIGITS_TRAIN] if split == "train" else perm[DIGITS_TRAIN:]
+    idx = (perm[:DIGITS_TRAIN] if split == "train" else perm[DIGITS_TRAIN:])[:limit]
     x = torch.from_numpy(bunch.images[idx].astype(np.float32) * (255.0 / 16.0)).unsqueeze(1)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     x = x.round_().clamp_(0, 255).to(torch.uint8).repeat(1, 3, 1, 1)

@@ -76,6 +76,7 @@ class Loop:
                 if ctx.is_main:
                     self.reporter.advance(1, **info)
             seconds = time.perf_counter() - t0
+            guard.check_weights(self.model, epoch + 1, self.last_good())
             metrics = {"epoch": epoch + 1, "lr": lr}
             metrics.update({k: float(reduce_mean(v / steps, ctx)) for k, v in sums.items()})
             metrics.update({"images_per_s": images_seen / seconds, "seconds": seconds})

@@ -151,6 +151,7 @@ def lpaft(settings, parent: Checkpoint, reporter: Reporter | None = None, *, res
                       limit=settings.limit, image_size=settings.image_size).to(device)
     if settings.clusters > len(data):
         raise DataError(f"cannot make {settings.clusters} clusters from {len(data)} images", "use fewer --clusters")
+    Batches(data, settings.batch_size, drop_last=True)  # a batch larger than the data is refused before k-means
     begin_run(run, ctx, state)  # every check passed: the folder is created (or cleared) now
     if state is not None:
         labels = state["extra"]["labels"].to(device)

@@ -27,7 +27,7 @@ import torch
 from ..checkpoint import Checkpoint, check_checkpoint, load_checkpoint, save_model
 from ..data.batches import Batches
 from ..data.registry import num_classes_of
-from ..errors import UsageError
+from ..errors import UsageError, require_file
 from ..methods import get_method
 from ..models import create_model
 from ..pseudolabels import load_labels
@@ -62,10 +62,9 @@ def check_inputs(settings) -> None:
     """Before any expensive step: every input file exists and is what it should be (a labels
     file's labels in range and of one length, a checkpoint's header valid)."""
     for name, (kind, path) in input_fields(settings).items():
-        if not path.is_file():
-            what = "pseudo-label file" if kind == "labels" else "checkpoint file"
-            hint = "make one with `advcl pseudo-labels --encoder CKPT`" if kind == "labels" else "check the path"
-            raise UsageError(f"no such {what}: {path} (--{name.replace('_', '-')})", hint)
+        what = "pseudo-label file" if kind == "labels" else "checkpoint file"
+        hint = "make one with `advcl pseudo-labels --encoder CKPT`" if kind == "labels" else "check the path"
+        require_file(path, what, hint, flag=f" (--{name.replace('_', '-')})")
         if kind == "labels":
             load_labels(path)
         else:

@@ -76,11 +76,25 @@ class RunDir:
 
     def read_state(self) -> dict:
         try:
-            return load_state(self.state_path)
+            state = load_state(self.state_path)
         except CheckpointError:
             raise
+        except KeyError as e:  # a tensor the JSON names is not in the file
+            raise self.damaged(f"tensor {e} is missing") from None
         except Exception as e:  # a damaged file: safetensors/json raise their own types
             raise CheckpointError(f"resume state {self.state_path} is unreadable: {e}", "start over with --force") from None
+        missing = [k for k in ("epoch", "total_epochs", "config", "model", "optimizer", "rng") if k not in state]
+        if missing:
+            raise self.damaged(f"it lacks {', '.join(missing)}")
+        epoch, total = state["epoch"], state["total_epochs"]
+        if not (isinstance(epoch, int) and isinstance(total, int) and 0 <= epoch <= total and total >= 1):
+            raise self.damaged(f"epoch {epoch!r} of {total!r} is not a finished epoch count")
+        if not all(isinstance(state[k], dict) for k in ("config", "model", "optimizer", "rng")):
+            raise self.damaged("its config, model, optimizer or rng entry is not a table")
+        return state
+
+    def damaged(self, what: str) -> CheckpointError:
+        return CheckpointError(f"resume state {self.state_path} is damaged: {what}", "start over with --force")
 
     def stored_config(self) -> dict | None:
         """The configuration of the run in this folder, or None without a state file."""
@@ -226,6 +240,13 @@ def restore_rng(rng: dict[str, Any]) -> None:
 
 def check_resume_config(stored: dict, current: dict, ignore: set[str]) -> None:
     """A resumed run must train the same thing: compare the settings that shape the result."""
+    if stored.get("method", current.get("method")) != current.get("method"):
+        raise UsageError(f"cannot resume with --method {current['method']}: the run trains {stored['method']}",
+                         f"resume with --method {stored['method']}, or start over with --force")
+    unknown = sorted(set(stored) - set(current) - ignore)
+    if unknown:
+        raise UsageError(f"cannot resume: the run was started with settings this advcl does not have ({', '.join(unknown)})",
+                         "resume with the advcl version that started it, or start over with --force")
     differ = sorted(k for k in set(stored) | set(current) if k not in ignore and stored.get(k) != current.get(k))
     if differ:
         parts = [f"{k.replace('_', '-')} is {current.get(k)!r} now but {stored.get(k)!r} in the run" for k in differ[:3]]
@@ -341,7 +362,18 @@ class FiniteGuard:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         step = int(bad.item())
         if step >= 0:
-            raise TrainingError(
-                f"the loss became NaN or inf at epoch {epoch}, step {step + 1}; {last_good}",
-                "lower --lr, or check the data; --resume restarts from the last saved epoch",
-            )
+            raise TrainingError(f"the loss became NaN or inf at epoch {epoch}, step {step + 1}; {last_good}",
+                                self.hint(epoch))
+
+    @staticmethod
+    def hint(epoch: int) -> str:
+        return ("lower --lr, or check the data; --resume restarts from the last saved epoch" if epoch > 1
+                else "lower --lr, or check the data, and start again")
+
+    def check_weights(self, model: torch.nn.Module, epoch: int, last_good: str) -> None:
+        """Raise TrainingError if a weight or a running statistic is NaN or inf after ``epoch``
+        (a loss can stay finite while the update diverges): such a model is never saved. Every
+        rank holds the same weights, so every rank stops."""
+        values = [t for t in model.state_dict().values() if t.is_floating_point()]
+        if values and not bool(torch.stack([torch.isfinite(t).all() for t in values]).all()):
+            raise TrainingError(f"the weights became NaN or inf in epoch {epoch}; {last_good}", self.hint(epoch))

@@ -26,17 +26,15 @@ from __future__ import annotations
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator
 from torch import Tensor
 
 from ..optim import WarmupCosine, build_optimizer
-from ..settings import Eps, option
+from ..settings import CheckedModel, Eps, option
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(CheckedModel):
     """The optimiser and schedule settings every method has (each sets its own defaults)."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
 
     epochs: int = option(1000, "Epochs.", ge=1)
     batch_size: int = option(512, "Global batch size (over every process).", short="-b", ge=2)

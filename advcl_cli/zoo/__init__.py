@@ -26,14 +26,12 @@ def pull(name: str, *, endpoint: str | None = None, manifest: str | Path | None 
 def resolve(name_or_path: str | Path, *, reporter=None) -> Path:
     """The local checkpoint file for a path, else for a zoo or ``hf:`` name (pulled), else a
     CheckpointError. A value with a '/' or ending in .safetensors is a path, never a name."""
-    from ..errors import CheckpointError
+    from ..errors import CheckpointError, require_file
 
     value = str(name_or_path)
     path = Path(value).expanduser()
     if path.exists():
-        if not path.is_file():
-            raise CheckpointError(f"{path} is a folder, not a checkpoint file")
-        return path
+        return require_file(path, "checkpoint file", error=CheckpointError)
     if value.startswith("hf:") or ("/" not in value and not value.endswith(".safetensors")):
         return pull(value, reporter=reporter)
     raise CheckpointError(f"no such checkpoint file: {value}")

@@ -252,13 +252,13 @@ def push(
     reporter: Reporter | None = None,
 ) -> Pushed:
     """Upload a checkpoint and its config.json, then its model card; optionally pin it in a manifest."""
-    from ..checkpoint import check_checkpoint, sha256_file, with_metadata
+    from ..checkpoint import load_checkpoint, sha256_file, with_metadata
 
     reporter = reporter or Reporter()
     _check_names(repo, zoo_entry, revision, private, make_private, create_pr)
     settings = resolve(HubSettings, {"hf_endpoint": endpoint, "zoo_manifest": manifest})
     ckpt_path = Path(ckpt_path)
-    meta = check_checkpoint(ckpt_path)  # the whole header (names, shapes, size) before anything is sent
+    meta = load_checkpoint(ckpt_path).meta  # header, names, shapes and finite weights, before anything is sent
     public, changed = public_metadata(meta)
 
     zoo: Manifest | None = None
