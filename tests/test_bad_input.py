@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from advcl_cli.checkpoint import load_checkpoint, read_metadata, save_model
+from advcl_cli.checkpoint import load_checkpoint, load_state, read_metadata, save_model, save_state
 from advcl_cli.models import create_model
 from advcl_cli.pseudolabels import META_KEY as LABELS_KEY
 from advcl_cli.pseudolabels import save_labels
@@ -655,8 +655,6 @@ def stopped_run(run_cli, tmp_path):
     """A 2-epoch run stopped after its first epoch (the state of epoch 1, as a kill leaves it)."""
     code, _, err = run_cli("pretrain", *SIMCLR, "--epochs", "1", "--out", "r")
     assert code == 0, err
-    from advcl_cli.checkpoint import load_state
-
     state = load_state(tmp_path / "r" / "state.safetensors")
     state.update(total_epochs=2, finished=False)
     state["config"]["epochs"] = 2
@@ -670,8 +668,6 @@ def stopped_run(run_cli, tmp_path):
     (lambda s: s.update(optimizer=[1, 2]), "is not a table"),
 ])
 def test_a_damaged_resume_state_is_named_as_such(run_cli, tmp_path, stopped_run, damage, phrase):
-    from advcl_cli.checkpoint import save_state
-
     damage(stopped_run)
     save_state(tmp_path / "r" / "state.safetensors", stopped_run)
     before = (tmp_path / "r" / "encoder.safetensors").read_bytes()
@@ -682,23 +678,16 @@ def test_a_damaged_resume_state_is_named_as_such(run_cli, tmp_path, stopped_run,
 
 
 def test_a_state_missing_a_tensor_is_named_as_such(run_cli, tmp_path, stopped_run):
-    import json as json_
-    from safetensors.torch import load_file, save_file
-
     path = tmp_path / "r" / "state.safetensors"
-    from advcl_cli.checkpoint import save_state
-
     save_state(path, stopped_run)
     with open(path, "rb") as f:
-        header = json_.loads(f.read(int.from_bytes(f.read(8), "little")))
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     tensors = load_file(path)
     save_file({k: v for k, v in tensors.items() if k != sorted(tensors)[0]}, path, metadata=header["__metadata__"])
     refused(run_cli("pretrain", *SIMCLR, "--epochs", "2", "--out", "r", "--resume"), 2, "is damaged: tensor", "is missing")
 
 
 def test_resuming_with_another_method_or_unknown_settings_says_so(run_cli, tmp_path, stopped_run):
-    from advcl_cli.checkpoint import save_state
-
     save_state(tmp_path / "r" / "state.safetensors", stopped_run)
     _, err = refused(run_cli("pretrain", *SMALL, "--method", "advcl", "--epochs", "2", "--out", "r", "--resume"), 2,
                      "cannot resume with --method advcl: the run trains simclr")
