@@ -140,6 +140,7 @@ NameList = Annotated[list[str], BeforeValidator(parse_name_list)]
 Name = Annotated[str, BeforeValidator(_lower)]  # case-insensitive names (methods, schemes)
 Device = Annotated[Literal["auto", "cpu", "cuda"], BeforeValidator(_lower)]
 Precision = Annotated[Literal["auto", "bf16", "fp32"], BeforeValidator(_lower)]
+ChannelsLast = Annotated[Literal["auto", "on", "off"], BeforeValidator(_lower)]
 
 
 # --- the models ------------------------------------------------------------------------------
@@ -202,7 +203,15 @@ class DataSettings(Settings):
     download: bool = option(True, "Download a missing dataset.", flag=False)
 
 
-class PretrainSettings(DataSettings):
+class SpeedSettings(CheckedModel):
+    """The speed switches (``device.Runtime``): each means the same on every device."""
+
+    precision: Precision = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
+    channels_last: ChannelsLast = option("auto", "channels_last memory format: auto (on GPU, off on CPU), on or off.")
+    compile: bool = option(False, "torch.compile the network (minutes to start; pays off on long GPU runs).")
+
+
+class PretrainSettings(DataSettings, SpeedSettings):
     """What every pretraining run has; the method's own settings (``methods.base.TrainSettings``
     and its options) are added to these in one model per method (``methods.settings_model``)."""
 
@@ -215,8 +224,6 @@ class PretrainSettings(DataSettings):
     save_every: int = option(50, "Save the encoder every N epochs (the resume state is saved every epoch).", ge=1)
     drop_last: bool = option(False, "Drop each epoch's last partial batch (default: keep it, as the reference does; "
                                     "a last batch of one image, or one that does not divide among the processes, is dropped).")
-    precision: Precision = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
-    compile: bool = option(False, "torch.compile the network (GPU).")
 
 
 class PseudoLabelSettings(DataSettings):
@@ -228,7 +235,7 @@ class PseudoLabelSettings(DataSettings):
     bn_set: str | None = option(None, "The encoder's BN set to use (default its first, 'normal').")
 
 
-class FinetuneSettings(DataSettings):
+class FinetuneSettings(DataSettings, SpeedSettings):
     section: ClassVar[str] = "finetune"
 
     dataset: str | None = option(None, "Dataset to finetune on (default: the encoder's).", short="-d")
@@ -252,10 +259,9 @@ class FinetuneSettings(DataSettings):
     bn_set: str | None = option(None, "The encoder's batch-norm set to start from (default: pgd, or its only set; "
                                       "AFF of an ACL-family encoder keeps normal and pgd).")
     eval_limit: int | None = option(None, "Test images for the final clean / PGD-20 accuracy (default all).", ge=1)
-    precision: Precision = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
 
 
-class LpaftSettings(DataSettings):
+class LpaftSettings(DataSettings, SpeedSettings):
     """DynACL++'s post-processing (``advcl lpaft``); the defaults are the authors' ``LPAFT.py``."""
 
     section: ClassVar[str] = "lpaft"
@@ -279,10 +285,9 @@ class LpaftSettings(DataSettings):
     attack_steps: int = option(10, "Steps of TRADES' attack (it starts at x, no random noise).", ge=1)
     attack_step_size: Eps = option(2 / 255, "Step size of TRADES' attack.", metavar="EPS")
     trades_beta: float = option(6.0, "TRADES beta.", ge=0)
-    precision: Precision = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
 
 
-class EvalSettings(DataSettings):
+class EvalSettings(DataSettings, SpeedSettings):
     section: ClassVar[str] = "eval"
 
     dataset: str | None = option(None, "Dataset to evaluate on (default: the model's).", short="-d")
@@ -290,7 +295,7 @@ class EvalSettings(DataSettings):
                               short="-a", metavar="ATTACK")
     eps: EpsList = option([8 / 255], "L-inf budget(s): 8/255, 0.031, or a list 2/255,4/255,8/255.", metavar="EPS,...")
     batch_size: int = option(256, "Images per batch.", short="-b", ge=1)
-    precision: Precision = option("fp32", "fp32, bf16 or auto.")
+    precision: Precision = option("fp32", "fp32 (default: the attacks at full precision), bf16 or auto.")
 
 
 class AttackSettings(Settings):
@@ -317,7 +322,7 @@ def parse_schemes(value: Any) -> list[str]:
     return names
 
 
-class BenchmarkSettings(DataSettings):
+class BenchmarkSettings(DataSettings, SpeedSettings):
     """`advcl benchmark`: every encoder finetuned with every scheme under the protocol of its
     method, then evaluated (SA, PGD-20, the RA attack(s), CA). ``limit`` counts training images."""
 

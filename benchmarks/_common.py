@@ -62,13 +62,13 @@ class FlopCount(TorchDispatchMode):
         return out
 
 
-def record(heading: str, text: str) -> None:
-    """Add ``text`` at the end of the section ``heading`` of RESULTS.md (made when missing)."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+def record(heading: str, text: str, results: Path = RESULTS) -> None:
+    """Add ``text`` at the end of the section ``heading`` of ``results`` (made when missing)."""
+    old = results.read_text() if results.exists() else "# Benchmark results\n"
     if heading not in old:
-        RESULTS.write_text(old.rstrip("\n") + f"\n\n{heading}\n\n{text}\n")
+        results.write_text(old.rstrip("\n") + f"\n\n{heading}\n\n{text}\n")
         return
     start = old.index(heading) + len(heading)
     end = old.find("\n## ", start)
     end = len(old) if end < 0 else end + 1
-    RESULTS.write_text(old[:end].rstrip("\n") + f"\n\n{text}\n" + ("\n" + old[end:] if end < len(old) else ""))
+    results.write_text(old[:end].rstrip("\n") + f"\n\n{text}\n" + ("\n" + old[end:] if end < len(old) else ""))

@@ -64,7 +64,7 @@ def measure(variant: str, args) -> dict:
     import torch
 
     from advcl_cli.config import resolve
-    from advcl_cli.device import autocast, resolve_device, resolve_precision
+    from advcl_cli.device import autocast, resolve_device, resolve_precision, runtime_of
     from advcl_cli.engine.pretrain import make_method
     from advcl_cli.models import create_model
     from advcl_cli.pseudolabels import DEFAULT_KS, save_labels
@@ -83,17 +83,25 @@ def measure(variant: str, args) -> dict:
     labels = {k: torch.randint(0, k, (b,), generator=g) for k in DEFAULT_KS}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_labels(os.path.join(tmp, "pl.safetensors"), labels, dataset="bench", split="train", encoder="random")
-        flags = dict(method=args.method, arch=args.arch, batch_size=b)
+        flags = dict(method=args.method, arch=args.arch, batch_size=b, device=device.type, precision=precision,
+                     channels_last="auto" if not reference else "off")
         if args.method == "advcl":
             flags["pseudo_labels"] = path
-        method = make_method(resolve(PretrainSettings, flags), b, device)
+        if args.method == "deacl":  # a random SimCLR teacher of the same network
+            from advcl_cli.checkpoint import save_model
+
+            teacher = create_model(args.arch, bn_sets=("normal",), proj_dim=128)
+            flags["teacher"] = str(save_model(os.path.join(tmp, "teacher.safetensors"), teacher, kind="encoder",
+                                              method="simclr", dataset="bench"))
+        settings = resolve(PretrainSettings, flags)
+        method = make_method(settings, b, device)
+    runtime = runtime_of(settings)
     torch.manual_seed(0)
-    model = create_model(args.arch, **method.model_config(args.arch)).to(device).train()
-    if device.type == "cuda" and not reference:
-        model = model.to(memory_format=torch.channels_last)
+    model = create_model(args.arch, **method.model_config(args.arch))
+    model = (model.to(device) if reference else runtime.place(model)).train()
+    method.init_model(model)
     if args.compile and not reference:
-        model.backbone.compile()
-        model.proj.compile()
+        runtime.compiled(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     indices = torch.arange(b, device=device)
     gen = torch.Generator(device=device).manual_seed(0)

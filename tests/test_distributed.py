@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from advcl_cli.checkpoint import load_checkpoint
 from advcl_cli.models import create_model
 from nets import acl_net, advcl_net
 
@@ -119,11 +120,11 @@ def test_a_killed_rank_ends_the_job_with_an_error(tmp_path):
     assert "SIGKILL" in job.stderr.read() or code < 0
 
 
-def run_pretrain(tmp_path, name, procs, pgd_steps):
+def run_pretrain(tmp_path, name, procs, pgd_steps, *extra):
     args = [
         "pretrain", "--dataset", "digits", "--limit", "32", "--arch", "resnet18-tiny", "--epochs", "1",
         "--batch-size", "32", "--pgd-steps", str(pgd_steps), "--lr", "0.1", "--device", "cpu",
-        "--pseudo-labels", str(tmp_path / "labels.safetensors"), "--out", str(tmp_path / name),
+        "--pseudo-labels", str(tmp_path / "labels.safetensors"), "--out", str(tmp_path / name), *extra,
     ]
     env = {**env1(), "ADVCL_MIN_LR_RATIO": "1"}  # a constant rate: the one step moves the weights
     if procs == 1:
@@ -139,11 +140,7 @@ def run_pretrain(tmp_path, name, procs, pgd_steps):
 def test_pretrain_step_on_two_processes_matches_one(tmp_path):
     """One AdvCL step (views, attack starts, SupCon over the global batch, global BN,
     pseudo-label CE, SGD) through the real CLI: 2 gloo processes x 16 images == 1 x 32."""
-    from advcl_cli.pseudolabels import save_labels
-
-    g = torch.Generator().manual_seed(0)
-    save_labels(tmp_path / "labels.safetensors", {k: torch.randint(0, k, (32,), generator=g) for k in (2, 10)},
-                dataset="digits", split="train", encoder="test")
+    write_labels(tmp_path)
     _, m1, w1 = run_pretrain(tmp_path, "one", 1, pgd_steps=0)
     out2, m2, w2 = run_pretrain(tmp_path, "two", 2, pgd_steps=0)
     assert out2.strip().splitlines() == [str(tmp_path / "two" / "encoder.safetensors")]  # rank 0 alone prints
@@ -154,13 +151,50 @@ def test_pretrain_step_on_two_processes_matches_one(tmp_path):
     # a small network at batch 32 is sensitive to that (one process with nn.BatchNorm2d versus
     # GlobalBatchNorm's formula differs as much). A missing gradient sync, all-gather or global
     # BN moves the weights by a large part of the step instead.
-    torch.manual_seed(0)
-    w0 = create_model("resnet18-tiny", bn_sets=("normal", "pgd", "pgd_ce"), proj_dim=128, pseudo_ks=(2, 10)).state_dict()
-    trained = [k for k in w1 if k.endswith("weight") and "conv" in k]
-    step = torch.cat([(w1[k] - w0[k]).flatten() for k in trained]).norm()
-    gap = torch.cat([(w2[k] - w1[k]).flatten() for k in trained]).norm()
+    step, gap = conv_distance(initial_weights(), w1), conv_distance(w1, w2)
     assert step > 1e-2 and gap / step < 1e-2, (float(gap), float(step))
     # the attack (pgd_steps > 0) on two processes: test_advcl_step_with_the_attack_on_two_processes_matches_one
+
+
+def test_bf16_pretrain_step_on_two_processes_matches_one(tmp_path):
+    """The GPU path (bf16 autocast, channels_last) under torchrun: 2 gloo processes x 16 images
+    == 1 x 32 in bf16, within bf16's precision. At initialisation a contrastive gradient is a
+    sum of nearly cancelling terms, so bf16 moves one step's weights far from fp32's (measured:
+    by 0.62 of the step). The tolerance is that distance: the 2-process bf16 weights must be
+    closer to the 1-process bf16 ones than fp32's are (measured 0.32 of the step; without the
+    gradient all-reduce 1.6). The loss terms agree within bf16's rounding."""
+    write_labels(tmp_path)
+    fast = ("--precision", "bf16", "--channels-last", "on")
+    _, m1, w1 = run_pretrain(tmp_path, "one", 1, 0, *fast)
+    _, m2, w2 = run_pretrain(tmp_path, "two", 2, 0, *fast)
+    _, m32, w32 = run_pretrain(tmp_path, "fp32", 1, 0)
+    assert m1["loss"] != m32["loss"]  # bf16 ran (it rounds otherwise than fp32)
+    for key in ("loss", "contrast", "pseudo_ce"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-2), key
+    step, gap, bf16_vs_fp32 = conv_distance(initial_weights(), w1), conv_distance(w1, w2), conv_distance(w1, w32)
+    assert step > 1e-2 and gap < bf16_vs_fp32, (float(gap), float(bf16_vs_fp32), float(step))
+    runtime = load_checkpoint(tmp_path / "two" / "encoder.safetensors").meta.config["runtime"]
+    assert runtime["precision"] == "bf16" and runtime["channels_last"] is True
+
+
+def write_labels(tmp_path) -> None:
+    from advcl_cli.pseudolabels import save_labels
+
+    g = torch.Generator().manual_seed(0)
+    save_labels(tmp_path / "labels.safetensors", {k: torch.randint(0, k, (32,), generator=g) for k in (2, 10)},
+                dataset="digits", split="train", encoder="test")
+
+
+def initial_weights() -> dict:
+    """The weights run_pretrain's encoder starts from (seed 0)."""
+    torch.manual_seed(0)
+    return create_model("resnet18-tiny", bn_sets=("normal", "pgd", "pgd_ce"), proj_dim=128, pseudo_ks=(2, 10)).state_dict()
+
+
+def conv_distance(a: dict, b: dict) -> torch.Tensor:
+    """The distance between two sets of weights over the convolutions."""
+    keys = [k for k in a if k.endswith("weight") and "conv" in k]
+    return torch.cat([(b[k] - a[k]).flatten() for k in keys]).norm()
 
 
 def test_aff_on_two_processes_trains_batch_norm(tmp_path):

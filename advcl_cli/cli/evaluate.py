@@ -62,7 +62,7 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
     """
     from ..attacks import get_attack
     from ..checkpoint import load_checkpoint
-    from ..device import resolve_device, resolve_precision
+    from ..device import runtime_of
     from ..distributed import init_distributed, shutdown
     from ..engine.evaluate import evaluate as run_evaluate
     from ..config import resolve
@@ -84,7 +84,8 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
     path = model_path(model)
     check_output(plot, force, "--plot", {"the model being evaluated": path}, suffix=".png")
     ckpt = load_checkpoint(path, kind="classifier")
-    dev = resolve_device(settings.device)
+    runtime = runtime_of(settings)
+    dev = runtime.device
     ctx = init_distributed(dev)  # under torchrun every rank evaluates its share of the images
     try:
         data = load_test_data(
@@ -98,7 +99,8 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
         try:
             result = run_evaluate(
                 ckpt.build(dev), data, attacks, settings.eps, batch_size=settings.batch_size, device=dev,
-                reporter=reporter, seed=settings.seed, precision=resolve_precision(settings.precision, dev), ctx=ctx,
+                reporter=reporter, seed=settings.seed, precision=runtime.precision, ctx=ctx,
+                channels_last=runtime.channels_last, compile=runtime.compile,
             )
         finally:
             reporter.finish()
@@ -121,6 +123,7 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
         "robust": result["robust"],
         "worst_case": result["worst_case"],
         "attacks": result["attacks"],
+        "runtime": result["runtime"],
     }
     if per_image:
         doc["per_image"] = {k: encode_flags(v) for k, v in result["per_image"].items()}

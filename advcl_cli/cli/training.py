@@ -93,6 +93,6 @@ def run_and_print(engine: Callable, settings, *args, json_output: bool, resume: 
         output.log(line)
     if json_output:
         output.document({"path": str(result.path), "run_dir": str(result.run_dir), "epochs": result.epochs,
-                         "metrics": result.metrics})
+                         "metrics": result.metrics, "runtime": result.runtime})
     else:
         output.result(result.path)

@@ -173,7 +173,8 @@ def _finetune_settings(settings: BenchmarkSettings, encoder: Encoder, target: Ta
     of `advcl finetune` does not reach the protocol."""
     values = dict(dataset=target.dataset, scheme=scheme, epochs=settings.epochs, batch_size=settings.batch_size,
                   limit=settings.limit, image_size=target.image_size, eps=settings.eps, eval_limit=settings.eval_limit,
-                  precision=settings.precision, device=settings.device, seed=settings.seed,
+                  precision=settings.precision, channels_last=settings.channels_last, compile=settings.compile,
+                  device=settings.device, seed=settings.seed,
                   data_dir=settings.data_dir, download=settings.download)
     return with_protocol(FinetuneSettings(**values), encoder.meta.method, target.dataset)
 

@@ -33,7 +33,7 @@ from ..checkpoint import not_a_classifier, unwrap
 from ..data.augment import to_float
 from ..data.corruptions import SEVERITIES, CorruptionSet
 from ..data.registry import ImageData, num_classes_of
-from ..device import autocast
+from ..device import Runtime, resolve_channels_last
 from ..distributed import DistContext, gather_shards, sum_over_ranks
 from ..errors import DataError
 from ..report import Reporter
@@ -47,24 +47,27 @@ def robust_correct(clean_pred: torch.Tensor, adv_pred: torch.Tensor, labels: tor
 
 
 class _Logits(nn.Module):
-    """The model's logits in fp32 (autocast inside when asked)."""
+    """The model's logits in fp32 (autocast, channels_last inputs as the runtime says)."""
 
-    def __init__(self, model: nn.Module, precision: str, device: torch.device):
+    def __init__(self, model: nn.Module, runtime: Runtime):
         super().__init__()
-        self.model, self.precision, self.device = model, precision, device
+        self.model, self.runtime = model, runtime
 
     def forward(self, x):
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.precision, self.device):
-            out = self.model(x)
+        with self.runtime.autocast():
+            out = self.model(self.runtime.images(x))
         return out.float()
 
 
-def _prepare(model: nn.Module, device: torch.device) -> nn.Module:
-    """On the device, in eval mode; channels_last on CUDA."""
-    model = model.to(device).eval()
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+def _runtime(device, precision: str, channels_last: bool | None, compile: bool) -> Runtime:
+    """The evaluation's ``Runtime``: channels_last None means on for CUDA, off on the CPU."""
+    device = torch.device(device)
+    return Runtime(device, precision, resolve_channels_last(channels_last, device), compile)
+
+
+def _prepare(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """On the device, in eval mode, in the runtime's memory format, compiled if asked."""
+    return runtime.compiled(runtime.place(model).eval())
 
 
 def _sync(device: torch.device) -> None:
@@ -158,7 +161,7 @@ def decode_flags(text: str) -> torch.Tensor:
     return torch.tensor([c == "1" for c in text], dtype=torch.bool)
 
 
-def _classifier_logits(model: nn.Module, num_classes: int, name: str, device, precision: str) -> _Logits:
+def _classifier_logits(model: nn.Module, num_classes: int, name: str, runtime: Runtime) -> _Logits:
     """The model ready to evaluate (eval mode, on the device) after checking it classifies
     ``num_classes`` classes."""
     net = unwrap(model)
@@ -169,7 +172,7 @@ def _classifier_logits(model: nn.Module, num_classes: int, name: str, device, pr
             f"the classifier has {net.config.num_classes} classes but dataset '{name}' has {num_classes}",
             "evaluate on the dataset it was finetuned on (--dataset)",
         )
-    return _Logits(_prepare(model, device), precision, device)
+    return _Logits(_prepare(model, runtime), runtime)
 
 
 def _local(data: ImageData, part: Shard, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,13 +191,15 @@ def evaluate(
     seed: int = 0,
     precision: str = "fp32",
     ctx: DistContext | None = None,
+    channels_last: bool | None = None,
+    compile: bool = False,
 ) -> dict:
     """Clean accuracy and, for every attack and eps, robust accuracy and seconds.
 
     Returns ``{"n", "clean_acc", "nonfinite_logits", "robust": [{"attack", "eps", "eps_label",
     "robust_acc", "seconds", "images_per_s", "nonfinite_logits"}], "worst_case": [{"eps",
     "eps_label", "attacks", "robust_acc"}],
-    "attacks": {name: description}, "per_image": {"clean" | flag_key(attack, eps) |
+    "attacks": {name: description}, "runtime": what ran (``Runtime.record``), "per_image": {"clean" | flag_key(attack, eps) |
     "worst@EPS": bool tensor (n,)}}``; accuracies are fractions. ``nonfinite_logits`` counts the
     images whose logits held NaN or inf (clean, and per attack on the adversarial images); any
     is reported as a warning, since their predictions (an argmax over NaN) mean nothing. ``worst_case`` has one row per
@@ -209,7 +214,8 @@ def evaluate(
     reporter = reporter if reporter is not None and ctx.is_main else Reporter()
     device = torch.device(device)
     attacks = [a if isinstance(a, Attack) else get_attack(a) for a in attacks]
-    logits = _classifier_logits(model, data.num_classes, data.name, device, precision)
+    runtime = _runtime(device, precision, channels_last, compile)
+    logits = _classifier_logits(model, data.num_classes, data.name, runtime)
     n = len(data)
     part = shard(n, batch_size, ctx)
     images, labels = _local(data, part, device)
@@ -282,6 +288,7 @@ def evaluate(
         "worst_case": worst,
         "attacks": {a.name: a.description for a in attacks},
         "per_image": per_image,
+        "runtime": runtime.record(),
     }
 
 
@@ -300,6 +307,7 @@ def corruption_accuracy(
     reporter: Reporter | None = None,
     precision: str = "fp32",
     ctx: DistContext | None = None,
+    channels_last: bool | None = None,
 ) -> dict:
     """CA: the mean accuracy over every (corruption, severity) split of a corruption set (15 x 5),
     with the table behind it. Returns ``{"name", "n" (images per split), "ca", "by_corruption":
@@ -308,7 +316,8 @@ def corruption_accuracy(
     ctx = ctx or DistContext()
     reporter = reporter if reporter is not None and ctx.is_main else Reporter()
     device = torch.device(device)
-    logits = _classifier_logits(model, corruptions.num_classes, corruptions.name, device, precision)
+    logits = _classifier_logits(model, corruptions.num_classes, corruptions.name,
+                                _runtime(device, precision, channels_last, False))
     rows = []
     reporter.start(f"corruptions {corruptions.name}", len(corruptions) * corruptions.n, unit="img")
     start = time.perf_counter()
@@ -337,14 +346,15 @@ def adversarial_examples(
     seed: int = 0,
     reporter: Reporter | None = None,
     precision: str = "fp32",
+    channels_last: bool | None = None,
 ) -> dict:
     """Attack float images ``x`` in batches; return clean and adversarial images and predictions
     (on the CPU): ``{"clean", "adversarial", "labels", "clean_pred", "adv_pred"}``."""
     reporter = reporter or Reporter()
     device = torch.device(device)
     attack = attack if isinstance(attack, Attack) else get_attack(attack)
-    model = _prepare(model, device)
-    logits = _Logits(model, precision, device)
+    runtime = _runtime(device, precision, channels_last, False)
+    logits = _Logits(_prepare(model, runtime), runtime)
     gen = torch.Generator(device=device).manual_seed(seed)
     adv, clean_pred, adv_pred = [], [], []
     reporter.start(f"{attack.name} eps={format_eps(eps)}", x.shape[0], unit="img")

@@ -71,7 +71,7 @@ PROTOCOL: dict[str, dict[str, Any]] = {  # the RobustSSL benchmark's defaults (R
 }
 FILLED = ("epochs", "batch_size", "lr", "milestones")
 # settings that may change on --resume (they do not change what is trained)
-RESUME_MAY_CHANGE = {"device", "precision", "out", "data_dir", "download", "eval_limit"}
+RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "eval_limit"}
 
 
 def protocol(method: str, scheme: str, dataset: str) -> dict[str, Any]:
@@ -283,14 +283,15 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     dual_bn = bool(protocol(parent.meta.method, settings.scheme, dataset).get("dual_bn"))
     scheme = SCHEMES[settings.scheme](settings, dual_bn=dual_bn)
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(CLASSIFIER_FILE,))
-    device, precision, ctx, config, state, reporter = begin_derived_run(
+    runtime, ctx, config, state, reporter = begin_derived_run(
         settings, run, parent, dataset, "finetunes", reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE)
+    device, precision = runtime.device, runtime.precision
     if state is not None:
         if state.get("finished") and "final" in state["extra"]:
             reporter.log(f"{run.path} already finished all {state['epoch']} epochs")
             shutdown(ctx)
             return RunResult(run.artifact(CLASSIFIER_FILE), run.path, int(state["epoch"]),
-                             state["extra"].get("final", {}), ctx.is_main)
+                             state["extra"].get("final", {}), ctx.is_main, runtime=state["extra"].get("runtime", {}))
 
     load = dict(data_dir=settings.data_dir, download=settings.download, image_size=settings.image_size)
     full = load_split(dataset, "train", ctx, limit=settings.limit, **load)
@@ -301,7 +302,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     train, val = train.to(device), (val.to(device) if val is not None else None)
 
     torch.manual_seed(settings.seed)
-    model = build_classifier(parent, full, scheme, reporter).to(device)
+    model = runtime.place(build_classifier(parent, full, scheme, reporter))
     if scheme.frozen:
         model.backbone.requires_grad_(False)
     else:  # before the optimizer exists: with several processes it swaps the BN modules
@@ -310,6 +311,8 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     start = restore(state, model, optimizer) if state is not None else 0
     extra = dict(state["extra"]) if state is not None else {"parent": parent.sha256}
+    extra["runtime"] = runtime.record()
+    model = runtime.compiled(model)
     # every rank walks the same global batches and keeps its slice; with several processes the
     # last partial batch is dropped so that every rank gets an equal share
     batches = Batches(train, settings.batch_size, seed=settings.seed, drop_last=ctx.enabled)
@@ -318,7 +321,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     eps = settings.eps
     # the class names go into the classifier's metadata, so evaluation can tell a dataset with others
     save_args = dict(kind="classifier", method=parent.meta.method, dataset=full.name, eps=eps,
-                     config={**config, "classes": full.classes}, parent=parent.sha256)
+                     config={**config, "classes": full.classes, "runtime": extra["runtime"]}, parent=parent.sha256)
 
     step = supervised_step(lambda x, y, gen: scheme.loss(model, x, y, gen, precision, device), ctx)
 
@@ -327,7 +330,8 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
         if not ctx.is_main:
             return
         if val is not None:
-            res = evaluate(scheme.final(model), val, ["pgd20"], [eps], device=device, seed=settings.seed)
+            res = evaluate(scheme.final(model), val, ["pgd20"], [eps], device=device, seed=settings.seed,
+                           channels_last=runtime.channels_last)
             metrics.update(val_clean_acc=res["clean_acc"], val_pgd20_acc=res["robust"][0]["robust_acc"])
             reporter.log(f"epoch {done}: validation clean {res['clean_acc']:.2%}, PGD-20 {metrics['val_pgd20_acc']:.2%}")
             if metrics["val_pgd20_acc"] > extra.get("best_val_pgd20_acc", -1.0):
@@ -348,7 +352,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
         reporter.log(
             f"{what}: {scheme.name.upper()} of {parent.path} on {full.name} ({len(train)} images{held}), "
             f"{plural(settings.epochs, 'epoch')} of {plural(len(batches), 'step')}, batch {settings.batch_size}, "
-            f"lr {settings.lr}, BN {sets}, {device.type} {precision} -> {run.path}"
+            f"lr {settings.lr}, BN {sets}, {runtime.describe()} -> {run.path}"
         )
     loop.run(start, settings.epochs, end_epoch)
     # every rank leaves the process group together; rank 0 alone evaluates and saves
@@ -361,7 +365,8 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     if val is not None:
         kept = load_checkpoint(out_file).build(device)
         reporter.log(f"keeping epoch {extra['best_epoch']} (best PGD-20 accuracy on the held-out split)")
-    res = evaluate(kept, test, ["pgd20"], [eps], device=device, reporter=reporter, seed=settings.seed)
+    res = evaluate(kept, test, ["pgd20"], [eps], device=device, reporter=reporter, seed=settings.seed,
+                   channels_last=runtime.channels_last)
     note = chance_note(res["clean_acc"], test.num_classes, settings.epochs,
                        protocol(parent.meta.method, scheme.name, dataset)["epochs"], parent.meta.config.get("epochs"))
     if note:
@@ -379,4 +384,4 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     save_model(out_file, kept, metrics=final, rescue=True, **save_args)
     extra["final"] = final
     run.save_state(model, optimizer, epoch=settings.epochs, total_epochs=settings.epochs, config=config, extra=extra)
-    return RunResult(out_file, run.path, settings.epochs, final)
+    return RunResult(out_file, run.path, settings.epochs, final, runtime=extra["runtime"])

@@ -56,7 +56,7 @@ from .run import RunDir, RunResult, begin_derived_run, begin_run, load_split, re
 
 ENCODER_FILE = "encoder.safetensors"
 LABELS_FILE = "pseudo-labels.safetensors"
-RESUME_MAY_CHANGE = {"device", "precision", "out", "data_dir", "download"}
+RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download"}
 DYNACL_FAMILY = ("dynacl", "dynacl-air")
 
 
@@ -137,13 +137,14 @@ def lpaft(settings, parent: Checkpoint, reporter: Reporter | None = None, *, res
     encoder = parent.build("cpu")
     bn, keep, cluster_bn = bn_routes(encoder.config.bn_sets, settings)
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(ENCODER_FILE, LABELS_FILE))
-    device, precision, ctx, config, state, reporter = begin_derived_run(
+    runtime, ctx, config, state, reporter = begin_derived_run(
         settings, run, parent, dataset, "post-processes", reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE)
+    device, precision = runtime.device, runtime.precision
     if state is not None and state.get("finished"):
         reporter.log(f"{run.path} already finished all {state['epoch']} epochs")
         shutdown(ctx)
         return RunResult(run.artifact(ENCODER_FILE), run.path, int(state["epoch"]), (run.read_metrics() or [{}])[-1],
-                         ctx.is_main)
+                         ctx.is_main, runtime=state["extra"].get("runtime", {}))
     if parent.meta.method not in DYNACL_FAMILY:
         reporter.warn(f"lpaft is DynACL++'s post-processing; this encoder was pretrained with '{parent.meta.method}'")
 
@@ -170,7 +171,7 @@ def lpaft(settings, parent: Checkpoint, reporter: Reporter | None = None, *, res
     train = dataclasses.replace(data, labels=labels, num_classes=settings.clusters)
 
     torch.manual_seed(settings.seed)
-    model = prepare_model(build_network(encoder, keep, settings.clusters).to(device), ctx)
+    model = prepare_model(runtime.place(build_network(encoder, keep, settings.clusters)), ctx)
     probes, total = settings.probe_epochs, settings.probe_epochs + settings.epochs
     probe_opt, full_opt = optimizers(model, settings)
 
@@ -179,6 +180,8 @@ def lpaft(settings, parent: Checkpoint, reporter: Reporter | None = None, *, res
 
     start = restore(state, model, optimizer_of(int(state["epoch"]))) if state is not None else 0
     extra = dict(state["extra"]) if state is not None else {"parent": parent.sha256, "labels": labels.cpu()}
+    extra["runtime"] = runtime.record()
+    model = runtime.compiled(model)
     batches = Batches(train, settings.batch_size, seed=settings.seed, drop_last=True)
     out_file = run.artifact(ENCODER_FILE)
     last = {"metrics": (run.read_metrics() or [{}])[-1] if start else {}}
@@ -190,7 +193,8 @@ def lpaft(settings, parent: Checkpoint, reporter: Reporter | None = None, *, res
         run.append_metrics(metrics)
         if done == total:
             save_model(out_file, backbone_with_bn_set(unwrap(model), keep), kind="encoder", method=output_method(parent),
-                       dataset=data.name, eps=settings.eps, config=config, metrics=metrics, parent=parent.sha256,
+                       dataset=data.name, eps=settings.eps, config={**config, "runtime": extra["runtime"]},
+                       metrics=metrics, parent=parent.sha256,
                        rescue=True)
         run.save_state(model, optimizer_of(done), epoch=done, total_epochs=total, config=config, extra=extra)
 
@@ -202,7 +206,7 @@ def lpaft(settings, parent: Checkpoint, reporter: Reporter | None = None, *, res
         reporter.log(
             f"{what}: LPAFT of {parent.path} on {data.name} ({len(data)} images, {settings.clusters} pseudo classes), "
             f"{plural(probes, 'probe epoch')} + {plural(settings.epochs, 'TRADES epoch')} of "
-            f"{plural(len(batches), 'step')}, batch {settings.batch_size}, BN {'/'.join(keep)}, {device.type} {precision} "
+            f"{plural(len(batches), 'step')}, batch {settings.batch_size}, BN {'/'.join(keep)}, {runtime.describe()} "
             f"-> {run.path}"
         )
     for name, loss, schedule, first, end in phases:
@@ -214,4 +218,4 @@ def lpaft(settings, parent: Checkpoint, reporter: Reporter | None = None, *, res
              seed=settings.seed, device=device, precision=precision, ctx=ctx, reporter=reporter,
              last_good=lambda: f"the last good state is in {run.state_path}").run(max(start, first), end, end_epoch)
     shutdown(ctx)
-    return RunResult(out_file, run.path, total, last["metrics"], ctx.is_main)
+    return RunResult(out_file, run.path, total, last["metrics"], ctx.is_main, runtime=extra["runtime"])

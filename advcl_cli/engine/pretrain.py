@@ -6,8 +6,9 @@ then the run folder, without writing to it; ``--pgd-steps 0`` for a robust metho
 warning, and its encoder records no eps); the
 training split goes to the device as uint8, the files are read and handed to the method; the
 method's model is built (seeded, then ``method.init_model``, where DeACL loads its
-teacher's weights; channels_last on GPU; ``compile`` compiles the backbone and
-projection head in place, so the saved weight names do not change); the run folder is created
+teacher's weights; placed by the ``Runtime`` of the settings: channels_last when on, and
+``compile`` compiles the backbone and projection head in place, so the saved weight names do
+not change); the run folder is created
 (``begin_run``), and the shared epoch loop (``engine.loop``) runs ``method.step`` on the global
 batches of ``Batches``.
 Under torchrun every rank walks the same global batches and the method keeps the rank's slice,
@@ -31,7 +32,7 @@ from ..errors import UsageError, require_file
 from ..methods import get_method
 from ..models import create_model
 from ..pseudolabels import load_labels
-from ..device import resolve_device, resolve_precision
+from ..device import runtime_of
 from ..distributed import init_distributed, prepare_model, shutdown
 from .loop import Loop
 from ..report import Reporter, plural
@@ -39,7 +40,7 @@ from .run import RunDir, RunResult, begin_run, check_resume_config, load_split, 
 
 ENCODER_FILE = "encoder.safetensors"
 # settings that may change when a run is resumed (they do not change what is computed)
-RESUME_MAY_CHANGE = {"device", "precision", "compile", "out", "data_dir", "download", "save_every"}
+RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "save_every"}
 
 
 def default_run_dir(settings) -> Path:
@@ -104,8 +105,8 @@ def make_method(settings, n_images: int, device: torch.device | str = "cpu"):
 
 def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False, force: bool = False) -> RunResult:
     reporter = reporter or Reporter()
-    device = resolve_device(settings.device)
-    precision = resolve_precision(settings.precision, device)
+    runtime = runtime_of(settings)
+    device, precision = runtime.device, runtime.precision
     ctx = init_distributed(device)
     run = RunDir(settings.out or default_run_dir(settings), artifacts=(ENCODER_FILE,))
     check_settings(settings)
@@ -124,7 +125,8 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
                 reporter.log(f"{run.path} already finished all {state['epoch']} epochs")
             metrics = (run.read_metrics() or [{}])[-1]
             shutdown(ctx)
-            return RunResult(run.artifact(ENCODER_FILE), run.path, int(state["epoch"]), metrics, ctx.is_main)
+            return RunResult(run.artifact(ENCODER_FILE), run.path, int(state["epoch"]), metrics, ctx.is_main,
+                             runtime=state["extra"].get("runtime", {}))
 
     data = load_split(
         settings.dataset, "train", ctx, data_dir=settings.data_dir, download=settings.download,
@@ -138,17 +140,14 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
     torch.manual_seed(settings.seed)
     model = create_model(settings.arch, **method.model_config(settings.arch)).to(device)
     method.init_model(model)  # the method's initial weights (DeACL: its teacher's), before anything copies them
-    model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    model = runtime.place(model)
     # before the optimizer exists: with several processes it swaps the BN modules (new parameters)
     model = prepare_model(model, ctx)
     optimizer = method.optimizer(model.parameters())
     start = restore(state, model, optimizer) if state is not None else 0
     if state is not None:
         method.load_state(state["extra"].get("method", {}))
-    if settings.compile:
-        model.backbone.compile()
-        if model.proj is not None:
-            model.proj.compile()
+    model = runtime.compiled(model)
     # every rank walks the same global batches; the method keeps this rank's slice. The last
     # partial batch is kept (as the reference's DataLoader does) unless --drop-last, or when it
     # has a single image (batch norm needs two) or does not divide among the processes
@@ -158,6 +157,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
     encoder = run.artifact(ENCODER_FILE)
     # the lineage: the checkpoint the method started from (DeACL's teacher), if any
     parent = next((c.sha256 for c in method.inputs.values() if isinstance(c, Checkpoint)), None)
+    config = {**settings.to_config(), "runtime": runtime.record()}  # what ran, in every encoder
     saved = {"note": f"the last saved encoder is {encoder}" if encoder.exists() else "no encoder was saved yet"}
     last = {"metrics": (run.read_metrics() or [{}])[-1] if start else {}}
 
@@ -168,11 +168,11 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
         run.append_metrics(metrics)
         if done % settings.save_every == 0 or done == settings.epochs:
             save_model(encoder, method.export(model), kind="encoder", method=method.checkpoint_name, dataset=data.name,
-                       eps=None if without_attack(settings) else method.eps, config=settings.to_config(),
+                       eps=None if without_attack(settings) else method.eps, config=config,
                        metrics=metrics, parent=parent, rescue=done == settings.epochs)
             saved["note"] = f"the last saved encoder is {encoder} (epoch {done})"
         run.save_state(model, optimizer, epoch=done, total_epochs=settings.epochs, config=settings.to_config(),
-                       extra={"method": method.state()})
+                       extra={"method": method.state(), "runtime": config["runtime"]})
 
     loop = Loop(
         model=model, optimizer=optimizer, batches=batches, schedule=method.schedule(), name="pretrain",
@@ -185,9 +185,9 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
         reporter.log(
             f"{what}: {settings.method} on {data.name} ({len(data)} images), {settings.arch}, "
             f"{plural(settings.epochs, 'epoch')} of {plural(len(batches), 'step')}, batch {settings.batch_size}, "
-            f"{device.type} {precision} -> {run.path}"
+            f"{runtime.describe()} -> {run.path}"
         )
     model.train()
     loop.run(start, settings.epochs, end_epoch)
     shutdown(ctx)
-    return RunResult(encoder, run.path, settings.epochs, last["metrics"], ctx.is_main)
+    return RunResult(encoder, run.path, settings.epochs, last["metrics"], ctx.is_main, runtime=config["runtime"])

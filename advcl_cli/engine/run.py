@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,7 +39,7 @@ from ..data.registry import load_dataset, num_classes_of
 from ..distributed import barrier, init_distributed, on_main
 from ..errors import CheckpointError, TrainingError, UsageError, os_error
 from ..report import Reporter
-from ..device import resolve_device, resolve_precision
+from ..device import Runtime, runtime_of
 
 STATE_FILE = "state.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -54,6 +54,7 @@ class RunResult:
     epochs: int
     metrics: dict
     is_main: bool = True  # False on the other ranks of a torchrun job (they print nothing)
+    runtime: dict = field(default_factory=dict)  # what ran: device.Runtime.record()
 
 
 class RunDir:
@@ -259,8 +260,7 @@ def check_resume_config(stored: dict, current: dict, ignore: set[str]) -> None:
 class DerivedRun(NamedTuple):
     """What ``begin_derived_run`` sets up for a run made from a checkpoint."""
 
-    device: torch.device
-    precision: str
+    runtime: Runtime
     ctx: Any  # distributed.DistContext
     config: dict
     state: dict | None  # the resume state (None: a fresh run)
@@ -279,15 +279,14 @@ def begin_derived_run(settings, run: "RunDir", parent, dataset: str, does: str, 
         raise UsageError(f"the run folder {run.path} would write {parent.path}, the checkpoint it {does}",
                          "choose another --out")
     num_classes_of(dataset)  # an unknown dataset, before anything else
-    device = resolve_device(settings.device)
-    precision = resolve_precision(settings.precision, device)
-    ctx = init_distributed(device)
+    runtime = runtime_of(settings)
+    ctx = init_distributed(runtime.device)
     config = settings.to_config()
     state = open_run(run, ctx, batch_size=settings.batch_size, resume=resume, force=force)
     if state is not None:
         check_resume_config(state["config"], config, may_change)
         check_parent(state, parent.sha256, run, does)
-    return DerivedRun(device, precision, ctx, config, state, reporter if ctx.is_main else Reporter())
+    return DerivedRun(runtime, ctx, config, state, reporter if ctx.is_main else Reporter())
 
 
 def check_parent(state: dict, sha256: str, run: "RunDir", does: str) -> None:

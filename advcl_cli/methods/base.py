@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, BeforeValidator
 from torch import Tensor
 
+from ..device import memory_format, resolve_channels_last
 from ..optim import WarmupCosine, build_optimizer
 from ..settings import CheckedModel, Eps, option
 
@@ -72,8 +73,16 @@ class Method:
         self.settings = settings
         self.n_images = n_images
         self.device = torch.device(device)
+        # the memory format of the networks a method keeps besides the model (a teacher, a
+        # momentum encoder): the model's, as --channels-last resolves on this device
+        self.channels_last = resolve_channels_last(getattr(settings, "channels_last", "auto"), self.device)
         self.inputs = inputs or {}
         self.notes: list[str] = []  # lines the engine shows on stderr
+
+    def place(self, net: torch.nn.Module) -> torch.nn.Module:
+        """A network the method keeps (a teacher, a momentum encoder) on its device, in the
+        memory format the model computes in."""
+        return net.to(self.device, memory_format=memory_format(self.channels_last))
 
     @property
     def checkpoint_name(self) -> str:

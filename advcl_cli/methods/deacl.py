@@ -137,9 +137,7 @@ class DeACL(Method):
         full = ckpt.build()
         self.bn = full.default_bn
         # the teacher's backbone with its first BN set and normalisation, no heads; frozen
-        self.teacher = backbone_with_bn_set(full, self.bn).to(self.device).eval().requires_grad_(False)
-        if self.device.type == "cuda":
-            self.teacher = self.teacher.to(memory_format=torch.channels_last)
+        self.teacher = self.place(backbone_with_bn_set(full, self.bn)).eval().requires_grad_(False)
         self.teacher_sha256 = ckpt.sha256
         self.cfg = AttackConfig(eps=settings.eps, steps=settings.pgd_steps, step_size=settings.pgd_step_size)
 

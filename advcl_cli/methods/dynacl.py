@@ -133,9 +133,7 @@ class DynACL(ACL):
     def init_model(self, model) -> None:
         """The momentum encoder starts as a copy of the freshly built network."""
         if self.settings.momentum_encoder:
-            self.momentum_net = copy.deepcopy(unwrap(model)).requires_grad_(False)
-            if self.device.type == "cuda":
-                self.momentum_net = self.momentum_net.to(memory_format=torch.channels_last)
+            self.momentum_net = self.place(copy.deepcopy(unwrap(model)).requires_grad_(False))
 
     def second(self, ctx: DistContext):
         """The momentum encoder, with global-batch BN under torchrun (converted once)."""
