@@ -20,6 +20,7 @@ Projection heads (``proj_head``):
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -105,9 +106,15 @@ def _rgb(v) -> bool:
                          and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x == x for x in v))
 
 
+def _bn_name(v) -> bool:
+    """A name a BN set can have: a module name (not empty, no '.') that is no attribute of nn.ModuleDict."""
+    return isinstance(v, str) and re.fullmatch(r"[\w-]+", v) is not None and not hasattr(nn.ModuleDict(), v)
+
+
 _FIELD_CHECKS = {  # ModelConfig field -> (test, what it should be)
     "arch": (lambda v: isinstance(v, str), "a name"),
-    "bn_sets": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v), "a list of names"),
+    "bn_sets": (lambda v: isinstance(v, (list, tuple)) and all(_bn_name(s) for s in v) and len(set(v)) == len(v),
+                "a list of distinct names of letters, digits, _ and -"),
     "proj_dim": (lambda v: v is None or _count(v), "null or a positive integer"),
     "pseudo_ks": (lambda v: isinstance(v, (list, tuple)) and all(_count(k) for k in v), "a list of positive integers"),
     "num_classes": (lambda v: v is None or _count(v), "null or a positive integer"),
