@@ -20,7 +20,7 @@ from advcl_cli.checkpoint import META_KEY
 from advcl_cli.data.registry import load_dataset
 from advcl_cli.models import create_model
 from fakedata import write_imagefolder
-from test_bad_input import ADVCL, FT, labels_file, make_classifier, refused, tree
+from test_bad_input import ADVCL, labels_file, make_classifier, refused, tree
 from test_cli_zoo import cli_subprocess
 from test_import import KS, SETS, original_layout, randomise, save_original
 
