@@ -96,7 +96,7 @@ def load_labels(path: str | Path, n_expected: int | None = None, *, allow_longer
                               "make the file again with advcl pseudo-labels")
     labels: dict[int, torch.Tensor] = {}
     for name, t in tensors.items():
-        m = re.fullmatch(r"k(\d+)", name)
+        m = re.fullmatch(r"k(\d{1,30})", name)  # a k of thousands of digits is no count Python converts
         if not m or t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
             raise CheckpointError(f"{path}: tensor '{name}' is not a k<K> vector of integer labels")
         k, t = int(m.group(1)), t.to(torch.int64)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from advcl_cli.checkpoint import META_KEY
 from advcl_cli.data.registry import load_dataset
 from advcl_cli.models import create_model
+from advcl_cli.pseudolabels import META_KEY as LABELS_KEY
 from fakedata import write_imagefolder
 from test_bad_input import ADVCL, labels_file, make_classifier, refused, tree
 from test_cli_zoo import cli_subprocess
@@ -144,6 +145,21 @@ def test_a_labels_file_whose_k_exceeds_its_labels_is_refused_before_any_work(run
     _, err = refused(run_cli("pretrain", *ADVCL, "-d", "cifar10", "--data-dir", "nodata", "--pseudo-labels", "labels.safetensors"),
                      2, f"labels.safetensors: 'k{k}' has {k} clusters for 64 images")
     assert "training:" not in err and tree(tmp_path) == {"labels.safetensors"}
+
+
+def test_a_labels_file_whose_k_has_thousands_of_digits(run_cli, tmp_path):
+    name = "k" + "1" * 5000  # more digits than Python turns into an int
+    save_file({name: torch.zeros(64, dtype=torch.int64)}, str(tmp_path / "labels.safetensors"),
+              metadata={LABELS_KEY: json.dumps({"dataset": "digits", "split": "train", "n": 64})})
+    refused(run_cli("pretrain", *ADVCL, "--pseudo-labels", "labels.safetensors"), 2, "is not a k<K> vector of integer labels")
+    assert tree(tmp_path) == {"labels.safetensors"}
+
+
+@pytest.mark.parametrize("field, value", [("num_classes", 10**20), ("pseudo_ks", [2, 10**20]), ("proj_dim", 2**31)])
+def test_a_model_size_beyond_what_torch_takes(run_cli, tmp_path, classifier, field, value):
+    rewritten(classifier, tmp_path / "bad.safetensors", model={field: value})
+    refused(run_cli("eval", "bad.safetensors"), 2, f"bad.safetensors: bad model field '{field}'", "below 2^31")
+    assert tree(tmp_path) == {"clf.safetensors", "bad.safetensors"}
 
 
 # --- 8: image folders ---------------------------------------------------------------------------

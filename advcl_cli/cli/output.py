@@ -145,4 +145,4 @@ class ConsoleReporter(Reporter):
             self.out.log(message)
 
     def warn(self, message: str) -> None:
-        self.log(f"warning: {message}")
+        self.log(f"warning: {printable(message)}")

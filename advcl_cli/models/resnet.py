@@ -98,7 +98,8 @@ STEM_PADDINGS = (1, 2)
 
 
 def _count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    """A size a layer can have: 1 .. 2^31 - 1 (10^20 would reach torch as a C++ overflow)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 2**31
 
 
 def _rgb(v) -> bool:
@@ -115,9 +116,9 @@ _FIELD_CHECKS = {  # ModelConfig field -> (test, what it should be)
     "arch": (lambda v: isinstance(v, str), "a name"),
     "bn_sets": (lambda v: isinstance(v, (list, tuple)) and all(_bn_name(s) for s in v) and len(set(v)) == len(v),
                 "a list of distinct names of letters, digits, _ and -"),
-    "proj_dim": (lambda v: v is None or _count(v), "null or a positive integer"),
-    "pseudo_ks": (lambda v: isinstance(v, (list, tuple)) and all(_count(k) for k in v), "a list of positive integers"),
-    "num_classes": (lambda v: v is None or _count(v), "null or a positive integer"),
+    "proj_dim": (lambda v: v is None or _count(v), "null or a positive integer below 2^31"),
+    "pseudo_ks": (lambda v: isinstance(v, (list, tuple)) and all(_count(k) for k in v), "a list of positive integers below 2^31"),
+    "num_classes": (lambda v: v is None or _count(v), "null or a positive integer below 2^31"),
     "proj_head": (lambda v: v in PROJ_HEADS, "one of " + ", ".join(PROJ_HEADS)),
     "mean": (_rgb, "null or three numbers"),
     "std": (lambda v: _rgb(v) and (v is None or all(x > 0 for x in v)), "null or three positive numbers"),
