@@ -278,11 +278,12 @@ def test_a_config_from_a_pipe_is_read(run_cli, tmp_path, classifier):
         os.close(read)
     done = cli_subprocess("eval", classifier, env_extra={"ADVCL_CONFIG": "/dev/stdin"}, stdin="bogus_setting = 2\n")
     assert done.returncode == 2 and "unknown key 'bogus_setting' in the top level of /dev/stdin" in done.stderr, done.stderr
+    assert tree(tmp_path) == {"clf.safetensors"}
 
 
 def test_a_path_with_a_newline_or_a_terminal_code_is_printed_escaped(run_cli, tmp_path):
     _, err = refused(run_cli("eval", "a\nb\x1b[2J.safetensors"), 2, "no such checkpoint file: a\\nb\\x1b[2J.safetensors")
-    assert "\x1b" not in err
+    assert "\x1b" not in err and tree(tmp_path) == set()
 
 
 # --- 11: pickles -----------------------------------------------------------------------------------
@@ -338,4 +339,4 @@ def test_push_makes_metadata_keys_public(run_cli, tmp_path):
     code, out, err = run_cli("push", path, "--repo", "lab/m", "--dry-run", "--json", *NO_HUB)
     assert code == 0, err
     assert json.loads(out)["public_fields"] == ["config.keyname"]
-    assert os.path.expanduser("~") not in out
+    assert os.path.expanduser("~") not in out and tree(tmp_path) == {"clf.safetensors"}
