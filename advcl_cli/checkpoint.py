@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
-from .errors import CheckpointError, UsageError, os_error, require_file
+from .errors import TOO_DEEP, CheckpointError, UsageError, os_error, require_file
 from .models import AdvclNet, ModelConfig
 
 FORMAT_VERSION = 1
@@ -278,6 +278,20 @@ class Checkpoint:
         return net.to(device).eval()
 
 
+def parse_json(raw: str | bytes) -> Any:
+    """``json.loads``; a document nested too deeply for Python's parser (a RecursionError) is a
+    ValueError too, like any other that does not parse."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError(TOO_DEEP) from None
+
+
+def why_not_json(e: ValueError) -> str:
+    """': nested too deeply' for ``parse_json``'s error of a too deep document, else nothing."""
+    return f": {TOO_DEEP}" if str(e) == TOO_DEEP else ""
+
+
 def _read_header(path: Path) -> tuple[dict, int]:
     """Parse the safetensors header by hand so that bad files get precise messages."""
     try:
@@ -294,9 +308,9 @@ def _read_header(path: Path) -> tuple[dict, int]:
     except OSError as e:
         raise os_error(e, path, "read") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path} is not a safetensors file (bad header)") from None
+        header = parse_json(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not a safetensors file (bad header{why_not_json(e)})") from None
     try:  # a string map of metadata; per tensor a shape of integers and data offsets
         meta = header.get("__metadata__") or {}
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
@@ -332,9 +346,9 @@ def _metadata(path: Path, header: dict) -> Metadata:
             f"{path} is a safetensors file but not an advcl checkpoint (no '{META_KEY}' metadata)"
         )
     try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: the advcl metadata is not valid JSON") from None
+        doc = parse_json(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the advcl metadata is not valid JSON{why_not_json(e)}") from None
     if not isinstance(doc, dict) or "format_version" not in doc:
         raise CheckpointError(f"{path}: the advcl metadata is damaged (not an object with a format_version)",
                               "use the original file, or write it again with the command that made it")
@@ -352,10 +366,24 @@ def _metadata(path: Path, header: dict) -> Metadata:
         raise CheckpointError(f"{path}: bad metadata field '{where}': {err['msg']}") from None
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_tensors(config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The state dict of ``config``'s network on the meta device: names, shapes, dtypes, no data."""
     with torch.device("meta"):
-        net = AdvclNet(config)
-    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        return AdvclNet(config).state_dict()
+
+
+# the types a weight may be stored in (safetensors' names); a BN's step counter is an int64
+WEIGHT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def wrong_dtypes(have: dict[str, str | torch.dtype], want: dict[str, torch.Tensor]) -> list[str]:
+    """The tensors of ``have`` (name -> dtype, or safetensors' name of it) whose type cannot hold
+    what ``want`` holds: a weight as int8, bool, float8 or complex, a counter as a float."""
+    def weight(d) -> bool:
+        return d in WEIGHT_DTYPES or d in WEIGHT_DTYPES.values()
+
+    return sorted(f"{k} {str(d).removeprefix('torch.')}" for k, d in have.items()
+                  if k in want and weight(d) != want[k].is_floating_point())
 
 
 def not_a_classifier(what: str, path: str | Path | None = None) -> CheckpointError:
@@ -372,20 +400,23 @@ def check_checkpoint(path: str | Path, kind: str | None = None) -> Metadata:
         raise not_a_classifier(f"{path} is an {meta.kind} checkpoint", path)
     if kind is not None and meta.kind != kind:
         raise CheckpointError(f"{path} is a {meta.kind} checkpoint, an {kind} is needed")
-    config = ModelConfig.from_dict(meta.model)  # raises on unknown arch
+    try:
+        config = ModelConfig.from_dict(meta.model)
+    except CheckpointError as e:  # an unknown arch, a bad field: name the file
+        raise CheckpointError(f"{path}: {e.message}", e.hint) from None
     have = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-    want = expected_shapes(config)
+    want = expected_tensors(config)
     missing = sorted(set(want) - set(have))
     unexpected = sorted(set(have) - set(want))
-    wrong = sorted(k for k in set(want) & set(have) if have[k] != want[k])
-    if missing or unexpected or wrong:
+    wrong = sorted(k for k in set(want) & set(have) if have[k] != tuple(want[k].shape))
+    dtypes = wrong_dtypes({k: str(v.get("dtype")) for k, v in header.items() if k != "__metadata__"}, want)
+    if missing or unexpected or wrong or dtypes:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong), ("wrong type", dtypes)):
             if keys:
                 parts.append(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
-        raise CheckpointError(
-            f"{path} does not match architecture '{config.arch}' ({'; '.join(parts)})"
-        )
+        raise CheckpointError(f"{path} does not match architecture '{config.arch}' ({'; '.join(parts)})",
+                              "weights must be stored as F16, BF16, F32 or F64" if dtypes else None)
     _read_tensors(path, load=False)
     return meta
 
@@ -483,4 +514,4 @@ def load_state(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is not an advcl resume state file")
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return _unflatten(json.loads(raw), tensors)
+    return _unflatten(parse_json(raw), tensors)

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import difflib
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import UsageError, require_file
+from .errors import TOO_DEEP, UsageError, require_file
 from .methods import get_method, method_names, settings_model
 from .settings import VERBS, PretrainSettings, SettingsModel
 
@@ -109,9 +110,23 @@ def config_path(explicit: str | Path | None = None) -> Path | None:
     """``explicit``, else ``$ADVCL_CONFIG``, else ``./advcl.toml`` if it exists."""
     explicit = explicit or os.environ.get("ADVCL_CONFIG")
     if explicit:
-        return require_file(explicit, "config file", "pass an existing --config FILE or unset ADVCL_CONFIG")
+        return require_file(explicit, "config file", "pass an existing --config FILE or unset ADVCL_CONFIG", pipe=True)
     default = Path("advcl.toml")
     return default if default.is_file() else None
+
+
+_PIPED: dict[tuple[int, int], bytes] = {}  # a pipe reads once: its text, for a resumed run's second look
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes; a pipe's (``--config <(...)``, ``/dev/stdin``) read once per process."""
+    st = path.stat()
+    if not stat.S_ISFIFO(st.st_mode):
+        return path.read_bytes()
+    key = (st.st_dev, st.st_ino)
+    if key not in _PIPED:
+        _PIPED[key] = path.read_bytes()
+    return _PIPED[key]
 
 
 def read_config(path: Path | None) -> dict[str, Any]:
@@ -119,13 +134,15 @@ def read_config(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     try:
-        doc = tomllib.loads(path.read_bytes().decode("utf-8"))
+        doc = tomllib.loads(_read_bytes(path).decode("utf-8"))
     except UnicodeDecodeError:
         raise UsageError(f"config file {path} is not UTF-8 text", "save it as UTF-8 (TOML files must be)") from None
     except OSError as e:
         raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise UsageError(f"config file {path} is not valid TOML: {TOO_DEEP}") from None
     check_config(doc, path)
     return doc
 

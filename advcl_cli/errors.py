@@ -8,6 +8,7 @@ path becomes one of them through ``os_error`` (exit 2 for a bad path, 1 for a fa
 from __future__ import annotations
 
 import errno
+import stat
 from pathlib import Path
 
 
@@ -63,15 +64,32 @@ class Interrupted(AdvclError):
     exit_code = 130
 
 
-def require_file(path, what: str, hint: str | None = None, error: type[UsageError] = UsageError, flag: str = ""):
-    """``path`` as a Path when it is a file; else an ``error`` saying it is a folder or missing
+# why a JSON or TOML document nested thousands deep (Python's parsers recurse: RecursionError) is refused
+TOO_DEEP = "nested too deeply"
+
+
+def require_file(path, what: str, hint: str | None = None, error: type[UsageError] = UsageError, flag: str = "",
+                 pipe: bool = False):
+    """``path`` as a Path when it is a regular file (or, with ``pipe``, a FIFO: ``--config <(...)``);
+    else an ``error`` saying what it is: a folder, a loop of links, a FIFO or device, or missing
     (``what``: "checkpoint file", ...; ``flag`` names the option it came from)."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise error(f"{path} is a loop of symbolic links, not a {what}{flag}", "point the link at a file") from None
+        raise error(f"no such {what}: {path}{flag}", hint) from None
+    if stat.S_ISDIR(mode):
         raise error(f"{path} is a folder, not a {what}{flag}", "name the file in it")
-    if not path.is_file():
-        raise error(f"no such {what}: {path}{flag}", hint)
-    return path
+    if stat.S_ISREG(mode) or (pipe and stat.S_ISFIFO(mode)):
+        return path
+    kind = next((k for test, k in _SPECIAL if test(mode)), "not a regular file")
+    raise error(f"{path} is {kind}, not a {what}{flag}", "name a regular file")
+
+
+_SPECIAL = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
 
 
 # errno values that say the user's path is wrong (exit 2); any other OSError is the environment's (exit 1)

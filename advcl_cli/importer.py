@@ -41,12 +41,13 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import check_finite, expected_shapes, read_metadata, refuse_empty, save_model, sha256_file
+from .checkpoint import check_finite, expected_tensors, read_metadata, refuse_empty, save_model, sha256_file, wrong_dtypes
 from .errors import AdvclError, CheckpointError, UsageError, os_error, require_file
 from .models import ARCHS, IMAGENET_MEAN, IMAGENET_STD, ModelConfig, create_model
 
@@ -180,13 +181,15 @@ def read_original(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
                          else f"use it as it is, e.g. advcl finetune {path}")
     try:
         refuse_empty(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice on pickle protocols, with a line of its source: not the user's
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except OSError as e:
         raise os_error(e, path, "read") from None
     except Exception as e:  # torch's own messages run over several lines and advise weights_only=False: not repeated
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
         if found:
             raise CheckpointError(
                 f"{path} holds objects other than tensors ({found.group(1)}); refused to load it, since unpickling "
@@ -360,15 +363,17 @@ def import_original(path: str | Path, out: str | Path, *, dataset: str = "cifar1
         config.update(proj_dim=int(mapped["proj.fc3.weight"].shape[0]), proj_head="mlp3")
     elif "proj.net.3.weight" in mapped:
         config.update(proj_dim=int(mapped["proj.net.3.weight"].shape[0]), proj_head="mlp2")
-    want = expected_shapes(ModelConfig(**config))
+    want = expected_tensors(ModelConfig(**config))
     unmatched += [sources.pop(k) for k in [k for k in mapped if k not in want]]
     mapped = {k: v for k, v in mapped.items() if k in want}
     missing = sorted(set(want) - set(mapped))
-    wrong = sorted(f"{k} {tuple(v.shape)} != {want[k]}" for k, v in mapped.items() if tuple(v.shape) != want[k])
-    if unmatched or missing or wrong or twice:
+    wrong = sorted(f"{k} {tuple(v.shape)} != {tuple(want[k].shape)}" for k, v in mapped.items()
+                   if tuple(v.shape) != tuple(want[k].shape))
+    dtypes = wrong_dtypes({sources[k]: v.dtype for k, v in mapped.items()}, {sources[k]: want[k] for k in mapped})
+    if unmatched or missing or wrong or twice or dtypes:
         parts = [f"{label}: {_listed(keys)}" for label, keys in (
             ("unmatched", sorted(unmatched)), ("missing", missing), ("wrong shape", wrong),
-            ("mapped twice", sorted(twice))) if keys]
+            ("wrong type", dtypes), ("mapped twice", sorted(twice))) if keys]
         hint = ("every tensor must map; if another method made it, say which with --from" if not chosen
                 else "every tensor must map; is --from right? without it the layout is detected from the keys")
         raise CheckpointError(f"{path} does not map onto an advcl {config['arch']} encoder ({read_as}); "

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .checkpoint import atomic_write, load_checkpoint, refuse_empty, safetensors_bytes, sha256_file
+from .checkpoint import atomic_write, load_checkpoint, parse_json, refuse_empty, safetensors_bytes, sha256_file, why_not_json
 from .data.augment import to_float
 from .data.registry import load_dataset, num_classes_of
 from .device import resolve_device
@@ -88,21 +88,24 @@ def load_labels(path: str | Path, n_expected: int | None = None, *, allow_longer
     if raw is None:
         raise CheckpointError(f"{path} is not an advcl pseudo-label file (no '{META_KEY}' metadata)")
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        meta = None
+        meta, why = parse_json(raw), ""
+    except ValueError as e:
+        meta, why = None, why_not_json(e)
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: the '{META_KEY}' metadata is not a JSON object",
+        raise CheckpointError(f"{path}: the '{META_KEY}' metadata is not a JSON object{why}",
                               "make the file again with advcl pseudo-labels")
     labels: dict[int, torch.Tensor] = {}
     for name, t in tensors.items():
-        m = re.fullmatch(r"k(\d+)", name)
+        m = re.fullmatch(r"k(\d{1,30})", name)  # a k of thousands of digits is no count Python converts
         if not m or t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
             raise CheckpointError(f"{path}: tensor '{name}' is not a k<K> vector of integer labels")
         k, t = int(m.group(1)), t.to(torch.int64)
         if k < 2:
             raise CheckpointError(f"{path}: '{name}' has {k} cluster{'' if k == 1 else 's'}, which labels nothing",
                                   "make labels with k of at least 2")
+        if k > t.numel():  # before k reaches torch: a head of 10^12 outputs would be allocated
+            raise CheckpointError(f"{path}: '{name}' has {k} clusters for {t.numel()} images",
+                                  "make labels with k no larger than the number of images")
         if t.numel() and (int(t.min()) < -1 or int(t.max()) >= k):
             raise CheckpointError(f"{path}: labels of '{name}' are outside [-1, {k - 1}]")
         if t.numel() and bool((t == -1).all()):
@@ -169,17 +172,28 @@ _ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _latin1,  # protocol 2 writes an array's bytes as _codecs.encode(text, "latin1")
 }
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    if encoding != "latin1":  # any other codec name would make the codec registry import a module
+        raise pickle.UnpicklingError(f"refused _codecs.encode with the codec {encoding!r}: only latin1 is allowed")
+    return text.encode("latin1")
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """Admits the globals numpy arrays need and nothing else; refuses before calling anything."""
 
+    def __init__(self, file):
+        super().__init__(file)
+        self.path = getattr(file, "name", "the pickle")
+
     def find_class(self, module: str, name: str):
         make = _ALLOWED_GLOBALS.get((module, name))
         if make is None:
             raise CheckpointError(
-                f"refused to load {module}.{name} from the pickle: only numpy arrays are allowed",
+                f"{self.path}: refused to load {module}.{name} from the pickle: only numpy arrays are allowed",
                 "the file is not the authors' pseudo-label pickle; do not trust it",
             )
         return make()

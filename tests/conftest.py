@@ -8,6 +8,8 @@ import tempfile
 import pytest
 import torch
 
+from waiting import HANG_S
+
 # Two cores and several test processes: keep each test single-threaded and deterministic.
 torch.set_num_threads(1)
 # Nothing outside the checkout: datasets (and anything written there) go to a folder of this
@@ -29,8 +31,15 @@ def _isolated_env(monkeypatch, tmp_path):
     # The test Hub speaks plain Git LFS, no xet (tests/hubserver.py). huggingface_hub reads the
     # variable at import: set it for subprocesses and, once imported, in its constants.
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    # The test Hub answers within huggingface_hub's 10 s HTTP timeouts on an idle machine, not on a
+    # saturated one: the timeouts become hang guards (tests/waiting.py), read at each call.
+    for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+        monkeypatch.setenv(name, str(HANG_S))
     if "huggingface_hub.constants" in sys.modules:
-        monkeypatch.setattr(sys.modules["huggingface_hub.constants"], "HF_HUB_DISABLE_XET", True)
+        constants = sys.modules["huggingface_hub.constants"]
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", HANG_S)
+        monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", HANG_S)
     monkeypatch.chdir(tmp_path)
 
 

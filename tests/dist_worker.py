@@ -129,14 +129,16 @@ def steps(folder: str, labels: str) -> None:
 
 
 def collectives(out: str) -> None:
-    """Write this rank's pid to OUT.<rank>, then keep all-reducing for at most two minutes."""
+    """Write this rank's pid to OUT.<rank>, then keep all-reducing until killed (HANG_S: a guard)."""
     import os
     import time
+
+    from waiting import HANG_S
 
     ctx = init_distributed(torch.device("cpu"))
     with open(f"{out}.{ctx.rank}", "w") as f:
         f.write(str(os.getpid()))
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_S
     while time.time() < deadline:
         reduce_mean(torch.ones(4), ctx)
         time.sleep(0.05)

@@ -59,6 +59,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from waiting import HANG_S
+
 MAX_BODY = 64 << 20  # a commit request (regular files are inlined in base64)
 MAX_LFS_OBJECT = 512 << 20
 LFS_THRESHOLD = 10 << 20  # the Hub sends files over 10 MB to LFS whatever .gitattributes says
@@ -505,7 +507,7 @@ def _wait_for_port(port: int, deadline: float, alive=lambda: True) -> None:
 
 
 @contextlib.contextmanager
-def running_server(root: Path, timeout: float = 60.0, private_orgs: tuple[str, ...] = ()):
+def running_server(root: Path, timeout: float = HANG_S, private_orgs: tuple[str, ...] = ()):
     """Start the server as a subprocess on a free port; yield its URL; stop it."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -614,7 +616,7 @@ class FaultyProxy:
                     self.close_connection = True
                     proxy._record(self.command, self.path, fault.status)
                     return
-                up = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                up = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=HANG_S)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection", "content-length")}
                 headers["content-length"] = str(len(body))
                 up.request(self.command, self.path, body=body if body or self.command in ("POST", "PUT") else None, headers=headers)

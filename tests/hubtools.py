@@ -12,6 +12,7 @@ import torch
 from advcl_cli.checkpoint import save_model
 from advcl_cli.models import create_model
 from hubserver import running_server
+from waiting import HANG_S
 
 TOKEN = "hf_advcl_test_token_not_a_secret"
 PRIVATE_ORG = "advcl-private"  # the test server creates this organisation's repos private by default
@@ -70,7 +71,7 @@ def hf_cli(*args, endpoint: str, home: Path, token: str | None = TOKEN) -> subpr
     env.pop("HF_TOKEN", None)
     if token:
         env["HF_TOKEN"] = token
-    return subprocess.run([sys.executable, "-c", HF_CLI, *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", HF_CLI, *map(str, args)], env=env, capture_output=True, text=True, timeout=HANG_S)
 
 
 def git(root: Path, repo: str, *args: str) -> str:

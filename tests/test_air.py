@@ -29,6 +29,7 @@ from advcl_cli.models import IMAGENET_MEAN, IMAGENET_STD, create_model
 from advcl_cli.settings import PretrainSettings
 from nets import randomise_batch_norms
 from reference.air_step import reference_step
+from waiting import HANG_S
 
 B, SIZE = 8, 16
 EPS = 8 / 255
@@ -300,7 +301,7 @@ def test_two_processes_match_one(tmp_path):
         (tmp_path / name).mkdir()
         launch = [] if procs == 1 else launcher(procs)
         done = subprocess.run([sys.executable, *launch, __file__, str(tmp_path / name)], capture_output=True,
-                              text=True, timeout=180, env=env1())
+                              text=True, timeout=HANG_S, env=env1())
         assert done.returncode == 0, done.stderr[-3000:]
         return load_file(tmp_path / name / "air.safetensors")
 

@@ -21,6 +21,7 @@ from advcl_cli.engine.evaluate import corruption_accuracy
 from fakedata import allow_fake_archives, write_cifar10, write_cifar_c, write_stl10
 from test_finetune import make_encoder
 from test_leaderboard import parse
+from waiting import HANG_S
 
 # seconds per cell on a CPU: 2 epochs of 64 images at 16x16, 24 test images in blocks of 10, PGD-5 for RA
 SMOKE = ["--dataset", "digits", "--epochs", "2", "--batch-size", "32", "--limit", "64", "--image-size", "16",
@@ -268,7 +269,7 @@ def test_the_evaluation_runs_sharded_under_torchrun_with_the_numbers_of_one_proc
     for cell in (out / "cells").iterdir():
         cell.unlink()
     two = torchrun(2, "-m", "advcl_cli", "benchmark", str(finished["enc"]), *SMOKE, "--schemes", "slf", "--out", str(out),
-                   timeout=240)
+                   timeout=HANG_S)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.strip() == str(out / "results.json")  # rank 0 alone prints
     assert two.stderr.count("already finished all 2 epochs") == 1 and "finetuning:" not in two.stderr

@@ -14,6 +14,7 @@ from advcl_cli.checkpoint import save_model, sha256_file
 from advcl_cli.models import create_model
 from advcl_cli.zoo.manifest import SHIPPED, tomllib
 from hubserver import dead_endpoint, running_server
+from waiting import HANG_S
 
 pytestmark = pytest.mark.hub
 
@@ -51,7 +52,7 @@ def pushed(run_cli, name="tiny-slf"):
 
 def cli_subprocess(*args, env_extra, stdin=None):
     env = {**os.environ, **env_extra}
-    return subprocess.run([sys.executable, "-m", "advcl_cli", *map(str, args)], env=env, input=stdin, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "advcl_cli", *map(str, args)], env=env, input=stdin, capture_output=True, text=True, timeout=HANG_S)
 
 
 def test_help_of_each_command_has_an_example(run_cli):

@@ -24,6 +24,7 @@ from advcl_cli.models import IMAGENET_MEAN, IMAGENET_STD, create_model
 from advcl_cli.settings import PretrainSettings
 from reference.deacl import DeACLReference, weak_view
 from training import InterruptAt
+from waiting import HANG_S
 
 B = 8
 SIZE = 16
@@ -359,7 +360,7 @@ def test_two_processes_match_one(teacher, tmp_path):
                 "--warmup-from", "0.5", "--pgd-steps", "2", "--device", "cpu", "--out", str(tmp_path / name)]
         launch = [] if procs == 1 else launcher(procs)
         done = subprocess.run([sys.executable, *launch, "-m", "advcl_cli", *args], capture_output=True, text=True,
-                              timeout=180, env=env1())
+                              timeout=HANG_S, env=env1())
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads((tmp_path / name / "metrics.jsonl").read_text()), load_file(tmp_path / name / "encoder.safetensors")
 

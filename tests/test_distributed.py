@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import time
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 from advcl_cli.checkpoint import load_checkpoint
 from advcl_cli.models import create_model
 from nets import acl_net, advcl_net
+from waiting import HANG_S, wait_for
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 
@@ -30,7 +30,7 @@ def env1() -> dict:
     return {**env, "OMP_NUM_THREADS": "1"}
 
 
-def torchrun(n: int, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+def torchrun(n: int, *args, timeout: float = HANG_S) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, *launcher(n), *args,
     ]
@@ -55,7 +55,7 @@ def steps(tmp_path_factory):
     (root / "one").mkdir()
     (root / "two").mkdir()
     single = subprocess.run([sys.executable, WORKER, "steps", str(root / "one"), str(labels)],
-                            capture_output=True, text=True, timeout=120, env=env1())
+                            capture_output=True, text=True, timeout=HANG_S, env=env1())
     assert single.returncode == 0, single.stderr
     dist = torchrun(2, WORKER, "steps", str(root / "two"), str(labels))
     assert dist.returncode == 0, dist.stderr[-3000:]
@@ -107,12 +107,9 @@ def test_a_killed_rank_ends_the_job_with_an_error(tmp_path):
     ]
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env1())
     try:
-        deadline = time.time() + 60
-        while not Path(f"{out}.1").exists() or not Path(f"{out}.1").read_text():
-            assert job.poll() is None and time.time() < deadline, "the job did not start"
-            time.sleep(0.2)
+        wait_for(lambda: Path(f"{out}.1").exists() and Path(f"{out}.1").read_text() != "", "rank 1 started", job)
         os.kill(int(Path(f"{out}.1").read_text()), signal.SIGKILL)
-        code = job.wait(timeout=90)  # ends instead of hanging in the next collective
+        code = job.wait(timeout=HANG_S)  # ends instead of hanging in the next collective
     finally:
         if job.poll() is None:
             job.kill()
@@ -131,7 +128,7 @@ def run_pretrain(tmp_path, name, procs, pgd_steps, *extra):
         cmd = [sys.executable, "-m", "advcl_cli", *args]
     else:
         cmd = [sys.executable, *launcher(procs), "-m", "advcl_cli", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_S, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / name / "metrics.jsonl").read_text())
     return done.stdout, metrics, load_file(tmp_path / name / "encoder.safetensors")
@@ -208,7 +205,7 @@ def test_aff_on_two_processes_trains_batch_norm(tmp_path):
     cmd = [sys.executable, *launcher(2), "-m", "advcl_cli", "finetune", str(tmp_path / "enc.safetensors"),
            "--scheme", "aff", "--epochs", "1", "--limit", "32", "--batch-size", "16", "--attack-steps", "1",
            "--eval-limit", "8", "--device", "cpu", "--out", str(tmp_path / "aff")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env1())
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_S, env=env1())
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines() == [str(tmp_path / "aff" / "classifier.safetensors")]
     clf = load_file(tmp_path / "aff" / "classifier.safetensors")

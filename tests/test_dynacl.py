@@ -27,6 +27,7 @@ from advcl_cli.settings import PretrainSettings
 from nets import acl_family_net
 from reference.dynacl_step import train_step, training_loop_schedules
 from training import InterruptAt
+from waiting import HANG_S
 
 B, N, SIZE = 8, 16, 16
 TOL = 1e-10
@@ -255,9 +256,9 @@ def test_two_processes_match_one(tmp_path):
         (tmp_path / name).mkdir()
         if procs == 1:
             done = subprocess.run([sys.executable, WORKER, "dynacl", str(tmp_path / name)], capture_output=True, text=True,
-                                  timeout=180, env=env1())
+                                  timeout=HANG_S, env=env1())
         else:
-            done = torchrun(2, WORKER, "dynacl", str(tmp_path / name), timeout=180)
+            done = torchrun(2, WORKER, "dynacl", str(tmp_path / name))
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = (load_file(tmp_path / name / "dynacl.safetensors") for name in ("one", "two"))
     assert one.keys() == two.keys() and any(k.startswith("momentum_encoder.") for k in one)

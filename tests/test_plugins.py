@@ -16,6 +16,7 @@ from advcl_cli.distributed import all_gather_with_grad, local_slice
 from advcl_cli.methods.base import Method, TrainSettings
 from advcl_cli.methods.losses import supcon_loss
 from advcl_cli.settings import option, with_defaults
+from waiting import HANG_S
 
 
 class Toy(Method):
@@ -54,7 +55,7 @@ def install_toy(root):
 def advcl(root, *args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *sys.path]), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "advcl_cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=HANG_S)
 
 
 def test_a_plugin_method_trains_with_its_own_option(tmp_path):

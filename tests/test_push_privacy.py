@@ -51,6 +51,8 @@ def test_config_card_and_weights_on_the_hub_name_no_local_path_user_or_host(tmp_
         "host": "gpu-node-07.cluster.example.org",
         "relative": "runs/advcl",  # relative names stay
         "epochs": 25,
+        "/home/alice/runs/keyname": 3,  # keys are cleaned as values are
+        "alice@gpu-node-07": 4,  # a key that stays private goes, with its value
     }
     ckpt = make_classifier(tmp_path / "clf.safetensors", dataset=f"imagefolder:{tmp_path}/pets", config=config)
     local_before = ckpt.read_bytes()
@@ -67,7 +69,7 @@ def test_config_card_and_weights_on_the_hub_name_no_local_path_user_or_host(tmp_
     public = json.loads(files["config.json"])
     assert public["config"] == {
         "scheme": "slf", "data_dir": "data", "out": "slf", "pseudo_labels": "c10.safetensors", "encoder": "encoder.safetensors",
-        "note": None, "host": None, "relative": "runs/advcl", "epochs": 25,
+        "note": None, "host": None, "relative": "runs/advcl", "epochs": 25, "keyname": 3,
     }
     assert public["dataset"] == "imagefolder:pets" and "`imagefolder:pets`" in files["README.md"].decode()
 

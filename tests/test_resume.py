@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from advcl_cli.checkpoint import load_state
 from advcl_cli.engine.pretrain import pretrain
 from advcl_cli.report import RecordingReporter
 from advcl_cli.settings import PretrainSettings
+from waiting import HANG_S, wait_for
 
 ARGS = dict(dataset="digits", arch="resnet18-tiny", limit=64, batch_size=32, epochs=3, pgd_steps=1, save_every=1, device="cpu")
 
@@ -35,13 +35,9 @@ def env():
 def start_and_interrupt(out, sig):
     """Start a run, wait until the state of epoch 1 is on disk, then send ``sig``."""
     proc = subprocess.Popen(cli_args(out), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    state, deadline = out / "state.safetensors", time.monotonic() + 60
-    while not state.exists():
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, "no epoch finished in 60 s"
-        time.sleep(0.02)
+    wait_for((out / "state.safetensors").exists, "the state of epoch 1 was saved", proc)
     proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=30)
+    stdout, stderr = proc.communicate(timeout=HANG_S)
     return proc.returncode, stdout, stderr
 
 
@@ -66,7 +62,7 @@ def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(tmp_path, uni
     assert 1 <= state["epoch"] < 3 and not state["finished"]
 
     if sig == signal.SIGKILL:  # resume through the CLI, as a user would
-        resumed = subprocess.run(cli_args(out) + ["--resume"], env=env(), capture_output=True, text=True, timeout=120)
+        resumed = subprocess.run(cli_args(out) + ["--resume"], env=env(), capture_output=True, text=True, timeout=HANG_S)
         assert resumed.returncode == 0, resumed.stderr
         assert f"resuming after epoch {state['epoch']}" in resumed.stderr
         path = resumed.stdout.strip()

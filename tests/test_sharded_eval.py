@@ -21,7 +21,7 @@ def classifier(tmp_path_factory):
 def one_and_two(run_cli, *args):
     code, out, err = run_cli(*args)
     assert code == 0, err
-    two = torchrun(2, "-m", "advcl_cli", *map(str, args), timeout=180)
+    two = torchrun(2, "-m", "advcl_cli", *map(str, args))
     assert two.returncode == 0, two.stderr[-3000:]
     return json.loads(out), json.loads(two.stdout), two.stderr  # rank 0 alone prints: one document
 

@@ -7,6 +7,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from waiting import HANG_S
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,7 +32,7 @@ def test_a_built_wheel_carries_and_finds_the_manifest(tmp_path):
     dist = tmp_path / "dist"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
-        check=True, capture_output=True, cwd=tmp_path, timeout=300,
+        check=True, capture_output=True, cwd=tmp_path, timeout=HANG_S,
     )
     wheel = next(dist.glob("advcl-*.whl"))
     assert "advcl_cli/zoo/manifest.toml" in zipfile.ZipFile(wheel).namelist()
@@ -39,7 +41,7 @@ def test_a_built_wheel_carries_and_finds_the_manifest(tmp_path):
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-        check=True, capture_output=True, timeout=300,
+        check=True, capture_output=True, timeout=HANG_S,
     )
     probe = (
         "import advcl_cli, advcl_cli.zoo.manifest as m; "

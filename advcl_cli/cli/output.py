@@ -42,6 +42,13 @@ def _rich_table(rows: list[dict], columns: Iterable[str] | None, title: str | No
     return table
 
 
+def printable(text: str, keep: str = "") -> str:
+    """``text`` with each character that is not printable (but those in ``keep``) as its Python
+    escape: a newline or a terminal escape code in a file name cannot split a message or drive
+    the terminal."""
+    return "".join(c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
 class Output:
     def __init__(self, json_mode: bool = False):
         self.json_mode = json_mode
@@ -65,19 +72,19 @@ class Output:
 
     # --- people (stderr) -------------------------------------------------------------
     def log(self, message: str) -> None:
-        self.err.print(message, markup=False)
+        self.err.print(printable(message, "\n"), markup=False)
 
     def warn(self, message: str) -> None:
-        self.err.print(f"warning: {message}", style="yellow", markup=False)
+        self.err.print(f"warning: {printable(message)}", style="yellow", markup=False)
 
     def log_table(self, rows: list[dict], columns: Iterable[str] | None = None, title: str | None = None) -> None:
         """A table for people on stderr (progress of a long job; stdout keeps the data)."""
         self.err.print(_rich_table(rows, columns, title))
 
     def error(self, message: str, hint: str | None = None) -> None:
-        self.err.print(f"error: {message}", style="red", markup=False)
+        self.err.print(f"error: {printable(message)}", style="red", markup=False)
         if hint:
-            self.err.print(f"hint: {hint}", markup=False)
+            self.err.print(f"hint: {printable(hint)}", markup=False)
 
     def reporter(self) -> "ConsoleReporter":
         return ConsoleReporter(self)
@@ -133,9 +140,9 @@ class ConsoleReporter(Reporter):
 
     def log(self, message: str) -> None:
         if self.progress is not None:
-            self.progress.console.print(message, markup=False)
+            self.progress.console.print(printable(message, "\n"), markup=False)
         else:
             self.out.log(message)
 
     def warn(self, message: str) -> None:
-        self.log(f"warning: {message}")
+        self.log(f"warning: {printable(message)}")

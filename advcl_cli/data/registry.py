@@ -214,7 +214,7 @@ def _archive_ok(path: Path, md5: str) -> bool:
 
 def _load_imagefolder(path: Path, split: str, size: int):
     from PIL import Image
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    from torchvision.datasets.folder import find_classes
 
     train_dir, split_dir = path / "train", path / split
     layout = "lay it out as PATH/train/CLASS/img.png and PATH/test/CLASS/img.png"
@@ -223,7 +223,7 @@ def _load_imagefolder(path: Path, split: str, size: int):
     try:
         classes, class_to_idx = find_classes(train_dir)  # class indices always come from train/
         unknown = sorted(set(find_classes(split_dir)[0]) - set(classes))
-        samples = make_dataset(split_dir, class_to_idx, IMG_EXTENSIONS, allow_empty=split != "train")
+        samples = _image_files(split_dir, class_to_idx)
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read image folder {split_dir}: {' '.join(str(e).split())}", layout) from e
     if unknown:
@@ -240,6 +240,30 @@ def _load_imagefolder(path: Path, split: str, size: int):
                 if im.size != (size, size):
                     im = im.resize((size, size), Image.BILINEAR)
                 images[i] = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:  # a bomb: a small file of billions of pixels
             raise DataError(f"cannot read image {file}: {' '.join(str(e).split())}", "remove or fix that file") from e
     return images, labels, classes
+
+
+def _image_files(root: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    """(file, class index) of every image under ``root/CLASS/``, sorted within each folder.
+    Links are followed, but each folder is read once (a link loop adds nothing), and a name with
+    an image suffix that is not a regular file (a FIFO, a device) is a DataError, not a hang."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    seen: set[tuple[int, int]] = set()
+    samples = []
+    for name, index in sorted(class_to_idx.items(), key=lambda item: item[1]):
+        for folder, dirs, files in os.walk(root / name, followlinks=True):
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                dirs.clear()
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            dirs.sort()
+            for file in sorted(f for f in files if f.lower().endswith(IMG_EXTENSIONS)):
+                path = os.path.join(folder, file)
+                if not os.path.isfile(path):
+                    raise DataError(f"{path} is not a regular file", "an image folder holds image files only: remove it")
+                samples.append((path, index))
+    return samples

@@ -39,7 +39,7 @@ from typing import Callable
 
 from ..attacks import get_attack
 from ..benchmark.leaderboard import write_leaderboard
-from ..checkpoint import Metadata, atomic_write, check_checkpoint, check_writable, load_checkpoint, sha256_file
+from ..checkpoint import Metadata, atomic_write, check_checkpoint, check_writable, load_checkpoint, parse_json, sha256_file
 from ..data.corruptions import PUBLISHED, CorruptionSet, corruptions_for, load_corruptions
 from ..data.registry import default_data_dir, num_classes_of
 from ..errors import UsageError
@@ -237,7 +237,7 @@ def load_cell(cell: Cell, reporter: Reporter) -> dict | None:
     if not cell.path.is_file():
         return None
     try:
-        record = json.loads(cell.path.read_text(encoding="utf-8"))
+        record = parse_json(cell.path.read_text(encoding="utf-8"))
         if not isinstance(record, dict) or record.get("key") != cell.key:
             raise ValueError("not this cell's record")
     except (OSError, UnicodeDecodeError, ValueError) as e:

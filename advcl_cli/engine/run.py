@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..checkpoint import (atomic_write, check_folder_writable, clean_state_dict, load_state, save_state, unwrap,
+from ..checkpoint import (atomic_write, check_folder_writable, clean_state_dict, load_state, parse_json, save_state, unwrap,
                           write_all)
 from ..data.registry import load_dataset, num_classes_of
 from ..distributed import barrier, init_distributed, on_main
@@ -176,8 +176,8 @@ class RunDir:
         records = []
         for line in self.metrics_path.read_text().splitlines():
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                records.append(parse_json(line))
+            except ValueError:  # also a line nested too deeply
                 continue
         return records
 

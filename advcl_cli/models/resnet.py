@@ -20,6 +20,7 @@ Projection heads (``proj_head``):
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -97,7 +98,8 @@ STEM_PADDINGS = (1, 2)
 
 
 def _count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    """A size a layer can have: 1 .. 2^31 - 1 (10^20 would reach torch as a C++ overflow)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 2**31
 
 
 def _rgb(v) -> bool:
@@ -105,12 +107,18 @@ def _rgb(v) -> bool:
                          and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x == x for x in v))
 
 
+def _bn_name(v) -> bool:
+    """A name a BN set can have: a module name (not empty, no '.') that is no attribute of nn.ModuleDict."""
+    return isinstance(v, str) and re.fullmatch(r"[\w-]+", v) is not None and not hasattr(nn.ModuleDict(), v)
+
+
 _FIELD_CHECKS = {  # ModelConfig field -> (test, what it should be)
     "arch": (lambda v: isinstance(v, str), "a name"),
-    "bn_sets": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v), "a list of names"),
-    "proj_dim": (lambda v: v is None or _count(v), "null or a positive integer"),
-    "pseudo_ks": (lambda v: isinstance(v, (list, tuple)) and all(_count(k) for k in v), "a list of positive integers"),
-    "num_classes": (lambda v: v is None or _count(v), "null or a positive integer"),
+    "bn_sets": (lambda v: isinstance(v, (list, tuple)) and all(_bn_name(s) for s in v) and len(set(v)) == len(v),
+                "a list of distinct names of letters, digits, _ and -"),
+    "proj_dim": (lambda v: v is None or _count(v), "null or a positive integer below 2^31"),
+    "pseudo_ks": (lambda v: isinstance(v, (list, tuple)) and all(_count(k) for k in v), "a list of positive integers below 2^31"),
+    "num_classes": (lambda v: v is None or _count(v), "null or a positive integer below 2^31"),
     "proj_head": (lambda v: v in PROJ_HEADS, "one of " + ", ".join(PROJ_HEADS)),
     "mean": (_rgb, "null or three numbers"),
     "std": (lambda v: _rgb(v) and (v is None or all(x > 0 for x in v)), "null or three positive numbers"),

@@ -30,7 +30,7 @@ def resolve(name_or_path: str | Path, *, reporter=None) -> Path:
 
     value = str(name_or_path)
     path = Path(value).expanduser()
-    if path.exists():
+    if path.exists() or path.is_symlink():  # a dangling link or a loop of links is a path too
         return require_file(path, "checkpoint file", error=CheckpointError)
     if value.startswith("hf:") or ("/" not in value and not value.endswith(".safetensors")):
         return pull(value, reporter=reporter)

@@ -25,13 +25,13 @@ from ..report import Reporter
 from ..errors import AdvclError, CheckpointError, DownloadError, UsageError
 from ..settings import HubSettings
 from ..version import __version__
+from .hubspec import filename_problem, repo_id_problem
 from .manifest import Entry, load_manifest, manifest_path
 
 HF_PREFIX = "hf:"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_FILENAME = "model.safetensors"
 CONFIG_FILENAME = "config.json"
-REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _CONNECTION_ERRORS = {"TransportError", "ConnectError", "ConnectionError", "TimeoutException", "Timeout", "ProxyError"}
 T = TypeVar("T")
@@ -104,8 +104,10 @@ def parse_hf_name(name: str) -> Target:
     """``hf:ORG/REPO[@REVISION][:FILE]`` (revision default main, file default model.safetensors)."""
     spec, _, filename = name[len(HF_PREFIX):].partition(":")
     repo, at, revision = spec.partition("@")
-    if not REPO_RE.match(repo) or (at and not revision):
-        raise UsageError(f"bad Hub name '{name}'", "write hf:ORG/REPO[@REVISION][:FILE], e.g. hf:me/advcl-r18@main")
+    problem = repo_id_problem(repo) or (at and not revision and "the revision after '@' is empty") or (
+        filename and filename_problem(filename))
+    if problem:
+        raise UsageError(f"bad Hub name '{name}': {problem}", "write hf:ORG/REPO[@REVISION][:FILE], e.g. hf:me/advcl-r18@main")
     return Target(name, repo, revision or "main", filename or DEFAULT_FILENAME)
 
 

@@ -37,6 +37,32 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TAG_RE = re.compile(r"^[\w.:/+-]{1,128}$")
 
 
+def repo_id_problem(repo: str) -> str | None:
+    """Why ``repo`` is no Hub repository id ORG/NAME (huggingface_hub's ``validate_repo_id``:
+    no '..', no '-' or '.' at either end, ...), or None when it is one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not HUB_ID_RE.match(repo):
+        return "not a repository id ORG/NAME"
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        return " ".join(str(e).split()).removesuffix(f": '{repo}'.")
+    return None
+
+
+def filename_problem(filename: str) -> str | None:
+    """Why ``filename`` names no file inside a repository (empty, absolute, a '.' or '..' part,
+    a backslash, a control character), or None: a name from a manifest or an hf: name is joined
+    to the cache folder and must stay in it."""
+    parts = filename.split("/")
+    if not filename or filename.startswith("/") or "\\" in filename or any(p in ("", ".", "..") for p in parts):
+        return "a file in the repository is a relative path without '.', '..' or empty parts"
+    if not filename.isprintable():
+        return "a file name has no control characters"
+    return None
+
+
 def bad_card(field: str, message: str, hint: str | None = None) -> UsageError:
     return UsageError(f"model card metadata, field '{field}': {message}", hint)
 

@@ -19,13 +19,14 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..benchmark.reported import SHIPPED as SHIPPED_REPORTED
 from ..benchmark.reported import load_reported
 from ..config import resolve
-from ..errors import UsageError
+from ..errors import TOO_DEEP, UsageError
 from ..settings import HubSettings, format_eps, parse_eps
+from .hubspec import filename_problem, repo_id_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,7 +64,7 @@ class Entry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    repo: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    repo: str | None = None
     revision: str | None = Field(None, pattern=HEX40)
     filename: str = "model.safetensors"
     sha256: str | None = Field(None, pattern=HEX64)
@@ -78,6 +79,14 @@ class Entry(BaseModel):
     license: str | None = None
     notes: str | None = None
     recipe: list[str] = []
+
+    @field_validator("repo", "filename")
+    @classmethod
+    def _hub_name(cls, value: str | None, info):
+        problem = value is not None and (repo_id_problem if info.field_name == "repo" else filename_problem)(value)
+        if problem:
+            raise ValueError(f"{value!r}: {problem}")
+        return value
 
     @model_validator(mode="after")
     def _published(self):
@@ -127,6 +136,8 @@ def parse_manifest(text: str, path: Path) -> Manifest:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"manifest {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise UsageError(f"manifest {path} is not valid TOML: {TOO_DEEP}") from None
     entries: dict[str, Entry] = {}
     for name, table in doc.items():
         if not isinstance(table, dict):

@@ -2,7 +2,7 @@
 
 A run's resolved configuration holds the paths it was given (``data_dir``, ``out``,
 ``pseudo_labels``, an ``imagefolder:PATH`` dataset), and those name the user's home, the user or
-the machine. Before a push every string in the metadata is made public: an absolute path becomes
+the machine. Before a push every string in the metadata, keys too, is made public: an absolute path becomes
 its last part (``/home/alice/runs/slf`` -> ``slf``, ``imagefolder:/data/pets`` ->
 ``imagefolder:pets``), and a string that still names the home folder, the user (as a path part
 or ``user@``) or this host becomes null. Relative paths stay as they are. Text the user wrote
@@ -82,14 +82,22 @@ def public_string(value: str, who: Identity) -> str | None:
 
 
 def public_value(value: Any, who: Identity, where: str, changed: list[str]) -> Any:
-    """A JSON value with every string made public; the paths of those that changed go to ``changed``."""
+    """A JSON value with every string, keys too, made public (a key that stays private goes,
+    with its value); the paths of those that changed go to ``changed``, named publicly."""
     if isinstance(value, str):
         public = public_string(value, who)
         if public != value:
             changed.append(where)
         return public
     if isinstance(value, dict):
-        return {k: public_value(v, who, f"{where}.{k}", changed) for k, v in value.items()}
+        clean = {}
+        for k, v in value.items():
+            key = public_string(k, who)
+            if key != k:
+                changed.append(f"{where}.{key}" if key is not None else f"a key of {where}")
+            if key is not None:
+                clean[key] = public_value(v, who, f"{where}.{key}", changed)
+        return clean
     if isinstance(value, list):
         return [public_value(v, who, f"{where}[{i}]", changed) for i, v in enumerate(value)]
     return value

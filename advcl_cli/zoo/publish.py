@@ -33,8 +33,8 @@ from ..errors import AdvclError, DownloadError, UsageError
 from ..settings import HubSettings
 from ..version import __version__
 from .card import PAPER, build_card, pinned_commit, sealed, test_accuracies, written_by_advcl
-from .hub import DEFAULT_FILENAME, REPO_RE, endpoint_of, hub_cache_dir, hub_error, offline, retrying
-from .hubspec import check_license, validate_card_data
+from .hub import DEFAULT_FILENAME, endpoint_of, hub_cache_dir, hub_error, offline, retrying
+from .hubspec import check_license, repo_id_problem, validate_card_data
 from .manifest import NAME_RE, SHIPPED, Entry, Manifest, load_manifest, manifest_path, render_manifest, validate_entry, write_manifest
 from .private import private_in_text, public_metadata
 
@@ -137,14 +137,15 @@ def hub_model_of(sha256: str | None, manifests: list[Path]) -> str | None:
                 return entry.repo
     for blob in sorted(hub_cache_dir().glob(f"models--*/blobs/{sha256}")):
         org, sep, name = blob.parent.parent.name.removeprefix("models--").partition("--")
-        if sep and REPO_RE.match(f"{org}/{name}"):
+        if sep and repo_id_problem(f"{org}/{name}") is None:
             return f"{org}/{name}"
     return None
 
 
 def _check_names(repo: str, zoo_entry: str | None, revision: str | None, private: bool | None, make_private: bool, create_pr: bool) -> None:
-    if not REPO_RE.match(repo):
-        raise UsageError(f"bad repository name '{repo}'", "write ORG/NAME, e.g. --repo my-lab/advcl-r18-cifar10")
+    problem = repo_id_problem(repo)
+    if problem:
+        raise UsageError(f"bad repository name '{repo}': {problem}", "write ORG/NAME, e.g. --repo my-lab/advcl-r18-cifar10")
     if zoo_entry is not None and not NAME_RE.match(zoo_entry):
         raise UsageError(f"bad zoo entry name '{zoo_entry}'", "use lower-case letters, digits, '-', '_' and '.'")
     if revision is not None and (not BRANCH_RE.match(revision) or re.fullmatch(r"[0-9a-f]{40}", revision)):
