@@ -94,6 +94,9 @@ SOURCES: dict[str, Source] = {
     "dynacl-air++": Source("dynacl-air++", **_POST),
     "deacl": Source("deacl", "DeACL's (backbone.*, single BN)", ("normal",), "normal",
                     mean=DEACL_MEAN, std=DEACL_STD, stem_padding=2),
+    # DeACL's teacher: a solo-learn SimCLR (the same network), recorded as the SimCLR encoder it is
+    "simclr": Source("simclr", "solo-learn's SimCLR (backbone.*, single BN)", ("normal",), "normal",
+                     mean=DEACL_MEAN, std=DEACL_STD, stem_padding=2),
 }
 # a file holding several networks: the prefix of the encoder, and the others' prefixes with why
 # they are dropped
@@ -104,7 +107,7 @@ NETWORKS = (
                    ("classifier.", "solo-learn's online linear classifier, a training monitor"),
                    ("classifier_adv.", "solo-learn's online linear classifier, a training monitor"),
                    ("momentum_classifier.", "solo-learn's online linear classifier, a training monitor"),
-                   ("projector.", "a projector: DeACL's encoder is the backbone"),
+                   ("projector.", "a projector: the encoder is the backbone"),
                    ("momentum_projector.", "a projector: DeACL's encoder is the backbone"))),
 )
 # the RobustSSL benchmark's file names (its model zoo), for the hint when --from is needed
@@ -239,11 +242,13 @@ def split_networks(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return state, {}, [], None
 
 
-def detect(keys: list[str], network: str | None, path: Path) -> Source:
-    """The source whose layout the keys show; a UsageError names the candidates when several
-    methods publish the same layout (which one decides the finetuning protocol)."""
-    if network == "backbone.":
-        return SOURCES["deacl"]
+def detect(keys: list[str], network: str | None, path: Path, dropped: dict[str, str] | None = None) -> Source:
+    """The source whose layout the keys show (``dropped``: the other networks of the file, from
+    ``split_networks``); a UsageError names the candidates when several methods publish the same
+    layout (which one decides the finetuning protocol)."""
+    if network == "backbone.":  # solo-learn: DeACL's file holds its teacher; a SimCLR's, a projector and no teacher
+        simclr = "projector.*" in (dropped or {}) and "momentum_backbone.*" not in (dropped or {})
+        return SOURCES["simclr" if simclr else "deacl"]
     if network == "encoder_k.":  # only DynACL trains a momentum encoder
         return SOURCES["dynacl"]
     if any(re.match(r"(head_proj|head_pred|head_ce|fc_\d+)\.", k) or ".bn_list.2." in k for k in keys):
@@ -320,7 +325,7 @@ def import_original(path: str | Path, out: str | Path, *, dataset: str = "cifar1
     chosen = source_named(source) if source is not None else None
     state, extra = read_original(path)
     encoder, dropped, stray, network = split_networks(state)
-    src = chosen or detect(list(encoder), network, path)
+    src = chosen or detect(list(encoder), network, path, dropped)
 
     mapped: dict[str, torch.Tensor] = {}
     sources: dict[str, str] = {}  # our name -> the published key

@@ -77,13 +77,15 @@ def test_standard_settings_are_set_explicitly(trained, monkeypatch):
             fab=(self.fab.n_iter, self.fab.n_restarts, self.fab.n_target_classes, self.fab.alpha_max, self.fab.eta,
                  self.fab.beta, self.fab.eps, self.fab.norm),
             square=(self.square.n_queries, self.square.p_init, self.square.n_restarts, self.square.loss,
-                    self.square.resc_schedule, self.square.eps, self.square.norm),
+                    self.square.rescale_schedule, self.square.eps, self.square.norm),
+            every={name: _attributes(obj) for name, obj in _components(self).items()},
         )
         return x.clone(), y.clone()
 
     monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation", spy)
     model, x, y = trained
     aa_module.autoattack(model, x[:2], y[:2], 8 / 255, seed=3)
+    every = seen.pop("every")
     # the standard version's values (Croce & Hein 2020; fra31/auto-attack's AutoAttack(version="standard"))
     apgd = {"n_iter": 100, "n_restarts": 1, "eot_iter": 1, "rho": 0.75, "random_start": True, "largereps": False,
             "checkpoints": (22, 6, 3), "eps": 8 / 255, "norm": "Linf"}
@@ -93,6 +95,25 @@ def test_standard_settings_are_set_explicitly(trained, monkeypatch):
         "fab": (100, 1, 9, 0.1, 1.05, 0.9, 8 / 255, "Linf"), "square": (5000, 0.8, 1, "margin", False, 8 / 255, "Linf"),
     }
     assert "pyautoattack" in aa_module.describe() and "5000" in aa_module.describe()
+    # every attribute the package's attacks read, compared with the package's own standard version
+    # (a misspelt name would add an attribute that no attack reads, and miss the real one)
+    standard = pyautoattack.AutoAttack(model, norm="Linf", eps=8 / 255, version="standard", seed=3, device=x.device)
+    standard.verbose = False  # advcl's one choice of its own: no per-attack printing
+    want = {name: _attributes(obj) for name, obj in _components(standard).items()}
+    assert every.keys() == want.keys()
+    for name in want:
+        assert every[name] == want[name], name
+
+
+def _components(adversary) -> dict:
+    return {"autoattack": adversary, **{n: getattr(adversary, n) for n in ("apgd", "apgd_targeted", "fab", "square")}}
+
+
+def _attributes(obj) -> dict:
+    """An attack's attributes by the package's names: plain values as they are, the model and the
+    attack objects as what they are (the model is the same object in both)."""
+    plain = (int, float, str, bool, type(None), list, tuple)
+    return {k: v if isinstance(v, plain) else type(v).__name__ for k, v in vars(obj).items()}
 
 
 def test_what_the_package_prints_goes_to_stderr(trained, monkeypatch, capsys):

@@ -18,6 +18,7 @@ from advcl_cli.checkpoint import load_checkpoint, read_metadata, sha256_file
 from advcl_cli.data.corruptions import CORRUPTIONS, PUBLISHED, Published, load_corruptions
 from advcl_cli.engine import benchmark as engine
 from advcl_cli.engine.evaluate import corruption_accuracy
+from advcl_cli.settings import BenchmarkSettings
 from fakedata import allow_fake_archives, write_cifar10, write_cifar_c, write_stl10
 from test_finetune import make_encoder
 from test_leaderboard import parse
@@ -98,7 +99,7 @@ def test_the_digits_benchmark_writes_every_cell_results_leaderboard_and_chart(fi
     for r in records:
         s = r["scheme"].upper()
         assert [row[f"{s} RA"], row[f"{s} CA"], row[f"{s} SA"]] == [f"{100 * r[k]:.2f}" for k in ("ra", "ca", "sa")]
-    assert "Not the full protocol" in (out / "leaderboard.md").read_text()
+    assert "Not the published protocol" in (out / "leaderboard.md").read_text()
     assert (out / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "benchmark: 3/3 cells done" in finished["stderr"] and "ALF" in finished["stderr"]
 
@@ -244,6 +245,29 @@ def test_transfer_to_stl10_finetunes_and_evaluates_at_32x32(finished, run_cli, m
     assert numbers(mine) == numbers(finished["records"][0])  # the in-domain cell is the same cell
     header, rows = parse((tmp_path / "out" / "leaderboard.md").read_text())
     assert [r[2] for r in rows] == ["digits", "digits->stl10"]
+
+
+def test_every_deviation_from_the_published_protocol_is_recorded(finished, run_cli, tmp_path):
+    """bf16 finetuning (the benchmark trains in fp32), a seed other than the default and a DeACL
+    stem other than the benchmark's network are listed with the smoke flags; an fp32 cell with
+    the protocol's settings lists none."""
+    code, _, err = run_cli("benchmark", finished["enc"], *SMOKE, "--schemes", "slf", "--precision", "bf16",
+                           "--out", tmp_path / "out")
+    assert code == 0, err
+    (record,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    bf16 = "precision=bf16 (the benchmark finetunes in fp32)"
+    assert record["deviations"] == [*finished["records"][0]["deviations"], bf16]
+    assert bf16 in (tmp_path / "out" / "leaderboard.md").read_text()
+    assert all(bf16 not in r["deviations"] for r in finished["records"])  # fp32 on a CPU
+
+    meta = read_metadata(finished["enc"])
+    protocol = BenchmarkSettings()
+    assert engine.deviations(protocol, "fp32", meta) == []
+    assert engine.deviations(protocol, "bf16", meta) == [bf16]
+    assert engine.deviations(BenchmarkSettings(seed=7), "fp32", meta) == ["seed=7"]
+    deacl = meta.model_copy(update={"method": "deacl", "model": {**meta.model, "stem_padding": 2}})
+    assert [d.split(" ")[0] for d in engine.deviations(protocol, "fp32", deacl)] == ["stem_padding=2"]
+    assert engine.deviations(protocol, "fp32", deacl.model_copy(update={"model": meta.model})) == []
 
 
 def test_ra_is_autoattack_by_default(finished, run_cli, tmp_path):

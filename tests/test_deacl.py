@@ -212,7 +212,9 @@ def test_the_teacher_never_changes(teacher, batch):
 
 def test_the_student_starts_as_the_teacher_without_heads(teacher, tmp_path):
     method, model = make(teacher)
-    assert method.model_config("resnet18-tiny") == {"bn_sets": ("normal",), "proj_dim": None, "mean": None, "std": None}
+    assert method.model_config("resnet18-tiny") == {
+        "bn_sets": ("normal",), "proj_dim": None, "proj_head": "mlp2", "pseudo_ks": (), "num_classes": None,
+        "mean": None, "std": None, "stem_padding": 1}
     assert model.proj is None and model.fc is None and model.pseudo is None
     stored = teacher_backbone(teacher)
     assert model.state_dict().keys() == stored.keys()
@@ -228,6 +230,22 @@ def test_the_student_starts_as_the_teacher_without_heads(teacher, tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(value, full[key]), key  # the "normal" set's weights
     assert any("'acl', not simclr" in n for n in method.notes)
+
+
+def test_a_padding_2_teacher_gives_a_student_equal_to_it(tmp_path):
+    """solo-learn's SimCLR (the DeACL authors' teacher) pads its stem by 2 and normalises with
+    CIFAR-10's statistics: the student takes the teacher's whole network, so at step 0 its
+    features are the teacher's."""
+    solo = save_teacher(tmp_path / "solo.safetensors", stem_padding=2, mean=(0.4914, 0.4822, 0.4465),
+                        std=(0.247, 0.243, 0.261))
+    method, model = make(solo)
+    assert model.config.stem_padding == 2 and model.config.mean == (0.4914, 0.4822, 0.4465)
+    teacher = load_checkpoint(solo).build().eval()
+    x = torch.rand(4, 3, SIZE, SIZE, generator=gen())
+    with torch.no_grad():
+        assert torch.equal(model.eval().features(x), teacher.features(x))
+        assert torch.equal(method.teacher.features(x), teacher.features(x))
+    assert method.notes == []
 
 
 def test_the_engine_initialises_the_student_from_the_teacher(teacher, tmp_path):

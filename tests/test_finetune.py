@@ -80,6 +80,23 @@ def test_starts_from_the_pgd_bn_set_or_the_only_one(encoder, tmp_path):
         run(simclr, tmp_path / "c", scheme="slf", epochs=1, bn_set="pgd_ce")
 
 
+@pytest.mark.parametrize("scheme", ["slf", "alf", "aff"])
+def test_the_head_starts_at_zero_as_the_benchmarks(encoder, tmp_path, scheme):
+    """RobustSSL's finetuning sets fc.weight and fc.bias to 0 before the first step, every scheme:
+    the first step's head is then the gradient step from zero, whatever the seed."""
+    from advcl_cli.engine.finetune import SCHEMES, build_classifier
+
+    settings = resolve(FinetuneSettings, dict(scheme=scheme))
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        fc = build_classifier(encoder, 10, SCHEMES[scheme](settings)).fc
+        assert torch.equal(fc.weight, torch.zeros(10, 64)) and torch.equal(fc.bias, torch.zeros(10))
+    # a classifier checkpoint keeps its head
+    clf = load_checkpoint(run(encoder, tmp_path / "clf", scheme="slf", epochs=1).path)
+    again = build_classifier(clf, 10, SCHEMES[scheme](settings))
+    assert torch.equal(again.fc.weight, clf.build().fc.weight) and again.fc.weight.abs().max() > 0
+
+
 def test_trades_loss_equals_a_direct_computation():
     torch.manual_seed(0)
     model = create_model("resnet18-tiny", num_classes=10).eval()
@@ -240,7 +257,12 @@ def test_alf_trains_the_head_on_pgd10_examples(calibrated, tmp_path):
 
 def test_aff_loss_is_trades_written_out(calibrated, tmp_path):
     """CE(clean) + 6 KL(p_clean || p_adv) summed over classes, batch mean; x_adv from
-    x + 0.001 N(0, 1) ascending that KL for 10 steps of 2/255 in eval mode; the loss in train mode."""
+    x + 0.001 N(0, 1) ascending that KL for 10 steps of 2/255 in eval mode; the loss in train mode.
+    From a classifier with a random head: a new head starts at zero, where the KL term is 0."""
+    torch.manual_seed(0)
+    clf = backbone_with_bn_set(calibrated.build(), "pgd", num_classes=10)
+    calibrated = load_checkpoint(save_model(tmp_path / "clf.safetensors", clf, kind="classifier", method="advcl",
+                                            dataset="digits", eps=8 / 255))
     settings = resolve(FinetuneSettings, dict(out=tmp_path / "aff", scheme="aff", **ONE_STEP))
     assert settings.trades_beta == 6.0 and settings.attack_steps == 10
     finetune(settings, calibrated, Reporter())

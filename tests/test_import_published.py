@@ -279,6 +279,20 @@ def test_a_tensor_with_and_without_the_wrapper_prefix_is_refused(tmp_path):
         imported(tmp_path, {**state, "module.conv1.weight": state["conv1.weight"]}, source="dynacl++")
 
 
+def test_deacls_solo_learn_simclr_teacher_is_a_simclr_encoder(tmp_path):
+    """solo-learn's SimCLR (DeACL's teacher): backbone.* with a projector and no teacher is
+    recorded as the SimCLR encoder it is; a DeACL student made from it needs no note."""
+    net, doc = deacl_lightning()
+    state = {k: v for k, v in doc["state_dict"].items() if not k.startswith(("momentum_backbone.", "classifier_adv."))}
+    state.update({"projector.0.weight": torch.ones(D, D), "projector.0.bias": torch.zeros(D)})
+    ckpt, notes = imported(tmp_path, {**doc, "state_dict": state})
+    assert (ckpt.meta.method, ckpt.model_config.stem_padding, ckpt.model_config.mean) == ("simclr", 2, CIFAR10[0])
+    assert set(ckpt.meta.config["dropped"]) == {"projector.*", "classifier.*"}
+    assert_same_tensors(ckpt, net)
+    forced, _ = imported(tmp_path, {**doc, "state_dict": state}, name="forced.pt", source="deacl")  # --from always wins
+    assert forced.meta.method == "deacl"
+
+
 def test_a_raw_deacl_state_dict_with_its_prefix(tmp_path):
     net, doc = deacl_lightning()
     raw = {k: v for k, v in doc["state_dict"].items() if k.startswith("backbone.")}
@@ -300,7 +314,7 @@ def test_a_shared_layout_needs_from_and_the_hint_knows_the_benchmarks_names(run_
     headless = {k: v for k, v in post.items() if not k.startswith("fc.")}
     torch.save(headless, tmp_path / "headless.pt")
     refused(run_cli("import", "headless.pt"), 2, "has no head that tells which method made it",
-            "acl, acl-air, deacl, dynacl, dynacl++, dynacl-air, dynacl-air++: say which one made it with --from")
+            "acl, acl-air, deacl, dynacl, dynacl++, dynacl-air, dynacl-air++, simclr: say which one made it with --from")
     assert tree(tmp_path) == {"DynACL_IR.pt", "mine.pt", "headless.pt"}
     code, out, err = run_cli("import", "DynACL_IR.pt", "--from", "DynACL-AIR", "--json")
     assert code == 0, err
@@ -315,7 +329,7 @@ def test_an_unknown_from_is_one_line_with_the_choices(run_cli, tmp_path):
     _, state = acl_pretrained()
     torch.save(state, tmp_path / "acl.pt")
     refused(run_cli("import", "acl.pt", "--from", "rocl"), 2,
-            "unknown --from 'rocl': choose one of acl, acl-air, advcl, deacl, dynacl, dynacl++, dynacl-air, dynacl-air++")
+            "unknown --from 'rocl': choose one of acl, acl-air, advcl, deacl, dynacl, dynacl++, dynacl-air, dynacl-air++, simclr")
     assert tree(tmp_path) == {"acl.pt"}
 
 

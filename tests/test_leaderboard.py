@@ -69,8 +69,8 @@ def test_ra_under_another_attack_is_named_and_smoke_runs_are_marked():
     header, rows = parse(text)
     assert rows[0][3:6] == ["30.00", "-", "80.00"] and rows[1][3] == "43.18"  # ours under pgd5, theirs AutoAttack
     assert "RA: robust accuracy under pgd5 (L-inf eps 8/255; published RA is AutoAttack's)" in text
-    assert "Not the full protocol (a smoke run): epochs=2." in text
-    assert "Not the full protocol" not in leaderboard_markdown(RECORDS)
+    assert "Not the published protocol: epochs=2." in text
+    assert "Not the published protocol" not in leaderboard_markdown(RECORDS)
 
 
 def test_a_checkpoints_method_reaches_the_published_rows_through_one_mapping():

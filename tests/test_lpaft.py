@@ -157,7 +157,7 @@ def test_pseudo_labels_are_k_means_of_the_raw_normal_features_of_the_unaugmented
 
 def test_both_phases_learn_the_pseudo_labels_not_the_true_ones(parent, tmp_path, monkeypatch):
     monkeypatch.setattr(L, "cluster_labels", lambda encoder, images, settings, bn: torch.full((len(images),), 3))
-    L.lpaft(lpaft_settings(out=tmp_path / "run", probe_epochs=2, epochs=1, probe_lr=0.5, lr=0.01), parent)
+    L.lpaft(lpaft_settings(out=tmp_path / "run", probe_epochs=2, epochs=1, probe_lr=0.05, lr=0.01), parent)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["phase"] for m in metrics] == ["probe", "probe", "trades"]
     assert metrics[1]["train_acc"] == 1.0 and metrics[2]["train_acc"] == 1.0  # every image "is" cluster 3

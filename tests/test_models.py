@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from advcl_cli.errors import CheckpointError
-from advcl_cli.models import ModelConfig, backbone_with_bn_set, create_model
+from advcl_cli.models import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, backbone_with_bn_set, create_model
 
 
 def test_resnet18_is_the_cifar_variant():
@@ -161,3 +161,29 @@ def test_the_stem_padding_is_a_model_field():
     with pytest.raises(CheckpointError, match="unknown stem padding 0"):
         ModelConfig("resnet18-tiny", stem_padding=0)
     assert backbone_with_bn_set(two, "normal", num_classes=3).config.stem_padding == 2  # finetuning keeps it
+
+
+@pytest.mark.parametrize("config", [
+    dict(bn_sets=("normal", "pgd", "pgd_ce"), proj_dim=128, pseudo_ks=(2, 10, 50, 100, 500)),  # AdvCL's
+    dict(bn_sets=("normal", "pgd"), proj_dim=512, proj_head="mlp3", mean=IMAGENET_MEAN, std=IMAGENET_STD),  # ACL's
+    dict(stem_padding=2, num_classes=10),  # solo-learn's (DeACL's SimCLR teacher and student)
+], ids=["advcl", "acl", "solo-learn"])
+def test_a_fresh_model_is_initialised_as_the_authors_do(config):
+    """Every conv: kaiming_normal_(fan_out, relu), std sqrt(2 / (out x kh x kw)), except
+    solo-learn's stem (swapped in after torchvision's init: PyTorch's default, uniform with std
+    1 / sqrt(3 fan_in)); BN 1 and 0; Linear layers PyTorch's default (std 1 / sqrt(3 fan_in))."""
+    torch.manual_seed(0)
+    net = create_model("resnet18", **config)
+    convs = {n: m for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert len(convs) == 20
+    for name, m in [*convs.items(), *((n, m) for n, m in net.named_modules() if isinstance(m, torch.nn.Linear))]:
+        w = m.weight.detach().double()
+        out, fan_in = w.shape[0], w[0].numel()
+        default = isinstance(m, torch.nn.Linear) or (name == "backbone.conv1" and config.get("stem_padding") == 2)
+        want = (1 / (3 * fan_in)) ** 0.5 if default else (2 / (out * w[0, 0].numel())) ** 0.5
+        tol = 6 / (2 * w.numel()) ** 0.5  # six standard errors of a sample std
+        assert abs(w.std().item() / want - 1) < tol, (name, w.std().item(), want)
+        assert abs(w.mean().item()) < 6 * want / w.numel() ** 0.5, name
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))

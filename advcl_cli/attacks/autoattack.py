@@ -91,7 +91,7 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, seed: int 
     for name, value in FAB_STEP.items():
         setattr(adversary.fab, name, value)
     sq = adversary.square
-    sq.n_queries, sq.p_init, sq.n_restarts, sq.loss, sq.resc_schedule = SQUARE_QUERIES, SQUARE_P_INIT, 1, "margin", False
+    sq.n_queries, sq.p_init, sq.n_restarts, sq.loss, sq.rescale_schedule = SQUARE_QUERIES, SQUARE_P_INIT, 1, "margin", False
     adversary.verbose = False
 
     logger = logging.getLogger("auto-attack")

@@ -118,7 +118,7 @@ def leaderboard_markdown(records: list[dict], reported: Reported | None = None, 
     )
     off = list(dict.fromkeys(d for r in records for d in (r.get("deviations") or [])))
     if off:
-        lines += ["", f"Not the full protocol (a smoke run): {', '.join(off)}."]
+        lines += ["", f"Not the published protocol: {', '.join(off)}."]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     if sources:

@@ -56,24 +56,30 @@ def protocol_help() -> str:
     from ..engine.finetune import PROTOCOL, SCHEMES
     from ..methods import get_method, method_names
 
+    def one(key: str, value) -> str:
+        if key == "milestones":
+            return ",".join(map(str, value))
+        if key == "dual_bn":
+            return "on (clean images through the normal BN set, adversarial ones through pgd)" if value else "off"
+        return str(value)
+
     def describe(values: dict) -> str:
         parts = []
         for key, value in values.items():
-            if key == "lr" and isinstance(value, dict):
-                value = ", ".join(f"{v} on {d}" if d != "*" else str(v) for d, v in value.items())
-            elif key == "milestones":
-                value = ",".join(map(str, value))
-            elif key == "dual_bn":
-                if value:
-                    parts.append("clean images through the normal BN set and adversarial ones through pgd")
-                continue
-            parts.append(f"{key.replace('_', ' ')} {value}")
+            if isinstance(value, dict):  # per place: "v on place", the "*" value last
+                value = ", ".join(f"{one(key, v)} on {d}" for d, v in value.items() if d != "*") + (
+                    f", else {one(key, value['*'])}" if "*" in value else "")
+            else:
+                value = one(key, value)
+            if key != "dual_bn" or value != "off":
+                parts.append(f"{key.replace('_', ' ')} {value}")
         return ", ".join(parts)
 
     lines = [f"      every method  {scheme}: {describe(PROTOCOL[scheme])}" for scheme in SCHEMES]
     for name in method_names():
-        own = get_method(name).finetune_protocol
-        lines += [f"      {name:<13} {scheme}: {describe(values)}" for scheme, values in own.items()]
+        cls = get_method(name)
+        for label, own in ((name, cls.finetune_protocol), *cls.alias_protocols.items()):
+            lines += [f"      {label:<13} {scheme}: {describe(values)}" for scheme, values in own.items()]
     return "\n\n    \b\n" + "\n".join(lines)
 
 

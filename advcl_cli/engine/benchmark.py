@@ -52,13 +52,14 @@ from .evaluate import corruption_accuracy, encode_flags, evaluate, flag_key, wor
 from .finetune import CLASSIFIER_FILE, RESUME_MAY_CHANGE, finetune, with_protocol
 from .run import RunDir, load_split
 
-CELL_FORMAT = 1  # part of every key: a change of what a cell holds recomputes the cells
+CELL_FORMAT = 2  # part of every key: a change of what a cell holds recomputes the cells (2: the head starts at 0)
 RESULTS_FILE = "results.json"
 LEADERBOARD_FILE = "leaderboard.md"
 CHART_FILE = "leaderboard.png"
 PGD20 = "pgd20"  # always measured beside the RA attack(s)
 TRANSFER_SIZE = 32  # the benchmark's cross-task setting: the transfer dataset at 32x32
 EVAL_PRECISION = "fp32"
+DEFAULT_SEED = BenchmarkSettings.model_fields["seed"].default
 # finetuning settings that do not change the classifier (the precision does, and is keyed resolved)
 FINETUNE_KEY_IGNORES = RESUME_MAY_CHANGE - {"precision"}
 
@@ -176,17 +177,28 @@ def _finetune_settings(settings: BenchmarkSettings, encoder: Encoder, target: Ta
                   precision=settings.precision, channels_last=settings.channels_last, compile=settings.compile,
                   device=settings.device, seed=settings.seed,
                   data_dir=settings.data_dir, download=settings.download)
-    return with_protocol(FinetuneSettings(**values), encoder.meta.method, target.dataset)
+    return with_protocol(FinetuneSettings(**values), encoder.meta.method, target.dataset, encoder.meta.dataset)
 
 
-def deviations(settings: BenchmarkSettings) -> list[str]:
-    """The settings given that leave the benchmark's protocol (smoke runs), for the records."""
+def deviations(settings: BenchmarkSettings, precision: str = "fp32", meta: Metadata | None = None) -> list[str]:
+    """Every setting of a cell that differs from the published protocol, for the records: the
+    smoke flags given, the finetuning ``precision`` when not fp32 (the benchmark trains in fp32),
+    a seed other than advcl's default, and for a DeACL encoder (``meta``) a stem other than the
+    network the benchmark evaluated (its ResNet pads the stem by 1)."""
     given = [f"{k}={getattr(settings, k)}" for k in ("epochs", "batch_size", "limit", "eval_limit", "image_size")
              if getattr(settings, k) is not None]
     if abs(settings.eps - 8 / 255) > 1e-12:
         given.append(f"eps={format_eps(settings.eps)}")
     if ra_attacks(settings) != ["autoattack"]:
         given.append(f"attack={','.join(ra_attacks(settings))}")
+    if precision != "fp32":
+        given.append(f"precision={precision} (the benchmark finetunes in fp32)")
+    if settings.seed != DEFAULT_SEED:
+        given.append(f"seed={settings.seed}")
+    padding = (meta.model or {}).get("stem_padding", 1) if meta is not None else 1
+    if meta is not None and str(meta.method).lower() == "deacl" and padding != 1:
+        given.append(f"stem_padding={padding} (the DeACL authors' network; the benchmark evaluated DeACL with "
+                     "padding 1, loading their weights with strict=False)")
     return given
 
 
@@ -218,13 +230,13 @@ def plan(settings: BenchmarkSettings, encoders: list[Encoder], precision: str, r
                 trained = {k: v for k, v in ft.to_config().items() if k not in FINETUNE_KEY_IGNORES}
                 trained.update(precision=precision, parent=enc.sha256, format=CELL_FORMAT)
                 ft = ft.model_copy(update={"out": out / "finetune" / f"{name}-{_digest(trained)}"})
-                evaluation = {  # deviations() follows from the rest of the key
+                evaluation = {  # deviations() follows from the rest of the key and the encoder
                     "attacks": attacks, "eps": settings.eps, "test": target.dataset, "image_size": target.image_size,
                     "eval_limit": settings.eval_limit, "eval_batch_size": settings.eval_batch_size,
                     "seed": settings.seed, "precision": EVAL_PRECISION, "corruptions": cs.name if cs else None,
                 }
                 key = f"{name}-{_digest({'finetune': trained, 'evaluate': evaluation})}"
-                cells.append(Cell(key, enc, target, scheme, ft, evaluation, deviations(settings), cs,
+                cells.append(Cell(key, enc, target, scheme, ft, evaluation, deviations(settings, precision, enc.meta), cs,
                                   out / "cells" / f"{key}.json"))
     if settings.corruptions is not None and not any(c.corruptions is not None and c.corruptions.name in PUBLISHED
                                                     for c in cells):

@@ -74,19 +74,27 @@ FILLED = ("epochs", "batch_size", "lr", "milestones")
 RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "eval_limit"}
 
 
-def protocol(method: str, scheme: str, dataset: str) -> dict[str, Any]:
-    """The finetuning defaults for an encoder of ``method``: the benchmark's, then the method's
-    own (``Method.finetune_protocol``); an ``lr`` given per dataset is picked for ``dataset``."""
+def protocol(method: str, scheme: str, dataset: str, source: str | None = None) -> dict[str, Any]:
+    """The finetuning defaults for an encoder of ``method`` pretrained on ``source`` (None: on
+    ``dataset``) and finetuned on ``dataset``: the benchmark's, then the method's own
+    (``Method.finetune_protocol``, or its ``alias_protocols`` entry). A value given per place is
+    looked up as "source->dataset" (a transfer), then "dataset", then "*"."""
     cls = method_for(method)
-    values = {**PROTOCOL[scheme], **(cls.finetune_protocol.get(scheme, {}) if cls is not None else {})}
-    if isinstance(values["lr"], dict):
-        values["lr"] = values["lr"].get(str(dataset).lower(), values["lr"]["*"])
+    own = cls.alias_protocols.get(str(method).strip().lower(), cls.finetune_protocol) if cls is not None else {}
+    target = str(dataset).lower()
+    places = [f"{str(source).lower()}->{target}"] if source is not None and str(source).lower() != target else []
+    places += [target, "*"]
+    values = {**PROTOCOL[scheme]}
+    for key, value in own.get(scheme, {}).items():
+        if isinstance(value, dict):
+            value = next((value[p] for p in places if p in value), values.get(key))
+        values[key] = value
     return values
 
 
-def with_protocol(settings, method: str, dataset: str):
+def with_protocol(settings, method: str, dataset: str, source: str | None = None):
     """The settings with epochs, batch size, lr and milestones filled in from ``protocol``."""
-    values = protocol(method, settings.scheme, dataset)
+    values = protocol(method, settings.scheme, dataset, source)
     fill = {k: values[k] for k in FILLED if getattr(settings, k) is None}
     return settings.model_copy(update=fill) if fill else settings
 
@@ -217,8 +225,9 @@ SCHEMES = {cls.name: cls for cls in (SLF, ALF, AFF)}
 
 def build_classifier(parent: Checkpoint, data, scheme: Scheme, reporter: Reporter | None = None):
     """The model to finetune for ``data`` (an ImageData, or its number of classes): the
-    encoder's backbone (the scheme's BN set(s)) with a new linear head; a classifier checkpoint
-    as it is (its head kept, noted)."""
+    encoder's backbone (the scheme's BN set(s)) with a new linear head that starts at zero, as
+    the RobustSSL benchmark's does (``fc.weight`` and ``fc.bias`` zeroed before finetuning); a
+    classifier checkpoint as it is (its head kept, noted)."""
     num_classes = data if isinstance(data, int) else data.num_classes
     net = parent.build("cpu")
     if parent.meta.kind == "classifier":
@@ -238,7 +247,11 @@ def build_classifier(parent: Checkpoint, data, scheme: Scheme, reporter: Reporte
     keep = scheme.bn_sets(sets)
     if scheme.s.bn_set is None and keep == sets[0] and len(sets) > 1 and reporter is not None:
         reporter.warn(f"the encoder has no 'pgd' batch-norm set; starting from '{keep}'")
-    return backbone_with_bn_set(net, keep, num_classes=num_classes)
+    model = backbone_with_bn_set(net, keep, num_classes=num_classes)
+    with torch.no_grad():  # the benchmark's start: fc.weight and fc.bias set to 0 for every scheme
+        model.fc.weight.zero_()
+        model.fc.bias.zero_()
+    return model
 
 
 def chance_note(acc: float, num_classes: int, epochs: int, protocol_epochs: int, pretrain_epochs=None) -> str | None:
@@ -279,8 +292,9 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     """Finetune ``parent`` (an encoder or classifier checkpoint) with ``settings.scheme``."""
     reporter = reporter or Reporter()
     dataset = settings.dataset or parent.meta.dataset
-    settings = with_protocol(settings, parent.meta.method, dataset)
-    dual_bn = bool(protocol(parent.meta.method, settings.scheme, dataset).get("dual_bn"))
+    source = parent.meta.dataset
+    settings = with_protocol(settings, parent.meta.method, dataset, source)
+    dual_bn = bool(protocol(parent.meta.method, settings.scheme, dataset, source).get("dual_bn"))
     scheme = SCHEMES[settings.scheme](settings, dual_bn=dual_bn)
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(CLASSIFIER_FILE,))
     runtime, ctx, config, state, reporter = begin_derived_run(
@@ -368,7 +382,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     res = evaluate(kept, test, ["pgd20"], [eps], device=device, reporter=reporter, seed=settings.seed,
                    channels_last=runtime.channels_last)
     note = chance_note(res["clean_acc"], test.num_classes, settings.epochs,
-                       protocol(parent.meta.method, scheme.name, dataset)["epochs"], parent.meta.config.get("epochs"))
+                       protocol(parent.meta.method, scheme.name, dataset, source)["epochs"], parent.meta.config.get("epochs"))
     if note:
         reporter.log(note)
     final = {

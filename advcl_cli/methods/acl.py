@@ -80,15 +80,22 @@ def contrastive_attack(net, x1: Tensor, x2: Tensor, noise: Tensor, *, eps: float
     return a1.detach(), a2.detach()
 
 
+# The ACL family's SLF/ALF in the RobustSSL benchmark: batch 512, or 128 on STL-10 at 32x32;
+# decay at 10 and 20. Its AFF keeps both BN sets, except from CIFAR-10 to STL-10 (run with
+# --dualBN 0 in its run_vanilla_tune.sh).
+LINEAR = {"batch_size": {"stl10": 128, "*": 512}, "milestones": [10, 20]}
+DUAL_BN = {"cifar10->stl10": False, "*": True}
+
+
 class ACL(Method):
     """``step`` computes ACL's loss of one batch; the engine does backward and LARS."""
 
     name = "acl"
     summary = "ACL (Jiang et al., NeurIPS 2020), dual stream: clean + adversarial NT-Xent, BN sets normal/pgd"
-    finetune_protocol = {  # the RobustSSL benchmark's ACL settings
-        "slf": {"batch_size": 512, "lr": {"cifar100": 0.05, "*": 0.01}, "milestones": [10, 20]},
-        "alf": {"batch_size": 512, "lr": {"cifar100": 0.05, "*": 0.01}, "milestones": [10, 20]},
-        "aff": {"batch_size": 128, "lr": 0.1, "epochs": 100, "milestones": [40, 60], "dual_bn": True},
+    finetune_protocol = {  # the RobustSSL benchmark's ACL settings (its setup_hyperparameter)
+        "slf": {**LINEAR, "lr": {"cifar100": 0.05, "*": 0.01}},
+        "alf": {**LINEAR, "lr": {"cifar100": 0.05, "*": 0.01}},
+        "aff": {"batch_size": 128, "lr": 0.1, "epochs": 100, "milestones": [40, 60], "dual_bn": DUAL_BN},
     }
 
     class Settings(with_defaults(TrainSettings, "ACLTraining", optimizer="lars", lr=5.0, weight_decay=1e-6,

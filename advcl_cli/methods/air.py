@@ -44,7 +44,7 @@ from ..checkpoint import unwrap
 from ..data.augment import ViewSpec, to_float
 from ..distributed import DistContext, all_gather_with_grad
 from ..settings import option
-from .acl import ACL, pair_projections
+from .acl import ACL, LINEAR, pair_projections
 from .dynacl import DynACL, block_strength
 from .losses import adversarial_invariance, nt_xent, standard_invariance
 
@@ -66,7 +66,12 @@ class AIR(ACL):
 
     name = "air"
     summary = "ACL-AIR (Xu et al., NeurIPS 2023): ACL + SIR and AIR regularisers on the un-augmented view"
-    aliases = ("acl-air",)  # its checkpoints' method; finetuned with ACL's protocol (inherited)
+    aliases = ("acl-air",)  # its checkpoints' method
+    finetune_protocol = {  # the RobustSSL benchmark's ACL-AIR settings (its ACL_IR): ACL's, other rates
+        "slf": {**LINEAR, "lr": {"cifar10": 0.005, "cifar100": 0.1, "*": 0.01}},
+        "alf": {**LINEAR, "lr": {"cifar100": 0.1, "*": 0.01}},
+        "aff": ACL.finetune_protocol["aff"],
+    }
 
     class Settings(ACL.Settings):
         sir_weight: float = option(0.5, "Weight of SIR, the standard invariant regulariser (the authors' lambda1).", ge=0)
@@ -108,7 +113,11 @@ class DynACLAIR(AIR):
     name = "dynacl-air"
     summary = "DynACL-AIR (Xu et al., NeurIPS 2023): AIR with DynACL's annealed augmentation"
     aliases = ()
-    finetune_protocol = DynACL.finetune_protocol
+    finetune_protocol = {  # the RobustSSL benchmark's DynACL-AIR settings (the --mode SLF value: 5 epochs on CIFAR-10)
+        "slf": {**LINEAR, "lr": {"cifar100": 0.1, "*": 0.01}, "epochs": {"cifar10": 5, "*": 25}},
+        "alf": {**LINEAR, "lr": {"cifar100": 0.1, "*": 0.01}},
+        "aff": DynACL.finetune_protocol["aff"],
+    }
 
     class Settings(AIR.Settings):
         strength_block: int = option(50, "Epochs per augmentation strength (the authors' reload_frequency).", ge=1)

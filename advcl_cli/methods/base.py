@@ -64,10 +64,13 @@ class Method:
     Settings: ClassVar[type[TrainSettings]] = TrainSettings
     # How its encoders are finetuned (the RobustSSL protocol's per-method settings): per scheme
     # (slf, alf, aff) the values that differ from engine.finetune.PROTOCOL: epochs, batch_size,
-    # lr (a number, or {dataset: number, "*": default}), milestones, and for aff dual_bn (clean
-    # images through "normal", adversarial through "pgd", "pgd" kept at the end).
+    # lr, milestones, and for aff dual_bn (clean images through "normal", adversarial through
+    # "pgd", "pgd" kept at the end). A value is a number (a list, a flag) or a table by where
+    # the encoder is finetuned: {"cifar10->stl10": a transfer, "stl10": a target dataset, "*":
+    # otherwise}, looked up in that order (engine.finetune.protocol).
     finetune_protocol: ClassVar[dict[str, dict[str, Any]]] = {}
     aliases: ClassVar[tuple[str, ...]] = ()  # other method names of its checkpoints (imported variants)
+    alias_protocols: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}  # an alias finetuned differently
 
     def __init__(self, settings, *, n_images: int, device: torch.device | str = "cpu", inputs: dict[str, Any] | None = None):
         self.settings = settings

@@ -27,7 +27,9 @@ One step, matched to the authors' code (pantheon5100/DeACL, ``MoCoV2KDAT.trainin
   ``s_adv = student(x_adv)``: loss = ``-mean cos(s, t) - adv_weight * mean cos(s_adv, s)``,
   with gradients through both ``s`` and ``s_adv`` (``adv_weight`` 2, the authors' ``trades_k``);
 - the student has one BN set, as the authors' (a torchvision ResNet-18 with plain BN): the
-  teacher's first set, with its normalisation of the inputs (none for advcl's SimCLR);
+  teacher's first set; the rest of its network is the teacher's too (its normalisation of the
+  inputs, none for advcl's SimCLR; its stem, padding 2 for solo-learn's SimCLR), so that at
+  step 0 the student is the teacher;
 - schedule: SGD lr 0.5, momentum 0.9, weight decay 5e-4, batch 256, 100 epochs; solo-learn's
   warm-up + cosine stepped per epoch (``optim.LinearWarmupCosine``: 10 warm-up epochs from
   0.003, cosine to 0).
@@ -42,6 +44,7 @@ and the attack use running statistics, so they need no synchronisation either.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,8 +145,9 @@ class DeACL(Method):
         self.cfg = AttackConfig(eps=settings.eps, steps=settings.pgd_steps, step_size=settings.pgd_step_size)
 
     def model_config(self, arch: str) -> dict:
+        """The teacher's whole model config (BN set, normalisation, stem padding ...) without heads."""
         c = self.teacher.config
-        return {"bn_sets": (self.bn,), "proj_dim": None, "mean": c.mean, "std": c.std}
+        return {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name != "arch"}
 
     def init_model(self, model) -> None:
         """The student starts as the teacher's backbone."""

@@ -54,7 +54,7 @@ from ..distributed import DistContext, all_gather_with_grad, prepare_model
 from ..errors import CheckpointError
 from ..optim import EpochWarmupCosine
 from ..settings import option
-from .acl import ACL, contrastive_attack, pair_loss
+from .acl import ACL, DUAL_BN, LINEAR, contrastive_attack, pair_loss
 from .losses import nt_xent
 
 STATE_PREFIX = "momentum_encoder."
@@ -88,7 +88,14 @@ class DynACL(ACL):
     finetune_protocol = {  # the RobustSSL benchmark's DynACL(++) settings: ACL's SLF/ALF, AFF at batch 128
         "slf": ACL.finetune_protocol["slf"],
         "alf": ACL.finetune_protocol["alf"],
-        "aff": {"batch_size": 128, "lr": 0.1, "milestones": [15, 20], "dual_bn": True},
+        "aff": {"batch_size": 128, "lr": 0.1, "milestones": [15, 20], "dual_bn": DUAL_BN},
+    }
+    alias_protocols = {  # the benchmark's DynACL-AIR++ settings (the --mode ALF value: 4 epochs on CIFAR-10)
+        "dynacl-air++": {
+            "slf": {**LINEAR, "lr": {"cifar100": 0.09, "stl10": 0.1, "*": 0.01}},
+            "alf": {**LINEAR, "lr": {"cifar100": 0.1, "stl10": 0.1, "*": 0.01}, "epochs": {"cifar10": 4, "*": 25}},
+            "aff": finetune_protocol["aff"],
+        },
     }
 
     class Settings(ACL.Settings):

@@ -241,6 +241,7 @@ class AdvclNet(nn.Module):
             else None
         )
         self.fc = nn.Linear(d, config.num_classes) if config.num_classes else None
+        init_as_authors(self)
 
     @property
     def default_bn(self) -> str:
@@ -262,6 +263,22 @@ class AdvclNet(nn.Module):
     def forward(self, x: torch.Tensor, bn: str | None = None) -> torch.Tensor:
         feat = self.features(x, bn)
         return self.fc(feat) if self.fc is not None else feat
+
+
+def init_as_authors(model: "AdvclNet") -> None:
+    """The authors' initialisation (AdvCL's ``resnet_cifar_multibn_ensembleFC.py``, the ACL
+    family's ``resnet_multi_bn.py``, torchvision's ResNet under solo-learn's SimCLR and DeACL):
+    every Conv2d ``kaiming_normal_(mode="fan_out", nonlinearity="relu")`` (std sqrt(2 / (out
+    channels x kernel area))), every BatchNorm weight 1 and bias 0; Linear layers keep PyTorch's
+    default, as theirs do. solo-learn swaps in its CIFAR stem (padding 2) after torchvision's
+    init, so a model with that stem keeps PyTorch's default init in its stem conv, as theirs."""
+    solo_stem = model.backbone.conv1 if model.config.stem_padding == 2 else None
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m is not solo_stem:
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def create_model(arch: str = "resnet18", **kwargs) -> AdvclNet:
