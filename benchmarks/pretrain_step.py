@@ -80,7 +80,7 @@ def measure(variant: str, args) -> dict:
     b = args.batch_size
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=g)
-    labels = {k: torch.randint(0, k, (b,), generator=g) for k in DEFAULT_KS}
+    labels = {k: torch.randint(0, k, (b,), generator=g) for k in DEFAULT_KS if k <= b}  # a k needs k images
     with tempfile.TemporaryDirectory() as tmp:
         path = save_labels(os.path.join(tmp, "pl.safetensors"), labels, dataset="bench", split="train", encoder="random")
         flags = dict(method=args.method, arch=args.arch, batch_size=b, device=device.type, precision=precision,
