@@ -165,7 +165,12 @@ def test_aff_of_an_acl_encoder_keeps_both_bn_sets_and_trains_trades_through_them
     from test_finetune import ONE_STEP, first_batch, signed_ascent
 
     enc = acl_net(torch.float32).eval()
-    path = save_model(tmp_path / "enc.safetensors", enc, kind="encoder", method="acl", dataset="digits", eps=8 / 255)
+    # a dual-BN classifier with a random head (a new head starts at zero, where both routes give
+    # the same uniform logits): finetuning continues from it as it is, both sets included
+    torch.manual_seed(0)
+    start = backbone_with_bn_set(enc, ("normal", "pgd"), num_classes=10)
+    path = save_model(tmp_path / "clf0.safetensors", start, kind="classifier", method="acl", dataset="digits",
+                      eps=8 / 255)
     encoder = load_checkpoint(path)
     settings = resolve(FinetuneSettings, dict(out=tmp_path / "aff", scheme="aff", **ONE_STEP))
     clf = load_checkpoint(finetune(settings, encoder, Reporter()).path)
@@ -173,8 +178,8 @@ def test_aff_of_an_acl_encoder_keeps_both_bn_sets_and_trains_trades_through_them
     logged = json.loads((tmp_path / "aff" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
 
     x, y, gen = first_batch(settings)
-    torch.manual_seed(settings.seed)  # the engine seeds before building (the new head's init)
-    model = backbone_with_bn_set(encoder.build(), ("normal", "pgd"), num_classes=10).eval()
+    model = encoder.build().eval()
+    assert model.config.bn_sets == ("normal", "pgd")
 
     def kl_sum(logits_nat, logits_adv):
         return (F.softmax(logits_nat, 1) * (F.log_softmax(logits_nat, 1) - F.log_softmax(logits_adv, 1))).sum()
@@ -188,5 +193,6 @@ def test_aff_of_an_acl_encoder_keeps_both_bn_sets_and_trains_trades_through_them
     expected = F.cross_entropy(logits_nat, y).item() + 6.0 * (kl_sum(logits_nat, logits_adv) / len(y)).item()
     assert logged == pytest.approx(expected, rel=1e-5)
     single = backbone_with_bn_set(encoder.build(), "pgd", num_classes=10).train()  # what one BN set would give
+    single.fc.load_state_dict(model.fc.state_dict())
     one_set = F.cross_entropy(single(x), y).item()
     assert abs(one_set - F.cross_entropy(logits_nat, y).item()) > 1e-3  # the two routes differ visibly

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from safetensors import safe_open
+from waiting import HANG_S
 
 TOY = '''
 """A toy method: SimCLR's loss on two crop+flip views, scaled by its own option."""
@@ -16,7 +17,6 @@ from advcl_cli.distributed import all_gather_with_grad, local_slice
 from advcl_cli.methods.base import Method, TrainSettings
 from advcl_cli.methods.losses import supcon_loss
 from advcl_cli.settings import option, with_defaults
-from waiting import HANG_S
 
 
 class Toy(Method):
