@@ -182,7 +182,7 @@ def test_no_new_arch_is_importable_and_the_error_says_which_are(tmp_path):
     assert "resnet18" in err.value.hint and not (tmp_path / "r34.safetensors").exists()
 
 
-SMALL = ["--dataset", "digits", "--limit", "48", "--batch-size", "24", "--device", "cpu"]
+SMALL = ["--dataset", "digits", "--limit", "32", "--batch-size", "16", "--image-size", "16", "--device", "cpu"]
 
 
 @pytest.mark.parametrize("arch", [f"{a}-tiny" for a in NEW])
@@ -201,11 +201,39 @@ def test_every_arch_pretrains_finetunes_and_evaluates_through_the_cli(run_cli, t
     assert code == 0, err
     ckpt = load_checkpoint(clf.strip())
     assert ckpt.meta.kind == "classifier" and ckpt.model_config.arch == arch and ckpt.model_config.bn_sets == ("pgd",)
-    code, out, err = run_cli("eval", clf.strip(), "--attack", "pgd20", "--limit", "8", "--device", "cpu", "--json")
+    code, out, err = run_cli("eval", clf.strip(), "--attack", "pgd20", "--limit", "8", "--image-size", "16", "--device", "cpu", "--json")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["n"] == 8 and doc["arch"] == arch, doc
     from advcl_cli import load_model
 
     net = load_model(clf.strip())
-    assert net.config.arch == arch and not net.training and net(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+    assert net.config.arch == arch and not net.training and net(torch.rand(1, 3, 16, 16)).shape == (1, 10)
+
+
+def test_the_flop_script_counts_what_the_layers_compute(monkeypatch):
+    """benchmarks/backbone_flops.py against a count from each layer's shapes: a conv costs
+    2 x out x in x kh x kw x output pixels, a Linear 2 x in x out. The training step's backward
+    costs two forwards (weight and input gradients) less the stem's input gradient (the images
+    need none); an attack step's backward one forward (every input gradient, the stem's too, and no
+    weight gradient)."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from backbone_flops import count
+
+    for arch in ["resnet18-tiny", *(f"{a}-tiny" for a in NEW)]:
+        net, macs = create_model(arch, num_classes=10), {}
+
+        def hook(m, i, o):
+            w = m.weight
+            macs[m] = (w.numel() * o.shape[-1] * o.shape[-2]) if isinstance(m, torch.nn.Conv2d) else w.numel()
+
+        for m in net.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.register_forward_hook(hook)
+        net(torch.rand(1, 3, 32, 32))
+        fwd, stem = 2 * sum(macs.values()) / 1e9, 2 * macs[net.backbone.conv1] / 1e9
+        params, *gflop = count(arch)
+        assert params == sum(p.numel() for p in net.parameters()) / 1e6
+        assert gflop == pytest.approx([fwd, 3 * fwd - stem, 2 * fwd], rel=1e-9), arch
