@@ -125,6 +125,17 @@ def test_the_preact_shortcut_projects_the_activated_input():
         torch.testing.assert_close(block(x, "normal"), want)
 
 
+def test_the_bottleneck_strides_on_its_3x3_conv():
+    """torchvision's (and RobustBench's CIFAR) Bottleneck: the 1x1 conv keeps the input's size,
+    the 3x3 halves it (the original ResNet strides the first 1x1; the shapes cannot tell)."""
+    net = create_model("resnet50-tiny")
+    block, sides = net.backbone.layers[1][0], {}
+    for name in ("conv1", "conv2", "conv3"):
+        getattr(block, name).register_forward_hook(lambda m, i, o, name=name: sides.update({name: o.shape[-1]}))
+    net.features(torch.rand(1, 3, 32, 32))
+    assert sides == {"conv1": 32, "conv2": 16, "conv3": 16}
+
+
 @pytest.mark.parametrize("arch", NEW)
 def test_the_tiny_width_has_the_full_widths_topology(arch):
     big, tiny = create_model(arch), create_model(f"{arch}-tiny")
