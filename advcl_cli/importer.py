@@ -55,6 +55,9 @@ from .models import ARCHS, IMAGENET_MEAN, IMAGENET_STD, ModelConfig, create_mode
 # resnet_add_normalize.py, whatever the dataset).
 DEACL_MEAN = (0.4914, 0.4822, 0.4465)
 DEACL_STD = (0.247, 0.243, 0.261)
+# The architectures a method published checkpoints of: the CIFAR ResNet-18 (and its test width).
+# No source published ResNet-34/50, PreAct-ResNet-18 or WideResNet encoders in these layouts.
+IMPORTABLE = ("resnet18", "resnet18-tiny")
 PSEUDO_HEAD = "the post-processing's pseudo-label head (k-means clusters, not classes; finetuning trains its own)"
 
 
@@ -309,9 +312,10 @@ def _infer_arch(mapped: dict[str, torch.Tensor], path: Path) -> str:
                               "cannot be imported")
     blocks = tuple(len({m.group(1) for k in mapped if (m := re.match(rf"backbone\.layers\.{s}\.(\d+)\.", k))})
                    for s in range(4))
-    arch = next((a for a, (w, b) in ARCHS.items() if w == conv1.shape[0] and b == blocks), None)
+    arch = next((a for a in IMPORTABLE if ARCHS[a].stem == conv1.shape[0] and ARCHS[a].blocks == blocks), None)
     if arch is None:
-        raise CheckpointError(f"{path}: no known architecture has stem width {conv1.shape[0]} and blocks {blocks}")
+        raise CheckpointError(f"{path}: no importable architecture has stem width {conv1.shape[0]} and blocks {blocks}",
+                              f"advcl imports the published layouts of: {', '.join(IMPORTABLE)}")
     return arch
 
 

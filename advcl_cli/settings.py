@@ -219,7 +219,8 @@ class PretrainSettings(DataSettings, SpeedSettings):
 
     dataset: str = option("cifar10", "cifar10, cifar100, stl10, digits (offline) or imagefolder:PATH.", short="-d")
     method: Name = option("advcl", "The pretraining method (see the method panels below).", short="-m")
-    arch: str = option("resnet18", "resnet18 or resnet18-tiny.")
+    arch: str = option("resnet18", "resnet18, resnet34, resnet50, preact-resnet18, wrn-28-10, wrn-34-10, or any of them "
+                                   "with -tiny (a slim test width).")
     out: Path | None = option(None, "Run folder (default runs/METHOD-DATASET-ARCH).", short="-o")
     save_every: int = option(50, "Save the encoder every N epochs (the resume state is saved every epoch).", ge=1)
     drop_last: bool = option(False, "Drop each epoch's last partial batch (default: keep it, as the reference does; "

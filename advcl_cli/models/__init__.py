@@ -1,4 +1,4 @@
-"""Models: the CIFAR ResNet-18 with named BN sets and its heads."""
+"""Models: the CIFAR backbones (ResNet-18/34/50, PreAct-ResNet-18, WRN-28-10/34-10) with named BN sets and their heads."""
 
 from .resnet import (
     ARCHS,

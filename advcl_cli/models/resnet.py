@@ -1,7 +1,9 @@
-"""The paper's CIFAR ResNet-18 with named batch-norm sets, and the heads around it.
+"""The model: a CIFAR backbone (``backbones.ARCHS``) with named batch-norm sets, and the heads
+around it.
 
-The backbone is the CIFAR variant (3x3 stride-1 stem, no max-pool) that AdvCL and the ACL
-family use; ``stem_padding`` 2 gives solo-learn's CIFAR stem (the same 3x3 stride-1 conv with
+The paper's backbone is the CIFAR ResNet-18 (3x3 stride-1 stem, no max-pool) that AdvCL and the
+ACL family use; ResNet-34/50, PreAct-ResNet-18 and WRN-28-10/34-10 are built the same way (see
+``backbones``); ``stem_padding`` 2 gives solo-learn's CIFAR stem (the same 3x3 stride-1 conv with
 2 pixels of zero padding, so 34x34 maps from 32x32 images), which the DeACL authors' published
 encoder has. Every BN layer of the backbone holds one BatchNorm per named set ("normal", "pgd",
 "pgd_ce" for AdvCL; "normal", "pgd" for the ACL family); the set is chosen per forward call, so
@@ -28,13 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-
-# name -> (stem width, blocks per stage)
-ARCHS: dict[str, tuple[int, tuple[int, int, int, int]]] = {
-    "resnet18": (64, (2, 2, 2, 2)),
-    "resnet18-tiny": (8, (2, 2, 2, 2)),
-}
-
+from .backbones import ARCHS, Backbone, MultiBatchNorm2d
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -71,7 +67,7 @@ class ModelConfig:
 
     @property
     def feature_dim(self) -> int:
-        return ARCHS[self.arch][0] * 8
+        return ARCHS[self.arch].feature_dim
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -126,66 +122,6 @@ _FIELD_CHECKS = {  # ModelConfig field -> (test, what it should be)
 }
 
 
-class MultiBatchNorm2d(nn.Module):
-    """One BatchNorm2d (or 1d) per named set; ``forward(x, bn)`` uses set ``bn``."""
-
-    def __init__(self, channels: int, sets: tuple[str, ...], norm=nn.BatchNorm2d):
-        super().__init__()
-        self.sets = nn.ModuleDict({name: norm(channels) for name in sets})
-
-    def forward(self, x: torch.Tensor, bn: str) -> torch.Tensor:
-        return self.sets[bn](x)
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, sets: tuple[str, ...]):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = MultiBatchNorm2d(cout, sets)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = MultiBatchNorm2d(cout, sets)
-        self.shortcut_conv = None
-        if stride != 1 or cin != cout:
-            self.shortcut_conv = nn.Conv2d(cin, cout, 1, stride, bias=False)
-            self.shortcut_bn = MultiBatchNorm2d(cout, sets)
-
-    def forward(self, x: torch.Tensor, bn: str) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x), bn))
-        out = self.bn2(self.conv2(out), bn)
-        short = x if self.shortcut_conv is None else self.shortcut_bn(self.shortcut_conv(x), bn)
-        return F.relu(out + short)
-
-
-class ResNetBackbone(nn.Module):
-    """CIFAR ResNet: 3x3 stride-1 stem (padding 1, or 2 as solo-learn's), four stages, global
-    average pool -> feature vector."""
-
-    def __init__(self, width: int, blocks: tuple[int, ...], sets: tuple[str, ...], stem_padding: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, 1, stem_padding, bias=False)
-        self.bn1 = MultiBatchNorm2d(width, sets)
-        layers, cin = [], width
-        for stage, n in enumerate(blocks):
-            cout = width * 2**stage
-            stride = 1 if stage == 0 else 2
-            layers.append(
-                nn.ModuleList(
-                    BasicBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, sets)
-                    for i in range(n)
-                )
-            )
-            cin = cout
-        self.layers = nn.ModuleList(layers)
-        self.out_dim = cin
-
-    def forward(self, x: torch.Tensor, bn: str) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x), bn))
-        for stage in self.layers:
-            for block in stage:
-                x = block(x, bn)
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-
-
 class ProjectionHead(nn.Module):
     """``mlp2``: Linear(d, d) - BatchNorm1d - ReLU - Linear(d, out), then L2 normalisation."""
 
@@ -224,8 +160,7 @@ class AdvclNet(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        width, blocks = ARCHS[config.arch]
-        self.backbone = ResNetBackbone(width, blocks, config.bn_sets, config.stem_padding)
+        self.backbone = Backbone(ARCHS[config.arch], config.bn_sets, config.stem_padding)
         d = self.backbone.out_dim
         if config.mean is not None:  # not in the state dict: the config says it. float32 values, as the
             # authors' NormalizeByChannelMeanStd buffers hold (a float64 model casts those values)
