@@ -207,15 +207,33 @@ def ra_attacks(settings: BenchmarkSettings) -> list[str]:
     return list(dict.fromkeys(get_attack(a).name for a in settings.attack))
 
 
+def check_outputs(out: Path, force: bool) -> None:
+    """results.json, leaderboard.md and leaderboard.png are replaced when a benchmark wrote them
+    (results.json holds cell records), anything else only with --force; never a non-file."""
+    outputs = [check_writable(out / name) for name in (RESULTS_FILE, LEADERBOARD_FILE, CHART_FILE)]
+    present = [p for p in outputs if p.exists()]
+    if present and not force and not _holds_records(out / RESULTS_FILE):
+        raise UsageError(f"--out {out} already holds {present[0].name}, which no advcl benchmark wrote",
+                         "choose another --out, or pass --force to replace it (--force also recomputes every cell)")
+
+
+def _holds_records(path: Path) -> bool:
+    try:
+        doc = parse_json(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, list) and all(isinstance(r, dict) and "key" in r for r in doc)
+
+
 def plan(settings: BenchmarkSettings, encoders: list[Encoder], precision: str, reporter: Reporter,
-         ctx: DistContext) -> list[Cell]:
+         ctx: DistContext, force: bool = False) -> list[Cell]:
     """Every cell with its key, after checking every input (nothing is trained or loaded)."""
     if not encoders:
         raise UsageError("no ENCODER given", "pass checkpoint paths or zoo names, or pipe paths: ls runs/*/encoder.safetensors | advcl benchmark")
     out = Path(settings.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a benchmark folder", "choose a folder")
-    check_writable(out / RESULTS_FILE)
+    check_outputs(out, force)
     attacks = ra_attacks(settings)
     sets: dict[Target, CorruptionSet | None] = {}
     cells = []
@@ -361,7 +379,8 @@ def benchmark(settings: BenchmarkSettings, encoders: list[tuple[str, Path]], rep
         reporter, on_cell = Reporter(), None
     out = Path(settings.out)
     try:
-        cells = plan(settings, open_encoders(encoders, reporter), resolve_precision(settings.precision, device), reporter, ctx)
+        cells = plan(settings, open_encoders(encoders, reporter), resolve_precision(settings.precision, device), reporter, ctx,
+                     force)
         for cell in cells:
             cell.record = None if force else load_cell(cell, reporter)
             cell.cached = cell.record is not None
