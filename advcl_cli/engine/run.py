@@ -103,7 +103,7 @@ class RunDir:
         self.artifacts = artifacts
         self.verb = verb
         self._lock: int | None = None  # the descriptor holding the flock
-        self._made = False  # open created the folder (removed again if the run never begins)
+        self._made: list[Path] = []  # what open created: removed again if the run never begins
         self._began = False
         self._lock_verb: str | None = None  # the verb of the last run that began here (.lock)
 
@@ -175,7 +175,7 @@ class RunDir:
         """Hold ``.lock`` (created with the folder if need be), or a UsageError naming the
         process that holds it."""
         try:
-            self._made = not self.path.exists()
+            self._made = [p for p in (self.path, self.lock_path) if not p.exists()]
             self.path.mkdir(parents=True, exist_ok=True)
             while True:
                 fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -215,17 +215,20 @@ class RunDir:
         os.pwrite(self._lock, data, 0)
 
     def release(self) -> None:
-        """Let the lock go; a folder that ``open`` made for a run that never began is removed."""
+        """Let the lock go; the lock file and folder ``open`` made for a run that never began
+        are removed again."""
         if self._lock is None:
             return
         fd, self._lock = self._lock, None
         if self in _HELD:
             _HELD.remove(self)
         try:
-            if self._made and not self._began:
-                self.lock_path.unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
-                    self.path.rmdir()
+            if not self._began:
+                if self.lock_path in self._made:
+                    self.lock_path.unlink(missing_ok=True)
+                if self.path in self._made:
+                    with contextlib.suppress(OSError):
+                        self.path.rmdir()
         finally:
             os.close(fd)
 
@@ -247,6 +250,7 @@ class RunDir:
                     f"nothing to resume in {self.path}: no {STATE_FILE}",
                     "start the run without --resume (pass the same --out)",
                 )
+            self.read_metrics()  # a damaged log is named now, before anything is done
             return state
         if state is not None and not force:
             if state.get("finished"):
