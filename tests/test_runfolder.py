@@ -30,6 +30,8 @@ TESTS = Path(__file__).parent
 SMALL = ["--dataset", "digits", "--arch", "resnet18-tiny", "--limit", "64", "--batch-size", "32", "--device", "cpu"]
 TINY = [*SMALL, "--pgd-steps", "1"]
 RUN_FILES = {".lock", "state.safetensors", "metrics.jsonl", "encoder.safetensors"}
+# finetune and benchmark settings that stay short if a refusal below ever stops working
+FT = ["--epochs", "1", "--limit", "64", "--eval-limit", "8", "--batch-size", "32", "--device", "cpu"]
 
 
 def env(**extra):
@@ -200,7 +202,7 @@ def test_a_full_disk_at_the_encoder_write_gives_a_hint_that_works(run_cli, tmp_p
 def test_finetune_never_deletes_the_run_it_reads(run_cli, tmp_path, pre):
     shutil.copytree(pre, tmp_path / "runx")
     before = snapshot(tmp_path / "runx")
-    code, out, err = run_cli("finetune", "runx/encoder.safetensors", "--out", "runx", "--force", "--device", "cpu")
+    code, out, err = run_cli("finetune", "runx/encoder.safetensors", "--out", "runx", "--force", *FT)
     assert code == 2 and out == ""
     assert err.splitlines()[0] == "error: runx holds an advcl pretrain run, not a finetune run"
     assert snapshot(tmp_path / "runx") == before
@@ -209,7 +211,7 @@ def test_finetune_never_deletes_the_run_it_reads(run_cli, tmp_path, pre):
 def test_finetune_replaces_a_metrics_log_it_did_not_write_only_with_force(run_cli, tmp_path, pre):
     (tmp_path / "proj").mkdir()
     (tmp_path / "proj" / "metrics.jsonl").write_text("my own notes\n")
-    code, out, err = run_cli("finetune", str(pre / "encoder.safetensors"), "--out", "proj", "--device", "cpu")
+    code, out, err = run_cli("finetune", str(pre / "encoder.safetensors"), "--out", "proj", *FT)
     assert code == 2 and out == ""
     assert err.splitlines()[0] == "error: proj already holds metrics.jsonl, which no advcl finetune run wrote"
     assert (tmp_path / "proj" / "metrics.jsonl").read_text() == "my own notes\n"
@@ -220,7 +222,8 @@ def test_benchmark_replaces_results_it_did_not_write_only_with_force(run_cli, tm
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "results.json").write_text('{"mine": 1}')
     (tmp_path / "b" / "leaderboard.md").write_text("# mine\n")
-    code, out, err = run_cli("benchmark", str(pre / "encoder.safetensors"), "--out", "b", "--device", "cpu")
+    code, out, err = run_cli("benchmark", str(pre / "encoder.safetensors"), "--out", "b", *FT, "--image-size", "16", "--eval-batch-size", "8",
+                                 "--attack", "pgd5", "--schemes", "slf")
     assert code == 2 and out == ""
     assert err.splitlines()[0] == "error: --out b already holds results.json, which no advcl benchmark wrote"
     assert snapshot(tmp_path / "b") == {"results.json": b'{"mine": 1}', "leaderboard.md": b"# mine\n"}

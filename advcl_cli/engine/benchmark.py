@@ -37,8 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pydantic import ValidationError
+
 from ..attacks import get_attack
-from ..benchmark.leaderboard import write_leaderboard
+from ..benchmark.leaderboard import Cell as LeaderboardCell, write_leaderboard
 from ..checkpoint import Metadata, atomic_write, check_checkpoint, check_writable, load_checkpoint, parse_json, sha256_file
 from ..data.corruptions import PUBLISHED, CorruptionSet, corruptions_for, load_corruptions
 from ..data.registry import default_data_dir, num_classes_of
@@ -262,14 +264,34 @@ def plan(settings: BenchmarkSettings, encoders: list[Encoder], precision: str, r
     return cells
 
 
+FRACTIONS = ("sa", "pgd20", "aa", "ra", "worst_case", "ca")
+
+
+def check_record(record: dict) -> None:
+    """A ValueError naming the first field of a stored cell record that the leaderboard could
+    not read or that no evaluation gives (an edited file): the fields of a leaderboard row,
+    accuracies as fractions in [0, 1]."""
+    try:
+        LeaderboardCell.model_validate(record)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ValueError(f"its {'.'.join(map(str, err['loc']))} {record.get(err['loc'][0])!r}: {err['msg']}") from None
+    for name in FRACTIONS:
+        value = record.get(name)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
+            raise ValueError(f"its {name} {value!r} is not an accuracy in [0, 1]")
+
+
 def load_cell(cell: Cell, reporter: Reporter) -> dict | None:
-    """The stored record of a finished cell, or None (a damaged file is recomputed)."""
+    """The stored record of a finished cell, or None (a damaged or edited file is recomputed,
+    with a warning)."""
     if not cell.path.is_file():
         return None
     try:
         record = parse_json(cell.path.read_text(encoding="utf-8"))
         if not isinstance(record, dict) or record.get("key") != cell.key:
             raise ValueError("not this cell's record")
+        check_record(record)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         reporter.warn(f"{cell.path} is unreadable ({e}); computing the cell again")
         return None
