@@ -94,10 +94,8 @@ def check_regular(path: Path, what: str | None = None) -> None:
     """A UsageError when ``path`` exists and is not a regular file: advcl replaces only files."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except OSError:  # nothing there, or a part of the path is no folder (the folder check says so)
         return
-    except OSError as e:
-        raise os_error(e, path) from None
     if not stat.S_ISREG(mode):
         kind = "a link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "a device or pipe"
         raise UsageError(f"cannot write {what or path}: it is {kind}, not a regular file",

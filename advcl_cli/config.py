@@ -267,7 +267,8 @@ def check_unchanged(settings: SettingsModel, stored: dict[str, Any], sources: di
     """A resumed run trains what it started to: a setting outside ``may_change`` that a layer
     above the stored settings changes is refused, naming that layer (flag, variable, file)."""
     now = settings.to_config()
-    differ = sorted(k for k in stored if k in now and k not in may_change and now[k] != stored[k])
+    # a changed method is the engine's to name (``check_resume_config``): its settings differ anyway
+    differ = sorted(k for k in stored if k in now and k not in may_change | {"method"} and now[k] != stored[k])
     if differ:
         def layer(k: str) -> str:
             source = sources.get(k)

@@ -175,7 +175,7 @@ class RunDir:
         """Hold ``.lock`` (created with the folder if need be), or a UsageError naming the
         process that holds it."""
         try:
-            self._made = [p for p in (self.path, self.lock_path) if not p.exists()]
+            self._made = [p for p in (self.lock_path, self.path, *self.path.parents) if not p.exists()]
             self.path.mkdir(parents=True, exist_ok=True)
             while True:
                 fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -223,12 +223,10 @@ class RunDir:
         if self in _HELD:
             _HELD.remove(self)
         try:
-            if not self._began:
-                if self.lock_path in self._made:
-                    self.lock_path.unlink(missing_ok=True)
-                if self.path in self._made:
+            if not self._began:  # the lock file first, then the folders, deepest first
+                for made in self._made:
                     with contextlib.suppress(OSError):
-                        self.path.rmdir()
+                        made.unlink() if made == self.lock_path else made.rmdir()
         finally:
             os.close(fd)
 
