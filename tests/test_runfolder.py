@@ -198,6 +198,19 @@ def test_a_full_disk_at_the_encoder_write_gives_a_hint_that_works(run_cli, tmp_p
     assert epochs_logged(tmp_path / "r") == [1, 2] and {p.name for p in (tmp_path / "r").iterdir()} == RUN_FILES
 
 
+def test_a_damaged_state_says_start_over_with_force_and_that_works(run_cli, tmp_path, pre):
+    shutil.copytree(pre, tmp_path / "r")
+    (tmp_path / "r" / "state.safetensors").write_bytes(b"\0" * 100)
+    args = ["pretrain", *SMALL, "--method", "simclr", "--epochs", "1", "--out", "r"]
+    for extra in (["--resume"], []):
+        code, out, err = run_cli(*args, *extra)
+        assert code == 2 and out == "" and err.splitlines()[-1] == "hint: start over with --force"
+        assert f"error: {Path('r') / 'state.safetensors'} is not a safetensors file (bad header)" in err
+    code, out, err = run_cli(*args, "--force")  # the hint, as given
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "r").iterdir()} == RUN_FILES and epochs_logged(tmp_path / "r") == [1]
+
+
 # --- 4. nothing of the user's replaced without --force ------------------------------------------------
 def test_finetune_never_deletes_the_run_it_reads(run_cli, tmp_path, pre):
     shutil.copytree(pre, tmp_path / "runx")

@@ -130,7 +130,8 @@ class RunDir:
     def read_state(self) -> dict:
         try:
             state = load_state(self.state_path)
-        except CheckpointError:
+        except CheckpointError as e:
+            e.hint = e.hint or "start over with --force"
             raise
         except KeyError as e:  # a tensor the JSON names is not in the file
             raise self.damaged(f"tensor {e} is missing") from None
@@ -238,7 +239,13 @@ class RunDir:
         if odd is not None:
             raise UsageError(f"{odd} is not a regular file; advcl replaces only files it wrote",
                              "move it away, or choose another --out")
-        state = self.read_state() if self.state_path.is_file() else None
+        state = None
+        if self.state_path.is_file():
+            try:
+                state = self.read_state()
+            except CheckpointError:  # a damaged state: --force (its hint) starts over
+                if resume or not force:
+                    raise
         if state is not None and self.verb is not None and (state.get("verb") or self.verb) != self.verb:
             raise UsageError(f"{self.path} holds an advcl {state['verb']} run, not a {self.verb} run",
                              f"choose another --out: advcl {self.verb} never replaces another verb's run, not even with --force")
