@@ -13,9 +13,10 @@ not change); the run folder is created
 batches of ``Batches``.
 Under torchrun every rank walks the same global batches and the method keeps the rank's slice,
 so N processes match one process. After every epoch rank 0 appends to ``metrics.jsonl`` and
-saves the resume state (the method's own tensors included); every ``save_every`` epochs and at
-the end it saves ``encoder.safetensors``: the network ``method.export(model)`` names (the
-trained one, or DynACL's momentum encoder).
+saves the resume state (the method's own tensors included, and the sha256 of every input file);
+every ``save_every`` epochs and at the end it then saves ``encoder.safetensors``: the network
+``method.export(model)`` names (the trained one, or DynACL's momentum encoder). The state says
+"finished" only once the last encoder is on disk, so a crash between the two writes resumes.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ..checkpoint import (atomic_write, check_folder_writable, clean_state_dict, load_state, parse_json, save_state, unwrap,
+from ..checkpoint import (atomic_write, check_folder_writable, check_regular, clean_state_dict, load_state, parse_json, save_state, unwrap,
                           write_all)
 from ..data.registry import load_dataset, num_classes_of
 from ..distributed import barrier, init_distributed, on_main
@@ -147,6 +147,10 @@ class RunDir:
             raise self.damaged("its config, model, optimizer or rng entry is not a table")
         return state
 
+    @property
+    def what(self) -> str:
+        return f"advcl {self.verb} run" if self.verb else "advcl run"
+
     def damaged(self, what: str) -> CheckpointError:
         return CheckpointError(f"resume state {self.state_path} is damaged: {what}", "start over with --force")
 
@@ -182,9 +186,11 @@ class RunDir:
                 fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+                except OSError as e:
                     holder = self._read_lock(fd)
                     os.close(fd)
+                    if not isinstance(e, BlockingIOError):  # a file system without locks
+                        raise
                     raise UsageError(f"{self.path} is in use by another run (pid {holder.get('pid', '?')} on "
                                      f"{holder.get('host', '?')})",
                                      "wait until it ends, or choose another --out") from None
@@ -234,11 +240,8 @@ class RunDir:
     def check(self, *, resume: bool, force: bool) -> dict | None:
         """Check the folder for a fresh or resumed run, changing nothing; return the resume
         state (None: fresh). See the rules at the top."""
-        odd = next((p for p in self.own_files if p.is_symlink() or (p.exists() and not stat.S_ISREG(p.stat().st_mode))),
-                   None)
-        if odd is not None:
-            raise UsageError(f"{odd} is not a regular file; advcl replaces only files it wrote",
-                             "move it away, or choose another --out")
+        for own in self.own_files:  # a device, pipe or link is never replaced, not even with --force
+            check_regular(own)
         state = None
         if self.state_path.is_file():
             try:
@@ -270,7 +273,7 @@ class RunDir:
         began_here = self._lock_verb is not None and self._lock_verb == self.verb
         others = [p for p in self.own_files if p.exists()]
         if state is None and others and not force and not began_here:
-            raise UsageError(f"{self.path} already holds {others[0].name}, which no advcl {self.verb or ''} run wrote".replace("  ", " "),
+            raise UsageError(f"{self.path} already holds {others[0].name}, which no {self.what} wrote",
                              "pass --force to overwrite it, or choose another --out")
         return None
 
