@@ -57,6 +57,14 @@ def state_epoch(run: Path) -> int:
         return 0
 
 
+def holder(run: Path) -> int | None:
+    """The pid that .lock names."""
+    try:
+        return json.loads((run / ".lock").read_text()).get("pid")
+    except (OSError, ValueError):
+        return None
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
 
@@ -76,14 +84,8 @@ def test_a_second_start_resume_or_force_during_a_run_is_refused(run_cli, tmp_pat
     first = popen(args, tmp_path)
     run = tmp_path / "shared"
 
-    def holder() -> int | None:
-        try:
-            return json.loads((run / ".lock").read_text()).get("pid")
-        except (OSError, ValueError):
-            return None
-
     wait_for(lambda: state_epoch(run) >= 1, "the first run saved epoch 1", first)
-    assert holder() == first.pid
+    assert holder(run) == first.pid
     for extra in ([], ["--resume"], ["--force"]):
         before = snapshot(run)
         code, out, err = run_cli(*args, *extra)
@@ -93,13 +95,36 @@ def test_a_second_start_resume_or_force_during_a_run_is_refused(run_cli, tmp_pat
         # nothing of the first run was touched (it may have logged an epoch meanwhile, never replaced one)
         after = snapshot(run)
         assert after["metrics.jsonl"].startswith(before["metrics.jsonl"])
-        assert holder() == first.pid
+        assert holder(run) == first.pid
     first.send_signal(signal.SIGTERM)
     _, stderr = first.communicate(timeout=HANG_S)
     assert first.returncode == 130, stderr
     done = state_epoch(run)
     assert done >= 1 and epochs_logged(run) == list(range(1, done + 1))  # each epoch once, the first run's only
     assert {p.name for p in run.iterdir()} <= RUN_FILES and not list(run.glob(".*.tmp"))
+
+
+def test_under_torchrun_rank_0_holds_the_lock_and_a_second_job_stops_on_every_rank(run_cli, tmp_path):
+    args = ["pretrain", *TINY, "--epochs", "50", "--out", "shared"]  # stopped below
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "advcl_cli"]
+    env2 = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    first = subprocess.Popen([*torchrun, *args], cwd=tmp_path, env=env2, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    run = tmp_path / "shared"
+    wait_for(lambda: state_epoch(run) >= 1, "the first job saved epoch 1", first)
+    rank0 = holder(run)
+    assert rank0 not in (None, first.pid)  # a rank holds it, not the launcher
+    code, out, err = run_cli(*args)
+    assert code == 2 and f"is in use by another run (pid {rank0} on " in err
+    second = subprocess.run([*torchrun, *args], cwd=tmp_path, env=env2, capture_output=True, text=True, timeout=HANG_S)
+    assert second.returncode != 0 and second.stdout == ""
+    assert f"error: shared is in use by another run (pid {rank0} on " in second.stderr  # rank 0
+    assert f"error: rank 0 stopped: shared is in use by another run (pid {rank0} on " in second.stderr  # rank 1
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=HANG_S)
+    done = state_epoch(run)
+    assert done >= 1 and epochs_logged(run) == list(range(1, done + 1))
+    assert {p.name for p in run.iterdir()} <= RUN_FILES
 
 
 # --- 2. resume exactly as started -------------------------------------------------------------------
