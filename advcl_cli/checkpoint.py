@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -77,13 +78,28 @@ def check_writable(path: str | Path, flag: str | None = None) -> Path:
     """A UsageError unless ``atomic_write(path)`` can work: ``path`` is not a folder, and its
     folder (or the nearest existing one above, under which the rest is created) is a folder
     where a file can be created (tried: permission bits say nothing to root, and a read-only
-    file system is read-only for everyone). ``flag`` names the option in the message."""
+    file system is read-only for everyone), and nothing but a regular file is there (a device,
+    a pipe or a link is never replaced, not even with --force). ``flag`` names the option in
+    the message."""
     path = Path(path)
     what = f"{flag} {path}" if flag else str(path)
     if path.is_dir():
         raise UsageError(f"cannot write {what}: it is a folder", "name a file")
+    check_regular(path, what)
     check_folder_writable(path.parent, what)
     return path
+
+
+def check_regular(path: Path, what: str | None = None) -> None:
+    """A UsageError when ``path`` exists and is not a regular file: advcl replaces only files."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # nothing there, or a part of the path is no folder (the folder check says so)
+        return
+    if not stat.S_ISREG(mode):
+        kind = "a link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "a device or pipe"
+        raise UsageError(f"cannot write {what or path}: it is {kind}, not a regular file",
+                         "advcl replaces only regular files, even with --force: name another path")
 
 
 def check_folder_writable(folder: str | Path, what: str | None = None) -> Path:

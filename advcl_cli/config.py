@@ -1,9 +1,9 @@
 """Resolving settings from their layers, and checking the layers for names nothing uses.
 
-Layers, lowest first: the model's defaults; the TOML file (``--config FILE``, else
-``$ADVCL_CONFIG``, else ``./advcl.toml``): its top-level keys, then the verb's table
-(``[pretrain]``), then, for pretraining, the method's table (``[pretrain.acl]``); ``ADVCL_*``
-environment variables; the stored settings of a run being resumed; the flags::
+Layers, lowest first: the model's defaults; the stored settings of a run being resumed; the
+TOML file (``--config FILE``, else ``$ADVCL_CONFIG``, else ``./advcl.toml``): its top-level
+keys, then the verb's table (``[pretrain]``), then, for pretraining, the method's table
+(``[pretrain.acl]``); ``ADVCL_*`` environment variables; the flags::
 
     data_dir = "/scratch/data"
     [pretrain]
@@ -14,7 +14,10 @@ environment variables; the stored settings of a run being resumed; the flags::
 Every key of the file must be a setting of some verb or method, every table a verb (and under
 ``[pretrain]`` a method): anything else is an error naming the key and the closest valid one,
 so a typo never trains silently with the default. An ``ADVCL_*`` variable that no setting
-uses gets a warning. A bad value names the flag and where the value came from.
+uses gets a warning. A bad value names the flag and where the value came from. A resumed run
+keeps every stored setting that no layer gives; a layer may change only the settings that do
+not change what is computed (``may_change``): any other value that differs from the run's is
+refused the same way, naming the layer it came from.
 """
 
 from __future__ import annotations
@@ -212,20 +215,23 @@ def read_env(warn: Warn | None = None) -> dict[str, str]:
 
 
 def resolve(cls: type[SettingsModel], flags: dict[str, Any], *, config_file: str | Path | None = None,
-            base: dict[str, Any] | None = None, warn: Warn | None = None) -> SettingsModel:
+            base: dict[str, Any] | None = None, may_change: set[str] = frozenset(),
+            warn: Warn | None = None) -> SettingsModel:
     """``cls`` filled from every layer. ``flags`` are the command line's values (None: not
-    given); ``base`` a resumed run's stored settings, which the flags may override. For
-    ``PretrainSettings`` the result is the chosen method's model (``methods.settings_model``)."""
+    given); ``base`` a resumed run's stored settings: every other layer sits above them, and
+    may change only those in ``may_change`` (``check_unchanged``). For ``PretrainSettings``
+    the result is the chosen method's model (``methods.settings_model``)."""
     flags = {k: v for k, v in flags.items() if v is not None}
     path = config_path(config_file)
     doc = read_config(path)
     env = read_env(warn)
     section = doc.get(cls.section, {}) if cls.section else {}
     layers: list[tuple[str, dict]] = [
+        (STORED, dict(base or {})),
         (f"{path} (top level)", {k: v for k, v in doc.items() if not isinstance(v, dict)}),
         (f"{path} [{cls.section}]", {k: v for k, v in section.items() if not isinstance(v, dict)}),
     ]
-    later = [("environment", env), ("the stored settings of the run", dict(base or {})), ("flags", flags)]
+    later = [("environment", env), ("flags", flags)]
 
     if issubclass(cls, PretrainSettings):
         method = _pick("method", layers + later, PretrainSettings.model_fields["method"].default)
@@ -246,9 +252,31 @@ def resolve(cls: type[SettingsModel], flags: dict[str, Any], *, config_file: str
     if unknown:  # a caller's bug, or a flag of another verb
         raise UsageError(f"{flag_name(unknown[0])} is not an option of this command")
     try:
-        return cls(**values)
+        settings = cls(**values)
     except ValidationError as e:
         raise _value_error(e, sources, values) from None
+    if base is not None:
+        check_unchanged(settings, base, sources, may_change)
+    return settings
+
+
+STORED = "the stored settings of the run"
+
+
+def check_unchanged(settings: SettingsModel, stored: dict[str, Any], sources: dict[str, str], may_change: set[str]) -> None:
+    """A resumed run trains what it started to: a setting outside ``may_change`` that a layer
+    above the stored settings changes is refused, naming that layer (flag, variable, file)."""
+    now = settings.to_config()
+    # a changed method is the engine's to name (``check_resume_config``): its settings differ anyway
+    differ = sorted(k for k in stored if k in now and k not in may_change | {"method"} and now[k] != stored[k])
+    if differ:
+        def layer(k: str) -> str:
+            source = sources.get(k)
+            return {"flags": flag_name(k), "environment": env_name(k)}.get(source, source or "the defaults")
+
+        parts = [f"{k.replace('_', '-')} is {now[k]!r} from {layer(k)} but {stored[k]!r} in the run" for k in differ[:3]]
+        raise UsageError("cannot resume with different settings: " + "; ".join(parts),
+                         "resume without them (the run's own settings are kept), or start over with --force")
 
 
 def _pick(key: str, layers: list[tuple[str, dict]], default: Any) -> Any:

@@ -159,7 +159,7 @@ def test_a_disk_full_in_epoch_1_leaves_a_folder_the_next_start_reuses(run_cli, t
         out, err = refused(run_cli("pretrain", *SIMCLR, "--epochs", "2", "--out", "r"), 1,
                            "cannot write r/state.safetensors: No space left on device")
     assert out == "" and "free some space" in hint(err) and "run the same command again" in hint(err)
-    assert tree(tmp_path) == {"r", "r/metrics.jsonl"}  # what the disk took before it filled up
+    assert tree(tmp_path) == {"r", "r/.lock", "r/metrics.jsonl"}  # what the disk took before it filled up
     refused(run_cli("pretrain", *SIMCLR, "--epochs", "2", "--out", "r", "--resume"), 2, "nothing to resume")
     code, out, err = run_cli("pretrain", *SIMCLR, "--epochs", "2", "--out", "r")  # no --force needed: no run there
     assert code == 0, err

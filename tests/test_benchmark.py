@@ -130,6 +130,22 @@ def test_another_evaluation_makes_new_cells_on_the_same_finetuned_classifiers(fi
     assert new["per_image"]["pgd20@8/255"] == old["per_image"]["pgd20@8/255"]
 
 
+def test_an_edited_cell_is_computed_again_with_a_warning(finished, run_cli, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished["out"], out)
+    paths = []
+    for record, edit in zip(finished["records"], ({"sa": "99%"}, {"pgd20": 1.5})):  # a text, a value no evaluation gives
+        path = out / "cells" / f"{record['key']}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+        paths.append(path)
+    code, stdout, err = run_cli("benchmark", finished["enc"], *SMOKE, "--schemes", "slf,alf", "--out", out, "--json")
+    assert code == 0, err
+    assert f"warning: {paths[0]} is unreadable (its sa '99%': " in err
+    assert f"warning: {paths[1]} is unreadable (its pgd20 1.5 is not an accuracy in [0, 1]); computing the cell again" in err
+    assert "2 cells: 0 done, 2 to run" in err
+    assert [numbers(r) for r in json.loads(stdout)] == [numbers(r) for r in finished["records"][:2]]
+
+
 def test_an_interrupted_benchmark_resumes_and_ends_as_an_uninterrupted_one(finished, run_cli, monkeypatch, tmp_path):
     from advcl_cli.cli.output import ConsoleReporter
 

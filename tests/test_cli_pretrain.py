@@ -46,7 +46,7 @@ def test_resume_takes_the_settings_of_the_run(run_cli, tmp_path):
     code, out2, err = run_cli("pretrain", "--out", "r", "--resume")  # nothing else given: the run's settings
     assert code == 0 and out2 == out and "already finished" in err
     code, out, err = run_cli("pretrain", "--out", "r", "--resume", "--epochs", "5")
-    assert code == 2 and "epochs is 5 now but 1 in the run" in err
+    assert code == 2 and "epochs is 5 from --epochs but 1 in the run" in err
 
 
 def test_usage_errors_exit_2_in_one_line(run_cli):

@@ -1,5 +1,6 @@
 """Pull and push through the real huggingface_hub client against a local Hub-compatible server."""
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -241,3 +242,46 @@ def test_resolve_takes_a_file_or_a_name(tmp_path):
         resolve("runs/missing.safetensors")
     with pytest.raises(UsageError, match="unknown zoo model 'no-such-model'"):
         resolve("no-such-model")
+
+
+@pytest.mark.parametrize("replaced", ["the checkpoint", "the bytes hashed"])
+def test_push_pins_exactly_what_the_hub_holds(run_cli, tmp_path, hub, token, monkeypatch, replaced):
+    """A checkpoint replaced while push runs (right after it was hashed) is still pushed and pinned
+    as one snapshot; bytes that change after hashing all the same are caught by the Hub's LFS oid
+    before any manifest entry pins them."""
+    import shutil
+
+    from advcl_cli import checkpoint
+
+    url, _ = hub
+    monkeypatch.setenv("ADVCL_HF_ENDPOINT", url)
+    monkeypatch.setenv("ADVCL_ZOO_MANIFEST", str(tmp_path / "zoo.toml"))
+    ckpt = make_classifier(tmp_path / "clf.safetensors", seed=0)
+    original = ckpt.read_bytes()
+    other = make_classifier(tmp_path / "other.safetensors", seed=1)
+    real, calls = checkpoint.sha256_file, []
+
+    def hash_then_replace(path):
+        digest = real(path)
+        if not calls:  # the first hash is the upload's
+            calls.append(path)
+            target = ckpt if replaced == "the checkpoint" else Path(path)
+            shutil.copyfile(other, tmp_path / "next.safetensors")
+            os.replace(tmp_path / "next.safetensors", target)  # as a training run replaces its checkpoint
+        return digest
+
+    monkeypatch.setattr(checkpoint, "sha256_file", hash_then_replace)
+    code, out, err = run_cli("push", ckpt, "--repo", repo_name(), "--zoo-entry", "e")
+    monkeypatch.setattr(checkpoint, "sha256_file", real)
+    assert calls
+    if replaced == "the checkpoint":
+        assert code == 0, err
+        assert load_manifest(tmp_path / "zoo.toml").get("e").sha256 == hashlib.sha256(original).hexdigest()
+        code, out, err = run_cli("pull", "e")
+        assert code == 0, err
+        assert Path(out.strip()).read_bytes() == original
+    else:
+        assert code == 1 and out == ""
+        assert re.search(r"^error: \S+@[0-9a-f]{12} holds model.safetensors with sha256 [0-9a-f]{12}\.\.\., not the "
+                         r"[0-9a-f]{12}\.\.\. that was uploaded; no manifest entry or model card pins it$", err, re.M), err
+        assert not (tmp_path / "zoo.toml").exists()

@@ -1,5 +1,7 @@
 """Settings: the layers, one spelling and one parser everywhere, and no silently ignored names."""
 
+import re
+
 import pytest
 
 from advcl_cli.config import resolve
@@ -38,8 +40,12 @@ def test_layers_defaults_toml_env_flags(tmp_path, monkeypatch):
     assert (s.epochs, s.lr) == (12, 0.3)  # the environment beats the file
     s = resolve(PretrainSettings, {"epochs": "13", "lr": None})
     assert (s.epochs, s.lr) == (13, 0.3)  # a flag beats the environment; None means "not given"
-    s = resolve(PretrainSettings, {"epochs": "13"}, base={"epochs": 5, "seed": 8})
-    assert (s.epochs, s.seed) == (13, 8)  # a resumed run's settings sit between the environment and the flags
+    s = resolve(PretrainSettings, {"epochs": "13"}, base={"epochs": 5, "seed": 3, "save_every": 2}, may_change={"epochs"})
+    # a resumed run's settings sit below every other layer, which may change only ``may_change``
+    assert (s.epochs, s.seed, s.save_every) == (13, 3, 2)
+    for base, layer in (({"seed": 8}, "advcl.toml (top level)"), ({"lr": 0.5}, "ADVCL_LR"), ({"epochs": 5}, "--epochs")):
+        with pytest.raises(UsageError, match=f"cannot resume with different settings: .* from {re.escape(layer)} but"):
+            resolve(PretrainSettings, {"epochs": "13"}, base=base)
 
 
 def test_explicit_config_file(tmp_path, monkeypatch):

@@ -17,9 +17,10 @@ from .output import Output
 
 def resolve_run_settings(settings_cls, config: Path | None, options: dict, *, resume: bool,
                          run_dir: Callable, may_change: set[str]):
-    """The settings of a run. On --resume the run's stored settings are the base (above the
-    config file and the environment) and the flags given may only change how it runs
-    (device, precision, ...): ``check_resume_config`` refuses the others."""
+    """The settings of a run. On --resume the run's stored settings are the base: every one
+    that no flag, ``ADVCL_*`` variable or config file gives is carried over, and those may only
+    change how it runs (``may_change``: device, precision, ...); any other change is refused
+    by name, whichever layer it comes from (``config.check_unchanged``)."""
     from ..config import resolve
     from ..engine.run import RunDir
 
@@ -29,8 +30,8 @@ def resolve_run_settings(settings_cls, config: Path | None, options: dict, *, re
         own = {k: v for k, v in options.items() if k in settings_cls.model_fields}
         probe = resolve(settings_cls, own, config_file=config)
         stored = RunDir(probe.out or run_dir(probe)).stored_config() or {}
-        base = {k: v for k, v in stored.items() if k not in may_change and v is not None}
-    return resolve(settings_cls, options, config_file=config, base=base, warn=warn)
+        base = stored
+    return resolve(settings_cls, options, config_file=config, base=base, may_change=may_change, warn=warn)
 
 
 @contextlib.contextmanager

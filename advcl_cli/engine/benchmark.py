@@ -37,8 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pydantic import ValidationError
+
 from ..attacks import get_attack
-from ..benchmark.leaderboard import write_leaderboard
+from ..benchmark.leaderboard import Cell as LeaderboardCell, write_leaderboard
 from ..checkpoint import Metadata, atomic_write, check_checkpoint, check_writable, load_checkpoint, parse_json, sha256_file
 from ..data.corruptions import PUBLISHED, CorruptionSet, corruptions_for, load_corruptions
 from ..data.registry import default_data_dir, num_classes_of
@@ -207,15 +209,33 @@ def ra_attacks(settings: BenchmarkSettings) -> list[str]:
     return list(dict.fromkeys(get_attack(a).name for a in settings.attack))
 
 
+def check_outputs(out: Path, force: bool) -> None:
+    """results.json, leaderboard.md and leaderboard.png are replaced when a benchmark wrote them
+    (results.json holds cell records), anything else only with --force; never a non-file."""
+    outputs = [check_writable(out / name) for name in (RESULTS_FILE, LEADERBOARD_FILE, CHART_FILE)]
+    present = [p for p in outputs if p.exists()]
+    if present and not force and not _holds_records(out / RESULTS_FILE):
+        raise UsageError(f"--out {out} already holds {present[0].name}, which no advcl benchmark wrote",
+                         "choose another --out, or pass --force to replace it (--force also recomputes every cell)")
+
+
+def _holds_records(path: Path) -> bool:
+    try:
+        doc = parse_json(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, list) and all(isinstance(r, dict) and "key" in r for r in doc)
+
+
 def plan(settings: BenchmarkSettings, encoders: list[Encoder], precision: str, reporter: Reporter,
-         ctx: DistContext) -> list[Cell]:
+         ctx: DistContext, force: bool = False) -> list[Cell]:
     """Every cell with its key, after checking every input (nothing is trained or loaded)."""
     if not encoders:
         raise UsageError("no ENCODER given", "pass checkpoint paths or zoo names, or pipe paths: ls runs/*/encoder.safetensors | advcl benchmark")
     out = Path(settings.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a benchmark folder", "choose a folder")
-    check_writable(out / RESULTS_FILE)
+    check_outputs(out, force)
     attacks = ra_attacks(settings)
     sets: dict[Target, CorruptionSet | None] = {}
     cells = []
@@ -244,14 +264,34 @@ def plan(settings: BenchmarkSettings, encoders: list[Encoder], precision: str, r
     return cells
 
 
+FRACTIONS = ("sa", "pgd20", "aa", "ra", "worst_case", "ca")
+
+
+def check_record(record: dict) -> None:
+    """A ValueError naming the first field of a stored cell record that the leaderboard could
+    not read or that no evaluation gives (an edited file): the fields of a leaderboard row,
+    accuracies as fractions in [0, 1]."""
+    try:
+        LeaderboardCell.model_validate(record)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ValueError(f"its {'.'.join(map(str, err['loc']))} {record.get(err['loc'][0])!r}: {err['msg']}") from None
+    for name in FRACTIONS:
+        value = record.get(name)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
+            raise ValueError(f"its {name} {value!r} is not an accuracy in [0, 1]")
+
+
 def load_cell(cell: Cell, reporter: Reporter) -> dict | None:
-    """The stored record of a finished cell, or None (a damaged file is recomputed)."""
+    """The stored record of a finished cell, or None (a damaged or edited file is recomputed,
+    with a warning)."""
     if not cell.path.is_file():
         return None
     try:
         record = parse_json(cell.path.read_text(encoding="utf-8"))
         if not isinstance(record, dict) or record.get("key") != cell.key:
             raise ValueError("not this cell's record")
+        check_record(record)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         reporter.warn(f"{cell.path} is unreadable ({e}); computing the cell again")
         return None
@@ -361,7 +401,8 @@ def benchmark(settings: BenchmarkSettings, encoders: list[tuple[str, Path]], rep
         reporter, on_cell = Reporter(), None
     out = Path(settings.out)
     try:
-        cells = plan(settings, open_encoders(encoders, reporter), resolve_precision(settings.precision, device), reporter, ctx)
+        cells = plan(settings, open_encoders(encoders, reporter), resolve_precision(settings.precision, device), reporter, ctx,
+                     force)
         for cell in cells:
             cell.record = None if force else load_cell(cell, reporter)
             cell.cached = cell.record is not None

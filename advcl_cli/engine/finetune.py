@@ -61,7 +61,7 @@ from ..distributed import local_slice, on_main, prepare_model, shutdown
 from .evaluate import class_names_differ, evaluate
 from .loop import Loop
 from ..report import Reporter, plural
-from .run import RunDir, RunResult, begin_derived_run, begin_run, load_split, restore
+from .run import RunDir, RunResult, begin_derived_run, begin_run, holds_run_folder, load_split, restore
 
 CLASSIFIER_FILE = "classifier.safetensors"
 PROTOCOL: dict[str, dict[str, Any]] = {  # the RobustSSL benchmark's defaults (REFERENCE.md)
@@ -287,6 +287,7 @@ def split_validation(data, fraction: float, seed: int):
     return _subset(data, perm[n_val:].sort().values), _subset(data, perm[:n_val].sort().values)
 
 
+@holds_run_folder
 def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, resume: bool = False,
              force: bool = False) -> RunResult:
     """Finetune ``parent`` (an encoder or classifier checkpoint) with ``settings.scheme``."""
@@ -296,7 +297,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     settings = with_protocol(settings, parent.meta.method, dataset, source)
     dual_bn = bool(protocol(parent.meta.method, settings.scheme, dataset, source).get("dual_bn"))
     scheme = SCHEMES[settings.scheme](settings, dual_bn=dual_bn)
-    run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(CLASSIFIER_FILE,))
+    run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(CLASSIFIER_FILE,), verb="finetune")
     runtime, ctx, config, state, reporter = begin_derived_run(
         settings, run, parent, dataset, "finetunes", reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE)
     device, precision = runtime.device, runtime.precision

@@ -52,7 +52,7 @@ from ..distributed import broadcast_from_main, on_main, prepare_model, shutdown
 from .finetune import head_loss, supervised_step, trades_step
 from .loop import Loop
 from ..report import Reporter, plural
-from .run import RunDir, RunResult, begin_derived_run, begin_run, load_split, restore
+from .run import RunDir, RunResult, begin_derived_run, begin_run, holds_run_folder, load_split, restore
 
 ENCODER_FILE = "encoder.safetensors"
 LABELS_FILE = "pseudo-labels.safetensors"
@@ -126,6 +126,7 @@ class Steps:
                            random_start=False)
 
 
+@holds_run_folder
 def lpaft(settings, parent: Checkpoint, reporter: Reporter | None = None, *, resume: bool = False,
           force: bool = False) -> RunResult:
     """DynACL++'s post-processing of the encoder ``parent``; returns the new encoder's path."""
@@ -136,7 +137,7 @@ def lpaft(settings, parent: Checkpoint, reporter: Reporter | None = None, *, res
     dataset = settings.dataset or parent.meta.dataset
     encoder = parent.build("cpu")
     bn, keep, cluster_bn = bn_routes(encoder.config.bn_sets, settings)
-    run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(ENCODER_FILE, LABELS_FILE))
+    run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(ENCODER_FILE, LABELS_FILE), verb="lpaft")
     runtime, ctx, config, state, reporter = begin_derived_run(
         settings, run, parent, dataset, "post-processes", reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE)
     device, precision = runtime.device, runtime.precision

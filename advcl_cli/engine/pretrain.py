@@ -13,9 +13,10 @@ not change); the run folder is created
 batches of ``Batches``.
 Under torchrun every rank walks the same global batches and the method keeps the rank's slice,
 so N processes match one process. After every epoch rank 0 appends to ``metrics.jsonl`` and
-saves the resume state (the method's own tensors included); every ``save_every`` epochs and at
-the end it saves ``encoder.safetensors``: the network ``method.export(model)`` names (the
-trained one, or DynACL's momentum encoder).
+saves the resume state (the method's own tensors included, and the sha256 of every input file);
+every ``save_every`` epochs and at the end it then saves ``encoder.safetensors``: the network
+``method.export(model)`` names (the trained one, or DynACL's momentum encoder). The state says
+"finished" only once the last encoder is on disk, so a crash between the two writes resumes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint, check_checkpoint, load_checkpoint, save_model
+from ..checkpoint import Checkpoint, check_checkpoint, load_checkpoint, save_model, sha256_file
 from ..data.batches import Batches
 from ..data.registry import num_classes_of
 from ..errors import UsageError, require_file
@@ -36,7 +37,7 @@ from ..device import runtime_of
 from ..distributed import init_distributed, prepare_model, shutdown
 from .loop import Loop
 from ..report import Reporter, plural
-from .run import RunDir, RunResult, begin_run, check_resume_config, load_split, open_run, restore
+from .run import RunDir, RunResult, begin_run, check_resume_config, holds_run_folder, load_split, open_run, restore
 
 ENCODER_FILE = "encoder.safetensors"
 # settings that may change when a run is resumed (they do not change what is computed)
@@ -103,12 +104,28 @@ def make_method(settings, n_images: int, device: torch.device | str = "cpu"):
     return get_method(settings.method)(settings, n_images=n_images, device=device, inputs=load_inputs(settings, n_images))
 
 
+def input_digests(settings) -> dict[str, str]:
+    """The sha256 of every input file (``--pseudo-labels``, ``--teacher``), kept in the resume
+    state: a resumed run reads the same bytes."""
+    return {name: sha256_file(path) for name, (_, path) in input_fields(settings).items()}
+
+
+def check_inputs_unchanged(settings, stored: dict) -> None:
+    for name, digest in input_digests(settings).items():
+        if stored.get(name, digest) != digest:
+            flag = f"--{name.replace('_', '-')}"
+            raise UsageError(f"the {flag} file {getattr(settings, name)} is not the one this run started from "
+                             f"(sha256 {digest[:12]}... now, {str(stored[name])[:12]}... then)",
+                             f"resume with the same {flag} file, or start over with --force")
+
+
+@holds_run_folder
 def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False, force: bool = False) -> RunResult:
     reporter = reporter or Reporter()
     runtime = runtime_of(settings)
     device, precision = runtime.device, runtime.precision
     ctx = init_distributed(device)
-    run = RunDir(settings.out or default_run_dir(settings), artifacts=(ENCODER_FILE,))
+    run = RunDir(settings.out or default_run_dir(settings), artifacts=(ENCODER_FILE,), verb="pretrain")
     check_settings(settings)
     for name, (_, path) in input_fields(settings).items():
         if run.holds(path):
@@ -120,6 +137,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
                       "robust and records no eps (use --pgd-steps 1 or more, the paper uses 5)")
     if state is not None:
         check_resume_config(state["config"], settings.to_config(), RESUME_MAY_CHANGE)
+        check_inputs_unchanged(settings, state["extra"].get("inputs", {}))
         if state.get("finished"):
             if ctx.is_main:
                 reporter.log(f"{run.path} already finished all {state['epoch']} epochs")
@@ -159,20 +177,28 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
     parent = next((c.sha256 for c in method.inputs.values() if isinstance(c, Checkpoint)), None)
     config = {**settings.to_config(), "runtime": runtime.record()}  # what ran, in every encoder
     saved = {"note": f"the last saved encoder is {encoder}" if encoder.exists() else "no encoder was saved yet"}
+    extra = {"runtime": config["runtime"], "inputs": input_digests(settings)}
     last = {"metrics": (run.read_metrics() or [{}])[-1] if start else {}}
 
     def end_epoch(done: int, metrics: dict) -> None:
         last["metrics"] = metrics
-        if not ctx.is_main:
-            return
-        run.append_metrics(metrics)
-        if done % settings.save_every == 0 or done == settings.epochs:
+        if ctx.is_main:
+            run.append_metrics(metrics)
+            save(done, metrics)
+
+    def save(done: int, metrics: dict) -> None:
+        # the state first: a crash before the encoder is written leaves a run that --resume continues
+        final = done == settings.epochs
+        state_of = dict(epoch=done, total_epochs=settings.epochs, config=settings.to_config(),
+                        extra={**extra, "method": method.state()})
+        run.save_state(model, optimizer, **state_of, finished=False)
+        if done % settings.save_every == 0 or final:
             save_model(encoder, method.export(model), kind="encoder", method=method.checkpoint_name, dataset=data.name,
                        eps=None if without_attack(settings) else method.eps, config=config,
-                       metrics=metrics, parent=parent, rescue=done == settings.epochs)
+                       metrics=metrics, parent=parent, rescue=final)
             saved["note"] = f"the last saved encoder is {encoder} (epoch {done})"
-        run.save_state(model, optimizer, epoch=done, total_epochs=settings.epochs, config=settings.to_config(),
-                       extra={"method": method.state(), "runtime": config["runtime"]})
+        if final:  # finished only once the encoder is on disk
+            run.save_state(model, optimizer, **state_of)
 
     loop = Loop(
         model=model, optimizer=optimizer, batches=batches, schedule=method.schedule(), name="pretrain",
@@ -189,5 +215,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
         )
     model.train()
     loop.run(start, settings.epochs, end_epoch)
+    if start == settings.epochs and ctx.is_main:  # the last epoch's state was saved, its encoder not yet
+        save(start, last["metrics"])
     shutdown(ctx)
     return RunResult(encoder, run.path, settings.epochs, last["metrics"], ctx.is_main, runtime=config["runtime"])

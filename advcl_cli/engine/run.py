@@ -1,22 +1,34 @@
-"""The run folder shared by the training engines: metrics log, resume state, guards.
+"""The run folder shared by the training engines: its lifecycle, metrics log, resume state, guards.
 
 A run folder holds the model file(s) the engine names (``encoder.safetensors``,
 ``classifier.safetensors``), ``state.safetensors`` (the resume state: weights, optimizer,
-epochs done, RNG states, the run's configuration) and ``metrics.jsonl`` (one JSON object per
-finished epoch). Nothing here knows which method trains the model.
+epochs done, RNG states, the run's configuration, the verb that trains it) and
+``metrics.jsonl`` (one JSON object per finished epoch), and ``.lock``. Nothing here knows which
+method trains the model. Every training engine (pretrain, finetune, lpaft) goes through
+``open_run`` and ``begin_run``, decorated with ``holds_run_folder``.
 
 Rules:
 
-- the folder is checked first (``check``, which writes nothing) and created or cleared only
-  when every other check has passed and training is about to start (``begin``), so a refused
-  run leaves no folder behind;
-- a fresh run refuses a folder that already holds a run (finished or not) unless ``force``;
-  with ``force`` the old files are deleted at ``begin``. A folder without a state file holds no
-  run: a fresh start reuses it (a stale metrics log is deleted; a model file only with ``force``);
+- a run folder belongs to one run: ``open`` takes an exclusive ``flock`` on ``.lock`` (which
+  holds the pid and host) before it checks anything and keeps it until the engine returns
+  (``holds_run_folder``); another start, resume or ``--force`` is refused while it is held
+  (exit 2, naming the pid). The kernel drops the lock of a process that is gone, so a crashed run
+  leaves no stale lock. Under torchrun rank 0 holds it while the others wait;
+- the folder is checked first (``check``, which writes nothing but the lock) and created or
+  cleared only when every other check has passed and training is about to start (``begin``),
+  so a refused run leaves no folder behind (a folder ``open`` made is removed again);
+- a folder is advcl's when it holds a resume state (which names its verb), or when ``.lock``
+  says that a run of this verb began there: a fresh run refuses a folder that holds a run
+  (finished or not) unless ``force``, and never replaces another verb's run, even with
+  ``force``; a metrics log or model file advcl did not write is replaced only with ``force``;
+  nothing that is not a regular file is ever replaced;
+- temporaries of the run's own files that a killed process left (``.state.safetensors.*.tmp``)
+  are removed at every start, resume and ``--force``;
 - ``resume`` needs a state file; the metrics log is cut back to the epochs the state holds,
   so a run killed after logging an epoch but before saving its state logs that epoch once;
-- the state is written atomically after every epoch, after the model file, so a crash loses at
-  most the epoch in progress;
+  a line of the log that is not an epoch record is named (only the last line may be torn);
+- the state is written atomically after every epoch; pretraining writes it before the
+  encoder, so a crash loses at most the epoch in progress and the printed hint always works;
 - the loss is checked for NaN/inf without a device sync per step: ``FiniteGuard.update`` keeps
   the first bad step in a device tensor and ``check`` (called at logging intervals and at the
   end of every epoch, before anything is saved) raises ``TrainingError`` naming the epoch and
@@ -25,15 +37,21 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
+import glob
 import json
 import os
+import socket
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ..checkpoint import (atomic_write, check_folder_writable, clean_state_dict, load_state, parse_json, save_state, unwrap,
+from ..checkpoint import (atomic_write, check_folder_writable, check_regular, clean_state_dict, load_state, parse_json, save_state, unwrap,
                           write_all)
 from ..data.registry import load_dataset, num_classes_of
 from ..distributed import barrier, init_distributed, on_main
@@ -43,6 +61,7 @@ from ..device import Runtime, runtime_of
 
 STATE_FILE = "state.safetensors"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"
 
 
 @dataclass
@@ -57,12 +76,36 @@ class RunResult:
     runtime: dict = field(default_factory=dict)  # what ran: device.Runtime.record()
 
 
-class RunDir:
-    """One run folder; ``artifacts`` are the model files the engine writes there."""
+_HELD: list["RunDir"] = []  # the run folders whose lock this process holds, newest last
 
-    def __init__(self, path: str | Path, artifacts: tuple[str, ...] = ("encoder.safetensors",)):
+
+def holds_run_folder(engine: Callable) -> Callable:
+    """A training engine's decorator: every run folder it locked (``RunDir.open``) is released
+    when it returns or fails, however it ends."""
+
+    @functools.wraps(engine)
+    def run(*args, **kwargs):
+        mark = len(_HELD)
+        try:
+            return engine(*args, **kwargs)
+        finally:
+            while len(_HELD) > mark:
+                _HELD.pop().release()
+
+    return run
+
+
+class RunDir:
+    """One run folder of ``verb``; ``artifacts`` are the model files the engine writes there."""
+
+    def __init__(self, path: str | Path, artifacts: tuple[str, ...] = ("encoder.safetensors",), verb: str | None = None):
         self.path = Path(path)
         self.artifacts = artifacts
+        self.verb = verb
+        self._lock: int | None = None  # the descriptor holding the flock
+        self._made: list[Path] = []  # what open created: removed again if the run never begins
+        self._began = False
+        self._lock_verb: str | None = None  # the verb of the last run that began here (.lock)
 
     @property
     def state_path(self) -> Path:
@@ -72,13 +115,23 @@ class RunDir:
     def metrics_path(self) -> Path:
         return self.path / METRICS_FILE
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK_FILE
+
     def artifact(self, name: str) -> Path:
         return self.path / name
+
+    @property
+    def own_files(self) -> tuple[Path, ...]:
+        """The files a run writes (and a fresh start with --force deletes)."""
+        return (self.state_path, self.metrics_path, *map(self.artifact, self.artifacts))
 
     def read_state(self) -> dict:
         try:
             state = load_state(self.state_path)
-        except CheckpointError:
+        except CheckpointError as e:
+            e.hint = e.hint or "start over with --force"
             raise
         except KeyError as e:  # a tensor the JSON names is not in the file
             raise self.damaged(f"tensor {e} is missing") from None
@@ -94,6 +147,10 @@ class RunDir:
             raise self.damaged("its config, model, optimizer or rng entry is not a table")
         return state
 
+    @property
+    def what(self) -> str:
+        return f"advcl {self.verb} run" if self.verb else "advcl run"
+
     def damaged(self, what: str) -> CheckpointError:
         return CheckpointError(f"resume state {self.state_path} is damaged: {what}", "start over with --force")
 
@@ -101,24 +158,109 @@ class RunDir:
         """The configuration of the run in this folder, or None without a state file."""
         return self.read_state().get("config") if self.state_path.is_file() else None
 
-    def check(self, *, resume: bool, force: bool) -> dict | None:
-        """Check the folder for a fresh or resumed run, changing nothing; return the resume
-        state (None: fresh). A folder without a state file holds no run: a fresh start reuses
-        it (``begin`` clears a stale metrics log), though a model file in it is replaced only
-        with ``force``."""
+    # --- the lifecycle --------------------------------------------------------------------
+    def open(self, *, resume: bool, force: bool) -> dict | None:
+        """Lock the folder for this run, check it (``check``) and remove the temporaries a
+        killed run left; return the resume state (None: fresh). A refusal releases the lock."""
         if resume and force:
             raise UsageError("--resume and --force contradict each other", "--resume continues a run, --force starts over")
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"--out {self.path} is a file, not a run folder", "choose a folder path for --out")
+        check_folder_writable(self.path, f"--out {self.path}")
+        try:
+            self.acquire()
+            state = self.check(resume=resume, force=force)
+            self.remove_temporaries()
+        except BaseException:
+            self.release()
+            raise
+        return state
+
+    def acquire(self) -> None:
+        """Hold ``.lock`` (created with the folder if need be), or a UsageError naming the
+        process that holds it."""
+        try:
+            self._made = [p for p in (self.lock_path, self.path, *self.path.parents) if not p.exists()]
+            self.path.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    holder = self._read_lock(fd)
+                    os.close(fd)
+                    if not isinstance(e, BlockingIOError):  # a file system without locks
+                        raise
+                    raise UsageError(f"{self.path} is in use by another run (pid {holder.get('pid', '?')} on "
+                                     f"{holder.get('host', '?')})",
+                                     "wait until it ends, or choose another --out") from None
+                try:  # the file locked is still the one at the path (not one a refused start removed)
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.lock_path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)
+            self._lock = fd
+            _HELD.append(self)
+            self._lock_verb = self._read_lock(fd).get("verb")
+            self._write_lock(self._lock_verb)
+        except OSError as e:
+            raise os_error(e, e.filename or self.lock_path) from None
+
+    @staticmethod
+    def _read_lock(fd: int) -> dict:
+        try:
+            record = parse_json(os.pread(fd, 4096, 0) or b"{}")
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def _write_lock(self, verb: str | None) -> None:
+        data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "verb": verb}).encode()
+        os.ftruncate(self._lock, 0)
+        os.pwrite(self._lock, data, 0)
+
+    def release(self) -> None:
+        """Let the lock go; the lock file and folder ``open`` made for a run that never began
+        are removed again."""
+        if self._lock is None:
+            return
+        fd, self._lock = self._lock, None
+        if self in _HELD:
+            _HELD.remove(self)
+        try:
+            if not self._began:  # the lock file first, then the folders, deepest first
+                for made in self._made:
+                    with contextlib.suppress(OSError):
+                        made.unlink() if made == self.lock_path else made.rmdir()
+        finally:
+            os.close(fd)
+
+    def check(self, *, resume: bool, force: bool) -> dict | None:
+        """Check the folder for a fresh or resumed run, changing nothing; return the resume
+        state (None: fresh). See the rules at the top."""
+        for own in self.own_files:  # a device, pipe or link is never replaced, not even with --force
+            check_regular(own)
+        state = None
+        if self.state_path.is_file():
+            try:
+                state = self.read_state()
+            except CheckpointError:  # a damaged state: --force (its hint) starts over
+                if resume or not force:
+                    raise
+        if state is not None and self.verb is not None and (state.get("verb") or self.verb) != self.verb:
+            raise UsageError(f"{self.path} holds an advcl {state['verb']} run, not a {self.verb} run",
+                             f"choose another --out: advcl {self.verb} never replaces another verb's run, not even with --force")
         if resume:
-            if not self.state_path.is_file():
+            if state is None:
                 raise UsageError(
                     f"nothing to resume in {self.path}: no {STATE_FILE}",
                     "start the run without --resume (pass the same --out)",
                 )
-            return self.read_state()
-        if self.state_path.is_file() and not force:
-            state = self.read_state()
+            self.read_metrics()  # a damaged log is named now, before anything is done
+            return state
+        if state is not None and not force:
             if state.get("finished"):
                 raise UsageError(
                     f"{self.path} already holds a finished run ({state['epoch']} epochs)",
@@ -128,28 +270,38 @@ class RunDir:
                 f"{self.path} holds an unfinished run ({state['epoch']} of {state['total_epochs']} epochs)",
                 "pass --resume to continue it, --force to start over, or choose another --out",
             )
-        models = [p for p in map(self.artifact, self.artifacts) if p.exists()]
-        if models and not force:
-            raise UsageError(f"{self.path} already holds {models[0].name}",
+        began_here = self._lock_verb is not None and self._lock_verb == self.verb
+        others = [p for p in self.own_files if p.exists()]
+        if state is None and others and not force and not began_here:
+            raise UsageError(f"{self.path} already holds {others[0].name}, which no {self.what} wrote",
                              "pass --force to overwrite it, or choose another --out")
-        check_folder_writable(self.path, f"--out {self.path}")
         return None
+
+    def remove_temporaries(self) -> None:
+        """The temporary files of this run's own names that a killed writer left behind."""
+        for own in self.own_files:
+            for tmp in self.path.glob(f".{glob.escape(own.name)}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+        for probe in self.path.glob(".advcl-probe-*"):
+            probe.unlink(missing_ok=True)
 
     def holds(self, path: str | Path) -> bool:
         """Whether ``path`` is one of the files this run folder writes (or deletes)."""
         target = Path(path).resolve()
-        own = (self.state_path, self.metrics_path, *map(self.artifact, self.artifacts))
-        return any(target == p.resolve() for p in own)
+        return any(target == p.resolve() for p in self.own_files)
 
     def begin(self, state: dict | None) -> None:
         """Start writing, once every check has passed: a fresh run deletes the old run's files
         (``check`` allowed it) and creates the folder; a resumed one cuts the metrics log back
-        to the epochs its state holds."""
+        to the epochs its state holds. ``.lock`` records that a run of this verb began here."""
         try:
+            self._began = True
+            if self._lock is not None:
+                self._write_lock(self.verb)
             if state is not None:
                 self._truncate_metrics(int(state["epoch"]))
                 return
-            for p in (self.state_path, self.metrics_path, *map(self.artifact, self.artifacts)):
+            for p in self.own_files:
                 if p.exists():
                     p.unlink()
             self.path.mkdir(parents=True, exist_ok=True)
@@ -170,21 +322,33 @@ class RunDir:
             raise os_error(e, self.metrics_path) from None
 
     def read_metrics(self) -> list[dict]:
-        """The logged epochs; a line torn by a crash mid-write is skipped."""
+        """The logged epochs; a last line torn by a crash mid-write is skipped. Any other line
+        that is not an epoch record (an object with an integer ``epoch``) is a CheckpointError
+        naming it."""
         if not self.metrics_path.is_file():
             return []
+        try:
+            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {self.metrics_path}: {e}", "start over with --force") from None
         records = []
-        for line in self.metrics_path.read_text().splitlines():
+        for n, line in enumerate(lines, 1):
             try:
-                records.append(parse_json(line))
+                record = parse_json(line)
             except ValueError:  # also a line nested too deeply
-                continue
+                if n == len(lines):  # torn by a crash
+                    continue
+                record = None
+            if not (isinstance(record, dict) and type(record.get("epoch")) is int):
+                raise CheckpointError(f"{self.metrics_path} line {n} is not an epoch record: {line[:60]!r}",
+                                      "delete that line (the log has one JSON object per epoch), or start over with --force")
+            records.append(record)
         return records
 
     def _truncate_metrics(self, epochs_done: int) -> None:
         if not self.metrics_path.is_file():
             return
-        keep = [r for r in self.read_metrics() if int(r.get("epoch", 0)) <= epochs_done]
+        keep = [r for r in self.read_metrics() if r["epoch"] <= epochs_done]
         text = "".join(json.dumps(r) + "\n" for r in keep)
         if text != self.metrics_path.read_text():
             atomic_write(self.metrics_path, text.encode())
@@ -199,12 +363,15 @@ class RunDir:
         total_epochs: int,
         config: dict,
         extra: dict | None = None,
+        finished: bool | None = None,
     ) -> Path:
-        """Everything needed to continue after ``epoch`` finished epochs (atomic write)."""
+        """Everything needed to continue after ``epoch`` finished epochs (atomic write);
+        ``finished`` defaults to whether every epoch is done."""
         state = {
+            "verb": self.verb,
             "epoch": epoch,
             "total_epochs": total_epochs,
-            "finished": epoch >= total_epochs,
+            "finished": epoch >= total_epochs if finished is None else finished,
             "config": config,
             "model": clean_state_dict(unwrap(model).state_dict()),
             "optimizer": optimizer.state_dict(),
@@ -300,13 +467,14 @@ def check_parent(state: dict, sha256: str, run: "RunDir", does: str) -> None:
 
 def open_run(run: "RunDir", ctx, *, batch_size: int, resume: bool, force: bool) -> dict | None:
     """The start every training engine shares: the global batch must divide among the ranks;
-    rank 0 checks the folder (``RunDir.check``: nothing is written yet) while the others wait,
-    then the others read the resume state. Returns that state (None for a fresh run)."""
+    rank 0 locks and checks the folder (``RunDir.open``: nothing else is written yet) while the others wait,
+    then the others read the resume state. Returns that state (None for a fresh run). Rank 0
+    holds the folder's lock from here until the engine returns (``holds_run_folder``)."""
 
     if batch_size % ctx.world_size:
         raise UsageError(f"--batch-size {batch_size} does not divide among {ctx.world_size} processes",
                          "the batch size is the global batch: use a multiple of the process count")
-    state = on_main(lambda: run.check(resume=resume, force=force), ctx)
+    state = on_main(lambda: run.open(resume=resume, force=force), ctx)
     if not ctx.is_main and resume:
         state = run.read_state()
     return state

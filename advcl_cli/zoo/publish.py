@@ -12,7 +12,9 @@ rendered. Then, each Hub call through ``hub.retrying``:
    private); an existing public repository is never made private silently: ``--private`` is
    refused unless ``--make-private`` switches it first; ``--public`` on a private one is refused;
 3. the files commit (to ``--revision`` BRANCH, created from main if missing, or as a new pull
-   request with ``--create-pr``), then the manifest entry pinned to it;
+   request with ``--create-pr``) of one snapshot of the checkpoint's bytes (hashed and uploaded
+   as one), the Hub's LFS oid of it checked against that sha256, then the manifest entry
+   pinned to it;
 4. the card, in a second commit, with a usage snippet pinned to the files commit. A README.md on
    the Hub is rewritten only if advcl wrote it and nobody edited it since, or with
    ``--overwrite-card``.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,21 +262,24 @@ def push(
     _check_names(repo, zoo_entry, revision, private, make_private, create_pr)
     settings = resolve(HubSettings, {"hf_endpoint": endpoint, "zoo_manifest": manifest})
     ckpt_path = Path(ckpt_path)
-    meta = load_checkpoint(ckpt_path).meta  # header, names, shapes and finite weights, before anything is sent
-    public, changed = public_metadata(meta)
-
-    zoo: Manifest | None = None
-    existing = None
-    if zoo_entry is not None:
-        man_path = writable_manifest(settings.zoo_manifest)
-        zoo = load_manifest(man_path) if man_path.exists() else Manifest(man_path, {})
-        existing = zoo.entries.get(zoo_entry)
-    license = check_license(license or (existing.license if existing and existing.license else "mit"))
-    recipe = _card_recipe(list(recipe or (existing.recipe if existing else [])))
-    base_model = hub_model_of(meta.parent, [SHIPPED, manifest_path(settings.zoo_manifest)])
-
+    load_checkpoint(ckpt_path)  # header, names, shapes and finite weights, before anything is sent (or copied)
     with tempfile.TemporaryDirectory(prefix="advcl-push-") as tmp:
-        upload = with_metadata(ckpt_path, Path(tmp) / DEFAULT_FILENAME, public) if changed else ckpt_path
+        # one snapshot of the bytes: what is hashed, described and uploaded, even if the file is replaced meanwhile
+        snapshot = Path(shutil.copyfile(ckpt_path, Path(tmp) / "snapshot.safetensors"))
+        meta = load_checkpoint(snapshot).meta
+        public, changed = public_metadata(meta)
+
+        zoo: Manifest | None = None
+        existing = None
+        if zoo_entry is not None:
+            man_path = writable_manifest(settings.zoo_manifest)
+            zoo = load_manifest(man_path) if man_path.exists() else Manifest(man_path, {})
+            existing = zoo.entries.get(zoo_entry)
+        license = check_license(license or (existing.license if existing and existing.license else "mit"))
+        recipe = _card_recipe(list(recipe or (existing.recipe if existing else [])))
+        base_model = hub_model_of(meta.parent, [SHIPPED, manifest_path(settings.zoo_manifest)])
+
+        upload = with_metadata(snapshot, Path(tmp) / DEFAULT_FILENAME, public) if changed else snapshot
         digest = sha256_file(upload)
 
         def pin(commit: str) -> Entry:
@@ -313,6 +319,24 @@ def push(
     return result
 
 
+def check_on_hub(repo: str, commit: str, sha256: str, endpoint: str, reporter: Reporter) -> None:
+    """The Hub's LFS oid of the uploaded checkpoint at ``commit`` must be ``sha256`` (what was
+    hashed): else no manifest entry or card pins a file the Hub does not hold."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    url = hf_hub_url(repo, DEFAULT_FILENAME, revision=commit, endpoint=endpoint)
+    try:
+        held = retrying(lambda: get_hf_file_metadata(url).etag, f"check of {DEFAULT_FILENAME} in {repo}@{commit[:12]}", reporter)
+    except AdvclError:
+        raise
+    except Exception as e:
+        raise hub_error(e, endpoint, repo, commit, DEFAULT_FILENAME) from None
+    if held != sha256:
+        raise DownloadError(f"{repo}@{commit[:12]} holds {DEFAULT_FILENAME} with sha256 {str(held)[:12]}..., not the "
+                            f"{sha256[:12]}... that was uploaded; no manifest entry or model card pins it",
+                            "push again (the checkpoint may have changed during the upload)")
+
+
 def send(plan: Plan, reporter: Reporter) -> None:
     """Steps 1-4 of the module docstring; fills in ``plan.result``."""
     from huggingface_hub import CommitOperationAdd, HfApi
@@ -347,6 +371,7 @@ def send(plan: Plan, reporter: Reporter) -> None:
     else:
         reporter.log(f"pushed {DEFAULT_FILENAME} and {CONFIG} to {repo}@{commit}" + (f" as {info.pr_url}" if getattr(info, "pr_url", None) else ""))
     result.commit, result.url, result.pr_url = commit, info.commit_url, getattr(info, "pr_url", None)
+    check_on_hub(repo, commit, result.sha256, ep, reporter)  # before anything pins it
     if plan.zoo is not None:
         plan.zoo.entries[result.zoo_entry] = result.entry = plan.pin(commit)
         write_manifest(plan.zoo)
