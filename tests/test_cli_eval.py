@@ -38,9 +38,10 @@ def one_error_line(err):
 
 def test_encoder_through_finetune_then_eval_json(run_cli, encoder):
     code, out, err = run_cli("finetune", encoder, "--scheme", "slf", "--epochs", "1", "--limit", "64",
-                             "--batch-size", "32", "--eval-limit", "8", "--image-size", "16", "--out", "ft")
+                             "--batch-size", "32", "--eval-limit", "8", "--image-size", "16", "--out", "ft", "--json")
     assert code == 0, err
-    path = out.strip()
+    finetuned = out
+    path = json.loads(finetuned)["path"]
     assert path.endswith("classifier.safetensors") and "test (8 images)" in err
 
     code, out, err = run_cli("eval", path, "--attack", "pgd5", "--attack", "fgsm", "--limit", "12", "--json")
@@ -57,6 +58,11 @@ def test_encoder_through_finetune_then_eval_json(run_cli, encoder):
     code, out2, err = run_cli("eval", "--limit", "12", "--json", stdin=path + "\n")  # the path on stdin
     assert code == 0, err
     assert json.loads(out2)["clean_acc"] == doc["clean_acc"]
+    code, out2, err = run_cli("eval", "--limit", "12", "--json", stdin=finetuned)  # finetune --json on stdin: its path
+    assert code == 0, err
+    assert json.loads(out2)["model"] == path and json.loads(out2)["clean_acc"] == doc["clean_acc"]
+    code, out2, err = run_cli("eval", "--limit", "12", stdin=out)  # eval's JSON names no file to read
+    assert code == 2 and out2 == "" and "JSON document without a 'path'" in one_error_line(err)
 
 
 def test_eval_table_eps_list_and_plot(run_cli, classifier, tmp_path):

@@ -153,7 +153,24 @@ def stdin_lines(what: str, hint: str) -> list[str]:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise UsageError(f"no {what} given: stdin was empty", "did the command before the pipe fail?")
+    if lines[0].startswith(("{", "[")):
+        return [_json_path(text, what)]
     return lines
+
+
+def _json_path(text: str, what: str) -> str:
+    """The ``path`` of a JSON document on stdin (what `--json` of pretrain, finetune, lpaft,
+    import and pull prints)."""
+    import json
+
+    hint = "pipe a command that makes a file (pretrain, finetune, import, pull), with or without --json"
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        raise UsageError(f"stdin holds no {what}: it starts like JSON but is not one JSON document", hint) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("path"), str) or not doc["path"]:
+        raise UsageError(f"stdin holds a JSON document without a 'path', not a {what}", hint)
+    return doc["path"]
 
 
 def model_path(value: str | None) -> Path:
