@@ -4,6 +4,7 @@ No ``from __future__ import annotations``: Typer reads the annotations at defini
 """
 
 from ..settings import FinetuneSettings
+from .helpcache import cached
 from .options import ConfigOpt, ForceOpt, JsonOpt, ModelArg, ResumeOpt, model_path, settings_options, with_options
 
 PROTOCOL_NOTE = (
@@ -79,7 +80,8 @@ def protocol_help() -> str:
 
 def command(full: bool):
     """`advcl finetune`; ``full`` lists each method's protocol in the help (importing them)."""
-    finetune.__doc__ = DOC.replace("PROTOCOL", PROTOCOL_NOTE + (protocol_help() if full else ""), 1)
+    protocols = cached("finetune", protocol_help) if full else ""
+    finetune.__doc__ = DOC.replace("PROTOCOL", PROTOCOL_NOTE + protocols, 1)
     return with_options(finetune, settings_options(FinetuneSettings))
 
 
