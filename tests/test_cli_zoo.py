@@ -80,6 +80,12 @@ def test_zoo_list_shows_the_paper_models(run_cli):
     assert doc["advcl-r18-cifar10-slf"]["metrics"]["pgd20"] == {"value": 0.5045, "status": "reported", "source": shipped["source"], "command": None}
 
 
+def test_zoo_list_warns_of_an_unknown_advcl_variable(run_cli, monkeypatch):
+    monkeypatch.setenv("ADVCL_ZOO_MANIFST", "team.toml")
+    code, out, err = run_cli("zoo", "list")
+    assert code == 0 and "warning: environment variable ADVCL_ZOO_MANIFST is not an advcl setting" in err
+
+
 def test_zoo_info_shows_provenance_and_recipe(run_cli):
     code, out, _ = run_cli("zoo", "info", "advcl-r18-cifar10-slf")
     assert code == 0

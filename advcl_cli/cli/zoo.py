@@ -30,7 +30,7 @@ def _manifest(options, config):
     from ..config import resolve
     from ..zoo.manifest import load_manifest, manifest_path
 
-    settings = resolve(HubSettings, options, config_file=config)
+    settings = resolve(HubSettings, options, config_file=config, warn=Output().warn)
     return load_manifest(manifest_path(settings.zoo_manifest))
 
 
@@ -59,7 +59,7 @@ def list_entries(json_mode: JsonOpt = False, config: ConfigOpt = None, **options
 
     \b
       advcl zoo list
-      advcl zoo list --json --manifest my-team-zoo.toml
+      advcl zoo list --json --manifest team-zoo.toml
     """
     zoo = _manifest(options, config)
     rows, docs = [], []
