@@ -18,7 +18,8 @@ DOC = """Pretrain an encoder with one of the methods below; print the encoder ch
     Example, offline in about a minute on a CPU:
 
     \b
-      advcl pretrain --dataset digits --arch resnet18-tiny --epochs 2 --batch-size 64
+      advcl pretrain --dataset digits --arch resnet18-tiny --epochs 2 \\
+        --batch-size 64 --out runs/first
 
     AdvCL with pseudo labels from a SimCLR encoder, then resuming after an interruption:
 
