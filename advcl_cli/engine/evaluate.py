@@ -228,6 +228,7 @@ def evaluate(
     for attack in attacks:
         for eps in eps_list:
             label = f"{attack.name} eps={format_eps(eps)}"
+            progress = {"progress": reporter.log} if attack.kind == "autoattack" else {}  # AutoAttack's own lines
             local, local_bad = [], []
             reporter.start(label, n, unit="img")
             _sync(device)
@@ -239,8 +240,7 @@ def evaluate(
                     a, b = a - part.start, b - part.start
                     x, y = to_float(images[a:b]), labels[a:b]
                     gen.manual_seed(block_seed(seed, k))
-                    x_adv = attack(logits, x, y, eps, gen=gen, seed=block_seed(seed, k), log=reporter.warn,
-                                   progress=reporter.log if attack.kind == "autoattack" else None)
+                    x_adv = attack(logits, x, y, eps, gen=gen, seed=block_seed(seed, k), log=reporter.warn, **progress)
                     with torch.no_grad():
                         adv_logits = logits(x_adv)
                     adv_pred = adv_logits.argmax(1)
