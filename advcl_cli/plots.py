@@ -122,7 +122,9 @@ def benchmark_chart(records: list[dict], path: str | Path, reported=None, title:
         ax.set_title(name, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("accuracy (%); black line = reported")
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()  # below the panels: it covers no bar or label
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 3) or 1,
+               fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)

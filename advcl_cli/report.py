@@ -12,6 +12,12 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def duration(seconds: float) -> str:
+    """``42 s``, ``3 min 5 s``."""
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
 class Reporter:
     """Silent reporter; subclasses render or record."""
 

@@ -259,7 +259,8 @@ class FinetuneSettings(DataSettings, SpeedSettings):
                                       "PGD-20 accuracy on it (default 0: keep the last epoch).", ge=0, lt=1)
     bn_set: str | None = option(None, "The encoder's batch-norm set to start from (default: pgd, or its only set; "
                                       "AFF of an ACL-family encoder keeps normal and pgd).")
-    eval_limit: int | None = option(None, "Test images for the final clean / PGD-20 accuracy (default all).", ge=1)
+    eval_limit: int | None = option(None, "Test images for the final clean / PGD-20 accuracy (default all; 0: no final "
+                                    "evaluation).", ge=0)
 
 
 class LpaftSettings(DataSettings, SpeedSettings):

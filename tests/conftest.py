@@ -16,6 +16,9 @@ torch.set_num_threads(1)
 # session, whatever ADVCL_DATA_DIR the machine sets (subprocesses inherit it).
 os.environ["ADVCL_DATA_DIR"] = tempfile.mkdtemp(prefix="advcl-test-data-")
 atexit.register(shutil.rmtree, os.environ["ADVCL_DATA_DIR"], True)
+# The help cache (advcl_cli/cli/helpcache.py) of this session, not the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="advcl-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 
 @pytest.fixture(autouse=True)

@@ -86,6 +86,7 @@ def test_the_digits_benchmark_writes_every_cell_results_leaderboard_and_chart(fi
                                                         "image_size=16", "attack=pgd5"]
         meta = read_metadata(r["classifier"])
         assert (meta.kind, meta.config["scheme"], meta.parent) == ("classifier", r["scheme"], sha)
+        assert "pgd20_acc" not in meta.metrics  # PGD-20 once per cell: the cell's evaluation, not the finetuning's too
     # the protocol of the encoder's method fills what the smoke flags left: lr and milestones per scheme
     ft = {r["scheme"]: r["settings"]["finetune"] for r in records}
     assert [(ft[s]["epochs"], ft[s]["batch_size"], ft[s]["lr"], ft[s]["milestones"]) for s in ("slf", "alf", "aff")] == [

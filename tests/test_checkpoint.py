@@ -271,3 +271,29 @@ def test_resume_state_round_trip(tmp_path):
     opt2.load_state_dict(back["optimizer"])
     for k, v in opt.state_dict()["state"].items():
         assert torch.equal(opt2.state_dict()["state"][k]["momentum_buffer"], v["momentum_buffer"])
+
+
+def test_load_model_as_an_encoder_gives_the_chosen_bn_sets_features(tmp_path):
+    from nets import randomise_batch_norms
+
+    import advcl_cli
+
+    net = randomise_batch_norms(create_model("resnet18-tiny", bn_sets=("normal", "pgd"), proj_dim=16, proj_head="mlp3"))
+    path = save_model(tmp_path / "enc.safetensors", net.eval(), kind="encoder", method="acl", dataset="digits")
+    x = torch.rand(3, 3, 32, 32)
+    with pytest.raises(CheckpointError, match="encoder checkpoint"):
+        advcl_cli.load_model(path)  # the default kind is still the classifier
+    features = advcl_cli.load_model(path, kind="encoder")
+    assert isinstance(features, torch.nn.Module) and not features.training
+    with torch.no_grad():
+        out = features(x)
+        assert out.shape == (3, 64)
+        assert torch.equal(out, net.features(x, "pgd"))  # the robust set by default
+        assert torch.equal(advcl_cli.load_model(path, kind="encoder", bn_set="normal")(x), net.features(x, "normal"))
+        assert not torch.equal(out, net.features(x, "normal"))
+    clf = create_model("resnet18-tiny", num_classes=10).eval()
+    clf_path = save_model(tmp_path / "clf.safetensors", clf, kind="classifier", method="simclr", dataset="digits")
+    with torch.no_grad():  # a classifier's encoder: its backbone, the head left out
+        assert torch.equal(advcl_cli.load_model(clf_path, kind="encoder")(x), clf.features(x))
+    with pytest.raises(UsageError, match="kind must be"):
+        advcl_cli.load_model(path, kind="features")

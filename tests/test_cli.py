@@ -30,7 +30,7 @@ def test_errors_have_no_traceback_unless_debug(tmp_path):
     assert quiet.returncode == 2 and quiet.stdout == ""
     assert "Traceback" not in quiet.stderr and len(quiet.stderr.strip().splitlines()) <= 2
     loud = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "ADVCL_DEBUG": "1"})
-    assert loud.returncode != 0 and "Traceback" in loud.stderr
+    assert loud.returncode == 2 and "Traceback" in loud.stderr  # the traceback, and still the usage error's code
 
 
 def test_help_shows_only_budgets_as_k_over_255():

@@ -38,9 +38,10 @@ def one_error_line(err):
 
 def test_encoder_through_finetune_then_eval_json(run_cli, encoder):
     code, out, err = run_cli("finetune", encoder, "--scheme", "slf", "--epochs", "1", "--limit", "64",
-                             "--batch-size", "32", "--eval-limit", "8", "--image-size", "16", "--out", "ft")
+                             "--batch-size", "32", "--eval-limit", "8", "--image-size", "16", "--out", "ft", "--json")
     assert code == 0, err
-    path = out.strip()
+    finetuned = out
+    path = json.loads(finetuned)["path"]
     assert path.endswith("classifier.safetensors") and "test (8 images)" in err
 
     code, out, err = run_cli("eval", path, "--attack", "pgd5", "--attack", "fgsm", "--limit", "12", "--json")
@@ -57,6 +58,11 @@ def test_encoder_through_finetune_then_eval_json(run_cli, encoder):
     code, out2, err = run_cli("eval", "--limit", "12", "--json", stdin=path + "\n")  # the path on stdin
     assert code == 0, err
     assert json.loads(out2)["clean_acc"] == doc["clean_acc"]
+    code, out2, err = run_cli("eval", "--limit", "12", "--json", stdin=finetuned)  # finetune --json on stdin: its path
+    assert code == 0, err
+    assert json.loads(out2)["model"] == path and json.loads(out2)["clean_acc"] == doc["clean_acc"]
+    code, out2, err = run_cli("eval", "--limit", "12", stdin=out)  # eval's JSON names no file to read
+    assert code == 2 and out2 == "" and "JSON document without a 'path'" in one_error_line(err)
 
 
 def test_eval_table_eps_list_and_plot(run_cli, classifier, tmp_path):
@@ -93,12 +99,22 @@ def trained_classifier(tmp_path_factory):
 def test_eval_autoattack_from_the_cli(run_cli, trained_classifier):
     # eps large enough that APGD-CE breaks every image: the standard ensemble's later attacks
     # (FAB-T, Square with 5000 queries) cost about a second per surviving image on a CPU
-    code, out, err = run_cli("eval", trained_classifier, "-a", "autoattack", "--eps", "64/255", "--limit", "6", "--json")
+    code, out, err = run_cli("eval", trained_classifier, "-a", "autoattack", "--eps", "64/255", "--limit", "6",
+                             "--batch-size", "3", "--json")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["clean_acc"] > 0.5
     assert doc["robust"][0]["attack"] == "autoattack" and doc["robust"][0]["robust_acc"] < doc["clean_acc"]
     assert "pyautoattack" in doc["attacks"]["autoattack"] and "pyautoattack" in err
+    # progress while it runs: a line per finished attack of each block (3 images) and one per block
+    lines = err.splitlines()
+    after_attack = [i for i, line in enumerate(lines) if line.startswith("autoattack: apgd-ce done, ") and "/3 images still robust" in line]
+    first_block = [i for i, line in enumerate(lines) if line.startswith("autoattack eps=64/255: 3/6 images, ") and "robust so far" in line
+                   and "elapsed, about " in line and line.endswith(" left")]
+    last_block = [i for i, line in enumerate(lines) if line.startswith("autoattack eps=64/255: 6/6 images, ")]
+    result = [i for i, line in enumerate(lines) if "autoattack eps=64/255: robust accuracy" in line]
+    assert len(after_attack) == 2 and len(first_block) == len(last_block) == len(result) == 1, err
+    assert after_attack[0] < first_block[0] < after_attack[1] < last_block[0] < result[0], err
 
 
 def test_plot_without_matplotlib_says_how_to_install_it(run_cli, classifier, monkeypatch):

@@ -27,7 +27,11 @@ def test_pretrain_json_and_finished_run_guard(run_cli, tmp_path):
     code, out, err = run_cli("pretrain", *SMALL, "--method", "simclr", "--epochs", "1", "--out", "r")
     assert code == 2 and out == "" and "finished run" in err and "--force" in err
     code, out, err = run_cli("pretrain", *SMALL, "--method", "simclr", "--epochs", "1", "--out", "r", "--force")
-    assert code == 0 and out.strip().endswith("encoder.safetensors")
+    assert code == 0 and out.strip().endswith("encoder.safetensors") and "warm-up" not in err
+    # a run no longer than its warm-up ends at the peak learning rate: said once, on stderr
+    code, out, err = run_cli("pretrain", *SMALL, "--method", "simclr", "--epochs", "1", "--warmup-epochs", "3",
+                             "--out", "r", "--force")
+    assert code == 0 and "warning: --epochs 1: the whole run is simclr's learning-rate warm-up" in err
 
 
 def test_the_last_partial_batch_is_kept_unless_drop_last(run_cli, tmp_path):

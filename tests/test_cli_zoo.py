@@ -76,7 +76,15 @@ def test_zoo_list_shows_the_paper_models(run_cli):
     assert len(doc) == 8 and not any(e["published"] for e in doc.values())
     shipped = tomllib.loads(SHIPPED.read_text())["advcl-r18-cifar10-slf"]["metrics"]["pgd20"]  # the file itself, not advcl's reader
     assert shipped["source"] == "advcl-paper"  # an id of the published numbers (benchmark/reported.toml)
-    assert doc["advcl-r18-cifar10-slf"]["metrics"]["pgd20"] == {"value": 50.45, "status": "reported", "source": shipped["source"], "command": None}
+    # the file holds the paper's percent; JSON carries fractions, as eval, finetune and benchmark do
+    assert shipped["value"] == 50.45
+    assert doc["advcl-r18-cifar10-slf"]["metrics"]["pgd20"] == {"value": 0.5045, "status": "reported", "source": shipped["source"], "command": None}
+
+
+def test_zoo_list_warns_of_an_unknown_advcl_variable(run_cli, monkeypatch):
+    monkeypatch.setenv("ADVCL_ZOO_MANIFST", "team.toml")
+    code, out, err = run_cli("zoo", "list")
+    assert code == 0 and "warning: environment variable ADVCL_ZOO_MANIFST is not an advcl setting" in err
 
 
 def test_zoo_info_shows_provenance_and_recipe(run_cli):
@@ -149,7 +157,7 @@ def test_pull_by_name_and_zoo_info_of_a_cached_entry(run_cli, env):
     code, out, _ = run_cli("zoo", "info", "tiny-slf", "--json")
     doc = json.loads(out)
     assert doc["repo"] == repo and doc["revision"] == commit and doc["cache"] == {"cached": True, "path": pulled, "sha256_ok": True}
-    assert doc["metrics"]["sa"]["status"] == "measured" and doc["metrics"]["sa"]["value"] == 88.0
+    assert doc["metrics"]["sa"]["status"] == "measured" and doc["metrics"]["sa"]["value"] == 0.88  # the checkpoint's clean_acc, in its unit
 
 
 def test_pull_json_describes_the_file(run_cli, env):

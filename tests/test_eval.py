@@ -190,7 +190,7 @@ def test_each_block_gets_its_own_seed_and_random_starts_whatever_the_rank():
 
     @dataclasses.dataclass(frozen=True)
     class Spy(Attack):
-        def __call__(self, model, x, y, eps, *, gen=None, seed=0, log=None):
+        def __call__(self, model, x, y, eps, *, gen=None, seed=0, log=None, progress=None):
             calls.append((x[:, 1, 0, 0].mul(255).round().long().tolist(), seed, torch.rand(1, generator=gen).item()))
             return x
 

@@ -283,3 +283,15 @@ def test_aff_loss_is_trades_written_out(calibrated, tmp_path):
     expected = F.cross_entropy(logits_nat, y).item() + 6.0 * kl
     assert kl > 1e-3 * expected  # the KL term is visible at the tolerance below
     assert logged == pytest.approx(expected, rel=1e-5)
+
+
+def test_eval_limit_0_skips_the_final_evaluation(encoder, tmp_path, run_cli):
+    code, out, err = run_cli("finetune", encoder.path, "--scheme", "slf", "--dataset", "digits", "--epochs", "1",
+                             "--limit", "32", "--batch-size", "32", "--image-size", "16", "--eval-limit", "0",
+                             "--out", tmp_path / "ft", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert "clean_acc" not in doc["metrics"] and "pgd20_acc" not in doc["metrics"] and "no final evaluation" in err
+    assert "pgd20" not in err.lower().replace("pgd-20", "")  # no PGD-20 progress either
+    assert read_metadata(doc["path"]).metrics == doc["metrics"]
+

@@ -39,9 +39,9 @@ class Attack:
         return describe()
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, *,
-                 gen: torch.Generator | None = None, seed: int = 0, log=None) -> Tensor:
+                 gen: torch.Generator | None = None, seed: int = 0, log=None, progress=None) -> Tensor:
         """Adversarial versions of ``x``; ``gen`` seeds the random starts, ``seed`` AutoAttack,
-        ``log`` (a callable) receives AutoAttack's warnings."""
+        ``log`` (a callable) receives AutoAttack's warnings and ``progress`` its progress lines."""
         if self.kind == "fgsm":
             return fgsm(model, x, y, eps)
         if self.kind == "pgd":
@@ -50,7 +50,7 @@ class Attack:
             return cw(model, x, y, eps, self.steps, gen=gen)
         from .autoattack import autoattack
 
-        return autoattack(model, x, y, eps, seed=seed, log=log)
+        return autoattack(model, x, y, eps, seed=seed, log=log, progress=progress)
 
 
 def get_attack(name: str) -> Attack:

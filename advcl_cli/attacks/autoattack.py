@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
+import time
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import UsageError
+from ..report import duration
 from .pgd import project
 
 APGD_ITERS = 100
@@ -59,17 +62,53 @@ def describe() -> str:
     )
 
 
+# forward passes per image of each attack, relative to APGD-CE's (100 x input gradient): APGD-T
+# 9 targets x 100, FAB-T 9 x 100 at about 1.5x a gradient, Square 5000 forwards at 1/2 a gradient
+# (see the README's cost table); the estimate of what is left scales the measured speed by these
+RELATIVE_COST = {"apgd-ce": 1.0, "apgd-t": 9.0, "fab-t": 13.5, "square": 25.0}
+_AFTER = re.compile(r"robust accuracy after ([A-Z-]+): ([0-9.]+)%")
+
+
 class _Forward(logging.Handler):
-    def __init__(self, log):
-        super().__init__(logging.WARNING)
-        self.log = log
+    """The package's log: its warnings to ``log``; from its progress messages (verbose), one line
+    per finished attack to ``progress``: images still robust, seconds, and an estimate of the rest
+    (the later attacks run only on the images still robust)."""
+
+    def __init__(self, log, progress, n: int):
+        super().__init__(logging.DEBUG)
+        self.log, self.progress, self.n = log, progress, n
+        self.start = self.last = time.perf_counter()
+        self.attacked = n  # images the current attack runs on
+        self.attack = ATTACKS[0]
 
     def emit(self, record):
-        self.log(f"autoattack: {record.getMessage()}")
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            if self.log is not None:
+                self.log(f"autoattack: {message}")
+            return
+        if self.progress is None:
+            return
+        if message.startswith("running "):
+            self.attack, self.last = message.split(" ", 1)[1], time.perf_counter()
+            return
+        m = _AFTER.match(message)
+        if m is None:
+            return
+        now = time.perf_counter()
+        robust = round(float(m.group(2)) * self.n / 100)
+        rest = ATTACKS[ATTACKS.index(self.attack) + 1:] if self.attack in ATTACKS else []
+        per_unit = (now - self.last) / max(self.attacked * RELATIVE_COST.get(self.attack, 1.0), 1)
+        left = per_unit * robust * sum(RELATIVE_COST[a] for a in rest)
+        more = f", {', '.join(rest)} to run on {robust} (up to about {duration(left)})" if rest and robust else ""
+        self.progress(f"autoattack: {self.attack} done, {robust}/{self.n} images still robust, "
+                      f"{duration(now - self.start)} elapsed{more}")
+        self.attacked = robust
 
 
-def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, seed: int = 0, log=None) -> Tensor:
-    """Adversarial images from the standard AutoAttack ensemble (L-inf, ``eps``)."""
+def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, seed: int = 0, log=None, progress=None) -> Tensor:
+    """Adversarial images from the standard AutoAttack ensemble (L-inf, ``eps``); ``log``
+    receives the package's warnings, ``progress`` a line after each of its attacks."""
     pkg = _package()
     with torch.no_grad():
         n_classes = int(model(x[:1]).shape[1])
@@ -92,12 +131,14 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, seed: int 
         setattr(adversary.fab, name, value)
     sq = adversary.square
     sq.n_queries, sq.p_init, sq.n_restarts, sq.loss, sq.rescale_schedule = SQUARE_QUERIES, SQUARE_P_INIT, 1, "margin", False
-    adversary.verbose = False
+    adversary.verbose = progress is not None  # its progress messages, which _Forward turns into lines
 
     logger = logging.getLogger("auto-attack")
-    handler = _Forward(log) if log is not None else logging.NullHandler()
+    handler = _Forward(log, progress, x.shape[0])
     logger.addHandler(handler)
     propagate, logger.propagate = logger.propagate, False
+    level = logger.level
+    logger.setLevel(logging.DEBUG if progress is not None else logging.WARNING)
     devices = [x.device] if x.device.type == "cuda" else []
     try:
         # what the package prints is for people: stderr, so that stdout stays data
@@ -106,4 +147,5 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, seed: int 
     finally:
         logger.removeHandler(handler)
         logger.propagate = propagate
+        logger.setLevel(level)
     return project(x_adv.detach(), x, eps)  # float noise at the ball's edge; AutoAttack keeps to the ball

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from typing import Annotated, Optional
 
 import typer
@@ -22,7 +23,8 @@ HELP = (
     "stdout carries data (a path, a table, or JSON with --json); logs and progress go to stderr.\n\n"
     "Example, offline on the bundled digits data:\n\n"
     "\b\n"
-    "  ckpt=$(advcl pretrain --dataset digits --arch resnet18-tiny --epochs 2 --batch-size 64)\n"
+    "  ckpt=$(advcl pretrain --dataset digits --arch resnet18-tiny --epochs 2 \\\n"
+    "    --batch-size 64 --out runs/example)\n"
     "  advcl finetune $ckpt --scheme slf --epochs 2 | advcl eval --attack pgd20"
 )
 
@@ -93,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         if code == 130:  # Typer turns a KeyboardInterrupt into a silent exit 130 (training raises Interrupted instead)
             out.error("interrupted")
     except AdvclError as e:
-        if debug:
-            raise
+        if debug:  # the traceback, and still the exit code of the error (2 for bad input)
+            traceback.print_exc()
         out.error(e.message, e.hint)
         code = e.exit_code
     except typer.Exit as e:

@@ -17,7 +17,7 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Where to write the te
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing --out and --grid files (never the model itself).")]
 GridOpt = Annotated[
     Optional[Path],
-    typer.Option("--grid", help=escape("Also write a PNG: clean / adversarial / amplified perturbation rows (needs advcl[plot])."), show_default=False),
+    typer.Option("--grid", help=escape("Also write a PNG: clean / adversarial / amplified perturbation rows (needs advcl[plot]); missing folders are created."), show_default=False),
 ]
 
 
@@ -34,13 +34,14 @@ def attack(model: ModelArg = None, out: OutOpt = Path("adv.safetensors"), grid: 
     Example:
 
     \b
-      advcl attack model.safetensors --attack pgd20 --n 64 --out adv.safetensors --grid adv.png
+      advcl attack runs/slf/classifier.safetensors --attack pgd20 --n 64 \\
+        --out adv-pgd20.safetensors --grid adv-pgd20.png
 
     Reading the result in Python:
 
     \b
       from safetensors import safe_open
-      f = safe_open("adv.safetensors", "pt"); x_adv = f.get_tensor("adversarial")
+      f = safe_open("adv-pgd20.safetensors", "pt"); x_adv = f.get_tensor("adversarial")
     """
     from ..checkpoint import load_checkpoint
     from ..config import resolve

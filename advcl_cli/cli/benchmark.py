@@ -41,13 +41,15 @@ def benchmark(encoders: EncodersArg = None, force: ForceOpt = False, config: Con
     DATA_DIR/CIFAR-10-C, else CA is skipped with a warning. Evaluation runs in fp32; under
     torchrun every process finetunes and evaluates its share of the test images.
 
-    Example, offline on digits: a smoke run on a CPU (RA by PGD-20: AutoAttack spends tens of
-    seconds of CPU on every image that stays robust), then the same command prints its table at
-    once:
+    Example, offline on digits: a smoke run on a CPU (RA by PGD-20: AutoAttack spends seconds
+    to minutes of CPU on every image that stays robust, see `advcl eval --help`), then the same
+    command prints its table at once:
 
     \b
-      enc=$(advcl pretrain --dataset digits --arch resnet18-tiny --epochs 2 --batch-size 64)
-      advcl benchmark $enc --dataset digits --schemes slf,alf,aff --epochs 3 --eval-limit 100 --attack pgd20
+      enc=$(advcl pretrain --dataset digits --arch resnet18-tiny --epochs 2 \\
+        --batch-size 64 --out runs/bench-encoder)
+      advcl benchmark $enc --dataset digits --schemes slf,alf,aff --epochs 3 \\
+        --eval-limit 100 --attack pgd20
 
     The full CIFAR-10 protocol for a published checkpoint, with CIFAR-10-C and the STL-10
     transfer:

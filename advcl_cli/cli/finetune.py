@@ -4,6 +4,7 @@ No ``from __future__ import annotations``: Typer reads the annotations at defini
 """
 
 from ..settings import FinetuneSettings
+from .helpcache import cached
 from .options import ConfigOpt, ForceOpt, JsonOpt, ModelArg, ResumeOpt, model_path, settings_options, with_options
 
 PROTOCOL_NOTE = (
@@ -27,13 +28,14 @@ def finetune(checkpoint: ModelArg = None, resume: ResumeOpt = False, force: Forc
     Example, offline on digits:
 
     \b
-      advcl finetune runs/advcl-digits-resnet18-tiny/encoder.safetensors --scheme slf --epochs 5
+      enc=runs/advcl-digits-resnet18-tiny/encoder.safetensors   # the quick start's
+      advcl finetune $enc --scheme slf --epochs 5
 
     Adversarial full finetuning with a held-out validation split, then evaluation:
 
     \b
-      clf=$(advcl finetune encoder.safetensors --scheme aff --val-fraction 0.1)
-      advcl eval $clf --attack pgd20 --attack autoattack
+      clf=$(advcl finetune $enc --scheme aff --val-fraction 0.1)
+      advcl eval $clf --attack pgd20 --attack autoattack --limit 100
     """
     from ..checkpoint import load_checkpoint
     from ..engine.finetune import RESUME_MAY_CHANGE, default_run_dir
@@ -85,10 +87,13 @@ def protocol_help() -> str:
 
 def command(full: bool):
     """`advcl finetune`; ``full`` lists each method's protocol in the help (importing them)."""
-    finetune.__doc__ = DOC.replace("PROTOCOL", PROTOCOL_NOTE + (protocol_help() if full else ""), 1)
+    protocols = cached("finetune", protocol_help) if full else ""
+    finetune.__doc__ = DOC.replace("PROTOCOL", PROTOCOL_NOTE + protocols, 1)
     return with_options(finetune, settings_options(FinetuneSettings))
 
 
-def _summary(m: dict) -> str:
+def _summary(m: dict) -> str | None:
+    if "clean_acc" not in m:  # --eval-limit 0
+        return None
     return (f"test ({m.get('n_eval')} images): clean {100 * m.get('clean_acc', 0):.2f}%, "
             f"PGD-20 {100 * m.get('pgd20_acc', 0):.2f}% at eps {m.get('eps', 0) * 255:.3g}/255")

@@ -80,8 +80,9 @@ def format_default(value: Any, eps: bool = False) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def settings_option(name: str, field: FieldInfo, *, panel: str | None = None, defaults: str | None = None) -> inspect.Parameter:
-    """One Typer option for a settings field; ``defaults`` replaces the default shown in help."""
+def option_spec(name: str, field: FieldInfo, *, panel: str | None = None, defaults: str | None = None) -> dict:
+    """What the option of a settings field shows and parses, as plain data (the help cache
+    keeps it as JSON); ``defaults`` replaces the default shown in help."""
     extra = field.json_schema_extra or {}
     names = [flag_name(name), *(extra.get("aliases") or []), *([extra["short"]] if extra.get("short") else [])]
     base = _base_type(field.annotation)
@@ -90,16 +91,24 @@ def settings_option(name: str, field: FieldInfo, *, panel: str | None = None, de
         defaults = format_default(field.default, is_eps(field))
     if defaults:
         help_text += f" [default: {defaults}]"
-    kwargs: dict[str, Any] = dict(help=escape(help_text), show_default=False, rich_help_panel=panel)
     if base is bool:
-        typ = Optional[bool]
-        names = [f"{flag_name(name)}/--no-{name.replace('_', '-')}"]
-        kwargs["metavar"] = ""
-    else:
-        typ = Optional[list[str]] if typing.get_origin(base) is list else Optional[str]
-        kwargs["metavar"] = extra.get("metavar") or _metavar(field)
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[typ, typer.Option(*names, **kwargs)])
+        return dict(name=name, names=[f"{flag_name(name)}/--no-{name.replace('_', '-')}"], kind="bool", help=help_text,
+                    metavar="", panel=panel)
+    kind = "list" if typing.get_origin(base) is list else "str"
+    return dict(name=name, names=names, kind=kind, help=help_text, metavar=extra.get("metavar") or _metavar(field), panel=panel)
+
+
+def spec_parameter(spec: dict) -> inspect.Parameter:
+    """The Typer option of an ``option_spec``."""
+    typ = {"bool": Optional[bool], "list": Optional[list[str]], "str": Optional[str]}[spec["kind"]]
+    option = typer.Option(*spec["names"], help=escape(spec["help"]), show_default=False, rich_help_panel=spec["panel"],
+                          metavar=spec["metavar"])
+    return inspect.Parameter(spec["name"], inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[typ, option])
+
+
+def settings_option(name: str, field: FieldInfo, *, panel: str | None = None, defaults: str | None = None) -> inspect.Parameter:
+    """One Typer option for a settings field; ``defaults`` replaces the default shown in help."""
+    return spec_parameter(option_spec(name, field, panel=panel, defaults=defaults))
 
 
 def settings_options(model, exclude: Iterable[str] = (), panel: str | None = None) -> list[inspect.Parameter]:
@@ -153,7 +162,24 @@ def stdin_lines(what: str, hint: str) -> list[str]:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise UsageError(f"no {what} given: stdin was empty", "did the command before the pipe fail?")
+    if lines[0].startswith(("{", "[")):
+        return [_json_path(text, what)]
     return lines
+
+
+def _json_path(text: str, what: str) -> str:
+    """The ``path`` of a JSON document on stdin (what `--json` of pretrain, finetune, lpaft,
+    import and pull prints)."""
+    import json
+
+    hint = "pipe a command that makes a file (pretrain, finetune, import, pull), with or without --json"
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        raise UsageError(f"stdin holds no {what}: it starts like JSON but is not one JSON document", hint) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("path"), str) or not doc["path"]:
+        raise UsageError(f"stdin holds a JSON document without a 'path', not a {what}", hint)
+    return doc["path"]
 
 
 def model_path(value: str | None) -> Path:

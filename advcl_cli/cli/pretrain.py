@@ -4,7 +4,8 @@ No ``from __future__ import annotations``: Typer reads the annotations at defini
 """
 
 from ..settings import PretrainSettings
-from .options import ConfigOpt, ForceOpt, JsonOpt, ResumeOpt, settings_option, settings_options, with_options
+from .helpcache import cached
+from .options import ConfigOpt, ForceOpt, JsonOpt, ResumeOpt, option_spec, settings_options, spec_parameter, with_options
 
 DOC = """Pretrain an encoder with one of the methods below; print the encoder checkpoint's path.
 
@@ -17,7 +18,8 @@ DOC = """Pretrain an encoder with one of the methods below; print the encoder ch
     Example, offline in about a minute on a CPU:
 
     \b
-      advcl pretrain --dataset digits --arch resnet18-tiny --epochs 2 --batch-size 64
+      advcl pretrain --dataset digits --arch resnet18-tiny --epochs 2 \\
+        --batch-size 64 --out runs/first
 
     AdvCL with pseudo labels from a SimCLR encoder, then resuming after an interruption:
 
@@ -42,9 +44,10 @@ DOC = """Pretrain an encoder with one of the methods below; print the encoder ch
 TRAINING_PANEL = "Training (defaults are the method's)"
 
 
-def method_params() -> tuple[list, str]:
-    """Options of every method: the shared training fields once, the others in one panel per
-    group of methods that share them; and the methods' list for the help text."""
+def method_params() -> dict:
+    """Options of every method (``option_spec``s): the shared training fields once, the others
+    in one panel per group of methods that share them; and the methods' list for the help text.
+    Plain data, which the help cache keeps."""
     from ..methods import get_method, method_names
     from ..methods.base import TrainSettings
 
@@ -65,10 +68,10 @@ def method_params() -> tuple[list, str]:
 
             defaults = ", ".join(f"{n} {format_default(v, is_eps(info))}" for n, v in shown.items())
         panel = TRAINING_PANEL if field in TrainSettings.model_fields else f"Options of {', '.join(names)}"
-        params.append(settings_option(field, info, panel=panel, defaults=defaults))
+        params.append(option_spec(field, info, panel=panel, defaults=defaults))
     width = max(map(len, methods))
     listing = "\n".join(f"      {name:<{width}} {cls.summary}" for name, cls in methods.items())
-    return params, f"\n    Methods (--method):\n\n    \b\n{listing}\n"
+    return {"specs": params, "listing": f"\n    Methods (--method):\n\n    \b\n{listing}\n"}
 
 
 def command(full: bool):
@@ -87,6 +90,7 @@ def command(full: bool):
         run_and_print(run_pretrain, settings, json_output=json_output, resume=resume, force=force, run_dir=run_dir,
                       command=resume_command("pretrain", run_dir))
 
-    params, listing = method_params() if full else ([], "")
+    found = cached("pretrain", method_params) if full else {"specs": [], "listing": ""}
+    params, listing = [spec_parameter(spec) for spec in found["specs"]], found["listing"]
     pretrain.__doc__ = DOC.replace("\n    Example,", listing + "\n    Example,", 1) if listing else DOC
     return with_options(pretrain, settings_options(PretrainSettings) + params)

@@ -41,7 +41,8 @@ def pseudo_labels(
     \b
       enc=$(advcl pretrain -d digits --arch resnet18-tiny --method simclr --epochs 5 --batch-size 64)
       advcl pseudo-labels --encoder $enc -d digits --k 2,10,50 --out digits-labels.safetensors
-      advcl pretrain -d digits --arch resnet18-tiny --pseudo-labels digits-labels.safetensors --epochs 5 --batch-size 64
+      advcl pretrain -d digits --arch resnet18-tiny --pseudo-labels digits-labels.safetensors \\
+        --epochs 5 --batch-size 64 --out runs/advcl-labels
 
     The authors' CIFAR-10 labels: advcl pseudo-labels import imagenet_clPretrain_pseudo_labels.pkl
     """

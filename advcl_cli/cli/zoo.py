@@ -30,8 +30,17 @@ def _manifest(options, config):
     from ..config import resolve
     from ..zoo.manifest import load_manifest, manifest_path
 
-    settings = resolve(HubSettings, options, config_file=config)
+    settings = resolve(HubSettings, options, config_file=config, warn=Output().warn)
     return load_manifest(manifest_path(settings.zoo_manifest))
+
+
+def _entry_doc(entry) -> dict:
+    """An entry as JSON: accuracies as fractions, as every other verb's JSON and the checkpoints
+    hold them (the manifest file and the tables keep the papers' percent)."""
+    doc = entry.model_dump(mode="json")
+    for metric in doc["metrics"].values():
+        metric["value"] = round(metric["value"] / 100, 6)
+    return doc
 
 
 def _eps(entry) -> str:
@@ -42,14 +51,15 @@ def _eps(entry) -> str:
 
 @app.command("list")
 def list_entries(json_mode: JsonOpt = False, config: ConfigOpt = None, **options) -> None:
-    """List the zoo's models and their accuracies (percent): reported by a paper, or measured
-    here (marked *). `advcl zoo info NAME` shows each number's source.
+    """List the zoo's models and their accuracies (percent in the table, fractions with --json,
+    as every verb's JSON): reported by a paper, or measured here (marked *). `advcl zoo info
+    NAME` shows each number's source.
 
     Examples:
 
     \b
       advcl zoo list
-      advcl zoo list --json --manifest my-team-zoo.toml
+      advcl zoo list --json --manifest team-zoo.toml
     """
     zoo = _manifest(options, config)
     rows, docs = [], []
@@ -64,7 +74,7 @@ def list_entries(json_mode: JsonOpt = False, config: ConfigOpt = None, **options
             m = entry.metrics.get(key)
             row[label] = f"{m.value:.2f}{'' if m.status == 'reported' else '*'}" if m else "-"
         rows.append(row)
-        docs.append({"name": name, "published": entry.published, **entry.model_dump(mode="json")})
+        docs.append({"name": name, "published": entry.published, **_entry_doc(entry)})
     columns = ["name", "kind", "dataset", *LIST_LABELS.values(), "hub"]
     Output(json_mode).table(rows, columns, title=f"advcl zoo ({zoo.path}); accuracies in percent at L-inf eps 8/255, * = measured here, else reported", doc=docs)
 
@@ -96,7 +106,7 @@ def info(
     reported = load_reported().sources
     sources = {m.source: reported[m.source].model_dump() for m in entry.metrics.values() if m.source in reported}
     if json_mode:
-        out.document({"name": name, "manifest": str(zoo.path), "published": entry.published, **entry.model_dump(mode="json"),
+        out.document({"name": name, "manifest": str(zoo.path), "published": entry.published, **_entry_doc(entry),
                       "sources": sources, "cache": cache})
         return
     if not entry.published:

@@ -174,8 +174,9 @@ def _finetune_settings(settings: BenchmarkSettings, encoder: Encoder, target: Ta
     """The cell's finetuning settings: the protocol of the encoder's method, with the benchmark's
     own knobs. Built from the benchmark's settings alone: a [finetune] table or an ADVCL_* variable
     of `advcl finetune` does not reach the protocol."""
+    # eval_limit 0: no final evaluation in the finetuning, the cell's own evaluation measures SA and PGD-20 once
     values = dict(dataset=target.dataset, scheme=scheme, epochs=settings.epochs, batch_size=settings.batch_size,
-                  limit=settings.limit, image_size=target.image_size, eps=settings.eps, eval_limit=settings.eval_limit,
+                  limit=settings.limit, image_size=target.image_size, eps=settings.eps, eval_limit=0,
                   precision=settings.precision, channels_last=settings.channels_last, compile=settings.compile,
                   device=settings.device, seed=settings.seed,
                   data_dir=settings.data_dir, download=settings.download)

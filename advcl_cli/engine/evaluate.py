@@ -36,7 +36,7 @@ from ..data.registry import ImageData, num_classes_of
 from ..device import Runtime, resolve_channels_last
 from ..distributed import DistContext, gather_shards, sum_over_ranks
 from ..errors import DataError
-from ..report import Reporter
+from ..report import Reporter, duration
 from ..settings import format_eps
 from .run import load_split
 
@@ -234,6 +234,7 @@ def evaluate(
     for attack in attacks:
         for eps in eps_list:
             label = f"{attack.name} eps={format_eps(eps)}"
+            progress = {"progress": reporter.log} if attack.kind == "autoattack" else {}  # AutoAttack's own lines
             local, local_bad = [], []
             reporter.start(label, n, unit="img")
             _sync(device)
@@ -245,13 +246,15 @@ def evaluate(
                     a, b = a - part.start, b - part.start
                     x, y = to_float(images[a:b]), labels[a:b]
                     gen.manual_seed(block_seed(seed, k))
-                    x_adv = attack(logits, x, y, eps, gen=gen, seed=block_seed(seed, k), log=reporter.warn)
+                    x_adv = attack(logits, x, y, eps, gen=gen, seed=block_seed(seed, k), log=reporter.warn, **progress)
                     with torch.no_grad():
                         adv_logits = logits(x_adv)
                     adv_pred = adv_logits.argmax(1)
                     local_bad.append(_nonfinite_rows(adv_logits))
                     local.append(robust_correct(clean_pred[a:b], adv_pred, y))
                     done = b - a
+                    if attack.kind == "autoattack":  # minutes per block on a CPU: say where it stands
+                        _block_progress(reporter, label, local, b, part, start)
                 reporter.advance(sum_over_ranks(done, ctx, device))
             mine = torch.cat(local) if local else torch.zeros(0, dtype=torch.bool, device=device)
             flags = per_image[flag_key(attack.name, eps)] = gather_shards(mine, part.sizes, ctx).cpu()
@@ -290,6 +293,16 @@ def evaluate(
         "per_image": per_image,
         "runtime": runtime.record(),
     }
+
+
+def _block_progress(reporter: Reporter, label: str, local: list, end: int, part: Shard, start: float) -> None:
+    """A line after a block: this process's images done and still robust, the time so far and
+    an estimate of the rest at the speed so far."""
+    done, total = end, part.stop - part.start
+    robust = int(sum(int(f.sum()) for f in local))
+    elapsed = time.perf_counter() - start
+    left = f", about {duration(elapsed / done * (total - done))} left" if done < total else ""
+    reporter.log(f"{label}: {done}/{total} images, {robust} robust so far, {duration(elapsed)} elapsed{left}")
 
 
 def _warn_nonfinite(reporter: Reporter, bad: int, n: int, what: str) -> None:

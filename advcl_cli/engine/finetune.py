@@ -312,7 +312,8 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     full = load_split(dataset, "train", ctx, limit=settings.limit, **load)
     # the test split of the final evaluation is read now, so that a broken one stops the run
     # before it trains (rank 0 evaluates; its failure reaches every rank)
-    test = on_main(lambda: load_dataset(dataset, "test", limit=settings.eval_limit, **load), ctx)
+    evaluate_at_end = settings.eval_limit != 0  # --eval-limit 0: no final evaluation
+    test = on_main(lambda: load_dataset(dataset, "test", limit=settings.eval_limit, **load), ctx) if evaluate_at_end else None
     train, val = split_validation(full, settings.val_fraction, settings.seed)
     train, val = train.to(device), (val.to(device) if val is not None else None)
 
@@ -380,20 +381,18 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     if val is not None:
         kept = load_checkpoint(out_file).build(device)
         reporter.log(f"keeping epoch {extra['best_epoch']} (best PGD-20 accuracy on the held-out split)")
-    res = evaluate(kept, test, ["pgd20"], [eps], device=device, reporter=reporter, seed=settings.seed,
-                   channels_last=runtime.channels_last)
-    note = chance_note(res["clean_acc"], test.num_classes, settings.epochs,
-                       protocol(parent.meta.method, scheme.name, dataset, source)["epochs"], parent.meta.config.get("epochs"))
-    if note:
-        reporter.log(note)
-    final = {
-        "clean_acc": res["clean_acc"],
-        "pgd20_acc": res["robust"][0]["robust_acc"],
-        "n_eval": res["n"],
-        "eps": eps,
-        "epoch": extra.get("best_epoch", settings.epochs),
-        "selection": "best val PGD-20" if val is not None else "last epoch",
-    }
+    final = {"epoch": extra.get("best_epoch", settings.epochs), "selection": "best val PGD-20" if val is not None else "last epoch"}
+    if evaluate_at_end:
+        res = evaluate(kept, test, ["pgd20"], [eps], device=device, reporter=reporter, seed=settings.seed,
+                       channels_last=runtime.channels_last)
+        note = chance_note(res["clean_acc"], test.num_classes, settings.epochs,
+                           protocol(parent.meta.method, scheme.name, dataset, source)["epochs"], parent.meta.config.get("epochs"))
+        if note:
+            reporter.log(note)
+        final = {"clean_acc": res["clean_acc"], "pgd20_acc": res["robust"][0]["robust_acc"], "n_eval": res["n"], "eps": eps,
+                 **final}
+    else:
+        reporter.log("no final evaluation (--eval-limit 0): `advcl eval` measures the classifier")
     if val is not None:
         final.update(val_clean_acc=extra["best_val_clean_acc"], val_pgd20_acc=extra["best_val_pgd20_acc"])
     save_model(out_file, kept, metrics=final, rescue=True, **save_args)

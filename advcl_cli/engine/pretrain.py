@@ -200,8 +200,12 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
         if final:  # finished only once the encoder is on disk
             run.save_state(model, optimizer, **state_of)
 
+    schedule = method.schedule()
+    if ctx.is_main and 0 < settings.epochs <= getattr(schedule, "warmup_epochs", 0) and not start:
+        reporter.warn(f"--epochs {settings.epochs}: the whole run is {settings.method}'s learning-rate warm-up, so it "
+                      "ends at the peak learning rate without the cosine decay (pass --warmup-epochs 0, or more epochs)")
     loop = Loop(
-        model=model, optimizer=optimizer, batches=batches, schedule=method.schedule(), name="pretrain",
+        model=model, optimizer=optimizer, batches=batches, schedule=schedule, name="pretrain",
         step=lambda images, labels, indices, gen: method.step(model, images, indices, gen, ctx),
         seed=settings.seed, device=device, precision=precision, ctx=ctx, reporter=reporter,
         before_epoch=method.start_epoch, after_step=lambda: method.after_step(model), last_good=lambda: saved["note"],

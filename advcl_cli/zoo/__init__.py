@@ -37,12 +37,26 @@ def resolve(name_or_path: str | Path, *, reporter=None) -> Path:
     raise CheckpointError(f"no such checkpoint file: {value}")
 
 
-def load_model(name_or_path: str | Path, device: str = "cpu"):
-    """The classifier ``name_or_path`` (a checkpoint path or a zoo name) as an ``nn.Module`` in
-    eval mode that takes RGB images in [0, 1] (there is no normalisation to apply)."""
-    from ..checkpoint import load_checkpoint
+def load_model(name_or_path: str | Path, device: str = "cpu", kind: str = "classifier", bn_set: str | None = None):
+    """``name_or_path`` (a checkpoint path or a zoo name) as an ``nn.Module`` in eval mode that
+    takes RGB images in [0, 1] (there is no normalisation to apply).
 
-    return load_checkpoint(resolve(name_or_path), kind="classifier").build(device)
+    ``kind="classifier"`` (the default) returns the classifier: images to logits.
+    ``kind="encoder"`` returns a feature extractor: images to the backbone's features (512 for
+    resnet18), through BN set ``bn_set`` (default ``pgd`` when the encoder has it, else its only
+    set: the set finetuning starts from); a classifier's head is left out."""
+    from ..checkpoint import load_checkpoint
+    from ..errors import UsageError
+    from ..models import backbone_with_bn_set
+
+    if kind not in ("classifier", "encoder"):
+        raise UsageError(f"kind must be 'classifier' or 'encoder', not {kind!r}")
+    ckpt = load_checkpoint(resolve(name_or_path), kind="classifier" if kind == "classifier" else None)
+    net = ckpt.build(device)
+    if kind == "classifier":
+        return net
+    sets = net.config.bn_sets
+    return backbone_with_bn_set(net, bn_set or ("pgd" if "pgd" in sets else sets[0])).to(device).eval()
 
 
 __all__ = ["Entry", "Manifest", "Metric", "load_manifest", "load_model", "manifest_path", "pull", "resolve", "write_manifest"]
