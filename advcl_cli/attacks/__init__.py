@@ -17,16 +17,11 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 from .autoattack import VERSIONS
-from .pgd import L2_EPS, NORMS, cw, fgsm, pgd, trades_adversary, trades_loss
+from .pgd import NORMS, cw, fgsm, pgd, trades_adversary, trades_loss
 
 NAMES = ("fgsm", "pgdN (e.g. pgd20)", "cwN (e.g. cw20)", *VERSIONS)
 MAX_STEPS = 10_000
 NORM_NAMES = {"linf": "L-inf", "l2": "L2"}
-
-
-def default_eps(norm: str) -> float:
-    """The usual budget of CIFAR-sized images: 8/255 under L-inf, 0.5 under L2."""
-    return L2_EPS if norm == "l2" else 8 / 255
 
 
 def check_norm(norm: str) -> str:
@@ -92,5 +87,5 @@ def get_attack(name: str, norm: str = "linf") -> Attack:
     raise UsageError(f"unknown attack '{name}'", f"choose from: {', '.join(NAMES)}")
 
 
-__all__ = ["Attack", "NAMES", "NORMS", "check_norm", "default_eps", "get_attack", "fgsm", "pgd", "cw",
+__all__ = ["Attack", "NAMES", "NORMS", "check_norm", "get_attack", "fgsm", "pgd", "cw",
            "trades_adversary", "trades_loss"]

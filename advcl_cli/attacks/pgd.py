@@ -27,7 +27,6 @@ from ..device import upcast
 
 CW_KAPPA = 50.0  # the confidence of the CW-inf margin loss used in robustness evaluations
 NORMS = ("linf", "l2")
-L2_EPS = 0.5  # the L2 budget of CIFAR-sized images (RobustBench's L2 leaderboard)
 
 
 def _l2(t: Tensor) -> Tensor:
@@ -76,10 +75,15 @@ def cw_loss(logits: Tensor, y: Tensor, kappa: float = CW_KAPPA) -> Tensor:
     """The CW margin loss summed over the batch: ``-clamp(z_y - max_{j != y} z_j + kappa, min=0)``.
 
     Ascending it lowers the true-class margin until another class wins by ``kappa``."""
+    return -(margin(logits, y) + kappa).clamp(min=0).sum()
+
+
+def margin(logits: Tensor, y: Tensor) -> Tensor:
+    """Per image, the true class's logit minus the largest other one (positive: classified right)."""
     logits = upcast(logits)
     true = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return -(true - others + kappa).clamp(min=0).sum()
+    return true - others
 
 
 def iterative_attack(
