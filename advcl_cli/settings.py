@@ -56,10 +56,10 @@ def parse_eps(value: Any) -> float:
 
 
 def format_eps(eps: float) -> str:
-    """The inverse of ``parse_eps`` for people: 8/255 for multiples of 1/255, else the number
+    """The inverse of ``parse_eps`` for people: 8/255 for multiples of 1/255 below 1, else the number
     (with enough digits that it does not read as 0)."""
     k = eps * 255
-    return f"{round(k)}/255" if round(k) >= 1 and abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
+    return f"{round(k)}/255" if 1 <= round(k) < 255 and abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
 
 
 def _items(value: Any) -> list:
