@@ -52,7 +52,7 @@ def test_encoder_through_finetune_then_eval_json(run_cli, encoder):
     assert [r["attack"] for r in doc["robust"]] == ["pgd5", "fgsm"]
     for r in doc["robust"]:
         assert 0 <= r["robust_acc"] <= doc["clean_acc"] <= 1 and r["seconds"] > 0
-    assert "PGD: 5 steps" in err  # the attack's settings go to stderr
+    assert "PGD (L-inf): 5 signed-gradient steps" in err  # the attack's settings go to stderr
 
     code, out2, err = run_cli("eval", "--limit", "12", "--json", stdin=path + "\n")  # the path on stdin
     assert code == 0, err
