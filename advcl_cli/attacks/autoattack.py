@@ -83,7 +83,8 @@ def describe(name: str = "autoattack", norm: str = "linf") -> str:
         "fab-t": f"FAB-T {FAB_ITERS} iters {TARGETS} targets",
         "square": f"Square {SQUARE_QUERIES} queries",
     }
-    return f"AutoAttack {name} ({PACKAGE_NORMS[norm]}, pyautoattack {version}): " + ", ".join(parts[a] for a in attacks)
+    title = f"AutoAttack {package_version}" if name.startswith("autoattack") else f"AutoAttack's {name} alone"
+    return f"{title} ({PACKAGE_NORMS[norm]}, pyautoattack {version}): " + ", ".join(parts[a] for a in attacks)
 
 
 class _Forward(logging.Handler):
