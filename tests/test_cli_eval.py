@@ -279,12 +279,13 @@ def test_autoattack_versions_components_and_l2_from_the_cli(run_cli, trained_cla
 
 def test_l2_sweep_with_its_plot_and_flags(run_cli, classifier, tmp_path):
     code, out, err = run_cli("eval", classifier, "--norm", "L2", "-a", "pgd3", "--eps", "0.25,0.5,1", "--limit", "8",
-                             "--json", "--plot", tmp_path / "curve.png")
+                             "--pgd-check", "2", "--json", "--plot", tmp_path / "curve.png")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["norm"] == "l2" and [r["eps_label"] for r in doc["robust"]] == ["0.25", "0.5", "1"]
     assert all(r["norm"] == "l2" for r in doc["robust"]) and "PGD (L2)" in doc["attacks"]["pgd3"]
-    assert isinstance(doc["flags"], list) and doc["pgd_check"] == []
+    assert isinstance(doc["flags"], list) and [(r["eps"], r["n"]) for r in doc["pgd_check"]] == [(0.25, 2), (0.5, 2), (1, 2)]
+    assert "PGD-100 x 5 restarts (l2) on 2 images" in err
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -317,3 +318,14 @@ def test_finetuning_attacks_take_the_l2_norm(run_cli, encoder, monkeypatch, sche
     ckpt = load_checkpoint(out.strip())
     assert ckpt.meta.metrics["norm"] == "l2" and ckpt.meta.metrics["eps"] == 0.5
     assert ckpt.meta.config["attack_step_size"] == 0.125 and isinstance(ckpt.meta.metrics["flags"], list)
+
+
+def test_attack_l2_stays_in_the_l2_ball_and_names_its_norm(run_cli, classifier, tmp_path):
+    code, out, err = run_cli("attack", classifier, "--attack", "pgd3", "--norm", "l2", "--n", "4",
+                             "--out", tmp_path / "adv.safetensors")
+    assert code == 0, err
+    with safe_open(out.strip(), "pt") as f:
+        delta = f.get_tensor("adversarial") - f.get_tensor("clean")
+        meta = json.loads(f.metadata()["advcl_attack"])
+    assert (meta["norm"], meta["eps"]) == ("l2", 0.5) and "PGD (L2)" in meta["attack_settings"]
+    assert delta.flatten(1).norm(dim=1).max() <= 0.5 + 1e-5 and delta.abs().max() > 8 / 255
