@@ -40,21 +40,22 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def robustness_curve(results: dict, path: str | Path, title: str = "") -> Path:
-    """Robust accuracy (%) against eps (in /255), one line per model and attack, starting at the
-    clean accuracy (eps 0).
+    """Robust accuracy (%) against eps (in /255 under L-inf, as is under L2), one line per model and
+    attack, starting at the clean accuracy (eps 0).
 
     ``results`` maps a label (a model's name) to what ``engine.evaluate.evaluate`` returns."""
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    l2 = any(row.get("norm") == "l2" for result in results.values() for row in result["robust"])
     for label, result in results.items():
         by_attack: dict[str, list[tuple[float, float]]] = {}
         for row in result["robust"]:
-            by_attack.setdefault(row["attack"], []).append((row["eps"] * 255, 100 * row["robust_acc"]))
+            by_attack.setdefault(row["attack"], []).append((row["eps"] * (1 if l2 else 255), 100 * row["robust_acc"]))
         for attack, points in by_attack.items():
             points = [(0.0, 100 * result["clean_acc"])] + sorted(points)
             name = attack if len(results) == 1 else f"{label} {attack}"
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    ax.set_xlabel("eps (x/255, L-inf); 0 = clean accuracy")
+    ax.set_xlabel(("eps (L2)" if l2 else "eps (x/255, L-inf)") + "; 0 = clean accuracy")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)

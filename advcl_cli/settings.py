@@ -22,7 +22,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, create_model, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
 
 def option(default: Any, help: str, *, short: str | None = None, metavar: str | None = None,
@@ -56,10 +56,10 @@ def parse_eps(value: Any) -> float:
 
 
 def format_eps(eps: float) -> str:
-    """The inverse of ``parse_eps`` for people: 8/255 for multiples of 1/255, else the number
+    """The inverse of ``parse_eps`` for people: 8/255 for multiples of 1/255 below 1, else the number
     (with enough digits that it does not read as 0)."""
     k = eps * 255
-    return f"{round(k)}/255" if round(k) >= 1 and abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
+    return f"{round(k)}/255" if 1 <= round(k) < 255 and abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
 
 
 def _items(value: Any) -> list:
@@ -141,6 +141,8 @@ Name = Annotated[str, BeforeValidator(_lower)]  # case-insensitive names (method
 Device = Annotated[Literal["auto", "cpu", "cuda"], BeforeValidator(_lower)]
 Precision = Annotated[Literal["auto", "bf16", "fp32"], BeforeValidator(_lower)]
 ChannelsLast = Annotated[Literal["auto", "on", "off"], BeforeValidator(_lower)]
+Norm = Annotated[Literal["linf", "l2"], BeforeValidator(lambda v: _lower(v).replace("-", "") if isinstance(v, str) else v)]
+L2_EPS = 0.5  # the L2 budget of CIFAR-sized images (RobustBench's L2 leaderboard)
 
 
 # --- the models ------------------------------------------------------------------------------
@@ -211,6 +213,23 @@ class SpeedSettings(CheckedModel):
     compile: bool = option(False, "torch.compile the network (minutes to start; pays off on long GPU runs).")
 
 
+class NormSettings(CheckedModel):
+    """The threat model of a verb's attacks: ``norm`` linf or l2. Under l2 a budget that was not
+    given is 0.5 (not 8/255), and a training attack's step size that was not given is eps/4."""
+
+    norm: Norm = option("linf", "Threat model of the attacks: linf or l2 (l2: eps defaults to 0.5).")
+
+    @model_validator(mode="after")
+    def _l2_defaults(self):
+        if self.norm != "l2":
+            return self
+        if "eps" not in self.model_fields_set:
+            self.eps = [L2_EPS] if isinstance(self.eps, list) else L2_EPS
+        if "attack_step_size" in type(self).model_fields and "attack_step_size" not in self.model_fields_set:
+            self.attack_step_size = self.eps / 4
+        return self
+
+
 class PretrainSettings(DataSettings, SpeedSettings):
     """What every pretraining run has; the method's own settings (``methods.base.TrainSettings``
     and its options) are added to these in one model per method (``methods.settings_model``)."""
@@ -225,6 +244,16 @@ class PretrainSettings(DataSettings, SpeedSettings):
     save_every: int = option(50, "Save the encoder every N epochs (the resume state is saved every epoch).", ge=1)
     drop_last: bool = option(False, "Drop each epoch's last partial batch (default: keep it, as the reference does; "
                                     "a last batch of one image, or one that does not divide among the processes, is dropped).")
+    norm: Norm = option("linf", "Threat model of the training attack: every method here is defined under L-inf only "
+                                "(l2 is refused; finetune and eval take l2).")
+
+    @field_validator("norm")
+    @classmethod
+    def _linf_only(cls, norm: str, info: ValidationInfo) -> str:
+        if norm != "linf":
+            raise ValueError(f"{info.data.get('method', 'the method')} is defined under the L-inf threat model only "
+                             "(its paper's attack); pretrain with linf, then finetune or evaluate with --norm l2")
+        return norm
 
 
 class PseudoLabelSettings(DataSettings):
@@ -236,7 +265,7 @@ class PseudoLabelSettings(DataSettings):
     bn_set: str | None = option(None, "The encoder's BN set to use (default its first, 'normal').")
 
 
-class FinetuneSettings(DataSettings, SpeedSettings):
+class FinetuneSettings(DataSettings, SpeedSettings, NormSettings):
     section: ClassVar[str] = "finetune"
 
     dataset: str | None = option(None, "Dataset to finetune on (default: the encoder's).", short="-d")
@@ -251,9 +280,10 @@ class FinetuneSettings(DataSettings, SpeedSettings):
                                         metavar="E,E,...")
     momentum: float = option(0.9, "SGD momentum.", ge=0)
     weight_decay: float = option(2e-4, "Weight decay.", ge=0)
-    eps: Eps = option(8 / 255, "L-inf budget, as 8/255 or 0.031.", metavar="EPS")
+    eps: Eps = option(8 / 255, "Budget of the training attack and the final PGD-20, as 8/255 or 0.031 (0.5 under "
+                               "--norm l2).", metavar="EPS")
     attack_steps: int = option(10, "PGD steps of the training attack (alf, aff).", ge=1)
-    attack_step_size: Eps = option(2 / 255, "Step size of the training attack.", metavar="EPS")
+    attack_step_size: Eps = option(2 / 255, "Step size of the training attack (eps/4 under --norm l2).", metavar="EPS")
     trades_beta: float = option(6.0, "TRADES beta (aff).", ge=0)
     val_fraction: float = option(0.0, "Hold out this part of the training split and keep the epoch with the best "
                                       "PGD-20 accuracy on it (default 0: keep the last epoch).", ge=0, lt=1)
@@ -289,23 +319,29 @@ class LpaftSettings(DataSettings, SpeedSettings):
     trades_beta: float = option(6.0, "TRADES beta.", ge=0)
 
 
-class EvalSettings(DataSettings, SpeedSettings):
+ATTACK_HELP = ("fgsm, pgd20 (any pgdN), cw20 (any cwN), autoattack, autoattack-plus, autoattack-rand, or one "
+               "AutoAttack component: apgd-ce, apgd-t, fab-t, square")
+
+
+class EvalSettings(DataSettings, SpeedSettings, NormSettings):
     section: ClassVar[str] = "eval"
 
     dataset: str | None = option(None, "Dataset to evaluate on (default: the model's).", short="-d")
-    attack: NameList = option([], "fgsm, pgd20 (any pgdN), cw20 (any cwN) or autoattack; repeat or comma-separate for several.",
-                              short="-a", metavar="ATTACK")
-    eps: EpsList = option([8 / 255], "L-inf budget(s): 8/255, 0.031, or a list 2/255,4/255,8/255.", metavar="EPS,...")
+    attack: NameList = option([], ATTACK_HELP + "; repeat or comma-separate for several.", short="-a", metavar="ATTACK")
+    eps: EpsList = option([8 / 255], "Budget(s) of the --norm: 8/255, 0.031, or a list 2/255,4/255,8/255 (0.5 under "
+                                     "--norm l2).", metavar="EPS,...")
+    pgd_check: int = option(0, "Sanity check on the first N images (0: off): PGD-100 with 5 restarts beside PGD-20 at "
+                               "every eps; PGD-20 above it by more than 5 points is flagged.", ge=0)
     batch_size: int = option(256, "Images per batch.", short="-b", ge=1)
     precision: Precision = option("fp32", "fp32 (default: the attacks at full precision), bf16 or auto.")
 
 
-class AttackSettings(Settings):
+class AttackSettings(Settings, NormSettings):
     section: ClassVar[str] = "attack"
 
     dataset: str | None = option(None, "Dataset whose test images are attacked (default: the model's).", short="-d")
-    attack: Name = option("pgd20", "fgsm, pgd20 (any pgdN), cw20 (any cwN) or autoattack.", short="-a")
-    eps: Eps = option(8 / 255, "L-inf budget, as 8/255 or 0.031.", metavar="EPS")
+    attack: Name = option("pgd20", ATTACK_HELP + ".", short="-a")
+    eps: Eps = option(8 / 255, "Budget of the --norm, as 8/255 or 0.031 (0.5 under --norm l2).", metavar="EPS")
     n: int = option(64, "Attack the first N test images.", short="-n", ge=1)
     image_size: int | None = option(None, "Resize images to this square size.", ge=8, le=1024)
     download: bool = option(True, "Download a missing dataset.", flag=False)

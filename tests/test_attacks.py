@@ -48,7 +48,10 @@ def accuracy(model, x, y):
 @pytest.mark.parametrize(
     "name, canonical, kind, steps",
     [("fgsm", "fgsm", "fgsm", 1), ("pgd20", "pgd20", "pgd", 20), ("PGD-7", "pgd7", "pgd", 7),
-     ("cw20", "cw20", "cw", 20), ("autoattack", "autoattack", "autoattack", 0)],
+     ("cw20", "cw20", "cw", 20), ("autoattack", "autoattack", "autoattack", 0),
+     ("AutoAttack-Plus", "autoattack-plus", "autoattack", 0), ("autoattack-rand", "autoattack-rand", "autoattack", 0),
+     ("apgd-ce", "apgd-ce", "autoattack", 0), ("APGD-T", "apgd-t", "autoattack", 0), ("fab-t", "fab-t", "autoattack", 0),
+     ("square", "square", "autoattack", 0)],
 )
 def test_registry_parses_names(name, canonical, kind, steps):
     a = get_attack(name)
@@ -83,6 +86,62 @@ def test_attacks_raise_their_loss_above_a_random_perturbation_of_their_size(trai
     with torch.no_grad():
         adv, rand, clean = (loss(model(v), y).item() for v in (x_adv, random_corner(x, eps), x))
     assert adv > rand and adv > clean, (adv, rand, clean)
+
+
+def l2_norms(t):
+    return t.flatten(1).norm(dim=1)
+
+
+def random_l2(x, eps, seed=0):
+    """x moved by eps along a fixed random direction (L2), kept in [0, 1]."""
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    return (x + eps * noise / l2_norms(noise).view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd5", "cw5"])
+@pytest.mark.parametrize("eps", [0.25, 0.5])
+def test_l2_attacks_step_inside_the_l2_ball_and_beat_a_random_perturbation_of_that_norm(trained, name, eps):
+    model, x, y = trained
+    x, y = x[:16].clone(), y[:16]
+    x[0] = 0.0
+    x[1] = 1.0
+    seen = []
+
+    def watched(z):  # every point the attack evaluates, its random start included
+        seen.append(z.detach().clone())
+        return model(z)
+
+    attack = get_attack(name, "l2")
+    assert attack.norm == "l2" and "L2" in attack.description
+    x_adv = attack(watched, x, y, eps, gen=torch.Generator().manual_seed(0))
+    assert len(seen) == attack.steps
+    for z in [*seen, x_adv]:  # the random start is not clamped to [0, 1] (as under L-inf), the steps are
+        assert l2_norms(z - x).max().item() <= eps + 1e-5
+    for z in [*seen[1:], x_adv]:
+        assert z.min().item() >= 0.0 and z.max().item() <= 1.0
+    # not an L-inf attack in disguise: some pixel moves by more than an L-inf budget of 8/255
+    assert (x_adv - x).abs().max().item() > 8 / 255
+    loss = cw_loss if name.startswith("cw") else lambda logits, t: F.cross_entropy(logits, t, reduction="sum")
+    with torch.no_grad():
+        adv, rand, clean = (loss(model(v), y).item() for v in (x_adv, random_l2(x, eps), x))
+    assert adv > rand and adv > clean, (adv, rand, clean)
+
+
+def test_l2_projection_shortens_only_what_is_too_long():
+    x = torch.full((3, 1, 4, 4), 0.5)
+    delta = torch.zeros_like(x)
+    delta[0, 0, 0, 0] = 0.3  # inside the ball: kept
+    delta[1] = 0.1  # norm 0.4 spread over 16 pixels: kept
+    delta[2, 0, :2, :2] = 0.45  # norm 0.9: shortened to 0.5 in the same direction
+    out = project(x + delta, x, 0.5, "l2") - x
+    assert torch.allclose(out[:2], delta[:2])
+    assert abs(l2_norms(out[2:]).item() - 0.5) < 1e-6 and torch.allclose(out[2] / 0.5, delta[2] / 0.9)
+
+
+def test_norms_parse_and_unknown_ones_are_refused():
+    assert get_attack("pgd20").norm == "linf" and get_attack("pgd20", "L2").norm == "l2"
+    with pytest.raises(UsageError, match="unknown norm"):
+        get_attack("pgd20", "l1")
 
 
 def test_trades_adversary_raises_the_kl_above_a_random_perturbation(trained):

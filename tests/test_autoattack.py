@@ -150,6 +150,13 @@ def test_three_classes_are_refused():
     model = small_cnn(3).eval()
     with pytest.raises(UsageError, match="at least 4 classes"):
         aa_module.autoattack(model, torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), 8 / 255)
+    with pytest.raises(UsageError, match="at least 3 classes"):  # the DLR loss reads the third logit
+        aa_module.autoattack(small_cnn(2).eval(), torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), 8 / 255,
+                             version="autoattack-rand")
+    # APGD-CE and Square alone need no third class
+    x_adv = aa_module.autoattack(small_cnn(2).eval(), torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), 8 / 255,
+                                 version="apgd-ce")
+    assert x_adv.shape == (2, 3, 8, 8)
 
 
 def test_global_rng_is_left_alone_and_warnings_are_forwarded(trained):
@@ -164,3 +171,51 @@ def test_global_rng_is_left_alone_and_warnings_are_forwarded(trained):
     aa_module.autoattack(zero.eval(), x[:2], y[:2], 8 / 255, log=warnings.append)
     assert torch.equal(torch.rand(3), expected)
     assert any("zero gradient" in w for w in warnings)
+
+
+# what each advcl name runs, by the package's names (the order is the package's)
+RUNS = {
+    "autoattack": ["apgd-ce", "apgd-t", "fab-t", "square"],
+    "autoattack-plus": ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"],
+    "autoattack-rand": ["apgd-ce", "apgd-dlr"],
+    "apgd-ce": ["apgd-ce"], "apgd-t": ["apgd-t"], "fab-t": ["fab-t"], "square": ["square"],
+}
+PACKAGE_VERSION = {"autoattack-plus": "plus", "autoattack-rand": "rand"}  # the rest: standard
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_every_version_and_component_has_the_packages_own_settings(name, norm, eps):
+    """Attribute by attribute against the package's own ``AutoAttack(version=...)`` (a component:
+    the standard version running only it), under both norms."""
+    import pyautoattack
+
+    model = small_cnn().eval()
+    x = torch.rand(2, 3, 16, 16)
+    adversary = aa_module.build(model, x, eps, seed=5, version=name, norm=norm)
+    version = PACKAGE_VERSION.get(name, "standard")
+    package_norm = {"linf": "Linf", "l2": "L2"}[norm]
+    want = pyautoattack.AutoAttack(model, norm=package_norm, eps=eps, version=version, seed=5, device=x.device)
+    want.verbose = False
+    want.attacks_to_run = RUNS[name]
+    assert adversary.attacks_to_run == RUNS[name]
+    got = {n: _attributes(obj) for n, obj in _components(adversary).items()}
+    expected = {n: _attributes(obj) for n, obj in _components(want).items()}
+    for part in expected:
+        assert got[part] == expected[part], part
+    # the values themselves, so that a change of the package's defaults shows here too
+    eot, restarts = {"autoattack-rand": (20, 1), "autoattack-plus": (1, 5)}.get(name, (1, 1))
+    assert (adversary.apgd.eot_iter, adversary.apgd.n_restarts, adversary.apgd.n_iter) == (eot, restarts, 100)
+    assert adversary.norm == package_norm and adversary.apgd.norm == package_norm and adversary.square.norm == package_norm
+    assert adversary.epsilon == eps and adversary.square.n_queries == 5000 and adversary.fab.n_target_classes == 9
+    described = get_attack(name, norm).description
+    assert package_norm in described and all(n.upper() in described.upper() for n in RUNS[name])
+
+
+def test_autoattack_l2_stays_in_the_l2_ball(trained):
+    model, x, y = trained
+    x_adv = get_attack("apgd-ce", "l2")(model, x, y, 0.5, seed=0)
+    assert (x_adv - x).flatten(1).norm(dim=1).max().item() <= 0.5 + 1e-5
+    assert x_adv.min().item() >= 0 and x_adv.max().item() <= 1
+    with torch.no_grad():
+        assert (model(x_adv).argmax(1) == y).float().mean().item() < accuracy(model, x, y)

@@ -53,7 +53,7 @@ def test_encoder_through_finetune_then_eval_json(run_cli, encoder):
     assert [r["attack"] for r in doc["robust"]] == ["pgd5", "fgsm"]
     for r in doc["robust"]:
         assert 0 <= r["robust_acc"] <= doc["clean_acc"] <= 1 and r["seconds"] > 0
-    assert "PGD: 5 steps" in err  # the attack's settings go to stderr
+    assert "PGD (L-inf): 5 signed-gradient steps" in err  # the attack's settings go to stderr
 
     code, out2, err = run_cli("eval", "--limit", "12", "--json", stdin=path + "\n")  # the path on stdin
     assert code == 0, err
@@ -244,3 +244,104 @@ def test_help_has_a_worked_example(run_cli, verb):
     code, out, _ = run_cli(verb, "--help")
     assert code == 0
     assert "Example" in out and f"advcl {verb}" in out
+
+
+def test_autoattack_versions_components_and_l2_from_the_cli(run_cli, trained_classifier, monkeypatch):
+    """Every AutoAttack version and component through `advcl eval`, the settings the command built
+    recorded (they are compared with the package's own versions in test_autoattack.py)."""
+    from advcl_cli.attacks import autoattack as aa_module
+
+    built, real = [], aa_module.build
+
+    def spy(model, x, eps, **kw):
+        adversary = real(model, x, eps, **kw)
+        built.append({"name": kw["version"], "norm": adversary.norm, "eps": adversary.epsilon,
+                      "runs": list(adversary.attacks_to_run), "eot": adversary.apgd.eot_iter,
+                      "restarts": (adversary.apgd.n_restarts, adversary.fab.n_restarts),
+                      "queries": adversary.square.n_queries, "fab_iters": adversary.fab.n_iter})
+        # the CPU test's shortcuts, after recording: rand's 20 EOT iterations x 2 losses x 100 steps,
+        # and FAB-T / Square (5000 queries) on images that survive L2 APGD, cost minutes here
+        adversary.apgd.eot_iter = min(adversary.apgd.eot_iter, 2)
+        adversary.fab.n_iter, adversary.square.n_queries = 5, 20
+        return adversary
+
+    monkeypatch.setattr(aa_module, "build", spy)
+    names = ["autoattack-plus", "autoattack-rand", "apgd-ce", "apgd-t", "fab-t", "square"]
+    code, out, err = run_cli("eval", trained_classifier, "-a", ",".join(names), "--eps", "64/255", "--limit", "3", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert [r["attack"] for r in doc["robust"]] == names and doc["norm"] == "linf"
+    assert all(r["robust_acc"] < doc["clean_acc"] for r in doc["robust"])
+    by_name = {b["name"]: b for b in built}
+    assert by_name["autoattack-plus"]["runs"] == ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
+    assert by_name["autoattack-plus"]["restarts"] == (5, 5) and by_name["autoattack-rand"]["eot"] == 20
+    assert by_name["autoattack-rand"]["runs"] == ["apgd-ce", "apgd-dlr"]
+    for name in names[2:]:
+        assert by_name[name]["runs"] == [name] and by_name[name]["restarts"] == (1, 1) and by_name[name]["eot"] == 1
+    assert all(b["norm"] == "Linf" and b["eps"] == pytest.approx(64 / 255) and b["queries"] == 5000
+               and b["fab_iters"] == 100 for b in built)
+    assert "EOT 20" in doc["attacks"]["autoattack-rand"] and "pyautoattack" in doc["attacks"]["square"]
+
+    built.clear()
+    code, out, err = run_cli("eval", trained_classifier, "-a", "autoattack", "--norm", "l2", "--limit", "2", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["norm"] == "l2" and doc["eps"] == [0.5] and doc["robust"][0]["norm"] == "l2"  # L2's default budget
+    (b,) = built
+    assert (b["norm"], b["eps"], b["runs"]) == ("L2", 0.5, ["apgd-ce", "apgd-t", "fab-t", "square"])
+    assert (b["queries"], b["fab_iters"], b["eot"], b["restarts"]) == (5000, 100, 1, (1, 1))
+    assert "L2" in doc["attacks"]["autoattack"] and isinstance(doc["flags"], list)
+
+
+def test_l2_sweep_with_its_plot_and_flags(run_cli, classifier, tmp_path):
+    code, out, err = run_cli("eval", classifier, "--norm", "L2", "-a", "pgd3", "--eps", "0.25,0.5,1", "--limit", "8",
+                             "--pgd-check", "2", "--json", "--plot", tmp_path / "curve.png")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["norm"] == "l2" and [r["eps_label"] for r in doc["robust"]] == ["0.25", "0.5", "1"]
+    assert all(r["norm"] == "l2" for r in doc["robust"]) and "PGD (L2)" in doc["attacks"]["pgd3"]
+    assert isinstance(doc["flags"], list) and [(r["eps"], r["n"]) for r in doc["pgd_check"]] == [(0.25, 2), (0.5, 2), (1, 2)]
+    assert "PGD-100 x 5 restarts (l2) on 2 images" in err
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pretraining_refuses_l2_in_one_line(run_cli):
+    code, out, err = run_cli("pretrain", "-d", "digits", "--arch", "resnet18-tiny", "--method", "acl", "--norm", "l2")
+    assert code == 2 and out == ""
+    line = one_error_line(err)
+    assert "--norm" in line and "acl" in line and "L-inf" in line
+
+
+@pytest.mark.parametrize("scheme", ["alf", "aff"])
+def test_finetuning_attacks_take_the_l2_norm(run_cli, encoder, monkeypatch, scheme):
+    from advcl_cli.checkpoint import load_checkpoint
+    from advcl_cli.engine import finetune as ft
+
+    seen = []
+    for name in ("pgd", "trades_adversary"):
+        real = getattr(ft, name)
+
+        def spy(*args, _real=real, **kw):
+            x_adv = _real(*args, **kw)
+            seen.append((kw.get("norm"), (x_adv - args[1]).flatten(1).norm(dim=1).max().item()))
+            return x_adv
+
+        monkeypatch.setattr(ft, name, spy)
+    code, out, err = run_cli("finetune", encoder, "--scheme", scheme, "--norm", "l2", "--epochs", "1", "--limit", "32",
+                             "--batch-size", "16", "--eval-limit", "4", "--image-size", "16", "--out", f"ft-{scheme}")
+    assert code == 0, err
+    assert seen and all(norm == "l2" and size <= 0.5 + 1e-5 for norm, size in seen)
+    ckpt = load_checkpoint(out.strip())
+    assert ckpt.meta.metrics["norm"] == "l2" and ckpt.meta.metrics["eps"] == 0.5
+    assert ckpt.meta.config["attack_step_size"] == 0.125 and isinstance(ckpt.meta.metrics["flags"], list)
+
+
+def test_attack_l2_stays_in_the_l2_ball_and_names_its_norm(run_cli, classifier, tmp_path):
+    code, out, err = run_cli("attack", classifier, "--attack", "pgd3", "--norm", "l2", "--n", "4",
+                             "--out", tmp_path / "adv.safetensors")
+    assert code == 0, err
+    with safe_open(out.strip(), "pt") as f:
+        delta = f.get_tensor("adversarial") - f.get_tensor("clean")
+        meta = json.loads(f.metadata()["advcl_attack"])
+    assert (meta["norm"], meta["eps"]) == ("l2", 0.5) and "PGD (L2)" in meta["attack_settings"]
+    assert delta.flatten(1).norm(dim=1).max() <= 0.5 + 1e-5 and delta.abs().max() > 8 / 255

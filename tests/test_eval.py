@@ -195,7 +195,7 @@ def test_each_block_gets_its_own_seed_and_random_starts_whatever_the_rank():
             return x
 
     data, model = label_data(23), LabelInPixel(ModelConfig("resnet18-tiny", num_classes=10))
-    evaluate(model, data, [Spy("spy", "autoattack")], [8 / 255], batch_size=5, seed=7)
+    evaluate(model, data, [Spy("spy", "pgd")], [8 / 255], batch_size=5, seed=7)
     labels = data.labels.tolist()
     assert [c[0] for c in calls] == [labels[k * 5:(k + 1) * 5] for k in range(5)]  # five blocks, the last of 3
     assert [c[1] for c in calls] == [7 * 1_000_003 + k for k in range(5)]

@@ -1,8 +1,11 @@
-"""White-box L-inf attacks as pure tensor code on [0, 1] images.
+"""White-box L-inf and L2 attacks as pure tensor code on [0, 1] images.
 
 Every function takes a model that maps [0, 1] images to logits, clean images ``x`` (B, C, H, W)
-in [0, 1], labels ``y`` and an L-inf budget ``eps``, and returns adversarial images that lie in
-the eps-ball around ``x`` and in [0, 1]. Gradients are taken with respect to the input only
+in [0, 1], labels ``y``, a budget ``eps`` and a ``norm`` ("linf", the default, or "l2"), and
+returns adversarial images that lie in the eps-ball of that norm around ``x`` and in [0, 1].
+Under L2 a step moves ``step_size`` along the per-image L2-normalised gradient (instead of its
+sign), the projection rescales a perturbation longer than ``eps`` onto the sphere, and the
+random start is a uniformly random direction at a radius drawn uniformly from [0, eps]. Gradients are taken with respect to the input only
 (``torch.autograd.grad``), so no parameter gradients are computed or left behind. The caller
 puts the model in eval mode (``engine.evaluate`` does); these functions do not change its mode.
 
@@ -23,11 +26,30 @@ from torch import Tensor, nn
 from ..device import upcast
 
 CW_KAPPA = 50.0  # the confidence of the CW-inf margin loss used in robustness evaluations
+NORMS = ("linf", "l2")
 
 
-def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
-    """Onto the L-inf ball of radius eps around x, then into [0, 1]."""
+def _l2(t: Tensor) -> Tensor:
+    """Per-image L2 norms, shaped to broadcast against ``t`` (B, 1, 1, 1)."""
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def project(x_adv: Tensor, x: Tensor, eps: float, norm: str = "linf") -> Tensor:
+    """Onto the ``norm`` ball of radius eps around x, then into [0, 1] (clamping only shortens an
+    L2 perturbation, so the result stays in the ball)."""
+    if norm == "l2":
+        delta = x_adv - x
+        scale = (eps / _l2(delta).clamp_min(1e-12)).clamp(max=1.0)
+        return (x + delta * scale).clamp(0.0, 1.0)
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+
+
+def _direction(grad: Tensor, norm: str) -> Tensor:
+    """The steepest-ascent direction of unit ``norm`` for a gradient: its sign (L-inf) or the
+    gradient over its L2 norm (a zero gradient stays zero)."""
+    if norm == "l2":
+        return grad / _l2(grad).clamp_min(1e-12)
+    return grad.sign()
 
 
 def _input_grad(loss: Tensor, x_adv: Tensor) -> Tensor:
@@ -35,7 +57,11 @@ def _input_grad(loss: Tensor, x_adv: Tensor) -> Tensor:
     return grad
 
 
-def _uniform_start(x: Tensor, eps: float, gen: torch.Generator | None) -> Tensor:
+def _uniform_start(x: Tensor, eps: float, gen: torch.Generator | None, norm: str = "linf") -> Tensor:
+    if norm == "l2":
+        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=gen, device=x.device, dtype=x.dtype)
+        return x + noise / _l2(noise).clamp_min(1e-12) * radius * eps
     noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
     return x + (2 * noise - 1) * eps
 
@@ -49,10 +75,15 @@ def cw_loss(logits: Tensor, y: Tensor, kappa: float = CW_KAPPA) -> Tensor:
     """The CW margin loss summed over the batch: ``-clamp(z_y - max_{j != y} z_j + kappa, min=0)``.
 
     Ascending it lowers the true-class margin until another class wins by ``kappa``."""
+    return -(margin(logits, y) + kappa).clamp(min=0).sum()
+
+
+def margin(logits: Tensor, y: Tensor) -> Tensor:
+    """Per image, the true class's logit minus the largest other one (positive: classified right)."""
     logits = upcast(logits)
     true = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return -(true - others + kappa).clamp(min=0).sum()
+    return true - others
 
 
 def iterative_attack(
@@ -67,44 +98,47 @@ def iterative_attack(
     random_start: bool = True,
     gen: torch.Generator | None = None,
     start: Tensor | None = None,
+    norm: str = "linf",
 ) -> Tensor:
-    """Signed-gradient ascent of ``loss_fn(model(x_adv), y)`` inside the eps-ball (PGD).
+    """Steepest ascent of ``loss_fn(model(x_adv), y)`` inside the ``norm`` eps-ball (PGD).
 
     ``y`` is whatever ``loss_fn`` compares with (labels, or TRADES' clean softmax). The ascent
-    starts at ``start`` when given, else at ``x + U(-eps, eps)`` or (``random_start=False``) ``x``."""
+    starts at ``start`` when given, else at a uniform random point of the ball (L-inf:
+    ``x + U(-eps, eps)``) or (``random_start=False``) ``x``."""
     x = x.detach()
     y = y.detach()
     if start is not None:
         x_adv = start.detach()
     else:
-        x_adv = _uniform_start(x, eps, gen) if random_start else x.clone()
+        x_adv = _uniform_start(x, eps, gen, norm) if random_start else x.clone()
     for _ in range(steps):
         x_adv.requires_grad_(True)
         with torch.enable_grad():
             loss = loss_fn(model(x_adv), y)
         grad = _input_grad(loss, x_adv)
-        x_adv = project(x_adv.detach() + step_size * grad.sign(), x, eps)
-    return project(x_adv.detach(), x, eps)
+        x_adv = project(x_adv.detach() + step_size * _direction(grad, norm), x, eps, norm)
+    return project(x_adv.detach(), x, eps, norm)
 
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 1, step_size: float | None = None,
-         gen: torch.Generator | None = None) -> Tensor:
-    """One signed step of size eps from the clean image (``steps``/``gen`` are ignored)."""
-    return iterative_attack(model, x, y, eps, 1, eps, random_start=False)
+         gen: torch.Generator | None = None, norm: str = "linf") -> Tensor:
+    """One step of size eps from the clean image, signed (L-inf) or L2-normalised (the fast
+    gradient method); ``steps``/``gen`` are ignored."""
+    return iterative_attack(model, x, y, eps, 1, eps, random_start=False, norm=norm)
 
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 20, step_size: float | None = None,
-        gen: torch.Generator | None = None) -> Tensor:
+        gen: torch.Generator | None = None, norm: str = "linf") -> Tensor:
     """PGD-k on the cross-entropy with a uniform random start; step ``eps/4`` (2/255 at 8/255)."""
     step_size = eps / 4 if step_size is None else step_size
-    return iterative_attack(model, x, y, eps, steps, step_size, loss_fn=ce_loss, gen=gen)
+    return iterative_attack(model, x, y, eps, steps, step_size, loss_fn=ce_loss, gen=gen, norm=norm)
 
 
 def cw(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 20, step_size: float | None = None,
-       gen: torch.Generator | None = None) -> Tensor:
-    """CW-inf: PGD-k on the CW margin loss (kappa 50) with a uniform random start."""
+       gen: torch.Generator | None = None, norm: str = "linf") -> Tensor:
+    """CW: PGD-k on the CW margin loss (kappa 50) with a uniform random start."""
     step_size = eps / 4 if step_size is None else step_size
-    return iterative_attack(model, x, y, eps, steps, step_size, loss_fn=cw_loss, gen=gen)
+    return iterative_attack(model, x, y, eps, steps, step_size, loss_fn=cw_loss, gen=gen, norm=norm)
 
 
 def trades_kl(logits_adv: Tensor, p_nat: Tensor) -> Tensor:
@@ -114,7 +148,7 @@ def trades_kl(logits_adv: Tensor, p_nat: Tensor) -> Tensor:
 
 def trades_adversary(model: nn.Module, x: Tensor, eps: float, steps: int = 10, step_size: float = 2 / 255,
                      gen: torch.Generator | None = None, natural: nn.Module | None = None,
-                     random_start: bool = True) -> Tensor:
+                     random_start: bool = True, norm: str = "linf") -> Tensor:
     """TRADES' inner maximisation: start at ``x + 0.001 N(0, 1)`` (at ``x`` itself without
     ``random_start``, as DynACL++'s code does) and ascend the summed KL between the softmax on
     ``x`` (computed once, by ``natural`` when given: the clean route of a dual-BN model) and the
@@ -126,7 +160,7 @@ def trades_adversary(model: nn.Module, x: Tensor, eps: float, steps: int = 10, s
         start = x + 0.001 * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
     else:
         start = x.clone()
-    return iterative_attack(model, x, p_nat, eps, steps, step_size, loss_fn=trades_kl, start=start)
+    return iterative_attack(model, x, p_nat, eps, steps, step_size, loss_fn=trades_kl, start=start, norm=norm)
 
 
 def trades_objective(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, beta: float = 6.0) -> Tensor:

@@ -45,16 +45,29 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
     (benchmarks/RESULTS.md, digits study) and minutes when other jobs load them; start with
     --limit.
 
+    Every robust evaluation is checked for signs of a wrong number (sanity flags: train mode,
+    randomness between two identical forwards, zero or non-finite input gradients, adversarial
+    accuracy above clean, accuracy rising with eps; --pgd-check N adds PGD-100 x 5 restarts
+    against PGD-20 on N images): each flag is one line on stderr saying what it suggests, and
+    the list is kept in --json ("flags"). --norm l2 runs every attack under the L2 threat model
+    (eps 0.5 unless --eps is given).
+
     Example, PGD-20 and AutoAttack on the first 100 test images of a classifier:
 
     \b
       clf=runs/slf/classifier.safetensors
       advcl eval $clf --attack pgd20 --attack autoattack --limit 100
 
-    Robustness against eps, as a table and a picture:
+    Robustness against eps, as a table and a picture (one line per attack):
 
     \b
       advcl eval $clf -a pgd20 --eps 2/255,4/255,8/255 --plot robustness.png
+
+    L2, PGD-20 at eps 0.5 (AutoAttack's versions and components: -a autoattack-plus, autoattack-rand,
+    apgd-ce, apgd-t, fab-t, square):
+
+    \b
+      advcl eval $clf --norm l2 -a pgd20
 
     Through a pipe, as JSON (offline, on the bundled digits data):
 
@@ -81,7 +94,7 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
 
     out = Output(json_output)
     settings = resolve(EvalSettings, options, config_file=config, warn=out.warn)
-    attacks = list({a.name: a for a in map(get_attack, settings.attack)}.values())  # each attack once
+    attacks = list({a.name: a for a in (get_attack(n, settings.norm) for n in settings.attack)}.values())  # each once
     if per_image and not json_output:
         out.warn("--per-image adds the flags to the --json document; without --json it changes nothing")
     if plot is not None:
@@ -109,7 +122,7 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
             result = run_evaluate(
                 ckpt.build(dev), data, attacks, settings.eps, batch_size=settings.batch_size, device=dev,
                 reporter=reporter, seed=settings.seed, precision=runtime.precision, ctx=ctx,
-                channels_last=runtime.channels_last, compile=runtime.compile,
+                channels_last=runtime.channels_last, compile=runtime.compile, pgd_check=settings.pgd_check,
             )
         finally:
             reporter.finish()
@@ -125,12 +138,15 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
         "dataset": data.name,
         "split": "test",
         "n": result["n"],
+        "norm": settings.norm,
         "eps": list(settings.eps),
         "seed": settings.seed,
         "clean_acc": result["clean_acc"],
         "nonfinite_logits": result["nonfinite_logits"],
         "robust": result["robust"],
         "worst_case": result["worst_case"],
+        "flags": result["flags"],
+        "pgd_check": result["pgd_check"],
         "attacks": result["attacks"],
         "runtime": result["runtime"],
     }

@@ -35,7 +35,7 @@ class Attacked:
 def attack_test_images(ckpt: Checkpoint, settings, reporter: Reporter | None = None) -> Attacked:
     """Attack the first ``settings.n`` test images of the classifier ``ckpt`` (``AttackSettings``)."""
     reporter = reporter or Reporter()
-    spec = get_attack(settings.attack)
+    spec = get_attack(settings.attack, settings.norm)
     device = resolve_device(settings.device)
     data = load_test_data(ckpt, settings.dataset, limit=settings.n, image_size=settings.image_size,
                           data_dir=settings.data_dir, download=settings.download, warn=reporter.warn)
@@ -49,6 +49,7 @@ def attack_test_images(ckpt: Checkpoint, settings, reporter: Reporter | None = N
         "attack": spec.name,
         "attack_settings": spec.description,
         "eps": settings.eps,
+        "norm": settings.norm,
         "dataset": data.name,
         "split": "test",
         "n": n,

@@ -367,6 +367,7 @@ def run_cell(cell: Cell, test, *, device, ctx: DistContext, reporter: Reporter, 
         "deviations": cell.deviations,
         "settings": {"finetune": s.to_config(), "evaluate": cell.evaluation},
         "attacks": res["attacks"],
+        "flags": res["flags"],
         "per_image": {k: encode_flags(v) for k, v in res["per_image"].items()},
     }
 

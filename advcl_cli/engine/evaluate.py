@@ -39,6 +39,7 @@ from ..errors import DataError
 from ..report import Reporter, duration
 from ..settings import format_eps
 from .run import load_split
+from .sanity import check_pgd, describe, model_flags, result_flags
 
 
 def robust_correct(clean_pred: torch.Tensor, adv_pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -52,6 +53,7 @@ class _Logits(nn.Module):
     def __init__(self, model: nn.Module, runtime: Runtime):
         super().__init__()
         self.model, self.runtime = model, runtime
+        self.train(False)  # a wrapper in eval mode (the sanity check looks at every module)
 
     def forward(self, x):
         with self.runtime.autocast():
@@ -193,17 +195,21 @@ def evaluate(
     ctx: DistContext | None = None,
     channels_last: bool | None = None,
     compile: bool = False,
+    pgd_check: int = 0,
 ) -> dict:
     """Clean accuracy and, for every attack and eps, robust accuracy and seconds.
 
-    Returns ``{"n", "clean_acc", "nonfinite_logits", "robust": [{"attack", "eps", "eps_label",
-    "robust_acc", "seconds", "images_per_s", "nonfinite_logits"}], "worst_case": [{"eps",
-    "eps_label", "attacks", "robust_acc"}],
+    Returns ``{"n", "clean_acc", "nonfinite_logits", "robust": [{"attack", "norm", "eps",
+    "eps_label", "robust_acc", "adv_acc", "seconds", "images_per_s", "nonfinite_logits"}],
+    "worst_case": [{"eps", "eps_label", "attacks", "robust_acc"}], "flags": the sanity flags
+    (``engine.sanity``; each also warned in one line), "pgd_check": its rows (``pgd_check``
+    images, 0: not run),
     "attacks": {name: description}, "runtime": what ran (``Runtime.record``), "per_image": {"clean" | flag_key(attack, eps) |
     "worst@EPS": bool tensor (n,)}}``; accuracies are fractions. ``nonfinite_logits`` counts the
     images whose logits held NaN or inf (clean, and per attack on the adversarial images); any
     is reported as a warning, since their predictions (an argmax over NaN) mean nothing. ``worst_case`` has one row per
     eps when there are several attacks: an image counts only if every attack failed on it.
+    ``adv_acc`` is the accuracy on the adversarial images alone (a sanity flag when above clean).
 
     The images are taken in blocks of ``batch_size``; block k's random starts come from a
     generator seeded with ``block_seed(seed, k)``. With ``ctx`` (torchrun) every rank evaluates
@@ -228,6 +234,10 @@ def evaluate(
     reporter.log(f"clean accuracy {clean_acc:.2%} on {n} images ({time.perf_counter() - t0:.1f} s)")
     nonfinite = {"clean": int(gather_shards(bad[0], part.sizes, ctx).sum().item())}
     _warn_nonfinite(reporter, nonfinite["clean"], n, "clean images")
+    flags = []
+    if attacks and part.blocks:  # the model checks, on this process's first block
+        _, a, b = part.blocks[0]
+        flags += model_flags(logits, to_float(images[: b - a]), labels[: b - a])
 
     results = []
     gen = torch.Generator(device=device)
@@ -235,7 +245,7 @@ def evaluate(
         for eps in eps_list:
             label = f"{attack.name} eps={format_eps(eps)}"
             progress = {"progress": reporter.log} if attack.kind == "autoattack" else {}  # AutoAttack's own lines
-            local, local_bad = [], []
+            local, local_bad, local_adv = [], [], []
             reporter.start(label, n, unit="img")
             _sync(device)
             start = time.perf_counter()
@@ -252,13 +262,16 @@ def evaluate(
                     adv_pred = adv_logits.argmax(1)
                     local_bad.append(_nonfinite_rows(adv_logits))
                     local.append(robust_correct(clean_pred[a:b], adv_pred, y))
+                    local_adv.append(adv_pred == y)
                     done = b - a
                     if attack.kind == "autoattack":  # minutes per block on a CPU: say where it stands
                         _block_progress(reporter, label, local, b, part, start)
                 reporter.advance(sum_over_ranks(done, ctx, device))
             mine = torch.cat(local) if local else torch.zeros(0, dtype=torch.bool, device=device)
-            flags = per_image[flag_key(attack.name, eps)] = gather_shards(mine, part.sizes, ctx).cpu()
-            acc = flags.sum().item() / max(n, 1)  # the one sync of this attack
+            robust = per_image[flag_key(attack.name, eps)] = gather_shards(mine, part.sizes, ctx).cpu()
+            acc = robust.sum().item() / max(n, 1)  # the one sync of this attack
+            mine_adv = torch.cat(local_adv) if local_adv else torch.zeros(0, dtype=torch.bool, device=device)
+            adv_acc = gather_shards(mine_adv, part.sizes, ctx).sum().item() / max(n, 1)
             mine_bad = torch.cat(local_bad) if local_bad else torch.zeros(0, dtype=torch.bool, device=device)
             n_bad = int(gather_shards(mine_bad, part.sizes, ctx).sum().item())
             seconds = time.perf_counter() - start
@@ -268,9 +281,11 @@ def evaluate(
             results.append(
                 {
                     "attack": attack.name,
+                    "norm": attack.norm,
                     "eps": eps,
                     "eps_label": format_eps(eps),
                     "robust_acc": acc,
+                    "adv_acc": adv_acc,
                     "seconds": seconds,
                     "images_per_s": n / seconds if seconds > 0 else None,
                     "nonfinite_logits": n_bad,
@@ -279,16 +294,29 @@ def evaluate(
     worst = []
     if len(attacks) > 1:
         for eps in eps_list:
-            flags = per_image[f"worst@{format_eps(eps)}"] = worst_case(*(per_image[flag_key(a.name, eps)] for a in attacks))
-            acc = flags.sum().item() / max(n, 1)
+            worst_flags = per_image[f"worst@{format_eps(eps)}"] = worst_case(*(per_image[flag_key(a.name, eps)] for a in attacks))
+            acc = worst_flags.sum().item() / max(n, 1)
             worst.append({"eps": eps, "eps_label": format_eps(eps), "attacks": [a.name for a in attacks], "robust_acc": acc})
             reporter.log(f"worst case over {', '.join(a.name for a in attacks)} eps={format_eps(eps)}: {acc:.2%}")
+    flags += result_flags(clean_acc, results)
+    checked = []
+    if pgd_check and ctx.is_main:  # PGD-100 x 5 restarts beside PGD-20, on the first images
+        k = min(pgd_check, n)
+        norm = attacks[0].norm if attacks else "linf"
+        reporter.log(f"pgd check: PGD-20 and PGD-100 x 5 restarts ({norm}) on {k} images")
+        checked, more = check_pgd(logits, to_float(data.images[:k].to(device)), data.labels[:k].to(device),
+                                  eps_list, norm, seed)
+        flags += more
+    for f in flags:
+        reporter.warn(describe(f))
     return {
         "n": n,
         "clean_acc": clean_acc,
         "nonfinite_logits": nonfinite["clean"],
         "robust": results,
         "worst_case": worst,
+        "flags": flags,
+        "pgd_check": checked,
         "attacks": {a.name: a.description for a in attacks},
         "per_image": per_image,
         "runtime": runtime.record(),

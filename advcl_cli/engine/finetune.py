@@ -47,6 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..attacks import get_attack
 from ..attacks.pgd import pgd, trades_adversary, trades_objective
 from ..checkpoint import Checkpoint, load_checkpoint, save_model, unwrap
 from ..data.augment import crop_flip_view
@@ -149,7 +150,7 @@ class ALF(Scheme):
     def loss(self, model, x, y, gen, precision, device):
         model.eval()
         with autocast(precision, device):
-            x = pgd(model, x, y, self.s.eps, self.s.attack_steps, self.s.attack_step_size, gen=gen)
+            x = pgd(model, x, y, self.s.eps, self.s.attack_steps, self.s.attack_step_size, gen=gen, norm=self.s.norm)
         return self._head_loss(model, x, y, precision, device)
 
 
@@ -194,7 +195,8 @@ def trades_step(model, x, y, gen, precision, device, s, *, clean_bn: str | None 
     model.eval()
     with autocast(precision, device):
         x_adv = trades_adversary(lambda z: model(z, adv_bn), x, s.eps, s.attack_steps, s.attack_step_size, gen=gen,
-                                 natural=lambda z: model(z, clean_bn), random_start=random_start)
+                                 natural=lambda z: model(z, clean_bn), random_start=random_start,
+                                 norm=getattr(s, "norm", "linf"))  # LPAFT's settings have none: L-inf
     model.train()
     with autocast(precision, device):
         logits = model(x, clean_bn)
@@ -335,6 +337,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     begin_run(run, ctx, state)  # every check passed: the folder is created (or cleared) now
     out_file = run.artifact(CLASSIFIER_FILE)
     eps = settings.eps
+    pgd20 = get_attack("pgd20", settings.norm)  # the final and validation PGD-20, in the training's norm
     # the class names go into the classifier's metadata, so evaluation can tell a dataset with others
     save_args = dict(kind="classifier", method=parent.meta.method, dataset=full.name, eps=eps,
                      config={**config, "classes": full.classes, "runtime": extra["runtime"]}, parent=parent.sha256)
@@ -346,7 +349,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
         if not ctx.is_main:
             return
         if val is not None:
-            res = evaluate(scheme.final(model), val, ["pgd20"], [eps], device=device, seed=settings.seed,
+            res = evaluate(scheme.final(model), val, [pgd20], [eps], device=device, seed=settings.seed,
                            channels_last=runtime.channels_last)
             metrics.update(val_clean_acc=res["clean_acc"], val_pgd20_acc=res["robust"][0]["robust_acc"])
             reporter.log(f"epoch {done}: validation clean {res['clean_acc']:.2%}, PGD-20 {metrics['val_pgd20_acc']:.2%}")
@@ -381,16 +384,17 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     if val is not None:
         kept = load_checkpoint(out_file).build(device)
         reporter.log(f"keeping epoch {extra['best_epoch']} (best PGD-20 accuracy on the held-out split)")
-    final = {"epoch": extra.get("best_epoch", settings.epochs), "selection": "best val PGD-20" if val is not None else "last epoch"}
+    final = {"epoch": extra.get("best_epoch", settings.epochs), "norm": settings.norm,
+             "selection": "best val PGD-20" if val is not None else "last epoch"}
     if evaluate_at_end:
-        res = evaluate(kept, test, ["pgd20"], [eps], device=device, reporter=reporter, seed=settings.seed,
+        res = evaluate(kept, test, [pgd20], [eps], device=device, reporter=reporter, seed=settings.seed,
                        channels_last=runtime.channels_last)
         note = chance_note(res["clean_acc"], test.num_classes, settings.epochs,
                            protocol(parent.meta.method, scheme.name, dataset, source)["epochs"], parent.meta.config.get("epochs"))
         if note:
             reporter.log(note)
         final = {"clean_acc": res["clean_acc"], "pgd20_acc": res["robust"][0]["robust_acc"], "n_eval": res["n"], "eps": eps,
-                 **final}
+                 "flags": res["flags"], **final}
     else:
         reporter.log("no final evaluation (--eval-limit 0): `advcl eval` measures the classifier")
     if val is not None:
