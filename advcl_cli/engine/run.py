@@ -44,7 +44,6 @@ import glob
 import json
 import os
 import socket
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
