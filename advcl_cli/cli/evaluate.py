@@ -52,11 +52,11 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
     the list is kept in --json ("flags"). --norm l2 runs every attack under the L2 threat model
     (eps 0.5 unless --eps is given).
 
-    Example, PGD-20 and AutoAttack on the first 100 test images of a classifier:
+    Example, PGD-20 and AutoAttack on the first 20 test images of a classifier:
 
     \b
       clf=runs/slf/classifier.safetensors
-      advcl eval $clf --attack pgd20 --attack autoattack --limit 100
+      advcl eval $clf --attack pgd20 --attack autoattack --limit 20
 
     Robustness against eps, as a table and a picture (one line per attack):
 

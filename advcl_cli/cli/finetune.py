@@ -35,7 +35,7 @@ def finetune(checkpoint: ModelArg = None, resume: ResumeOpt = False, force: Forc
 
     \b
       clf=$(advcl finetune $enc --scheme aff --val-fraction 0.1)
-      advcl eval $clf --attack pgd20 --attack autoattack --limit 100
+      advcl eval $clf --attack pgd20 --attack autoattack --limit 20
     """
     from ..checkpoint import load_checkpoint
     from ..engine.finetune import RESUME_MAY_CHANGE, default_run_dir
