@@ -80,9 +80,9 @@ def pre(tmp_path_factory):
 
 # --- 1. a lock ------------------------------------------------------------------------------------
 def test_a_second_start_resume_or_force_during_a_run_is_refused(run_cli, tmp_path):
-    args = ["pretrain", *TINY, "--epochs", "50", "--save-every", "1", "--out", "shared"]  # stopped below
+    args = ["pretrain", *TINY, "--epochs", "50", "--save-every", "1", "--out", "one-folder"]  # stopped below
     first = popen(args, tmp_path)
-    run = tmp_path / "shared"
+    run = tmp_path / "one-folder"
 
     wait_for(lambda: state_epoch(run) >= 1, "the first run saved epoch 1", first)
     assert holder(run) == first.pid
@@ -90,7 +90,7 @@ def test_a_second_start_resume_or_force_during_a_run_is_refused(run_cli, tmp_pat
         before = snapshot(run)
         code, out, err = run_cli(*args, *extra)
         assert code == 2 and out == "", err
-        assert f"error: {Path('shared')} is in use by another run (pid {first.pid} on " in err, err
+        assert f"error: {Path('one-folder')} is in use by another run (pid {first.pid} on " in err, err
         assert err.count("\n") == 2 and "Traceback" not in err
         # nothing of the first run was touched (it may have logged an epoch meanwhile, never replaced one)
         after = snapshot(run)
@@ -105,12 +105,12 @@ def test_a_second_start_resume_or_force_during_a_run_is_refused(run_cli, tmp_pat
 
 
 def test_under_torchrun_rank_0_holds_the_lock_and_a_second_job_stops_on_every_rank(run_cli, tmp_path):
-    args = ["pretrain", *TINY, "--epochs", "50", "--out", "shared"]  # stopped below
+    args = ["pretrain", *TINY, "--epochs", "50", "--out", "one-folder"]  # stopped below
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "advcl_cli"]
     env2 = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     first = subprocess.Popen([*torchrun, *args], cwd=tmp_path, env=env2, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-    run = tmp_path / "shared"
+    run = tmp_path / "one-folder"
     wait_for(lambda: state_epoch(run) >= 1, "the first job saved epoch 1", first)
     rank0 = holder(run)
     assert rank0 not in (None, first.pid)  # a rank holds it, not the launcher
@@ -118,8 +118,8 @@ def test_under_torchrun_rank_0_holds_the_lock_and_a_second_job_stops_on_every_ra
     assert code == 2 and f"is in use by another run (pid {rank0} on " in err
     second = subprocess.run([*torchrun, *args], cwd=tmp_path, env=env2, capture_output=True, text=True, timeout=HANG_S)
     assert second.returncode != 0 and second.stdout == ""
-    assert f"error: shared is in use by another run (pid {rank0} on " in second.stderr  # rank 0
-    assert f"error: rank 0 stopped: shared is in use by another run (pid {rank0} on " in second.stderr  # rank 1
+    assert f"error: one-folder is in use by another run (pid {rank0} on " in second.stderr  # rank 0
+    assert f"error: rank 0 stopped: one-folder is in use by another run (pid {rank0} on " in second.stderr  # rank 1
     first.send_signal(signal.SIGTERM)
     first.communicate(timeout=HANG_S)
     done = state_epoch(run)
