@@ -81,25 +81,35 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
 
 
-class BasicBlock(nn.Module):
+class _PostActBlock(nn.Module):
+    """What the post-activation blocks share: a 1x1 projection shortcut with its BN when the
+    shape changes, and the final ReLU of the sum."""
+
+    def _shortcut(self, cin: int, cout: int, stride: int, sets: tuple[str, ...]) -> None:
+        self.shortcut_conv = None
+        if stride != 1 or cin != cout:
+            self.shortcut_conv, self.shortcut_bn = _conv(cin, cout, 1, stride), MultiBatchNorm2d(cout, sets)
+
+    def _join(self, out: torch.Tensor, x: torch.Tensor, bn: str) -> torch.Tensor:
+        short = x if self.shortcut_conv is None else self.shortcut_bn(self.shortcut_conv(x), bn)
+        return F.relu(out + short)
+
+
+class BasicBlock(_PostActBlock):
     expansion = 1
 
     def __init__(self, cin: int, planes: int, stride: int, sets: tuple[str, ...]):
         super().__init__()
         self.conv1, self.bn1 = _conv(cin, planes, 3, stride), MultiBatchNorm2d(planes, sets)
         self.conv2, self.bn2 = _conv(planes, planes, 3), MultiBatchNorm2d(planes, sets)
-        self.shortcut_conv = None
-        if stride != 1 or cin != planes:
-            self.shortcut_conv, self.shortcut_bn = _conv(cin, planes, 1, stride), MultiBatchNorm2d(planes, sets)
+        self._shortcut(cin, planes, stride, sets)
 
     def forward(self, x: torch.Tensor, bn: str) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x), bn))
-        out = self.bn2(self.conv2(out), bn)
-        short = x if self.shortcut_conv is None else self.shortcut_bn(self.shortcut_conv(x), bn)
-        return F.relu(out + short)
+        return self._join(self.bn2(self.conv2(out), bn), x, bn)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_PostActBlock):
     """1x1 - 3x3 (the stride) - 1x1 to 4x the planes, post-activation, BN on the projection."""
 
     expansion = 4
@@ -110,16 +120,12 @@ class Bottleneck(nn.Module):
         self.conv1, self.bn1 = _conv(cin, planes, 1), MultiBatchNorm2d(planes, sets)
         self.conv2, self.bn2 = _conv(planes, planes, 3, stride), MultiBatchNorm2d(planes, sets)
         self.conv3, self.bn3 = _conv(planes, cout, 1), MultiBatchNorm2d(cout, sets)
-        self.shortcut_conv = None
-        if stride != 1 or cin != cout:
-            self.shortcut_conv, self.shortcut_bn = _conv(cin, cout, 1, stride), MultiBatchNorm2d(cout, sets)
+        self._shortcut(cin, cout, stride, sets)
 
     def forward(self, x: torch.Tensor, bn: str) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x), bn))
         out = F.relu(self.bn2(self.conv2(out), bn))
-        out = self.bn3(self.conv3(out), bn)
-        short = x if self.shortcut_conv is None else self.shortcut_bn(self.shortcut_conv(x), bn)
-        return F.relu(out + short)
+        return self._join(self.bn3(self.conv3(out), bn), x, bn)
 
 
 class PreActBlock(nn.Module):
