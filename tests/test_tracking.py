@@ -134,7 +134,7 @@ def test_an_interrupted_tracked_run_resumes_into_the_same_curves(run_cli, tmp_pa
 
 
 @pytest.mark.parametrize("verb", ["finetune", "lpaft"])
-def test_finetune_and_lpaft_log_to_tensorboard(run_cli, tmp_path, verb):
+def test_finetune_and_lpaft_log_to_tensorboard_and_start_over_with_force(run_cli, tmp_path, verb):
     torch.manual_seed(0)
     from advcl_cli.checkpoint import save_model
 
@@ -142,12 +142,15 @@ def test_finetune_and_lpaft_log_to_tensorboard(run_cli, tmp_path, verb):
                      kind="encoder", method="dynacl", dataset="digits", eps=8 / 255)
     extra = (["--scheme", "slf", "--epochs", "1", "--eval-limit", "0"] if verb == "finetune"
              else ["--probe-epochs", "1", "--epochs", "1", "--attack-steps", "1"])
-    code, out, err = run_cli(verb, enc, "--limit", "32", "--batch-size", "16", "--image-size", "16", "--device", "cpu",
-                             *extra, "--out", "r", "--log", "tensorboard")
-    assert code == 0, err
-    epochs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    curves = tensorboard_scalars(tmp_path / "r" / "tensorboard")
-    assert epochs and curves["loss"] == [(r["epoch"], pytest.approx(r["loss"], rel=1e-6)) for r in epochs]
+    args = [verb, enc, "--limit", "32", "--batch-size", "16", "--image-size", "16", "--device", "cpu", *extra,
+            "--out", "r", "--log", "tensorboard"]
+    for again in ([], ["--force"]):  # a run started over: TensorBoard shows the new run's epochs only
+        code, out, err = run_cli(*args, *again)
+        assert code == 0, err
+        epochs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+        curves = tensorboard_scalars(tmp_path / "r" / "tensorboard")
+        for name in ("loss", "seconds"):
+            assert epochs and curves[name] == [(r["epoch"], pytest.approx(r[name], rel=1e-6)) for r in epochs]
 
 
 @pytest.mark.parametrize("tracker", ["wandb", "tensorboard"])
