@@ -14,7 +14,8 @@ run ends however it ends. The resolved settings are the hyper-parameters.
 - wandb: ``wandb.init(dir=RUN, id=..., resume="allow")``, project ``$WANDB_PROJECT`` or
   ``advcl``; ``WANDB_MODE=offline`` keeps the run in ``RUN/wandb/offline-run-*`` without a
   network (``wandb sync`` uploads it later). W&B's console capture is off: advcl's stdout stays
-  the command's result.
+  the command's result. A run W&B cannot start (not logged in, no network) is a UsageError
+  before the first epoch.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+
+from .errors import UsageError
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # name -> the package it needs (and its extra)
 TENSORBOARD_DIR = "tensorboard"
@@ -99,6 +102,11 @@ def _tensorboard(folder: Path, config: dict, start: int):
 def _wandb(folder: Path, config: dict, run_id: str | None):
     import wandb
 
-    return wandb.init(project=os.environ.get("WANDB_PROJECT", "advcl"), dir=str(folder), name=folder.name,
-                      id=run_id, resume="allow", config=hyperparameters(config),
-                      settings=wandb.Settings(console="off", quiet=True))
+    try:
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", "advcl"), dir=str(folder), name=folder.name,
+                          id=run_id, resume="allow", config=hyperparameters(config),
+                          settings=wandb.Settings(console="off", quiet=True))
+    except Exception as e:  # not logged in, no network, a bad WANDB_* variable: wandb's own error types
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"--log wandb: W&B could not start the run: {reason}",
+                         "log in with `wandb login`, or set WANDB_MODE=offline to log without a network") from None

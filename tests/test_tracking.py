@@ -164,6 +164,19 @@ def test_a_tracker_without_its_extra_is_refused_before_anything_runs(run_cli, tm
     assert code == 2 and "unknown tracker 'mlflow'" in err and not (tmp_path / "r").exists()
 
 
+def test_a_wandb_run_that_cannot_start_is_one_line_before_training(run_cli, tmp_path, monkeypatch):
+    import wandb
+
+    def refuse(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    code, out, err = run_cli("pretrain", *SMALL, "--log", "wandb", "--out", "r")
+    assert code == 2 and out == "" and err.count("\n") == 2 and "Traceback" not in err, err  # error + hint
+    assert "W&B could not start the run: api_key not configured" in err and "WANDB_MODE=offline" in err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
 # --- the kNN vote --------------------------------------------------------------------------
 
 
