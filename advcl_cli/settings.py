@@ -250,7 +250,8 @@ MONITOR_HELP = ("Every N epochs (and after the last), the encoder's weighted kNN
                 "cosine, temperature 0.1; the training split is the bank), clean and under a 3-step L-inf feature-space "
                 "PGD at the run's eps (8/255 without one), in metrics.jsonl as knn_acc and knn_pgd_acc (0: off). "
                 "Cost per call: a forward pass per training image, 2 forward and 3 forward-backward passes per test "
-                "image (digits, resnet18-tiny: about 45 s on 2 busy CPU cores, half an epoch of simclr there).")
+                "image (digits, resnet18-tiny, 2 busy CPU cores: 45-60 s, a third of a simclr epoch; "
+                "benchmarks/knn_monitor.py).")
 
 
 class PretrainSettings(DataSettings, SpeedSettings, TrackingSettings):
