@@ -213,6 +213,22 @@ class SpeedSettings(CheckedModel):
     compile: bool = option(False, "torch.compile the network (minutes to start; pays off on long GPU runs).")
 
 
+class TrackingSettings(CheckedModel):
+    """Where a training run's epoch records go besides metrics.jsonl (``advcl_cli.tracking``)."""
+
+    log: NameList = option([], "Also log every epoch and the settings to tensorboard (RUN/tensorboard), wandb "
+                               "(RUN/wandb; WANDB_MODE=offline needs no network) or both (tensorboard,wandb); each "
+                               "needs its extra: pip install 'advcl[tensorboard]' or 'advcl[wandb]'.",
+                           metavar="TRACKER,...")
+
+    @field_validator("log")
+    @classmethod
+    def _installed(cls, names: list[str]) -> list[str]:
+        from .tracking import check_available
+
+        return check_available(names)
+
+
 class NormSettings(CheckedModel):
     """The threat model of a verb's attacks: ``norm`` linf or l2. Under l2 a budget that was not
     given is 0.5 (not 8/255), and a training attack's step size that was not given is eps/4."""
@@ -230,7 +246,15 @@ class NormSettings(CheckedModel):
         return self
 
 
-class PretrainSettings(DataSettings, SpeedSettings):
+MONITOR_HELP = ("Every N epochs (and after the last), the encoder's weighted kNN accuracy on the test split (k 200, "
+                "cosine, temperature 0.1; the training split is the bank), clean and under a 3-step L-inf feature-space "
+                "PGD at the run's eps (8/255 without one), in metrics.jsonl as knn_acc and knn_pgd_acc (0: off). "
+                "Cost per call: a forward pass per training image, 2 forward and 3 forward-backward passes per test "
+                "image (digits, resnet18-tiny, 2 busy CPU cores: 45-60 s, a third of a simclr epoch; "
+                "benchmarks/knn_monitor.py).")
+
+
+class PretrainSettings(DataSettings, SpeedSettings, TrackingSettings):
     """What every pretraining run has; the method's own settings (``methods.base.TrainSettings``
     and its options) are added to these in one model per method (``methods.settings_model``)."""
 
@@ -242,6 +266,7 @@ class PretrainSettings(DataSettings, SpeedSettings):
                                    "with -tiny (a slim test width).")
     out: Path | None = option(None, "Run folder (default runs/METHOD-DATASET-ARCH).", short="-o")
     save_every: int = option(50, "Save the encoder every N epochs (the resume state is saved every epoch).", ge=1)
+    monitor_every: int = option(0, MONITOR_HELP, ge=0)
     drop_last: bool = option(False, "Drop each epoch's last partial batch (default: keep it, as the reference does; "
                                     "a last batch of one image, or one that does not divide among the processes, is dropped).")
     norm: Norm = option("linf", "Threat model of the training attack: every method here is defined under L-inf only "
@@ -265,7 +290,7 @@ class PseudoLabelSettings(DataSettings):
     bn_set: str | None = option(None, "The encoder's BN set to use (default its first, 'normal').")
 
 
-class FinetuneSettings(DataSettings, SpeedSettings, NormSettings):
+class FinetuneSettings(DataSettings, SpeedSettings, NormSettings, TrackingSettings):
     section: ClassVar[str] = "finetune"
 
     dataset: str | None = option(None, "Dataset to finetune on (default: the encoder's).", short="-d")
@@ -293,7 +318,7 @@ class FinetuneSettings(DataSettings, SpeedSettings, NormSettings):
                                     "evaluation).", ge=0)
 
 
-class LpaftSettings(DataSettings, SpeedSettings):
+class LpaftSettings(DataSettings, SpeedSettings, TrackingSettings):
     """DynACL++'s post-processing (``advcl lpaft``); the defaults are the authors' ``LPAFT.py``."""
 
     section: ClassVar[str] = "lpaft"

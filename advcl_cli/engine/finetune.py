@@ -72,7 +72,7 @@ PROTOCOL: dict[str, dict[str, Any]] = {  # the RobustSSL benchmark's defaults (R
 }
 FILLED = ("epochs", "batch_size", "lr", "milestones")
 # settings that may change on --resume (they do not change what is trained)
-RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "eval_limit"}
+RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "log", "eval_limit"}
 
 
 def protocol(method: str, scheme: str, dataset: str, source: str | None = None) -> dict[str, Any]:
@@ -334,7 +334,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     # every rank walks the same global batches and keeps its slice; with several processes the
     # last partial batch is dropped so that every rank gets an equal share
     batches = Batches(train, settings.batch_size, seed=settings.seed, drop_last=ctx.enabled)
-    begin_run(run, ctx, state)  # every check passed: the folder is created (or cleared) now
+    begin_run(run, ctx, state, settings)  # every check passed: the folder is created (or cleared) now
     out_file = run.artifact(CLASSIFIER_FILE)
     eps = settings.eps
     pgd20 = get_attack("pgd20", settings.norm)  # the final and validation PGD-20, in the training's norm

@@ -56,7 +56,7 @@ from .run import RunDir, RunResult, begin_derived_run, begin_run, holds_run_fold
 
 ENCODER_FILE = "encoder.safetensors"
 LABELS_FILE = "pseudo-labels.safetensors"
-RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download"}
+RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "log"}
 DYNACL_FAMILY = ("dynacl", "dynacl-air")
 
 
@@ -154,7 +154,7 @@ def lpaft(settings, parent: Checkpoint, reporter: Reporter | None = None, *, res
     if settings.clusters > len(data):
         raise DataError(f"cannot make {settings.clusters} clusters from {len(data)} images", "use fewer --clusters")
     Batches(data, settings.batch_size, drop_last=True)  # a batch larger than the data is refused before k-means
-    begin_run(run, ctx, state)  # every check passed: the folder is created (or cleared) now
+    begin_run(run, ctx, state, settings)  # every check passed: the folder is created (or cleared) now
     if state is not None:
         labels = state["extra"]["labels"].to(device)
     else:

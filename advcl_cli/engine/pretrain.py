@@ -36,12 +36,14 @@ from ..pseudolabels import load_labels
 from ..device import runtime_of
 from ..distributed import init_distributed, prepare_model, shutdown
 from .loop import Loop
+from .monitor import monitor_of
 from ..report import Reporter, plural
 from .run import RunDir, RunResult, begin_run, check_resume_config, holds_run_folder, load_split, open_run, restore
 
 ENCODER_FILE = "encoder.safetensors"
 # settings that may change when a run is resumed (they do not change what is computed)
-RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "save_every"}
+RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "log", "save_every",
+                     "monitor_every"}
 
 
 def default_run_dir(settings) -> Path:
@@ -151,6 +153,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
         limit=settings.limit, image_size=settings.image_size,
     ).to(device)
     method = make_method(settings, len(data), device)
+    monitor = monitor_of(settings, data, None if without_attack(settings) else method.eps, ctx, precision)
     if ctx.is_main:
         for note in method.notes:
             reporter.warn(note)
@@ -171,7 +174,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
     # has a single image (batch norm needs two) or does not divide among the processes
     batches = Batches(data, settings.batch_size, seed=settings.seed, drop_last=settings.drop_last,
                       ranks=ctx.world_size, min_last=2, require_full=True)
-    begin_run(run, ctx, state)  # every check passed: the folder is created (or cleared) now
+    begin_run(run, ctx, state, settings)  # every check passed: the folder is created (or cleared) now
     encoder = run.artifact(ENCODER_FILE)
     # the lineage: the checkpoint the method started from (DeACL's teacher), if any
     parent = next((c.sha256 for c in method.inputs.values() if isinstance(c, Checkpoint)), None)
@@ -183,6 +186,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
     def end_epoch(done: int, metrics: dict) -> None:
         last["metrics"] = metrics
         if ctx.is_main:
+            metrics.update(monitor(method.export(model), done) if monitor else {})
             run.append_metrics(metrics)
             save(done, metrics)
 

@@ -105,6 +105,7 @@ class RunDir:
         self._made: list[Path] = []  # what open created: removed again if the run never begins
         self._began = False
         self._lock_verb: str | None = None  # the verb of the last run that began here (.lock)
+        self.trackers = None  # tracking.Trackers on rank 0 with --log: every epoch record goes there too
 
     @property
     def state_path(self) -> Path:
@@ -223,6 +224,8 @@ class RunDir:
     def release(self) -> None:
         """Let the lock go; the lock file and folder ``open`` made for a run that never began
         are removed again."""
+        if self.trackers is not None:
+            self.trackers.close()
         if self._lock is None:
             return
         fd, self._lock = self._lock, None
@@ -319,6 +322,8 @@ class RunDir:
                 os.close(fd)
         except OSError as e:
             raise os_error(e, self.metrics_path) from None
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def read_metrics(self) -> list[dict]:
         """The logged epochs; a last line torn by a crash mid-write is skipped. Any other line
@@ -376,6 +381,7 @@ class RunDir:
             "optimizer": optimizer.state_dict(),
             "rng": capture_rng(),
             "extra": extra or {},
+            "tracking": self.trackers.state() if self.trackers is not None else {},
         }
         return save_state(self.state_path, state)
 
@@ -479,12 +485,21 @@ def open_run(run: "RunDir", ctx, *, batch_size: int, resume: bool, force: bool) 
     return state
 
 
-def begin_run(run: "RunDir", ctx, state: dict | None) -> None:
+def begin_run(run: "RunDir", ctx, state: dict | None, settings) -> None:
     """After every check and before the first epoch: rank 0 creates (or with --force clears) the
-    run folder, or cuts a resumed run's metrics back (``RunDir.begin``); a failure stops every
-    rank. A check that fails before this leaves no folder behind."""
+    run folder, or cuts a resumed run's metrics back (``RunDir.begin``), then opens the trackers
+    of ``--log`` (``tracking.Trackers``; a resumed run continues its W&B run); a failure stops
+    every rank. A check that fails before this leaves no folder behind."""
 
-    on_main(lambda: run.begin(state), ctx)
+    def begin() -> None:
+        run.begin(state)
+        if settings.log:
+            from ..tracking import Trackers
+
+            run.trackers = Trackers(settings.log, run.path, settings.to_config(), state=(state or {}).get("tracking"),
+                                    start=int(state["epoch"]) if state else 0)
+
+    on_main(begin, ctx)
 
 
 def load_split(name: str, split: str, ctx, *, download: bool, **kwargs):
