@@ -14,6 +14,7 @@ from ..errors import AdvclError, os_error
 from . import attack, benchmark, evaluate, finetune, imports, lpaft, pretrain, pseudo_labels, pull, push, zoo
 from .options import documented
 from .output import Output
+from .training import bare_resume
 
 # Typer may vendor click; take its exception classes from Typer itself.
 ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every error ends here as one or two lines on stderr and an exit code."""
     debug = os.environ.get("ADVCL_DEBUG") == "1"
     out = Output()
-    args = sys.argv[1:] if argv is None else list(argv)
+    args = bare_resume(sys.argv[1:] if argv is None else list(argv))
     verb = next((a for a in args if not a.startswith("-")), None)
     try:
         rv = build_app(verb)(args=args, prog_name="advcl", standalone_mode=False)
