@@ -71,6 +71,11 @@ class Requeued(AdvclError):
     exit_code = 0
 
 
+class AdvclWarning(UserWarning):
+    """A warning for people (a plug-in that fails to load): the CLI prints it as one
+    ``warning:`` line on stderr (``cli.app.main``); library users see a Python warning."""
+
+
 # why a JSON or TOML document nested thousands deep (Python's parsers recurse: RecursionError) is refused
 TOO_DEEP = "nested too deeply"
 

@@ -56,7 +56,7 @@ DOC = finetune.__doc__
 def protocol_help() -> str:
     """The protocol's defaults and each method's own, for the help text (imports the methods)."""
     from ..engine.finetune import PROTOCOL, SCHEMES
-    from ..methods import get_method, method_names
+    from ..methods import methods
 
     def one(key: str, value) -> str:
         if key == "milestones":
@@ -78,8 +78,7 @@ def protocol_help() -> str:
         return ", ".join(parts)
 
     lines = [f"      every method  {scheme}: {describe(PROTOCOL[scheme])}" for scheme in SCHEMES]
-    for name in method_names():
-        cls = get_method(name)
+    for name, cls in methods().items():
         for label, own in ((name, cls.finetune_protocol), *cls.alias_protocols.items()):
             lines += [f"      {label:<13} {scheme}: {describe(values)}" for scheme, values in own.items()]
     return "\n\n    \b\n" + "\n".join(lines)

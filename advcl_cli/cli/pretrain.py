@@ -48,10 +48,12 @@ def method_params() -> dict:
     """Options of every method (``option_spec``s): the shared training fields once, the others
     in one panel per group of methods that share them; and the methods' list for the help text.
     Plain data, which the help cache keeps."""
-    from ..methods import get_method, method_names
+    from ..methods import check_options
+    from ..methods import methods as loaded
     from ..methods.base import TrainSettings
 
-    methods = {name: get_method(name) for name in method_names()}
+    check_options()
+    methods = loaded()
     owners: dict[str, list[str]] = {}
     for name, cls in methods.items():
         for field in cls.Settings.model_fields:
