@@ -25,6 +25,14 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
 
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def env_name(field: str) -> str:
+    return "ADVCL_" + field.upper()
+
+
 def option(default: Any, help: str, *, short: str | None = None, metavar: str | None = None,
            flag: bool = True, input: str | None = None, aliases: tuple[str, ...] = (), **constraints) -> Any:
     """A settings field with its help text; ``short`` adds a one-letter flag (``-d``),

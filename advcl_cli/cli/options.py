@@ -21,7 +21,7 @@ import typer
 from pydantic.fields import FieldInfo
 from rich.markup import escape
 
-from ..config import flag_name
+from ..settings import flag_name
 from ..errors import UsageError
 
 ConfigOpt = Annotated[
