@@ -55,7 +55,7 @@ def attack(model: ModelArg = None, out: OutOpt = Path("adv.safetensors"), grid: 
         from ..plots import require_matplotlib
 
         require_matplotlib()
-    path = model_path(model)
+    path = model_path(model, config)
     check_output(out, force, "--out", {"the model being attacked": path})
     check_output(grid, force, "--grid", {"the model being attacked": path, "also --out": out}, suffix=".png")
     ckpt = load_checkpoint(path, kind="classifier")

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..settings import BenchmarkSettings
-from .options import ConfigOpt, JsonOpt, settings_options, stdin_lines, with_options
+from .options import ConfigOpt, JsonOpt, model_path, settings_options, stdin_lines, with_options
 from .output import Output
 
 EncodersArg = Annotated[
@@ -62,7 +62,6 @@ def benchmark(encoders: EncodersArg = None, force: ForceOpt = False, config: Con
     from ..config import resolve
     from ..engine.benchmark import benchmark as run_benchmark
     from ..errors import Interrupted
-    from ..zoo import resolve as resolve_model
     from .training import sigterm_as_interrupt
 
     out = Output(json_output)
@@ -72,7 +71,7 @@ def benchmark(encoders: EncodersArg = None, force: ForceOpt = False, config: Con
         lines = stdin_lines("ENCODER", STDIN_HINT)
         values = [p for v in values or ["-"] for p in (lines if v == "-" else [v])]
     reporter = out.reporter()
-    paths = [(v, resolve_model(v, reporter=reporter)) for v in values]
+    paths = [(v, model_path(v, config)) for v in values]
     try:
         with sigterm_as_interrupt():
             result = run_benchmark(settings, paths, reporter, force=force, on_cell=lambda cells: show(out, cells))

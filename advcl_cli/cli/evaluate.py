@@ -103,7 +103,7 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
         require_matplotlib()
         if not attacks:
             raise UsageError("--plot draws robust accuracy, so it needs at least one --attack", "add e.g. --attack pgd20")
-    path = model_path(model)
+    path = model_path(model, config)
     check_output(plot, force, "--plot", {"the model being evaluated": path}, suffix=".png")
     ckpt = load_checkpoint(path, kind="classifier")
     runtime = runtime_of(settings)

@@ -42,7 +42,7 @@ def finetune(checkpoint: ModelArg = None, resume: ResumeOpt = False, force: Forc
     from ..engine.finetune import finetune as run_finetune
     from .training import resolve_run_settings, resume_command, run_and_print
 
-    parent = load_checkpoint(model_path(checkpoint))
+    parent = load_checkpoint(model_path(checkpoint, config))
     settings = resolve_run_settings(FinetuneSettings, config, options, resume=resume,
                                     run_dir=lambda probe: default_run_dir(probe, parent), may_change=RESUME_MAY_CHANGE)
     run_dir = settings.out or default_run_dir(settings, parent)

@@ -40,7 +40,7 @@ def lpaft(encoder: ModelArg = None, resume: ResumeOpt = False, force: ForceOpt =
     from ..engine.lpaft import lpaft as run_lpaft
     from .training import resolve_run_settings, resume_command, run_and_print
 
-    parent = load_checkpoint(model_path(encoder))
+    parent = load_checkpoint(model_path(encoder, config))
     settings = resolve_run_settings(LpaftSettings, config, options, resume=resume,
                                     run_dir=lambda probe: default_run_dir(probe, parent), may_change=RESUME_MAY_CHANGE)
     run_dir = settings.out or default_run_dir(settings, parent)

@@ -182,14 +182,18 @@ def _json_path(text: str, what: str) -> str:
     return doc["path"]
 
 
-def model_path(value: str | None) -> Path:
-    """Resolve a MODEL argument: a path, a zoo name (pulled), or a path on stdin."""
+def model_path(value: str | None, config: Path | None = None) -> Path:
+    """Resolve a MODEL argument: a path, a zoo name (pulled with the ``[hub]`` settings), or a
+    path on stdin."""
     if value in (None, "-"):
         value = stdin_lines("MODEL", "pass a checkpoint path or zoo name, or pipe one: advcl pull NAME | advcl eval")[-1]
+    from ..config import resolve as resolve_settings
+    from ..settings import HubSettings
     from ..zoo import resolve
     from .output import Output
 
-    return resolve(value, reporter=Output().reporter())
+    hub = resolve_settings(HubSettings, {}, config_file=config)
+    return resolve(value, endpoint=hub.hf_endpoint, manifest=hub.zoo_manifest, reporter=Output().reporter())
 
 
 def refuse_overwrite(path: Path, force: bool, flag: str = "--out") -> None:

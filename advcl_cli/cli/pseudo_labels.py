@@ -55,7 +55,7 @@ def pseudo_labels(
     output = Output(json_output)
     settings = resolve(PseudoLabelSettings, options, config_file=config, warn=output.warn)
     out = out or default_labels_path(settings.dataset)
-    path = model_path(encoder)
+    path = model_path(encoder, config)
     check_output(out, force, "--out", {"the encoder": path})
     reporter = output.reporter()
     try:
