@@ -225,11 +225,12 @@ def origin(name: str, layers: list[tuple[str, dict]], flags: dict[str, Any]) -> 
 
 
 def resolve(cls: type[SettingsModel], flags: dict[str, Any], *, config_file: str | Path | None = None,
-            base: dict[str, Any] | None = None, may_change: set[str] = frozenset(),
+            base: dict[str, Any] | None = None, may_change: set[str] | None = None,
             warn: Warn | None = None) -> SettingsModel:
     """``cls`` filled from every layer. ``flags`` are the command line's values (None: not
     given); ``base`` a resumed run's stored settings: every other layer sits above them, and
-    may change only those in ``may_change`` (``check_unchanged``). For ``PretrainSettings``
+    may change only those in ``may_change`` (default: ``cls.resume_may_change()``, see
+    ``check_unchanged``). For ``PretrainSettings``
     the result is the chosen method's model (``methods.settings_model``)."""
     flags = {k: v for k, v in flags.items() if v is not None}
     path = config_path(config_file)
@@ -264,7 +265,7 @@ def resolve(cls: type[SettingsModel], flags: dict[str, Any], *, config_file: str
         _LAYERS.reset(token)
     settings = cls.model_construct(_fields_set=done.model_fields_set, **dict(done))
     if base is not None:
-        check_unchanged(settings, base, layers, flags, may_change)
+        check_unchanged(settings, base, layers, flags, cls.resume_may_change() if may_change is None else may_change)
     return settings
 
 

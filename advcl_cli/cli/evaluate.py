@@ -10,13 +10,10 @@ import typer
 from rich.markup import escape
 
 from ..settings import EvalSettings
-from .options import ConfigOpt, JsonOpt, ModelArg, check_output, model_path, settings_options, with_options
+from .options import ConfigOpt, ForceOpt, JsonOpt, ModelArg, check_output, model_path, settings_options, with_options
 from .output import Output
 
 PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help=escape("Write a PNG of robust accuracy against eps (needs advcl[plot]); missing folders on its path are created, as for --out."), show_default=False)]
-ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Overwrite an existing --plot file (never the model itself).", metavar="")
-]
 PerImageOpt = Annotated[
     bool,
     typer.Option("--per-image", help="With --json: add each attack's per-image flags (a 0/1 string in image order; 1 = robust).", metavar=""),

@@ -36,7 +36,9 @@ ModelArg = Annotated[
     ),
 ]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in the --out folder from its last saved epoch.", metavar="")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite a run already in the --out folder.", metavar="")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace what is already there (the run or file at --out, a --grid or "
+                                                       "--plot file, a benchmark's finished cells) instead of refusing, or "
+                                                       "reusing it; never the input model.", metavar="")]
 
 
 # --- options from settings fields -------------------------------------------------------------

@@ -15,11 +15,10 @@ from ..errors import DiskError, Interrupted
 from .output import Output
 
 
-def resolve_run_settings(settings_cls, config: Path | None, options: dict, *, resume: bool,
-                         run_dir: Callable, may_change: set[str]):
+def resolve_run_settings(settings_cls, config: Path | None, options: dict, *, resume: bool, run_dir: Callable):
     """The settings of a run. On --resume the run's stored settings are the base: every one
     that no flag, ``ADVCL_*`` variable or config file gives is carried over, and those may only
-    change how it runs (``may_change``: device, precision, ...); any other change is refused
+    change how it runs (``SettingsModel.resume_may_change``: device, precision, ...); any other change is refused
     by name, whichever layer it comes from (``config.check_unchanged``)."""
     from ..config import resolve
     from ..engine.run import RunDir
@@ -31,7 +30,7 @@ def resolve_run_settings(settings_cls, config: Path | None, options: dict, *, re
         probe = resolve(settings_cls, own, config_file=config)
         stored = RunDir(probe.out or run_dir(probe)).stored_config() or {}
         base = stored
-    return resolve(settings_cls, options, config_file=config, base=base, may_change=may_change, warn=warn)
+    return resolve(settings_cls, options, config_file=config, base=base, warn=warn)
 
 
 @contextlib.contextmanager

@@ -72,7 +72,6 @@ PROTOCOL: dict[str, dict[str, Any]] = {  # the RobustSSL benchmark's defaults (R
 }
 FILLED = ("epochs", "batch_size", "lr", "milestones")
 # settings that may change on --resume (they do not change what is trained)
-RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "eval_limit"}
 
 
 def protocol(method: str, scheme: str, dataset: str, source: str | None = None) -> dict[str, Any]:
@@ -301,7 +300,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     scheme = SCHEMES[settings.scheme](settings, dual_bn=dual_bn)
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(CLASSIFIER_FILE,), verb="finetune")
     runtime, ctx, config, state, reporter = begin_derived_run(
-        settings, run, parent, dataset, "finetunes", reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE)
+        settings, run, parent, dataset, "finetunes", reporter, resume=resume, force=force, may_change=settings.resume_may_change())
     device, precision = runtime.device, runtime.precision
     if state is not None:
         if state.get("finished") and "final" in state["extra"]:

@@ -56,7 +56,6 @@ from .run import RunDir, RunResult, begin_derived_run, begin_run, holds_run_fold
 
 ENCODER_FILE = "encoder.safetensors"
 LABELS_FILE = "pseudo-labels.safetensors"
-RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download"}
 DYNACL_FAMILY = ("dynacl", "dynacl-air")
 
 
@@ -139,7 +138,7 @@ def lpaft(settings, parent: Checkpoint, reporter: Reporter | None = None, *, res
     bn, keep, cluster_bn = bn_routes(encoder.config.bn_sets, settings)
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(ENCODER_FILE, LABELS_FILE), verb="lpaft")
     runtime, ctx, config, state, reporter = begin_derived_run(
-        settings, run, parent, dataset, "post-processes", reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE)
+        settings, run, parent, dataset, "post-processes", reporter, resume=resume, force=force, may_change=settings.resume_may_change())
     device, precision = runtime.device, runtime.precision
     if state is not None and state.get("finished"):
         reporter.log(f"{run.path} already finished all {state['epoch']} epochs")

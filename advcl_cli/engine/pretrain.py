@@ -41,7 +41,6 @@ from .run import RunDir, RunResult, begin_run, check_resume_config, holds_run_fo
 
 ENCODER_FILE = "encoder.safetensors"
 # settings that may change when a run is resumed (they do not change what is computed)
-RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "save_every"}
 
 
 def default_run_dir(settings) -> Path:
@@ -136,7 +135,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
         reporter.warn(f"--pgd-steps 0: {settings.method} trains without adversarial examples, so the encoder will not be "
                       "robust and records no eps (use --pgd-steps 1 or more, the paper uses 5)")
     if state is not None:
-        check_resume_config(state["config"], settings.to_config(), RESUME_MAY_CHANGE)
+        check_resume_config(state["config"], settings.to_config(), settings.resume_may_change())
         check_inputs_unchanged(settings, state["extra"].get("inputs", {}))
         if state.get("finished"):
             if ctx.is_main:
