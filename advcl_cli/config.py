@@ -216,7 +216,7 @@ def layered(cls: type[SettingsModel]) -> type[BaseSettings]:
 def origin(name: str, layers: list[tuple[str, dict]], flags: dict[str, Any]) -> tuple[str | None, Any]:
     """Which layer gave setting ``name``, and its value there (None, None: the default)."""
     env = {k.lower(): v for k, v in os.environ.items()}.get(env_name(name).lower())
-    named = [(label, values) for label, values in layers if name in values]
+    named = [(label, values[name]) for label, values in layers if name in values]
     if name in flags:
         return "flags", flags[name]
     if env is not None:
