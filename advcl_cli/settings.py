@@ -154,6 +154,8 @@ Device = Annotated[Literal["auto", "cpu", "cuda"], BeforeValidator(_lower)]
 Precision = Annotated[Literal["auto", "bf16", "fp32"], BeforeValidator(_lower)]
 ChannelsLast = Annotated[Literal["auto", "on", "off"], BeforeValidator(_lower)]
 Norm = Annotated[Literal["linf", "l2"], BeforeValidator(lambda v: _lower(v).replace("-", "") if isinstance(v, str) else v)]
+Scheme = Literal["slf", "alf", "aff"]  # the finetuning schemes: their one list
+SCHEME_NAMES: tuple[str, ...] = typing.get_args(Scheme)
 L2_EPS = 0.5  # the L2 budget of CIFAR-sized images (RobustBench's L2 leaderboard)
 
 
@@ -315,7 +317,7 @@ class FinetuneSettings(DataSettings, SpeedSettings, NormSettings, OutputSettings
     section: ClassVar[str] = "finetune"
 
     dataset: str | None = option(None, "Dataset to finetune on (default: the encoder's).", short="-d")
-    scheme: Annotated[Literal["slf", "alf", "aff"], BeforeValidator(_lower)] = option(
+    scheme: Annotated[Scheme, BeforeValidator(_lower)] = option(
         "slf", "slf (frozen encoder, clean images), alf (frozen encoder, PGD-10 images) or aff (whole network, TRADES).",
         short="-s")
     epochs: int | None = option(None, "Epochs (default: the protocol's, see above).", ge=1)
@@ -392,8 +394,6 @@ class AttackSettings(Settings, NormSettings, OutputSettings):
     download: bool = option(True, "Download a missing dataset.", flag=False)
 
 
-SCHEME_NAMES = ("slf", "alf", "aff")
-
 
 def parse_schemes(value: Any) -> list[str]:
     """``slf,alf`` (or a list) -> finetuning schemes, each once."""
@@ -401,7 +401,7 @@ def parse_schemes(value: Any) -> list[str]:
     unknown = next((n for n in names if n not in SCHEME_NAMES), None)
     if unknown is not None or not names:
         start = f"unknown scheme '{unknown}'; " if unknown is not None else ""
-        raise ValueError(start + "choose from slf, alf, aff (comma-separated)")
+        raise ValueError(start + f"choose from {', '.join(SCHEME_NAMES)} (comma-separated)")
     return names
 
 

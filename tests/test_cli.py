@@ -18,6 +18,21 @@ def test_help_has_a_worked_example(run_cli, verb):
     assert "Example" in out and "advcl " in out.split("Example", 1)[1]
 
 
+@pytest.mark.parametrize("verb", [*VERBS, "pseudo-labels import", "zoo list", "zoo info", "lpaft"])
+def test_help_metavars_have_one_style(run_cli, verb, monkeypatch):
+    import re
+
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run_cli(*verb.split(), "--help")
+    assert code == 0
+    usage = next(line for line in out.splitlines() if "Usage:" in line)
+    assert not re.search(r"[{}<>]", usage), usage  # NAME, [NAME]: not {name}
+    rows = [line for line in out.splitlines() if re.match(r"^│ [ *]*(-|[A-Z])", line)]
+    assert rows
+    for row in rows:  # INT, PATH, a|b, a name in capitals; never <str>, <bool>, <path>
+        assert not re.search(r"<[a-z\[\]]+>|\{[a-z_]+\}", row), row
+
+
 def test_unknown_command_is_a_usage_error(run_cli):
     code, out, err = run_cli("nosuch")
     assert code == 2 and out == ""

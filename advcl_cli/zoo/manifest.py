@@ -25,7 +25,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from ..benchmark.reported import SHIPPED as SHIPPED_REPORTED
 from ..benchmark.reported import load_reported
 from ..errors import TOO_DEEP, UsageError
-from ..settings import format_eps, parse_eps
+from ..settings import Scheme, format_eps, parse_eps
 from .hubspec import filename_problem, repo_id_problem
 
 if sys.version_info >= (3, 11):
@@ -72,7 +72,7 @@ class Entry(BaseModel):
     arch: str
     method: str
     dataset: str
-    scheme: Literal["slf", "alf", "aff"] | None = None
+    scheme: Scheme | None = None
     eps: Annotated[float, BeforeValidator(parse_eps)] | None = None  # None: not adversarial (simclr)
     metrics: dict[Literal["sa", "pgd20", "aa"], Metric] = {}
     paper: str | None = None

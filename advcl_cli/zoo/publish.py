@@ -32,6 +32,7 @@ from typing import Callable
 
 from ..report import Reporter
 from ..errors import AdvclError, DownloadError, UsageError
+from ..settings import SCHEME_NAMES
 from ..version import __version__
 from .card import PAPER, build_card, pinned_commit, sealed, test_accuracies, written_by_advcl
 from .hub import DEFAULT_FILENAME, endpoint_of, hub_cache_dir, hub_error, offline, retrying
@@ -112,7 +113,7 @@ def entry_for_push(existing: Entry | None, *, name: str, manifest: Path, repo: s
         arch=meta.arch,
         method=meta.method,
         dataset=meta.dataset,
-        scheme=scheme if scheme in ("slf", "alf", "aff") else None,
+        scheme=scheme if scheme in SCHEME_NAMES else None,
         eps=meta.eps,
         metrics=metrics,
         paper=existing.paper if existing else (PAPER if meta.method == "advcl" else None),
