@@ -78,3 +78,10 @@ def test_help_keeps_bracketed_text_and_aligns_the_methods(run_cli):
         line = next(line for line in out.splitlines() if line.split()[:1] == [name] and line.startswith("   "))
         columns.add(line.index(line.split()[1], line.index(name) + len(name)))
     assert code == 0 and len(columns) == 1, columns
+
+
+def test_zoo_list_warns_about_an_unknown_advcl_variable(run_cli, monkeypatch):
+    monkeypatch.setenv("ADVCL_ZOO_MANIFESTT", "team.toml")
+    code, out, err = run_cli("zoo", "list")
+    assert code == 0 and out
+    assert "ADVCL_ZOO_MANIFESTT is not an advcl setting" in err and "did you mean ADVCL_ZOO_MANIFEST?" in err
