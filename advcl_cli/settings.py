@@ -25,16 +25,26 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
 
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def env_name(field: str) -> str:
+    return "ADVCL_" + field.upper()
+
+
 def option(default: Any, help: str, *, short: str | None = None, metavar: str | None = None,
            flag: bool = True, input: str | None = None, aliases: tuple[str, ...] = (), record: bool = True,
-           **constraints) -> Any:
+           resume_may_change: bool = False, **constraints) -> Any:
     """A settings field with its help text; ``short`` adds a one-letter flag (``-d``),
     ``aliases`` other flag names (``--endpoint``), ``flag=False`` keeps it out of the command
     line (TOML and environment only), ``input`` marks a path the engine reads before it starts
     ("labels": a pseudo-label file, "checkpoint": a model file), ``record=False`` keeps it out of
-    the configuration a run records (``to_config``: how a run starts, not what it computes)."""
+    the configuration a run records (``to_config``: how a run starts, not what it computes),
+    ``resume_may_change`` a setting that changes how a run runs, not what it computes (a resumed
+    run may change it: ``SettingsModel.resume_may_change``)."""
     extra = {"short": short, "metavar": metavar, "flag": flag, "input": input, "aliases": list(aliases) or None,
-             "record": None if record else False}
+             "record": None if record else False, "resume_may_change": resume_may_change or None}
     return Field(default, description=help, json_schema_extra={k: v for k, v in extra.items() if v is not None},
                  **constraints)
 
@@ -146,6 +156,8 @@ Precision = Annotated[Literal["auto", "bf16", "fp32"], BeforeValidator(_lower)]
 ChannelsLast = Annotated[Literal["auto", "on", "off"], BeforeValidator(_lower)]
 Resume = Annotated[Literal["off", "on", "auto"], BeforeValidator(_lower)]
 Norm = Annotated[Literal["linf", "l2"], BeforeValidator(lambda v: _lower(v).replace("-", "") if isinstance(v, str) else v)]
+Scheme = Literal["slf", "alf", "aff"]  # the finetuning schemes: their one list
+SCHEME_NAMES: tuple[str, ...] = typing.get_args(Scheme)
 L2_EPS = 0.5  # the L2 budget of CIFAR-sized images (RobustBench's L2 leaderboard)
 
 
@@ -193,12 +205,18 @@ class SettingsModel(CheckedModel):
         unrecorded = {k for k, f in type(self).model_fields.items() if (f.json_schema_extra or {}).get("record") is False}
         return self.model_dump(mode="json", exclude=unrecorded)
 
+    @classmethod
+    def resume_may_change(cls) -> set[str]:
+        """The settings a resumed run may change: those marked ``option(..., resume_may_change=True)``."""
+        return {name for name, f in cls.model_fields.items() if (f.json_schema_extra or {}).get("resume_may_change")}
+
 
 class Settings(SettingsModel):
     """Fields every verb that computes shares."""
 
-    data_dir: Path | None = option(None, "Where datasets live (default: $ADVCL_DATA_DIR or ~/.cache/advcl/data).")
-    device: Device = option("auto", "auto (a GPU when there is one), cpu or cuda.")
+    data_dir: Path | None = option(None, "Where datasets live (default: $ADVCL_DATA_DIR or ~/.cache/advcl/data).",
+                                   resume_may_change=True)
+    device: Device = option("auto", "auto (a GPU when there is one), cpu or cuda.", resume_may_change=True)
     seed: int = option(0, "Random seed.", ge=0, le=2**32 - 1)
 
 
@@ -207,15 +225,43 @@ class DataSettings(Settings):
 
     limit: int | None = option(None, "Use only the first N images (smoke runs).", ge=1)
     image_size: int | None = option(None, "Resize images to this square size.", ge=8, le=1024)
-    download: bool = option(True, "Download a missing dataset.", flag=False)
+    download: bool = option(True, "Download a missing dataset.", flag=False, resume_may_change=True)
+
+
+class OutputSettings(CheckedModel):
+    """Where a verb writes: its run folder or its output file (each verb's help names its default)."""
+
+    out: Path | None = option(None, "Where to write: the run folder, or the output file (default: see above).", short="-o",
+                              resume_may_change=True)
+
+
+def with_defaults(base: type[BaseModel], name: str, **defaults: Any) -> type[BaseModel]:
+    """A subclass of ``base`` whose fields keep their help and constraints but start at other
+    defaults (a method's own learning rate, say)."""
+    fields = {}
+    for key, value in defaults.items():
+        if key not in base.model_fields:
+            raise TypeError(f"{base.__name__} has no field {key!r}")
+        info = copy.copy(base.model_fields[key])
+        info.default = value
+        fields[key] = (base.model_fields[key].annotation, info)
+    return create_model(name, __base__=base, **fields)
+
+
+def defaults(**values: Any):
+    """A class decorator: the model with other defaults for fields it takes from a group
+    (``with_defaults``), its name and everything else kept."""
+    return lambda cls: with_defaults(cls, cls.__name__, **values)
 
 
 class SpeedSettings(CheckedModel):
     """The speed switches (``device.Runtime``): each means the same on every device."""
 
-    precision: Precision = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
-    channels_last: ChannelsLast = option("auto", "channels_last memory format: auto (on GPU, off on CPU), on or off.")
-    compile: bool = option(False, "torch.compile the network (minutes to start; pays off on long GPU runs).")
+    precision: Precision = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.", resume_may_change=True)
+    channels_last: ChannelsLast = option("auto", "channels_last memory format: auto (on GPU, off on CPU), on or off.",
+                                         resume_may_change=True)
+    compile: bool = option(False, "torch.compile the network (minutes to start; pays off on long GPU runs).",
+                           resume_may_change=True)
 
 
 class TrackingSettings(CheckedModel):
@@ -224,7 +270,7 @@ class TrackingSettings(CheckedModel):
     log: NameList = option([], "Also log every epoch and the settings to tensorboard (RUN/tensorboard), wandb "
                                "(RUN/wandb; WANDB_MODE=offline needs no network) or both (tensorboard,wandb); each "
                                "needs its extra: pip install 'advcl[tensorboard]' or 'advcl[wandb]'.",
-                           metavar="TRACKER,...")
+                           metavar="TRACKER,...", resume_may_change=True)
 
     @field_validator("log")
     @classmethod
@@ -234,15 +280,16 @@ class TrackingSettings(CheckedModel):
         return check_available(names)
 
 
-class RunFolderSettings(CheckedModel):
-    """How a training verb (pretrain, finetune, lpaft) starts and saves its run folder; neither
-    changes what it computes."""
+class RunFolderSettings(OutputSettings):
+    """How a training verb (pretrain, finetune, lpaft) starts and saves its run folder (``out``
+    with it); none of them changes what it computes."""
 
     resume: Resume = option("off", "Continue the run in the --out folder where it stopped (a bare --resume); auto: "
                                    "continue it if there is one, start it if not, print its path if it finished "
                                    "(one command line for a job that is requeued).", metavar="[auto]", record=False)
     save_every_minutes: float | None = option(None, "Also save a mid-epoch resume state every M minutes (default: "
-                                                    "at every epoch's end, and on SIGTERM / SIGUSR1).", metavar="M", gt=0)
+                                                    "at every epoch's end, and on SIGTERM / SIGUSR1).", metavar="M", gt=0,
+                                                resume_may_change=True)
 
 
 class NormSettings(CheckedModel):
@@ -280,9 +327,9 @@ class PretrainSettings(DataSettings, SpeedSettings, TrackingSettings, RunFolderS
     method: Name = option("advcl", "The pretraining method (see the method panels below).", short="-m")
     arch: str = option("resnet18", "resnet18, resnet34, resnet50, preact-resnet18, wrn-28-10, wrn-34-10, or any of them "
                                    "with -tiny (a slim test width).")
-    out: Path | None = option(None, "Run folder (default runs/METHOD-DATASET-ARCH).", short="-o")
-    save_every: int = option(50, "Save the encoder every N epochs (the resume state is saved every epoch).", ge=1)
-    monitor_every: int = option(0, MONITOR_HELP, ge=0)
+    save_every: int = option(50, "Save the encoder every N epochs (the resume state is saved every epoch).", ge=1,
+                             resume_may_change=True)
+    monitor_every: int = option(0, MONITOR_HELP, ge=0, resume_may_change=True)
     drop_last: bool = option(False, "Drop each epoch's last partial batch (default: keep it, as the reference does; "
                                     "a last batch of one image, or one that does not divide among the processes, is dropped).")
     norm: Norm = option("linf", "Threat model of the training attack: every method here is defined under L-inf only "
@@ -297,7 +344,7 @@ class PretrainSettings(DataSettings, SpeedSettings, TrackingSettings, RunFolderS
         return norm
 
 
-class PseudoLabelSettings(DataSettings):
+class PseudoLabelSettings(DataSettings, OutputSettings):
     section: ClassVar[str] = "pseudo-labels"
 
     dataset: str = option("cifar10", "cifar10, cifar100, stl10, digits (offline) or imagefolder:PATH.", short="-d")
@@ -310,10 +357,9 @@ class FinetuneSettings(DataSettings, SpeedSettings, NormSettings, TrackingSettin
     section: ClassVar[str] = "finetune"
 
     dataset: str | None = option(None, "Dataset to finetune on (default: the encoder's).", short="-d")
-    scheme: Annotated[Literal["slf", "alf", "aff"], BeforeValidator(_lower)] = option(
+    scheme: Annotated[Scheme, BeforeValidator(_lower)] = option(
         "slf", "slf (frozen encoder, clean images), alf (frozen encoder, PGD-10 images) or aff (whole network, TRADES).",
         short="-s")
-    out: Path | None = option(None, "Run folder (default runs/METHOD-SCHEME-DATASET-SHA8).", short="-o")
     epochs: int | None = option(None, "Epochs (default: the protocol's, see above).", ge=1)
     batch_size: int | None = option(None, "Batch size (default: the protocol's).", short="-b", ge=1)
     lr: float | None = option(None, "Learning rate (default: the protocol's).", gt=0)
@@ -331,7 +377,7 @@ class FinetuneSettings(DataSettings, SpeedSettings, NormSettings, TrackingSettin
     bn_set: str | None = option(None, "The encoder's batch-norm set to start from (default: pgd, or its only set; "
                                       "AFF of an ACL-family encoder keeps normal and pgd).")
     eval_limit: int | None = option(None, "Test images for the final clean / PGD-20 accuracy (default all; 0: no final "
-                                    "evaluation).", ge=0)
+                                    "evaluation).", ge=0, resume_may_change=True)
 
 
 class LpaftSettings(DataSettings, SpeedSettings, TrackingSettings, RunFolderSettings):
@@ -340,7 +386,6 @@ class LpaftSettings(DataSettings, SpeedSettings, TrackingSettings, RunFolderSett
     section: ClassVar[str] = "lpaft"
 
     dataset: str | None = option(None, "Dataset to post-process on, its training split (default: the encoder's).", short="-d")
-    out: Path | None = option(None, "Run folder (default runs/METHOD++-DATASET-SHA8).", short="-o")
     clusters: int = option(10, "k-means clusters on the un-augmented training features: the pseudo-label classes "
                                "(the authors' 10 for every dataset).", ge=2)
     bn_set: str | None = option(None, "The encoder's BN set that is trained and kept (default: pgd, or its only set).")
@@ -377,7 +422,8 @@ class EvalSettings(DataSettings, SpeedSettings, NormSettings):
     precision: Precision = option("fp32", "fp32 (default: the attacks at full precision), bf16 or auto.")
 
 
-class AttackSettings(Settings, NormSettings):
+@defaults(out=Path("adv.safetensors"))
+class AttackSettings(Settings, NormSettings, OutputSettings):
     section: ClassVar[str] = "attack"
 
     dataset: str | None = option(None, "Dataset whose test images are attacked (default: the model's).", short="-d")
@@ -388,8 +434,6 @@ class AttackSettings(Settings, NormSettings):
     download: bool = option(True, "Download a missing dataset.", flag=False)
 
 
-SCHEME_NAMES = ("slf", "alf", "aff")
-
 
 def parse_schemes(value: Any) -> list[str]:
     """``slf,alf`` (or a list) -> finetuning schemes, each once."""
@@ -397,11 +441,12 @@ def parse_schemes(value: Any) -> list[str]:
     unknown = next((n for n in names if n not in SCHEME_NAMES), None)
     if unknown is not None or not names:
         start = f"unknown scheme '{unknown}'; " if unknown is not None else ""
-        raise ValueError(start + "choose from slf, alf, aff (comma-separated)")
+        raise ValueError(start + f"choose from {', '.join(SCHEME_NAMES)} (comma-separated)")
     return names
 
 
-class BenchmarkSettings(DataSettings, SpeedSettings):
+@defaults(out=Path("runs/benchmark"))
+class BenchmarkSettings(DataSettings, SpeedSettings, OutputSettings):
     """`advcl benchmark`: every encoder finetuned with every scheme under the protocol of its
     method, then evaluated (SA, PGD-20, the RA attack(s), CA). ``limit`` counts training images."""
 
@@ -421,8 +466,6 @@ class BenchmarkSettings(DataSettings, SpeedSettings):
                                       metavar="DIR")
     download_corruptions: bool = option(False, "Download CIFAR-10-C / CIFAR-100-C (zenodo, about 2.9 GB) into the "
                                                "data folder when it is not there (default: CA is skipped).")
-    out: Path = option(Path("runs/benchmark"), "Benchmark folder: cells, finetuning runs, results.json, "
-                                               "leaderboard.md, leaderboard.png.", short="-o")
     epochs: int | None = option(None, "Finetuning epochs of every scheme (default: the protocol's; smoke runs).", ge=1)
     batch_size: int | None = option(None, "Finetuning batch size of every scheme (default: the protocol's).",
                                     short="-b", ge=1)
@@ -430,6 +473,12 @@ class BenchmarkSettings(DataSettings, SpeedSettings):
     eval_batch_size: int = option(256, "Images per evaluation batch (the attacks' random starts follow it).", ge=1)
     precision: Precision = option("auto", "Finetuning precision: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32 "
                                           "(evaluation runs in fp32).")
+
+
+class ImportSettings(OutputSettings, SettingsModel):
+    """`advcl import` and `advcl pseudo-labels import`: the file they write."""
+
+    section: ClassVar[str] = "import"
 
 
 class HubSettings(SettingsModel):
@@ -443,18 +492,5 @@ class HubSettings(SettingsModel):
 
 VERBS: dict[str, type[SettingsModel]] = {
     cls.section: cls for cls in (PretrainSettings, PseudoLabelSettings, FinetuneSettings, LpaftSettings, EvalSettings,
-                                 AttackSettings, BenchmarkSettings, HubSettings)
+                                 AttackSettings, BenchmarkSettings, ImportSettings, HubSettings)
 }
-
-
-def with_defaults(base: type[BaseModel], name: str, **defaults: Any) -> type[BaseModel]:
-    """A subclass of ``base`` whose fields keep their help and constraints but start at other
-    defaults (a method's own learning rate, say)."""
-    fields = {}
-    for key, value in defaults.items():
-        if key not in base.model_fields:
-            raise TypeError(f"{base.__name__} has no field {key!r}")
-        info = copy.copy(base.model_fields[key])
-        info.default = value
-        fields[key] = (base.model_fields[key].annotation, info)
-    return create_model(name, __base__=base, **fields)

@@ -18,6 +18,21 @@ def test_help_has_a_worked_example(run_cli, verb):
     assert "Example" in out and "advcl " in out.split("Example", 1)[1]
 
 
+@pytest.mark.parametrize("verb", [*VERBS, "pseudo-labels import", "zoo list", "zoo info", "lpaft"])
+def test_help_metavars_have_one_style(run_cli, verb, monkeypatch):
+    import re
+
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run_cli(*verb.split(), "--help")
+    assert code == 0
+    usage = next(line for line in out.splitlines() if "Usage:" in line)
+    assert not re.search(r"[{}<>]", usage), usage  # NAME, [NAME]: not {name}
+    rows = [line for line in out.splitlines() if re.match(r"^│ [ *]*(-|[A-Z])", line)]
+    assert rows
+    for row in rows:  # INT, PATH, a|b, a name in capitals; never <str>, <bool>, <path>
+        assert not re.search(r"<[a-z\[\]]+>|\{[a-z_]+\}", row), row
+
+
 def test_unknown_command_is_a_usage_error(run_cli):
     code, out, err = run_cli("nosuch")
     assert code == 2 and out == ""
@@ -63,3 +78,10 @@ def test_help_keeps_bracketed_text_and_aligns_the_methods(run_cli):
         line = next(line for line in out.splitlines() if line.split()[:1] == [name] and line.startswith("   "))
         columns.add(line.index(line.split()[1], line.index(name) + len(name)))
     assert code == 0 and len(columns) == 1, columns
+
+
+def test_zoo_list_warns_about_an_unknown_advcl_variable(run_cli, monkeypatch):
+    monkeypatch.setenv("ADVCL_ZOO_MANIFESTT", "team.toml")
+    code, out, err = run_cli("zoo", "list")
+    assert code == 0 and out
+    assert "ADVCL_ZOO_MANIFESTT is not an advcl setting" in err and "did you mean ADVCL_ZOO_MANIFEST?" in err

@@ -206,6 +206,22 @@ def test_load_model_pulls_and_returns_an_eval_mode_classifier(tmp_path, hub, tok
         load_model("runs/missing.safetensors")
 
 
+def test_the_library_never_reads_advcl_toml(tmp_path, hub, token, monkeypatch):
+    url, _ = hub
+    ckpt, manifest, _ = published(tmp_path, hub)
+    monkeypatch.setenv("ADVCL_HF_ENDPOINT", url)
+    monkeypatch.setenv("ADVCL_ZOO_MANIFEST", str(manifest))
+    # a typo'd table, and a [hub] table the CLI would use: the library reads neither
+    Path("advcl.toml").write_text('[pretrian]\nepochs = 3\n[hub]\nzoo_manifest = "missing.toml"\n')
+    import advcl_cli
+
+    model = advcl_cli.load_model("tiny-slf")
+    with torch.no_grad():
+        x = torch.rand(2, 3, 32, 32)
+        assert torch.equal(model(x), load_model(ckpt)(x))
+    assert pull("tiny-slf") == pull("tiny-slf", endpoint=url, manifest=manifest)
+
+
 def test_hf_endpoint_and_hf_hub_cache_are_read_at_call_time(tmp_path, hub, token, monkeypatch):
     url, _ = hub
     ckpt, manifest, _ = published(tmp_path, hub)

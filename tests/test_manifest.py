@@ -137,7 +137,11 @@ def test_manifest_path_precedence(monkeypatch, tmp_path):
     assert manifest_path("flag.toml") == Path("flag.toml")
     monkeypatch.delenv("ADVCL_ZOO_MANIFEST")
     Path("advcl.toml").write_text('[hub]\nzoo_manifest = "from-config.toml"\n')
-    assert manifest_path() == Path("from-config.toml")
+    assert manifest_path() == mf.SHIPPED  # advcl.toml is the command line's: the library never reads it
+    from advcl_cli.config import resolve
+    from advcl_cli.settings import HubSettings
+
+    assert manifest_path(resolve(HubSettings, {}).zoo_manifest) == Path("from-config.toml")  # as cli/ passes it
 
 
 def test_write_round_trips_and_goes_through_a_link(tmp_path):

@@ -188,3 +188,14 @@ def test_format_eps_is_parse_eps_for_people():
     assert format_eps(8 / 255) == "8/255" and format_eps(0.031) == "0.031" and format_eps(0.03) == "0.03"
     assert format_eps(1e-20) == "1e-20"  # never "0/255"
     assert parse_eps(format_eps(4 / 255)) == pytest.approx(4 / 255)
+
+
+def test_a_resumed_runs_stored_settings_are_a_layer_of_their_own():
+    s = resolve(PretrainSettings, {}, base={"method": "simclr", "temperature": 0.2})
+    assert type(s).__name__.lower().startswith("simclr") and s.method == "simclr" and s.temperature == 0.2
+    with pytest.raises(UsageError, match=r"bad value -1.0 for --lr \(from the stored settings of the run\)"):
+        resolve(PretrainSettings, {}, base={"lr": -1.0})
+    # what a resumed run may change comes from the fields: device yes, lr no
+    assert resolve(PretrainSettings, {"device": "cpu"}, base={"device": "cuda"}).device == "cpu"
+    with pytest.raises(UsageError, match="lr is 0.1 from --lr but 0.5 in the run"):
+        resolve(PretrainSettings, {"lr": "0.1"}, base={"lr": 0.5})

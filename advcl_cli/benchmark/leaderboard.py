@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from ..checkpoint import atomic_write
-from ..settings import format_eps
-from .reported import SCHEMES, Reported, load_reported
+from ..settings import SCHEME_NAMES, Scheme, format_eps
+from .reported import Reported, load_reported
 
 COLUMNS = (("RA", "ra"), ("CA", "ca"), ("SA", "sa"))
 MISSING = "-"
@@ -35,7 +35,7 @@ class Cell(BaseModel):
     sha256: str
     method: str
     dataset: str
-    scheme: str = Field(pattern="^(slf|alf|aff)$")
+    scheme: Scheme
     sa: float | None = None
     ra: float | None = None
     ra_attack: str = "autoattack"
@@ -59,13 +59,13 @@ def _pct(value: float | None, scale: float = 100.0) -> str:
 
 
 def group_cells(records: list[dict]) -> tuple[list[str], list[dict[str, Cell]]]:
-    """(schemes present, in SCHEMES order; per encoder and dataset, in order of first appearance,
+    """(schemes present, in SCHEME_NAMES order; per encoder and dataset, in order of first appearance,
     its cells by scheme). A later record of the same cell replaces an earlier one."""
     cells = [Cell.model_validate(r) for r in records]
     encoders: dict[tuple[str, str], dict[str, Cell]] = {}
     for c in cells:
         encoders.setdefault((c.sha256, c.dataset), {})[c.scheme] = c
-    return [s for s in SCHEMES if any(c.scheme == s for c in cells)], list(encoders.values())
+    return [s for s in SCHEME_NAMES if any(c.scheme == s for c in cells)], list(encoders.values())
 
 
 def leaderboard_table(records: list[dict], reported: Reported | None = None) -> tuple[list[str], list[list[str]], list]:

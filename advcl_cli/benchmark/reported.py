@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import UsageError
+from ..settings import Scheme
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,7 +22,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 SHIPPED = Path(__file__).with_name("reported.toml")
-SCHEMES = ("slf", "alf", "aff")
 Percent = Annotated[float | None, Field(ge=0, le=100)]
 
 
@@ -106,7 +106,7 @@ class Reported(BaseModel):
         rid = reported_id(checkpoint_method)
         return self.row(rid, dataset) if rid is not None else None
 
-    def lookup(self, method: str, dataset: str, scheme: Literal["slf", "alf", "aff"],
+    def lookup(self, method: str, dataset: str, scheme: Scheme,
                metric: str | None = None, source: str | None = None) -> tuple[Numbers, Source, Row] | None:
         """The first row for (method, dataset) with numbers for ``scheme`` (and ``metric``, when
         given; from ``source`` only, when given), with its source; None when none reports it."""

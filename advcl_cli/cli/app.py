@@ -10,11 +10,12 @@ import warnings
 from typing import Annotated, Optional
 
 import typer
+import typer.main
 
 from ..version import __version__
 from ..errors import AdvclError, AdvclWarning, os_error
 from . import attack, benchmark, evaluate, finetune, imports, lpaft, pretrain, pseudo_labels, pull, push, zoo
-from .options import documented
+from .options import documented, set_metavars
 from .output import Output
 from .training import bare_resume
 
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: list[str], out: Output, debug: bool) -> int:
     verb = next((a for a in args if not a.startswith("-")), None)
     try:
-        rv = build_app(verb)(args=args, prog_name="advcl", standalone_mode=False)
+        command = set_metavars(typer.main.get_command(build_app(verb)))
+        rv = command(args=args, prog_name="advcl", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
         if code == 130:  # Typer turns a KeyboardInterrupt into a silent exit 130 (training raises Interrupted instead)
             out.error("interrupted")

@@ -10,18 +10,16 @@ import typer
 from rich.markup import escape
 
 from ..settings import AttackSettings
-from .options import ConfigOpt, JsonOpt, ModelArg, check_output, model_path, settings_options, with_options
+from .options import ConfigOpt, ForceOpt, JsonOpt, ModelArg, check_output, model_path, settings_options, with_options
 from .output import Output
 
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Where to write the tensors (an existing file only with --force).")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing --out and --grid files (never the model itself).")]
 GridOpt = Annotated[
     Optional[Path],
     typer.Option("--grid", help=escape("Also write a PNG: clean / adversarial / amplified perturbation rows (needs advcl[plot]); missing folders are created."), show_default=False),
 ]
 
 
-def attack(model: ModelArg = None, out: OutOpt = Path("adv.safetensors"), grid: GridOpt = None, force: ForceOpt = False,
+def attack(model: ModelArg = None, grid: GridOpt = None, force: ForceOpt = False,
            config: ConfigOpt = None, json_output: JsonOpt = False, **options) -> None:
     """Attack the first N test images of a classifier; print the path of the saved tensors.
 
@@ -55,7 +53,8 @@ def attack(model: ModelArg = None, out: OutOpt = Path("adv.safetensors"), grid: 
         from ..plots import require_matplotlib
 
         require_matplotlib()
-    path = model_path(model)
+    path = model_path(model, config)
+    out = settings.out
     check_output(out, force, "--out", {"the model being attacked": path})
     check_output(grid, force, "--grid", {"the model being attacked": path, "also --out": out}, suffix=".png")
     ckpt = load_checkpoint(path, kind="classifier")

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..settings import BenchmarkSettings
-from .options import ConfigOpt, JsonOpt, settings_options, stdin_lines, with_options
+from .options import ConfigOpt, ForceOpt, JsonOpt, model_path, settings_options, stdin_lines, with_options
 from .output import Output
 
 EncodersArg = Annotated[
@@ -17,8 +17,6 @@ EncodersArg = Annotated[
     typer.Argument(help="Encoder checkpoint paths or zoo names; '-' or none: paths on stdin, one a line.",
                    show_default=False, metavar="ENCODER..."),
 ]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute every cell, finetuning included, instead of "
-                                                        "loading the finished ones.", metavar="")]
 STDIN_HINT = "pass checkpoint paths or zoo names, or pipe paths: ls runs/*/encoder.safetensors | advcl benchmark"
 
 
@@ -27,7 +25,7 @@ def benchmark(encoders: EncodersArg = None, force: ForceOpt = False, config: Con
     """Finetune every encoder with every scheme under its method's protocol, then measure SA,
     PGD-20, RA (AutoAttack standard) and CA; print the path of results.json.
 
-    Each (encoder, scheme, dataset) is a cell, kept in the --out folder under a key made of the
+    Each (encoder, scheme, dataset) is a cell, kept in the --out folder (default runs/benchmark) under a key made of the
     encoder's sha256 and the cell's settings: a finished cell is loaded, not recomputed, so an
     interrupted benchmark (Ctrl-C, SIGTERM: exit 130) continues where it stopped when the same
     command runs again, and a finished one prints its table at once. The folder gets
@@ -62,7 +60,6 @@ def benchmark(encoders: EncodersArg = None, force: ForceOpt = False, config: Con
     from ..config import resolve
     from ..engine.benchmark import benchmark as run_benchmark
     from ..errors import Interrupted
-    from ..zoo import resolve as resolve_model
     from .training import sigterm_as_interrupt
 
     out = Output(json_output)
@@ -72,7 +69,7 @@ def benchmark(encoders: EncodersArg = None, force: ForceOpt = False, config: Con
         lines = stdin_lines("ENCODER", STDIN_HINT)
         values = [p for v in values or ["-"] for p in (lines if v == "-" else [v])]
     reporter = out.reporter()
-    paths = [(v, resolve_model(v, reporter=reporter)) for v in values]
+    paths = [(v, model_path(v, config)) for v in values]
     try:
         with sigterm_as_interrupt():
             result = run_benchmark(settings, paths, reporter, force=force, on_cell=lambda cells: show(out, cells))

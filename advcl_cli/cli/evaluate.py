@@ -10,13 +10,10 @@ import typer
 from rich.markup import escape
 
 from ..settings import EvalSettings
-from .options import ConfigOpt, JsonOpt, ModelArg, check_output, model_path, settings_options, with_options
+from .options import ConfigOpt, ForceOpt, JsonOpt, ModelArg, check_output, model_path, settings_options, with_options
 from .output import Output
 
 PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help=escape("Write a PNG of robust accuracy against eps (needs advcl[plot]); missing folders on its path are created, as for --out."), show_default=False)]
-ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Overwrite an existing --plot file (never the model itself).", metavar="")
-]
 PerImageOpt = Annotated[
     bool,
     typer.Option("--per-image", help="With --json: add each attack's per-image flags (a 0/1 string in image order; 1 = robust).", metavar=""),
@@ -94,7 +91,7 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
         out.warn("--per-image adds the flags to the --json document; without --json it changes nothing")
     if plot is not None:
         _check_plot(attacks)
-    path = model_path(model)
+    path = model_path(model, config)
     check_output(plot, force, "--plot", {"the model being evaluated": path}, suffix=".png")
     ckpt = load_checkpoint(path, kind="classifier")
     done = evaluate_checkpoint(ckpt, settings, attacks, out.reporter())

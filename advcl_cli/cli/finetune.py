@@ -19,7 +19,7 @@ def finetune(checkpoint: ModelArg = None, force: ForceOpt = False, config: Confi
 
     PROTOCOL
 
-    The run folder gets classifier.safetensors, state.safetensors (resume state, every epoch)
+    The run folder (--out, default runs/METHOD-SCHEME-DATASET-SHA8) gets classifier.safetensors, state.safetensors (resume state, every epoch)
     and metrics.jsonl. The classifier's metadata records the scheme and its settings, the
     parent checkpoint's sha256, and the test clean and PGD-20 accuracy measured at the end
     (fractions: clean_acc, pgd20_acc, n_eval). The test split is never used to pick an epoch.
@@ -38,13 +38,12 @@ def finetune(checkpoint: ModelArg = None, force: ForceOpt = False, config: Confi
       advcl eval $clf --attack pgd20 --attack autoattack --limit 20
     """
     from ..checkpoint import load_checkpoint
-    from ..engine.finetune import RESUME_MAY_CHANGE, default_run_dir
+    from ..engine.finetune import default_run_dir
     from ..engine.finetune import finetune as run_finetune
     from .training import resolve_run_settings, resume_command, run_and_print
 
-    parent = load_checkpoint(model_path(checkpoint))
-    settings = resolve_run_settings(FinetuneSettings, config, options,
-                                    run_dir=lambda probe: default_run_dir(probe, parent), may_change=RESUME_MAY_CHANGE)
+    parent = load_checkpoint(model_path(checkpoint, config))
+    settings = resolve_run_settings(FinetuneSettings, config, options, run_dir=lambda probe: default_run_dir(probe, parent))
     run_dir = settings.out or default_run_dir(settings, parent)
     run_and_print(run_finetune, settings, parent, json_output=json_output, force=force, summary=_summary,
                   run_dir=run_dir, command=resume_command("finetune", run_dir, parent.path))

@@ -8,20 +8,22 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import JsonOpt, check_output
+from ..settings import ImportSettings
+from .options import ConfigOpt, ForceOpt, JsonOpt, check_output, settings_options, with_options
 from .output import Output
 
 
 def import_checkpoint(
     file: Annotated[Path, typer.Argument(help="The published checkpoint (AdvCL's epoch_N.ckpt, the RobustSSL benchmark's ACL_DS.pt, DynACL++.pt, ...).", show_default=False)],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the encoder (default FILE's name with .safetensors).", show_default=False)] = None,
     source: Annotated[Optional[str], typer.Option("--from", help="The method that made it: acl, acl-air, advcl, deacl, dynacl, dynacl++, dynacl-air or dynacl-air++ (default: detected from its keys; needed where several methods share a layout).", metavar="METHOD", show_default=False)] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset it was pretrained on, for the metadata (default cifar10).", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    force: ForceOpt = False,
+    config: ConfigOpt = None,
     json_output: JsonOpt = False,
+    **options,
 ) -> None:
     """Convert a published AdvCL, ACL, ACL-AIR, DynACL(++), DynACL-AIR(++) or DeACL checkpoint
-    into an advcl encoder; print its path.
+    into an advcl encoder; print its path (--out, default FILE's name with .safetensors).
 
     The file is read with torch.load(weights_only=True): no code in it runs. Its layout is
     detected from the keys (AdvCL: bn_list.2, head_proj, fc_XXX; DynACL: encoder_k.; DeACL:
@@ -38,17 +40,18 @@ def import_checkpoint(
       advcl import DynACL++.pt --from dynacl++
       advcl finetune advcl-cifar10.safetensors --scheme slf
     """
+    from ..config import resolve
     from ..data.registry import num_classes_of
     from ..importer import import_original, source_named
 
     num_classes_of(dataset or "cifar10")  # an unknown dataset or method is refused before anything is read
     if source is not None:
         source_named(source)
-    target = out or Path(file.name).with_suffix(".safetensors")
+    output = Output(json_output)
+    target = resolve(ImportSettings, options, config_file=config, warn=output.warn).out or Path(file.name).with_suffix(".safetensors")
     check_output(target, force, "--out", {"the checkpoint being imported": file})
     notes: list[str] = []
     path = import_original(file, target, dataset=dataset or "cifar10", source=source, notes=notes)
-    output = Output(json_output)
     for note in notes:
         output.log(note)
     if json_output:
@@ -57,3 +60,6 @@ def import_checkpoint(
         output.document({"path": str(path), **read_metadata(path).model_dump(mode="json")})
     else:
         output.result(path)
+
+
+with_options(import_checkpoint, settings_options(ImportSettings))

@@ -17,7 +17,8 @@ def lpaft(encoder: ModelArg = None, force: ForceOpt = False, config: ConfigOpt =
     linear probing (encoder frozen) and 25 epochs of TRADES (no random start) on the pgd route,
     which becomes a single-BN encoder (--dual-bn keeps the normal set too, for AFF with both).
     The result is an encoder (method dynacl++) that advcl finetune takes with any scheme.
-    The run folder gets encoder.safetensors, pseudo-labels.safetensors, state.safetensors
+    The run folder (--out, default runs/METHOD++-DATASET-SHA8) gets encoder.safetensors,
+    pseudo-labels.safetensors, state.safetensors
     (resume state, every epoch) and metrics.jsonl. ENCODER may be a path, a zoo name, or '-' /
     omitted to read a path from stdin.
 
@@ -36,13 +37,12 @@ def lpaft(encoder: ModelArg = None, force: ForceOpt = False, config: ConfigOpt =
       for s in slf alf aff; do advcl finetune $enc2 --scheme $s; done
     """
     from ..checkpoint import load_checkpoint
-    from ..engine.lpaft import RESUME_MAY_CHANGE, default_run_dir
+    from ..engine.lpaft import default_run_dir
     from ..engine.lpaft import lpaft as run_lpaft
     from .training import resolve_run_settings, resume_command, run_and_print
 
-    parent = load_checkpoint(model_path(encoder))
-    settings = resolve_run_settings(LpaftSettings, config, options,
-                                    run_dir=lambda probe: default_run_dir(probe, parent), may_change=RESUME_MAY_CHANGE)
+    parent = load_checkpoint(model_path(encoder, config))
+    settings = resolve_run_settings(LpaftSettings, config, options, run_dir=lambda probe: default_run_dir(probe, parent))
     run_dir = settings.out or default_run_dir(settings, parent)
     run_and_print(run_lpaft, settings, parent, json_output=json_output, force=force,
                   run_dir=run_dir, command=resume_command("lpaft", run_dir, parent.path))

@@ -21,7 +21,7 @@ import typer
 from pydantic.fields import FieldInfo
 from rich.markup import escape
 
-from ..config import flag_name
+from ..settings import flag_name
 from ..errors import UsageError
 
 ConfigOpt = Annotated[
@@ -35,7 +35,9 @@ ModelArg = Annotated[
         help="Checkpoint path, zoo name, or '-' / omitted to read a path from stdin.", show_default=False
     ),
 ]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite a run already in the --out folder.", metavar="")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace what is already there (the run or file at --out, a --grid or "
+                                                       "--plot file, a benchmark's finished cells) instead of refusing, or "
+                                                       "reusing it; never the input model.", metavar="")]
 
 
 # --- options from settings fields -------------------------------------------------------------
@@ -52,11 +54,47 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
+# The one metavar style of every --help: a value's kind in capitals (INT, FLOAT, PATH, TEXT) or
+# its choices (a|b), an argument's name in capitals (MODEL, FILE), nothing for an on/off flag.
+METAVARS = {int: "INT", float: "FLOAT", Path: "PATH", str: "TEXT"}
+
+
 def _metavar(field: FieldInfo) -> str | None:
     base = _base_type(field.annotation)
     if typing.get_origin(base) is typing.Literal:
         return "|".join(map(str, typing.get_args(base)))
-    return {int: "INT", float: "FLOAT", Path: "PATH", str: "TEXT"}.get(base)
+    return METAVARS.get(base)
+
+
+def _metavar_of(param) -> str:
+    """A Typer parameter's metavar in the style above."""
+    if param.param_type_name == "argument":
+        return param.name.upper() + ("..." if param.nargs != 1 else "")
+    if getattr(param, "is_flag", False):
+        return ""
+    kind = param.type_descriptor
+    if kind.is_choice:
+        return "|".join(map(str, kind.choices))
+    base = _base_type(kind.annotation)
+    base = typing.get_args(base)[0] if typing.get_origin(base) is list else base
+    return METAVARS.get(Path if kind.is_path else base, "TEXT")
+
+
+def set_metavars(command):
+    """Give every parameter of the (Typer-built) ``command`` and its subcommands that has no
+    metavar one in the style above, instead of the mix Typer shows by default (``<str>``,
+    ``{name}``, ``<bool>``)."""
+    ctx = command.context_class(command, info_name=command.name)
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if param is not None and param.metavar is None:
+            param.metavar = _metavar_of(param)
+        if param is not None and param.param_type_name == "argument":  # NAME / [NAME] in usage, its kind beside it
+            kind = METAVARS.get(Path if param.type_descriptor.is_path else str)
+            param.display_type_rich = lambda ctx, kind=kind: kind
+            param.get_usage_pieces = lambda ctx, p=param: [p.metavar if p.required else f"[{p.metavar}]"]
+    for sub in getattr(command, "commands", {}).values():
+        set_metavars(sub)
+    return command
 
 
 def is_eps(field: FieldInfo) -> bool:
@@ -181,14 +219,18 @@ def _json_path(text: str, what: str) -> str:
     return doc["path"]
 
 
-def model_path(value: str | None) -> Path:
-    """Resolve a MODEL argument: a path, a zoo name (pulled), or a path on stdin."""
+def model_path(value: str | None, config: Path | None = None) -> Path:
+    """Resolve a MODEL argument: a path, a zoo name (pulled with the ``[hub]`` settings), or a
+    path on stdin."""
     if value in (None, "-"):
         value = stdin_lines("MODEL", "pass a checkpoint path or zoo name, or pipe one: advcl pull NAME | advcl eval")[-1]
+    from ..config import resolve as resolve_settings
+    from ..settings import HubSettings
     from ..zoo import resolve
     from .output import Output
 
-    return resolve(value, reporter=Output().reporter())
+    hub = resolve_settings(HubSettings, {}, config_file=config)
+    return resolve(value, endpoint=hub.hf_endpoint, manifest=hub.zoo_manifest, reporter=Output().reporter())
 
 
 def refuse_overwrite(path: Path, force: bool, flag: str = "--out") -> None:

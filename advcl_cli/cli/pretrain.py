@@ -9,7 +9,7 @@ from .options import ConfigOpt, ForceOpt, JsonOpt, option_spec, settings_options
 
 DOC = """Pretrain an encoder with one of the methods below; print the encoder checkpoint's path.
 
-    The run folder gets encoder.safetensors, state.safetensors (resume state, every epoch) and
+    The run folder (--out, default runs/METHOD-DATASET-ARCH) gets encoder.safetensors, state.safetensors (resume state, every epoch) and
     metrics.jsonl (one line per epoch). Progress goes to stderr. A finished run folder is not
     overwritten without --force; an interrupted run (Ctrl-C, SIGTERM, a crash) continues with
     the same command plus --resume. Each method's options are in its panel; the training
@@ -82,12 +82,11 @@ def command(full: bool):
 
     def pretrain(force: ForceOpt = False, config: ConfigOpt = None,
                  json_output: JsonOpt = False, **options) -> None:
-        from ..engine.pretrain import RESUME_MAY_CHANGE, default_run_dir
+        from ..engine.pretrain import default_run_dir
         from ..engine.pretrain import pretrain as run_pretrain
         from .training import resolve_run_settings, resume_command, run_and_print
 
-        settings = resolve_run_settings(PretrainSettings, config, options, run_dir=default_run_dir,
-                                        may_change=RESUME_MAY_CHANGE)
+        settings = resolve_run_settings(PretrainSettings, config, options, run_dir=default_run_dir)
         run_dir = settings.out or default_run_dir(settings)
         run_and_print(run_pretrain, settings, json_output=json_output, force=force, run_dir=run_dir,
                       command=resume_command("pretrain", run_dir))

@@ -8,13 +8,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..settings import PseudoLabelSettings
-from .options import ConfigOpt, JsonOpt, check_output, settings_options, with_options
+from ..settings import ImportSettings, PseudoLabelSettings
+from .options import ConfigOpt, ForceOpt, JsonOpt, check_output, settings_options, with_options
 from .output import Output
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
 
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")]
 
 
 @app.callback(invoke_without_command=True)
@@ -24,13 +23,13 @@ def pseudo_labels(
         Optional[str],
         typer.Option("--encoder", "-e", help="Encoder checkpoint (path, zoo name, or '-' for a path on stdin).", show_default=False),
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Labels file (default pseudo-labels-DATASET.safetensors).", show_default=False)] = None,
     force: ForceOpt = False,
     config: ConfigOpt = None,
     json_output: JsonOpt = False,
     **options,
 ) -> None:
-    """ClusterFit pseudo labels for AdvCL: k-means on an encoder's features; print the file's path.
+    """ClusterFit pseudo labels for AdvCL: k-means on an encoder's features; print the file's path
+    (--out, default pseudo-labels-DATASET.safetensors).
 
     Features of the training split are L2-normalised and clustered with scikit-learn's k-means,
     once per k. The file holds one int64 label vector per k (tensor k2, k10, ...) and records
@@ -54,8 +53,8 @@ def pseudo_labels(
 
     output = Output(json_output)
     settings = resolve(PseudoLabelSettings, options, config_file=config, warn=output.warn)
-    out = out or default_labels_path(settings.dataset)
-    path = model_path(encoder)
+    out = settings.out or default_labels_path(settings.dataset)
+    path = model_path(encoder, config)
     check_output(out, force, "--out", {"the encoder": path})
     reporter = output.reporter()
     try:
@@ -71,12 +70,14 @@ with_options(pseudo_labels, settings_options(PseudoLabelSettings))
 @app.command("import")
 def import_pickle(
     file: Annotated[Path, typer.Argument(help="The authors' pickle (imagenet_clPretrain_pseudo_labels.pkl).", show_default=False)],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Labels file (default FILE's name with .safetensors).", show_default=False)] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="The dataset the labels are for (default cifar10).", show_default=False)] = None,
     force: ForceOpt = False,
+    config: ConfigOpt = None,
     json_output: JsonOpt = False,
+    **options,
 ) -> None:
-    """Convert the authors' CIFAR-10 pseudo-label pickle into a labels file; print its path.
+    """Convert the authors' CIFAR-10 pseudo-label pickle into a labels file; print its path (--out,
+    default FILE's name with .safetensors).
 
     The pickle goes through a restricted unpickler that admits only numpy arrays; anything else
     (code, objects) is refused before it runs. Only the train labels (pseudo_train_K) are kept.
@@ -87,14 +88,19 @@ def import_pickle(
       advcl pseudo-labels import imagenet_clPretrain_pseudo_labels.pkl --out cifar10-labels.safetensors
       advcl pretrain -d cifar10 --pseudo-labels cifar10-labels.safetensors
     """
+    from ..config import resolve
     from ..data.registry import num_classes_of
     from ..pseudolabels import import_authors_pickle
 
     num_classes_of(dataset or "cifar10")  # an unknown dataset is refused before anything is read
-    target = out or Path(file.name).with_suffix(".safetensors")
+    output = Output(json_output)
+    target = resolve(ImportSettings, options, config_file=config, warn=output.warn).out or Path(file.name).with_suffix(".safetensors")
     check_output(target, force, "--out", {"the pickle being imported": file})
     result = import_authors_pickle(file, target, dataset=dataset or "cifar10")
-    _print(Output(json_output), result, json_output)
+    _print(output, result, json_output)
+
+
+with_options(import_pickle, settings_options(ImportSettings))
 
 
 def _print(output: Output, path: Path, json_output: bool) -> None:

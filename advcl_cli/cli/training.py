@@ -15,12 +15,12 @@ from ..errors import DiskError, Interrupted, Requeued
 from .output import Output
 
 
-def resolve_run_settings(settings_cls, config: Path | None, options: dict, *, run_dir: Callable, may_change: set[str]):
+def resolve_run_settings(settings_cls, config: Path | None, options: dict, *, run_dir: Callable):
     """The settings of a run. On resume (``--resume``, or ``--resume auto`` when the folder holds a
     run) the run's stored settings are the base: every one that no flag, ``ADVCL_*`` variable or
-    config file gives is carried over, and those may only change how it runs (``may_change``:
-    device, precision, ...); any other change is refused by name, whichever layer it comes from
-    (``config.check_unchanged``)."""
+    config file gives is carried over, and those may only change how it runs
+    (``SettingsModel.resume_may_change``: device, precision, ...); any other change is refused by
+    name, whichever layer it comes from (``config.check_unchanged``)."""
     from ..config import resolve
     from ..engine.run import RunDir
 
@@ -32,7 +32,7 @@ def resolve_run_settings(settings_cls, config: Path | None, options: dict, *, ru
         base = RunDir(probe.out or run_dir(probe)).stored_config() or {}
     elif probe.resume == "auto":  # the same, when there is a run to continue
         base = RunDir(probe.out or run_dir(probe)).stored_config()
-    return resolve(settings_cls, options, config_file=config, base=base, may_change=may_change, warn=warn)
+    return resolve(settings_cls, options, config_file=config, base=base, warn=warn)
 
 
 def bare_resume(args: list[str]) -> list[str]:

@@ -51,7 +51,7 @@ from ..distributed import DistContext, barrier, init_distributed, on_main, shutd
 from ..plots import benchmark_chart, require_matplotlib
 from ..report import Reporter
 from .evaluate import corruption_accuracy, encode_flags, evaluate, flag_key, worst_case
-from .finetune import CLASSIFIER_FILE, RESUME_MAY_CHANGE, finetune, with_protocol
+from .finetune import CLASSIFIER_FILE, finetune, with_protocol
 from .run import RunDir, load_split
 
 CELL_FORMAT = 2  # part of every key: a change of what a cell holds recomputes the cells (2: the head starts at 0)
@@ -63,7 +63,7 @@ TRANSFER_SIZE = 32  # the benchmark's cross-task setting: the transfer dataset a
 EVAL_PRECISION = "fp32"
 DEFAULT_SEED = BenchmarkSettings.model_fields["seed"].default
 # finetuning settings that do not change the classifier (the precision does, and is keyed resolved)
-FINETUNE_KEY_IGNORES = RESUME_MAY_CHANGE - {"precision"}
+FINETUNE_KEY_IGNORES = FinetuneSettings.resume_may_change() - {"precision"}
 
 
 @dataclass(frozen=True)

@@ -71,9 +71,6 @@ PROTOCOL: dict[str, dict[str, Any]] = {  # the RobustSSL benchmark's defaults (R
     "aff": {"epochs": 25, "batch_size": 128, "lr": 0.1, "milestones": [15, 20], "dual_bn": False},
 }
 FILLED = ("epochs", "batch_size", "lr", "milestones")
-# settings that may change on --resume (they do not change what is trained)
-RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "eval_limit",
-                     "log", "save_every_minutes"}
 
 
 def protocol(method: str, scheme: str, dataset: str, source: str | None = None) -> dict[str, Any]:
@@ -407,7 +404,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     scheme = SCHEMES[settings.scheme](settings, dual_bn=dual_bn)
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(CLASSIFIER_FILE,), verb="finetune")
     check_derived(run, parent, dataset, "finetunes")
-    with Lifecycle(settings, run, reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE) as life:
+    with Lifecycle(settings, run, reporter, resume=resume, force=force, may_change=settings.resume_may_change()) as life:
         if life.state is not None:
             check_parent(life.state, parent.sha256, run, "finetunes")
         if life.finished(needs="final"):

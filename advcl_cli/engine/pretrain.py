@@ -40,9 +40,6 @@ from .monitor import monitor_of
 from .run import RunDir, RunResult, holds_run_folder, load_split
 
 ENCODER_FILE = "encoder.safetensors"
-# settings that may change when a run is resumed (they do not change what is computed)
-RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "log", "save_every",
-                     "save_every_minutes", "monitor_every"}
 
 
 def default_run_dir(settings) -> Path:
@@ -196,7 +193,7 @@ def warn_warmup_only(settings, schedule, life: Lifecycle) -> None:
 def pretrain(settings, reporter: Reporter | None = None, *, resume: bool | str | None = None, force: bool = False) -> RunResult:
     run = RunDir(settings.out or default_run_dir(settings), artifacts=(ENCODER_FILE,), verb="pretrain")
     check_paths(settings, run)
-    with Lifecycle(settings, run, reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE) as life:
+    with Lifecycle(settings, run, reporter, resume=resume, force=force, may_change=settings.resume_may_change()) as life:
         if without_attack(settings):
             life.reporter.warn(f"--pgd-steps 0: {settings.method} trains without adversarial examples, so the encoder "
                                "will not be robust and records no eps (use --pgd-steps 1 or more, the paper uses 5)")

@@ -23,7 +23,7 @@ def pull(name: str, *, endpoint: str | None = None, manifest: str | Path | None 
     return fetch(name, endpoint=endpoint, manifest=manifest, force_download=force_download, reporter=reporter).path
 
 
-def resolve(name_or_path: str | Path, *, reporter=None) -> Path:
+def resolve(name_or_path: str | Path, *, endpoint: str | None = None, manifest: str | Path | None = None, reporter=None) -> Path:
     """The local checkpoint file for a path, else for a zoo or ``hf:`` name (pulled), else a
     CheckpointError. A value with a '/' or ending in .safetensors is a path, never a name."""
     from ..errors import CheckpointError, require_file
@@ -33,7 +33,7 @@ def resolve(name_or_path: str | Path, *, reporter=None) -> Path:
     if path.exists() or path.is_symlink():  # a dangling link or a loop of links is a path too
         return require_file(path, "checkpoint file", error=CheckpointError)
     if value.startswith("hf:") or ("/" not in value and not value.endswith(".safetensors")):
-        return pull(value, reporter=reporter)
+        return pull(value, endpoint=endpoint, manifest=manifest, reporter=reporter)
     raise CheckpointError(f"no such checkpoint file: {value}")
 
 

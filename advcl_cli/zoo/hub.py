@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from ..config import resolve
 from ..report import Reporter
 from ..errors import AdvclError, CheckpointError, DownloadError, UsageError
-from ..settings import HubSettings
+from ..settings import parse_url
 from ..version import __version__
 from .hubspec import filename_problem, repo_id_problem
 from .manifest import Entry, load_manifest, manifest_path
@@ -83,9 +82,16 @@ def offline() -> bool:
     return env or bool(constants.HF_HUB_OFFLINE)
 
 
-def endpoint_of(explicit: str | None) -> str:
-    """``--endpoint`` / ADVCL_HF_ENDPOINT (already in ``explicit``) > HF_ENDPOINT > the Hub."""
-    return (explicit or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+def endpoint_of(explicit: str | None = None) -> str:
+    """``explicit`` (the CLI's ``--endpoint`` or ``[hub] hf_endpoint``) > ADVCL_HF_ENDPOINT >
+    HF_ENDPOINT > the Hub; the environment is read now, as huggingface_hub reads HF_ENDPOINT."""
+    value, where = (explicit, "endpoint") if explicit else (os.environ.get("ADVCL_HF_ENDPOINT"), "ADVCL_HF_ENDPOINT")
+    if value:
+        try:
+            return parse_url(value)
+        except ValueError as e:
+            raise UsageError(f"bad value for {where}: {e}") from None
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
 def hub_cache_dir() -> Path:
@@ -371,9 +377,8 @@ def fetch(
     and fetch its config.json at the same revision."""
 
     reporter = reporter or Reporter()
-    settings = resolve(HubSettings, {"hf_endpoint": endpoint, "zoo_manifest": manifest})
-    target = resolve_target(name, manifest_path(settings.zoo_manifest))
-    ep = endpoint_of(settings.hf_endpoint)
+    target = resolve_target(name, manifest_path(manifest))
+    ep = endpoint_of(endpoint)
     path = download(target, ep, force_download, reporter)
     from ..checkpoint import check_checkpoint, sha256_file  # torch: only once there is a file
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -23,9 +24,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from ..benchmark.reported import SHIPPED as SHIPPED_REPORTED
 from ..benchmark.reported import load_reported
-from ..config import resolve
 from ..errors import TOO_DEEP, UsageError
-from ..settings import HubSettings, format_eps, parse_eps
+from ..settings import Scheme, format_eps, parse_eps
 from .hubspec import filename_problem, repo_id_problem
 
 if sys.version_info >= (3, 11):
@@ -72,7 +72,7 @@ class Entry(BaseModel):
     arch: str
     method: str
     dataset: str
-    scheme: Literal["slf", "alf", "aff"] | None = None
+    scheme: Scheme | None = None
     eps: Annotated[float, BeforeValidator(parse_eps)] | None = None  # None: not adversarial (simclr)
     metrics: dict[Literal["sa", "pgd20", "aa"], Metric] = {}
     paper: str | None = None
@@ -203,9 +203,9 @@ def load_manifest(path: str | Path | None = None) -> Manifest:
 
 
 def manifest_path(explicit: str | Path | None = None) -> Path:
-    """``--manifest`` > ``ADVCL_ZOO_MANIFEST`` / ``[hub] zoo_manifest`` in advcl.toml > the shipped one."""
-
-    chosen = resolve(HubSettings, {"zoo_manifest": explicit}).zoo_manifest
+    """``explicit`` (the CLI's ``--manifest`` or ``[hub] zoo_manifest``) > ADVCL_ZOO_MANIFEST >
+    the shipped one; the environment is read now, never advcl.toml (that is the CLI's)."""
+    chosen = explicit or os.environ.get("ADVCL_ZOO_MANIFEST")
     return Path(chosen).expanduser() if chosen else SHIPPED
 
 

@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..config import resolve
 from ..report import Reporter
 from ..errors import AdvclError, DownloadError, UsageError
-from ..settings import HubSettings
+from ..settings import SCHEME_NAMES
 from ..version import __version__
 from .card import PAPER, build_card, pinned_commit, sealed, test_accuracies, written_by_advcl
 from .hub import DEFAULT_FILENAME, endpoint_of, hub_cache_dir, hub_error, offline, retrying
@@ -114,7 +113,7 @@ def entry_for_push(existing: Entry | None, *, name: str, manifest: Path, repo: s
         arch=meta.arch,
         method=meta.method,
         dataset=meta.dataset,
-        scheme=scheme if scheme in ("slf", "alf", "aff") else None,
+        scheme=scheme if scheme in SCHEME_NAMES else None,
         eps=meta.eps,
         metrics=metrics,
         paper=existing.paper if existing else (PAPER if meta.method == "advcl" else None),
@@ -260,7 +259,6 @@ def push(
 
     reporter = reporter or Reporter()
     _check_names(repo, zoo_entry, revision, private, make_private, create_pr)
-    settings = resolve(HubSettings, {"hf_endpoint": endpoint, "zoo_manifest": manifest})
     ckpt_path = Path(ckpt_path)
     load_checkpoint(ckpt_path)  # header, names, shapes and finite weights, before anything is sent (or copied)
     with tempfile.TemporaryDirectory(prefix="advcl-push-") as tmp:
@@ -272,12 +270,12 @@ def push(
         zoo: Manifest | None = None
         existing = None
         if zoo_entry is not None:
-            man_path = writable_manifest(settings.zoo_manifest)
+            man_path = writable_manifest(manifest)
             zoo = load_manifest(man_path) if man_path.exists() else Manifest(man_path, {})
             existing = zoo.entries.get(zoo_entry)
         license = check_license(license or (existing.license if existing and existing.license else "mit"))
         recipe = _card_recipe(list(recipe or (existing.recipe if existing else [])))
-        base_model = hub_model_of(meta.parent, [SHIPPED, manifest_path(settings.zoo_manifest)])
+        base_model = hub_model_of(meta.parent, [SHIPPED, manifest_path(manifest)])
 
         upload = with_metadata(snapshot, Path(tmp) / DEFAULT_FILENAME, public) if changed else snapshot
         digest = sha256_file(upload)
@@ -314,7 +312,7 @@ def push(
             return result
         if offline():
             raise DownloadError("push needs the network, but HF_HUB_OFFLINE=1 is set", "unset HF_HUB_OFFLINE")
-        send(Plan(result, upload, config, card_for, pin, zoo, endpoint_of(settings.hf_endpoint), make_private, create_pr,
+        send(Plan(result, upload, config, card_for, pin, zoo, endpoint_of(endpoint), make_private, create_pr,
                   overwrite_card, Path(tmp) / "hub"), reporter)
     return result
 
