@@ -6,6 +6,8 @@ schedule, and a run through the CLI."""
 import copy
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,14 +28,21 @@ def rocl(**flags):
     return make_method(resolve(PretrainSettings, {"method": "rocl", "arch": "resnet18-tiny", **flags}), B)
 
 
+def rocl_net(method):
+    """resnet18-tiny as RoCL builds it, its BN statistics randomised, float64, train mode."""
+    torch.manual_seed(0)
+    return randomise_batch_norms(create_model("resnet18-tiny", **method.model_config("resnet18-tiny")), 1).double().train()
+
+
+def images(seed: int):
+    return torch.randint(0, 256, (B, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.fixture(scope="module")
 def run():
     method = rocl(reg_lambda=4.0)  # a weight that matters at this scale (1/256 would hide a mix-up below TOL)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (B, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
-    x1, x2, noise = method.views(images, torch.Generator().manual_seed(1), torch.float64)
-    torch.manual_seed(0)
-    start = randomise_batch_norms(create_model("resnet18-tiny", **method.model_config("resnet18-tiny")), 1).double().train()
+    x1, x2, noise = method.views(images(0), torch.Generator().manual_seed(1), torch.float64)
+    start = rocl_net(method)
 
     ours = copy.deepcopy(start)
     loss, terms = method.loss(ours, x1, x2, noise)
@@ -116,3 +125,27 @@ def test_rocl_runs_offline_through_finetune_and_eval(run_cli, tmp_path):
     code, out, err = run_cli("eval", clf.strip(), "--attack", "pgd3", "--limit", "8", "--image-size", "16", "--json")
     assert code == 0, err
     assert json.loads(out)["n"] == 8
+
+
+def worker(folder: str) -> None:
+    """One float64 RoCL step on a fixed global batch (``python tests/test_rocl.py DIR``, as one
+    process or under torchrun); rank 0 saves gradients, terms and BN statistics."""
+    from test_distributed import save_step
+
+    method = rocl(pgd_steps=2, reg_lambda=4.0)
+    save_step(f"{folder}/rocl.safetensors", method, rocl_net(method), images(5))
+
+
+def test_two_processes_match_one(tmp_path):
+    """Under torchrun the attack's, the regulariser's and the loss's NT-Xent see the gathered
+    global batch and BN normalises over it: 2 processes x B/2 give one process's gradients."""
+    from test_distributed import assert_same_step, one_and_two_processes
+
+    one, two = one_and_two_processes(tmp_path, __file__, "rocl.safetensors")
+    assert float(one["term.reg"]) > 0
+    assert_same_step(one, two)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    worker(sys.argv[1])
