@@ -27,6 +27,11 @@ per epoch): they hold no state, so resuming a run needs only the epoch it stoppe
   it: epoch ``e < W`` at ``start + e * (base - start) / (W - 1)`` (the last warm-up epoch is at
   ``base``), then ``min + (base - min) * (1 + cos(pi * (e - W) / (E - W))) / 2`` (epoch ``W``
   at ``base`` again; the last epoch above ``min``).
+- ``GradualWarmupCosine``: RoCL's schedule (``rocl_train.py``: ``GradualWarmupScheduler`` with
+  ``multiplier`` 15 over 10 epochs, then ``CosineAnnealingLR(T_max=epochs)``, stepped at the
+  start of every epoch): epoch ``e`` (0-based) runs at ``base * (1 + (m - 1) (e + 1) / W)`` for
+  ``e + 1 <= W`` (up to ``m * base``), then at ``m * base * (1 + cos(pi * (e + 1 - W) / E)) / 2``
+  (the closed form the scheduler intends; constant within an epoch).
 - ``MultiStep``: the rate times ``gamma`` at every milestone epoch reached (finetuning).
 
 ``LARS`` is layer-wise adaptive rate scaling as the ACL code defines it (``optimizer/lars.py``):
@@ -113,6 +118,22 @@ class LinearWarmupCosine(EpochWarmupCosine):
 
     def warmup(self, epoch: int) -> float:
         return self.warmup_from + epoch * (self.base_lr - self.warmup_from) / max(self.warmup_epochs - 1, 1)
+
+
+@dataclass(frozen=True)
+class GradualWarmupCosine(EpochWarmupCosine):
+    """EpochWarmupCosine with RoCL's warm-up to ``multiplier`` x base and its cosine over all
+    ``epochs``; the scheduler steps before each epoch, so epoch ``e`` runs at position e + 1."""
+
+    multiplier: float = 15.0
+
+    def warmup(self, epoch: int) -> float:
+        return self.base_lr * (1 + (self.multiplier - 1) * (epoch + 1) / self.warmup_epochs)
+
+    def lr(self, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+        if epoch < self.warmup_epochs:
+            return self.warmup(epoch)
+        return half_cosine(self.base_lr * self.multiplier, self.min_lr, (epoch + 1 - self.warmup_epochs) / self.epochs)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ Run as a script (``python tests/test_air.py DIR``, alone or under torchrun) it i
 import copy
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from advcl_cli.models import IMAGENET_MEAN, IMAGENET_STD, create_model
 from advcl_cli.settings import PretrainSettings
 from nets import randomise_batch_norms
 from reference.air_step import reference_step
-from waiting import HANG_S
 
 B, SIZE = 8, 16
 EPS = 8 / 255
@@ -276,47 +274,21 @@ def test_pretrain_finetune_and_eval_on_digits(run_cli, tmp_path):
 
 
 def worker(folder: str) -> None:
-    """One float64 AIR step on a fixed global batch, then rank 0 saves gradients, terms and BN
-    statistics (``python tests/test_air.py DIR``, as one process or under torchrun)."""
-    from safetensors.torch import save_file
+    """One float64 AIR step on a fixed global batch (``python tests/test_air.py DIR``, as one
+    process or under torchrun); rank 0 saves gradients, terms and BN statistics."""
+    from test_distributed import save_step
 
-    from advcl_cli.distributed import init_distributed, prepare_model, reduce_mean, shutdown, sync_gradients
-
-    torch.set_num_threads(1)
-    ctx = init_distributed(torch.device("cpu"))
-    method = air_method(pgd_steps=3)
-    model = prepare_model(air_net(), ctx)
-    loss, terms = method.step(model, images(5), torch.arange(B), torch.Generator().manual_seed(6), ctx)
-    model.zero_grad()
-    loss.backward()
-    sync_gradients(model, ctx)
-    out = {f"grad.{k}": p.grad for k, p in model.named_parameters()}
-    out |= {k: v for k, v in model.state_dict().items() if "running" in k}
-    out |= {f"term.{k}": reduce_mean(v, ctx).reshape(1) for k, v in {"loss": loss.detach(), **terms}.items()}
-    if ctx.is_main:
-        save_file({k: v.detach().contiguous() for k, v in out.items()}, f"{folder}/air.safetensors")
-    shutdown(ctx)
+    save_step(f"{folder}/air.safetensors", air_method(pgd_steps=3), air_net(), images(5))
 
 
 def test_two_processes_match_one(tmp_path):
     """Under torchrun the NT-Xent terms and the softmaxes of SIR and AIR run over the gathered
     global batch and BN normalises over it: 2 processes x B/2 give one process's gradients."""
-    from safetensors.torch import load_file
-    from test_distributed import env1, launcher
+    from test_distributed import assert_same_step, one_and_two_processes
 
-    def run(name, procs):
-        (tmp_path / name).mkdir()
-        launch = [] if procs == 1 else launcher(procs)
-        done = subprocess.run([sys.executable, *launch, __file__, str(tmp_path / name)], capture_output=True,
-                              text=True, timeout=HANG_S, env=env1())
-        assert done.returncode == 0, done.stderr[-3000:]
-        return load_file(tmp_path / name / "air.safetensors")
-
-    one, two = run("one", 1), run("two", 2)
-    assert one.keys() == two.keys()
+    one, two = one_and_two_processes(tmp_path, __file__, "air.safetensors")
     assert float(one["term.sir"]) != 0 and float(one["term.air"]) != 0
-    for key in sorted(one, key=lambda k: not k.startswith("term.")):  # the terms first, for the message
-        torch.testing.assert_close(two[key], one[key], rtol=1e-7, atol=1e-9, msg=key)
+    assert_same_step(one, two)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,49 @@ def torchrun(n: int, *args, timeout: float = HANG_S) -> subprocess.CompletedProc
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env1())
 
 
+def save_step(path: str, method, net, batch: torch.Tensor) -> None:
+    """One step of ``method`` on ``net`` for the fixed global ``batch``, as one process or as each
+    rank under torchrun (``python TEST_FILE DIR``); rank 0 saves the gradients, the BN running
+    statistics and the loss terms to ``path``."""
+    from safetensors.torch import save_file
+
+    from advcl_cli.distributed import init_distributed, prepare_model, reduce_mean, shutdown, sync_gradients
+
+    torch.set_num_threads(1)
+    ctx = init_distributed(torch.device("cpu"))
+    model = prepare_model(net, ctx)
+    loss, terms = method.step(model, batch, torch.arange(batch.shape[0]), torch.Generator().manual_seed(6), ctx)
+    model.zero_grad()
+    loss.backward()
+    sync_gradients(model, ctx)
+    out = {f"grad.{k}": p.grad for k, p in model.named_parameters()}
+    out |= {k: v for k, v in model.state_dict().items() if "running" in k}
+    out |= {f"term.{k}": reduce_mean(v, ctx).reshape(1) for k, v in {"loss": loss.detach(), **terms}.items()}
+    if ctx.is_main:
+        save_file({k: v.detach().contiguous() for k, v in out.items()}, path)
+    shutdown(ctx)
+
+
+def one_and_two_processes(folder: Path, script: str, name: str) -> tuple[dict, dict]:
+    """What ``python script DIR`` saved as ``name`` run as one process and under torchrun with two."""
+    def run(sub: str, procs: int) -> dict:
+        (folder / sub).mkdir()
+        launch = [] if procs == 1 else launcher(procs)
+        done = subprocess.run([sys.executable, *launch, script, str(folder / sub)], capture_output=True,
+                              text=True, timeout=HANG_S, env=env1())
+        assert done.returncode == 0, done.stderr[-3000:]
+        return load_file(folder / sub / name)
+
+    one, two = run("one", 1), run("two", 2)
+    assert one.keys() == two.keys()
+    return one, two
+
+
+def assert_same_step(one: dict, two: dict) -> None:
+    for key in sorted(one, key=lambda k: not k.startswith("term.")):  # the terms first, for the message
+        torch.testing.assert_close(two[key], one[key], rtol=1e-7, atol=1e-9, msg=key)
+
+
 def compare(one: dict, two: dict, atol=1e-5):
     assert set(one) == set(two)
     for k in one:

@@ -32,7 +32,7 @@ from advcl_cli.methods import BUILTIN
 from advcl_cli.models import create_model
 from advcl_cli.settings import FinetuneSettings, PretrainSettings
 
-METHODS = ["advcl", "acl", "dynacl", "air", "dynacl-air", "deacl", "simclr"]
+METHODS = ["advcl", "acl", "dynacl", "air", "dynacl-air", "deacl", "simclr", "rocl"]
 LOSS_RTOL = 0.05
 
 

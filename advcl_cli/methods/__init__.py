@@ -34,6 +34,7 @@ BUILTIN = {
     "deacl": "advcl_cli.methods.deacl:DeACL",
     "air": "advcl_cli.methods.air:AIR",
     "dynacl-air": "advcl_cli.methods.air:DynACLAIR",
+    "rocl": "advcl_cli.methods.rocl:RoCL",
 }
 
 

@@ -18,7 +18,8 @@ the optimizer step, then ``after_step(model)``. ``start_epoch(epoch)`` runs befo
 epoch; ``state()`` / ``load_state(tensors)`` carry a method's own tensors (a momentum encoder,
 say) in the resume state; ``export(model)`` is the network the engine saves as the encoder (the
 trained one, or e.g. DynACL's momentum encoder). Third-party methods register a ``Method`` subclass under the
-``advcl.methods`` entry point group.
+``advcl.methods`` entry point group; everything a method author needs (this base, the settings
+pieces, views, the PGD loop, losses, distributed helpers) is exported by ``advcl_cli.api``.
 """
 
 from __future__ import annotations

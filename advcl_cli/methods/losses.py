@@ -14,6 +14,12 @@ on projections it normalises itself.
 (Xu et al., NeurIPS 2023) as the authors' ``AIR.py`` computes them (see their docstrings: they
 pass probabilities where ``kl_div`` expects log-probabilities, deliberately reproduced here).
 
+``rocl_nt_xent`` is RoCL's own NT-Xent (Kim et al. 2020, ``loss.py``: ``pairwise_similarity``
+and ``NT_xent``), which differs from ``nt_xent`` in three ways kept on purpose: the similarity
+``z_i . sg(z_j)`` has its second factor detached (gradients flow through the anchor's row only),
+the normalisation and the softmax carry ``+ 1e-8`` terms, and with three views every anchor has
+two positives, each pair counted, the sum divided by the number of vectors.
+
 ``pseudo_label_ce`` is AdvCL's pseudo-supervision term: the mean over the ClusterFit heads of the
 cross-entropy, with ``-1`` labels ignored (``reduction="sum"`` inside the attack, ``"mean"`` in
 the training loss, as in the reference).
@@ -85,6 +91,22 @@ def adversarial_invariance(z_i: Tensor, z_j: Tensor, z_o: Tensor, za_i: Tensor, 
     log_p_j = (torch.log_softmax(batch_logits(za_j, z_o, temperature), dim=0)
                + torch.log_softmax(batch_logits(za_j, z_j, temperature), dim=0))
     return F.kl_div(p_i, log_p_j, log_target=True, reduction="sum")
+
+
+def rocl_nt_xent(z: Tensor, views: int, temperature: float = 0.5) -> Tensor:
+    """RoCL's NT-Xent of ``z`` (V * B, D): ``views`` blocks of B rows, view-major (row k of every
+    block is image k). With ``s_ij = (z_i / (|z_i| + 1e-8)) . sg(z_j / (|z_j| + 1e-8)) / t``,
+    ``e_ij = exp(s_ij)`` off the diagonal: ``sum over positive pairs (i, j) of
+    -log(e_ij / (sum_k e_ik + 1e-8) + 1e-8)``, divided by V * B."""
+    z = upcast(z)
+    n = z.shape[0]
+    zn = z / (z.norm(dim=1, keepdim=True) + 1e-8)
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    e = torch.exp(zn @ zn.T.detach() / temperature).masked_fill(eye, 0.0)
+    nll = -torch.log(e / (e.sum(1, keepdim=True) + 1e-8) + 1e-8)
+    image = torch.arange(n // views, device=z.device).repeat(views)
+    positive = (image[:, None] == image[None, :]) & ~eye
+    return (nll * positive).sum() / n
 
 
 def pseudo_label_ce(logits: list[Tensor], targets: list[Tensor], reduction: str = "mean") -> Tensor:

@@ -17,7 +17,9 @@ Projection heads (``proj_head``):
   normalisation; one BatchNorm shared by every view;
 - ``mlp3`` (the ACL family): Linear(d, d) + BN + ReLU, Linear(d, d, no bias) + BN + ReLU,
   Linear(d, proj_dim, no bias) + BN, each BN with the model's BN sets (chosen per call like the
-  backbone's); not normalised (the NT-Xent loss normalises).
+  backbone's); not normalised (the NT-Xent loss normalises);
+- ``mlp2-wide`` (RoCL's ``Projector``): Linear(d, 2048) - ReLU - Linear(2048, proj_dim), no BN,
+  not normalised.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ class ModelConfig:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PROJ_HEADS = ("mlp2", "mlp3")
+PROJ_HEADS = ("mlp2", "mlp3", "mlp2-wide")
 STEM_PADDINGS = (1, 2)
 
 
@@ -135,6 +137,17 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.net(feat), dim=1)
 
 
+class WideProjectionHead(nn.Module):
+    """``mlp2-wide``: Linear(d, 2048) - ReLU - Linear(2048, out), not normalised."""
+
+    def __init__(self, dim: int, out: int, hidden: int = 2048):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+
+    def forward(self, feat: torch.Tensor, bn: str | None = None) -> torch.Tensor:
+        return self.net(feat)
+
+
 class MultiBNProjectionHead(nn.Module):
     """``mlp3``: three Linear + BN layers (ReLU between), each BN with the model's BN sets."""
 
@@ -168,8 +181,10 @@ class AdvclNet(nn.Module):
             self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
         self.proj = None
         if config.proj_dim:
-            mlp3 = config.proj_head == "mlp3"
-            self.proj = MultiBNProjectionHead(d, config.proj_dim, config.bn_sets) if mlp3 else ProjectionHead(d, config.proj_dim)
+            if config.proj_head == "mlp3":
+                self.proj = MultiBNProjectionHead(d, config.proj_dim, config.bn_sets)
+            else:
+                self.proj = (WideProjectionHead if config.proj_head == "mlp2-wide" else ProjectionHead)(d, config.proj_dim)
         self.pseudo = (
             nn.ModuleDict({f"k{k}": nn.Linear(d, k) for k in config.pseudo_ks})
             if config.pseudo_ks
