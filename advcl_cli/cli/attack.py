@@ -41,7 +41,8 @@ def attack(model: ModelArg = None, out: OutOpt = Path("adv.safetensors"), grid: 
 
     \b
       from safetensors import safe_open
-      f = safe_open("adv-pgd20.safetensors", "pt"); x_adv = f.get_tensor("adversarial")
+      f = safe_open("adv-pgd20.safetensors", "pt")
+      x_adv = f.get_tensor("adversarial")
     """
     from ..checkpoint import load_checkpoint
     from ..config import resolve
