@@ -4,9 +4,9 @@ one fresh folder, offline, as a new user would paste them.
 The examples run in this process through ``main`` (no torch import per command) under a small
 shell: ``VAR=$(advcl ...)``, ``$VAR``, pipes, ``A=B advcl ...``, ``&&``, ``for x in ...; do ...;
 done`` and ``ls GLOB``. An ``advcl.toml`` in the folder shortens every run (``limit``: the
-examples themselves stay what the reader sees), and AutoAttack runs all its attacks with a few
-iterations each (``cheap_autoattack``: at its real 100 iterations and 5000 queries its example
-alone took over ten minutes of a loaded 2-core machine). An example that needs what an offline machine
+examples themselves stay what the reader sees); ``shorten`` runs AutoAttack's every attack with
+a few iterations (at its real 100 iterations and 5000 queries its example alone took over ten
+minutes of a loaded 2-core machine) and caps the digits splits at 128 images (``--limit 1000``). An example that needs what an offline machine
 lacks (CIFAR-10/100 or STL-10, which are not downloaded: ``ADVCL_DOWNLOAD=0``; the Hub: offline;
 the authors' files; several GPUs) is marked by ``NEEDS`` and must fail cleanly (exit 1 or 2, one
 ``error:`` line, no traceback), as must an example that reads what such an example would have
@@ -30,15 +30,20 @@ SKIP = re.compile(r"^(python3? |\. |pip |pytest|\.ci/|duplicates|torchrun|srun|f
 # a command line, not a listing such as `advcl pretrain --help`'s methods
 COMMAND = re.compile(r"^([A-Z_]+=\S*\s+)?(\w+=\$\()?advcl (pretrain|pseudo-labels|import|lpaft|finetune|attack|eval|benchmark|pull|push|zoo)\b"
                      r"|^(for|ls) |^\w+=\S+$|-m advcl_cli")
-TOML = 'limit = 128\neval_limit = 32\nimage_size = 16\npgd_steps = 1\nattack_steps = 1\n[eval]\nlimit = 16\n'
+TOML = 'limit = 128\nepochs = 2\neval_limit = 32\nimage_size = 16\npgd_steps = 1\nattack_steps = 1\n[eval]\nlimit = 16\n'
 
 
-def cheap_autoattack(monkeypatch):
-    """Every AutoAttack component still runs, with 2 iterations (APGD, FAB) and 8 queries (Square)."""
+def shorten(monkeypatch):
+    """What a flag in an example would set beyond ``TOML``: every AutoAttack component still runs,
+    with 2 iterations (APGD, FAB) and 8 queries (Square); a digits split holds at most 128 images
+    (an example's ``--limit 1000`` or ``--pgd-check 500`` reads them all)."""
     from advcl_cli.attacks import autoattack
+    from advcl_cli.data import registry
 
     for name, value in (("APGD_ITERS", 2), ("FAB_ITERS", 2), ("SQUARE_QUERIES", 8)):
         monkeypatch.setattr(autoattack, name, value)
+    digits = registry._load_digits
+    monkeypatch.setattr(registry, "_load_digits", lambda split, size, limit=None: digits(split, size, min(limit or 128, 128)))
 
 
 def help_pages() -> list[tuple[list[str], str]]:
@@ -166,7 +171,7 @@ def test_every_example_runs_in_order_in_a_fresh_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("ADVCL_DOWNLOAD", "0")  # CIFAR and STL-10 are not on this machine
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "advcl.toml").write_text(TOML)
-    cheap_autoattack(monkeypatch)
+    shorten(monkeypatch)
     shell = Shell(monkeypatch)
     examples = [("README", line) for line in readme_examples()] + [("--help", line) for line in help_examples()]
     ran, problems = 0, []
