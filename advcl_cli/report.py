@@ -18,6 +18,19 @@ def duration(seconds: float) -> str:
     return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
 
 
+def listing(rows: list[tuple[str, str]], width: int = 76) -> str:
+    """The lines of a help's ``\\b`` block: each label, then its text wrapped under itself so
+    that no line is wider than ``width`` (an 80-column terminal shows the block unbroken)."""
+    import textwrap
+
+    label = max(len(name) for name, _ in rows)
+    lines = []
+    for name, text in rows:
+        head, *rest = textwrap.wrap(text, width - 3 - label) or [""]
+        lines += [f"      {name:<{label}} {head}", *(f"      {'':<{label}} {more}" for more in rest)]
+    return "\n".join(lines)
+
+
 class Reporter:
     """Silent reporter; subclasses render or record."""
 

@@ -67,10 +67,10 @@ def test_encoder_through_finetune_then_eval_json(run_cli, encoder):
 
 def test_eval_table_eps_list_and_plot(run_cli, classifier, tmp_path):
     code, out, err = run_cli("eval", classifier, "-a", "fgsm", "--eps", "2/255,0.05", "--limit", "8",
-                             "--plot", tmp_path / "curve.png")
+                             "--plot", tmp_path / "plots" / "new" / "curve.png")  # missing folders: created, as --help says
     assert code == 0, err
     assert "clean" in out and "2/255" in out and "0.05" in out and "fgsm" in out
-    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "plots" / "new" / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_eval_with_several_attacks_adds_the_worst_case(run_cli, classifier):
@@ -162,7 +162,7 @@ def test_bad_input_exits_2_with_one_line(run_cli, encoder, classifier, tmp_path,
 
 def test_attack_saves_tensors_metadata_and_a_grid(run_cli, classifier, tmp_path):
     code, out, err = run_cli("attack", classifier, "--attack", "pgd3", "--n", "6", "--eps", "16/255",
-                             "--out", tmp_path / "adv.safetensors", "--grid", tmp_path / "adv.png")
+                             "--out", tmp_path / "adv.safetensors", "--grid", tmp_path / "grids" / "adv.png")
     assert code == 0, err
     assert out.strip() == str(tmp_path / "adv.safetensors")
     with safe_open(out.strip(), "pt") as f:
@@ -174,7 +174,7 @@ def test_attack_saves_tensors_metadata_and_a_grid(run_cli, classifier, tmp_path)
     assert 0 <= t["adversarial"].min() and t["adversarial"].max() <= 1
     assert (meta["attack"], meta["n"], meta["dataset"]) == ("pgd3", 6, "digits")
     assert meta["sha256"] == sha256_file(classifier) and meta["eps"] == pytest.approx(16 / 255)
-    assert (tmp_path / "adv.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "grids" / "adv.png").read_bytes()[:4] == b"\x89PNG"  # its missing folder created
 
 
 def test_malformed_header_and_model_description_exit_2(run_cli, classifier, tmp_path):

@@ -4,7 +4,9 @@ one fresh folder, offline, as a new user would paste them.
 The examples run in this process through ``main`` (no torch import per command) under a small
 shell: ``VAR=$(advcl ...)``, ``$VAR``, pipes, ``A=B advcl ...``, ``&&``, ``for x in ...; do ...;
 done`` and ``ls GLOB``. An ``advcl.toml`` in the folder shortens every run (``limit``: the
-examples themselves stay what the reader sees). An example that needs what an offline machine
+examples themselves stay what the reader sees); ``shorten`` runs AutoAttack's every attack with
+a few iterations (at its real 100 iterations and 5000 queries its example alone took over ten
+minutes of a loaded 2-core machine) and caps the digits splits at 128 images (``--limit 1000``). An example that needs what an offline machine
 lacks (CIFAR-10/100 or STL-10, which are not downloaded: ``ADVCL_DOWNLOAD=0``; the Hub: offline;
 the authors' files; several GPUs) is marked by ``NEEDS`` and must fail cleanly (exit 1 or 2, one
 ``error:`` line, no traceback), as must an example that reads what such an example would have
@@ -30,34 +32,56 @@ SKIP = re.compile(r"^(python3? |\. |pip |pytest|\.ci/|duplicates|torchrun|srun|f
 # a command line, not a listing such as `advcl pretrain --help`'s methods
 COMMAND = re.compile(r"^([A-Z_]+=\S*\s+)?(\w+=\$\()?advcl (pretrain|pseudo-labels|import|lpaft|finetune|attack|eval|benchmark|pull|push|zoo)\b"
                      r"|^(for|ls) |^\w+=\S+$|-m advcl_cli")
-TOML = 'limit = 128\neval_limit = 32\nimage_size = 16\npgd_steps = 1\nattack_steps = 1\n[eval]\nlimit = 16\n'
+TOML = 'limit = 128\nepochs = 2\neval_limit = 32\nimage_size = 16\npgd_steps = 1\nattack_steps = 1\n[eval]\nlimit = 16\n'
+
+
+def shorten(monkeypatch):
+    """What a flag in an example would set beyond ``TOML``: every AutoAttack component still runs,
+    with 2 iterations (APGD, FAB) and 8 queries (Square); a digits split holds at most 128 images
+    (an example's ``--limit 1000`` or ``--pgd-check 500`` reads them all)."""
+    from advcl_cli.attacks import autoattack
+    from advcl_cli.data import registry
+
+    for name, value in (("APGD_ITERS", 2), ("FAB_ITERS", 2), ("SQUARE_QUERIES", 8)):
+        monkeypatch.setattr(autoattack, name, value)
+    digits = registry._load_digits
+    monkeypatch.setattr(registry, "_load_digits", lambda split, size, limit=None: digits(split, size, min(limit or 128, 128)))
+
+
+def help_pages() -> list[tuple[list[str], str]]:
+    """(the verb's words, its help text) for the root help and each verb's help, in the order
+    `build_app` registers the verbs (`advcl --help` lists them so); each verb's text is built as
+    `advcl VERB --help` builds it (with the methods' panels for pretrain and finetune)."""
+    pages = [([], HELP)]
+    for verb in ("pretrain", "pseudo-labels", "import", "lpaft", "finetune", "attack", "eval", "benchmark", "pull",
+                 "push", "zoo"):
+        app = build_app(verb)
+        commands = {info.name: info.callback.__doc__ for info in app.registered_commands}
+        if verb in commands:
+            pages.append(([verb], commands[verb]))
+            continue
+        group = next(g.typer_instance for g in app.registered_groups if g.name == verb)
+        head = group.registered_callback.callback.__doc__ if group.registered_callback else group.info.help
+        pages += [([verb], head)] + [([verb, c.name], c.callback.__doc__) for c in group.registered_commands]
+    return pages
+
+
+def example_block_lines(doc: str) -> list[str]:
+    """The lines of a help text's examples: its ``\\b`` blocks, and lines that start with `advcl`."""
+    lines, block = [], False
+    for line in (doc or "").split("\n"):
+        if line.strip() == "\b":
+            block = True
+        elif not line.strip():
+            block = False
+        elif block or line.startswith("  advcl "):
+            lines.append(line.strip())
+    return lines
 
 
 def help_examples() -> list[str]:
-    """The example lines of the root help and of each verb's help, in the order `build_app`
-    registers the verbs (`advcl --help` lists them so)."""
-    app = build_app("pretrain")  # with the methods' panels, as `advcl pretrain --help` shows it
-    commands = {info.name: info.callback.__doc__ for info in app.registered_commands}
-    groups = {g.name: g.typer_instance for g in app.registered_groups}
-
-    def group_docs(name):
-        group = groups[name]
-        head = [group.registered_callback.callback.__doc__] if group.registered_callback else [group.info.help]
-        return head + [c.callback.__doc__ for c in group.registered_commands]
-
-    docs = [HELP, commands["pretrain"], *group_docs("pseudo-labels")]
-    docs += [commands[name] for name in ("import", "lpaft", "finetune", "attack", "eval", "benchmark", "pull", "push")]
-    docs += group_docs("zoo")
-    lines = []
-    for doc in docs:
-        block = False
-        for line in (doc or "").split("\n"):
-            if line.strip() == "\b":
-                block = True
-            elif not line.strip():
-                block = False
-            elif block or line.startswith("  advcl "):
-                lines.append(line.strip())
+    """The example lines of the root help and of each verb's help, in the order they are shown."""
+    lines = [line for _, doc in help_pages() for line in example_block_lines(doc)]
     return [line for line in join_continuations(lines) if COMMAND.search(line)]
 
 
@@ -149,6 +173,7 @@ def test_every_example_runs_in_order_in_a_fresh_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("ADVCL_DOWNLOAD", "0")  # CIFAR and STL-10 are not on this machine
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "advcl.toml").write_text(TOML)
+    shorten(monkeypatch)
     shell = Shell(monkeypatch)
     examples = [("README", line) for line in readme_examples()] + [("--help", line) for line in help_examples()]
     ran, problems = 0, []
@@ -162,3 +187,18 @@ def test_every_example_runs_in_order_in_a_fresh_folder(tmp_path, monkeypatch):
                 problems.append(f"{where}: `{command}` exited {code}: {err.strip()[-300:]}")
     assert ran > 40
     assert not problems, "\n".join(problems)
+
+
+def test_help_examples_do_not_wrap_at_80_columns(monkeypatch, capsys):
+    """Every line of every help's examples and listings is shown whole in an 80-column terminal
+    (a wrapped `... --out` / `runs/advcl` cannot be pasted)."""
+    from advcl_cli.cli.app import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    wrapped = []
+    for words, doc in help_pages():
+        assert main([*words, "--help"]) == 0
+        shown = {line.strip() for line in capsys.readouterr().out.splitlines()}
+        assert max(map(len, shown)) <= 80
+        wrapped += [f"advcl {' '.join(words)} --help: {line}" for line in example_block_lines(doc) if line not in shown]
+    assert not wrapped, "\n".join(wrapped)

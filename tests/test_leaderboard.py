@@ -57,6 +57,24 @@ def test_bar_chart_is_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bar_chart_legend_covers_no_panel_bar_or_axis_label(tmp_path, monkeypatch):
+    import advcl_cli.plots as plots
+
+    boxes, save = {}, plots.save_figure
+
+    def measure(fig, path):
+        renderer = fig.canvas.get_renderer()
+        legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        boxes["legends"] = [legend.get_window_extent(renderer) for legend in legends]
+        boxes["panels"] = [ax.get_tightbbox(renderer) for ax in fig.axes]  # bars, ticks, axis labels, titles
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", measure)
+    benchmark_chart(RECORDS, tmp_path / "chart.png", title="cifar10")
+    assert len(boxes["legends"]) == 1
+    assert not any(legend.overlaps(panel) for legend in boxes["legends"] for panel in boxes["panels"])
+
+
 def test_a_record_without_its_keys_is_refused():
     with pytest.raises(ValueError, match="scheme"):
         leaderboard_markdown([{"encoder": "x", "sha256": "0" * 64, "method": "advcl", "dataset": "cifar10"}])

@@ -39,7 +39,8 @@ def attack(model: ModelArg = None, grid: GridOpt = None, force: ForceOpt = False
 
     \b
       from safetensors import safe_open
-      f = safe_open("adv-pgd20.safetensors", "pt"); x_adv = f.get_tensor("adversarial")
+      f = safe_open("adv-pgd20.safetensors", "pt")
+      x_adv = f.get_tensor("adversarial")
     """
     from ..checkpoint import load_checkpoint
     from ..config import resolve

@@ -77,7 +77,8 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
     On 8 GPUs (each takes an eighth of the images):
 
     \b
-      torchrun --nproc-per-node 8 -m advcl_cli eval model.safetensors -a pgd20 -a autoattack
+      torchrun --nproc-per-node 8 -m advcl_cli eval model.safetensors \\
+        -a pgd20 -a autoattack
     """
     from ..attacks import get_attack
     from ..checkpoint import load_checkpoint

@@ -3,6 +3,7 @@
 No ``from __future__ import annotations``: Typer reads the annotations at definition time.
 """
 
+from ..report import listing
 from ..settings import FinetuneSettings
 from .helpcache import cached
 from .options import ConfigOpt, ForceOpt, JsonOpt, ModelArg, model_path, settings_options, with_options
@@ -28,7 +29,7 @@ def finetune(checkpoint: ModelArg = None, force: ForceOpt = False, config: Confi
     Example, offline on digits:
 
     \b
-      enc=runs/advcl-digits-resnet18-tiny/encoder.safetensors   # the quick start's
+      enc=runs/advcl-digits-resnet18-tiny/encoder.safetensors  # the quick start's
       advcl finetune $enc --scheme slf --epochs 5
 
     Adversarial full finetuning with a held-out validation split, then evaluation:
@@ -76,11 +77,11 @@ def protocol_help() -> str:
                 parts.append(f"{key.replace('_', ' ')} {value}")
         return ", ".join(parts)
 
-    lines = [f"      every method  {scheme}: {describe(PROTOCOL[scheme])}" for scheme in SCHEMES]
+    rows = [("every method", f"{scheme}: {describe(PROTOCOL[scheme])}") for scheme in SCHEMES]
     for name, cls in methods().items():
         for label, own in ((name, cls.finetune_protocol), *cls.alias_protocols.items()):
-            lines += [f"      {label:<13} {scheme}: {describe(values)}" for scheme, values in own.items()]
-    return "\n\n    \b\n" + "\n".join(lines)
+            rows += [(label, f"{scheme}: {describe(values)}") for scheme, values in own.items()]
+    return "\n\n    \b\n" + listing(rows)
 
 
 def command(full: bool):

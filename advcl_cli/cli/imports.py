@@ -36,7 +36,8 @@ def import_checkpoint(
     Example:
 
     \b
-      advcl import checkpoint/AdvCL_Cifar10/epoch_1000.ckpt --out advcl-cifar10.safetensors
+      advcl import checkpoint/AdvCL_Cifar10/epoch_1000.ckpt \\
+        --out advcl-cifar10.safetensors
       advcl import DynACL++.pt --from dynacl++
       advcl finetune advcl-cifar10.safetensors --scheme slf
     """

@@ -25,7 +25,8 @@ def lpaft(encoder: ModelArg = None, force: ForceOpt = False, config: ConfigOpt =
     Example, offline on digits:
 
     \b
-      enc=$(advcl pretrain -d digits --arch resnet18-tiny --method dynacl --epochs 5 --batch-size 64)
+      enc=$(advcl pretrain -d digits --arch resnet18-tiny --method dynacl \\
+        --epochs 5 --batch-size 64)
       enc2=$(advcl lpaft $enc --probe-epochs 2 --epochs 2 --batch-size 64)
       advcl finetune $enc2 --scheme slf --epochs 2 | advcl eval --attack pgd20
 

@@ -3,6 +3,7 @@
 No ``from __future__ import annotations``: Typer reads the annotations at definition time.
 """
 
+from ..report import listing
 from ..settings import PretrainSettings
 from .helpcache import cached
 from .options import ConfigOpt, ForceOpt, JsonOpt, option_spec, settings_options, spec_parameter, with_options
@@ -26,8 +27,10 @@ DOC = """Pretrain an encoder with one of the methods below; print the encoder ch
     \b
       enc=$(advcl pretrain -d cifar10 --method simclr --epochs 100)
       advcl pseudo-labels --encoder $enc -d cifar10 --out labels.safetensors
-      advcl pretrain -d cifar10 --pseudo-labels labels.safetensors --out runs/advcl
-      advcl pretrain -d cifar10 --pseudo-labels labels.safetensors --out runs/advcl --resume
+      advcl pretrain -d cifar10 --pseudo-labels labels.safetensors \\
+        --out runs/advcl
+      advcl pretrain -d cifar10 --pseudo-labels labels.safetensors \\
+        --out runs/advcl --resume
 
     DeACL, distilling a SimCLR teacher (about a twentieth of ACL's compute beyond it):
 
@@ -71,9 +74,8 @@ def method_params() -> dict:
             defaults = ", ".join(f"{n} {format_default(v, is_eps(info))}" for n, v in shown.items())
         panel = TRAINING_PANEL if field in TrainSettings.model_fields else f"Options of {', '.join(names)}"
         params.append(option_spec(field, info, panel=panel, defaults=defaults))
-    width = max(map(len, methods))
-    listing = "\n".join(f"      {name:<{width}} {cls.summary}" for name, cls in methods.items())
-    return {"specs": params, "listing": f"\n    Methods (--method):\n\n    \b\n{listing}\n"}
+    methods_listing = listing([(name, cls.summary) for name, cls in methods.items()])
+    return {"specs": params, "listing": f"\n    Methods (--method):\n\n    \b\n{methods_listing}\n"}
 
 
 def command(full: bool):

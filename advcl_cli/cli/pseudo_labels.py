@@ -38,9 +38,12 @@ def pseudo_labels(
     Example, on the offline digits data:
 
     \b
-      enc=$(advcl pretrain -d digits --arch resnet18-tiny --method simclr --epochs 5 --batch-size 64)
-      advcl pseudo-labels --encoder $enc -d digits --k 2,10,50 --out digits-labels.safetensors
-      advcl pretrain -d digits --arch resnet18-tiny --pseudo-labels digits-labels.safetensors \\
+      enc=$(advcl pretrain -d digits --arch resnet18-tiny --method simclr \\
+        --epochs 5 --batch-size 64)
+      advcl pseudo-labels --encoder $enc -d digits --k 2,10,50 \\
+        --out digits-labels.safetensors
+      advcl pretrain -d digits --arch resnet18-tiny \\
+        --pseudo-labels digits-labels.safetensors \\
         --epochs 5 --batch-size 64 --out runs/advcl-labels
 
     The authors' CIFAR-10 labels: advcl pseudo-labels import imagenet_clPretrain_pseudo_labels.pkl
@@ -85,7 +88,8 @@ def import_pickle(
     Example:
 
     \b
-      advcl pseudo-labels import imagenet_clPretrain_pseudo_labels.pkl --out cifar10-labels.safetensors
+      advcl pseudo-labels import imagenet_clPretrain_pseudo_labels.pkl \\
+        --out cifar10-labels.safetensors
       advcl pretrain -d cifar10 --pseudo-labels cifar10-labels.safetensors
     """
     from ..config import resolve

@@ -35,7 +35,8 @@ def pull(
     \b
       advcl pull advcl-r18-cifar10-slf
       advcl pull advcl-r18-cifar10-slf | advcl eval --attack pgd20 --limit 1000
-      advcl pull hf:my-lab/advcl-r18-digits@main --endpoint https://hf-mirror.example.org --json
+      advcl pull hf:my-lab/advcl-r18-digits@main \\
+        --endpoint https://hf-mirror.example.org --json
     """
     from ..config import resolve
     from ..zoo.hub import fetch

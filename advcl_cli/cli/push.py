@@ -66,10 +66,14 @@ def push(
     propose an update as a pull request:
 
     \b
-      advcl push runs/clf.safetensors --repo my-lab/advcl-r18-cifar10-slf --dry-run
-      advcl push runs/clf.safetensors --repo my-lab/advcl-r18-cifar10-slf --private --zoo-entry my-advcl-slf --manifest zoo.toml
-      ADVCL_ZOO_MANIFEST=zoo.toml advcl pull my-advcl-slf | advcl eval --attack pgd20
-      advcl push runs/clf2.safetensors --repo my-lab/advcl-r18-cifar10-slf --create-pr --license apache-2.0
+      advcl push runs/clf.safetensors --repo my-lab/advcl-r18-cifar10-slf \\
+        --dry-run
+      advcl push runs/clf.safetensors --repo my-lab/advcl-r18-cifar10-slf \\
+        --private --zoo-entry my-advcl-slf --manifest zoo.toml
+      ADVCL_ZOO_MANIFEST=zoo.toml advcl pull my-advcl-slf \\
+        | advcl eval --attack pgd20
+      advcl push runs/clf2.safetensors --repo my-lab/advcl-r18-cifar10-slf \\
+        --create-pr --license apache-2.0
     """
     from ..config import resolve
     from ..zoo.publish import push as push_checkpoint
