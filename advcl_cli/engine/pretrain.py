@@ -31,6 +31,7 @@ from ..data.batches import Batches
 from ..data.registry import num_classes_of
 from ..errors import UsageError, require_file
 from ..methods import get_method
+from ..methods.rcs import Coreset
 from ..models import create_model
 from ..pseudolabels import load_labels
 from ..device import runtime_of
@@ -171,6 +172,10 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
     # has a single image (batch norm needs two) or does not divide among the processes
     batches = Batches(data, settings.batch_size, seed=settings.seed, drop_last=settings.drop_last,
                       ranks=ctx.world_size, min_last=2, require_full=True)
+    # RCS (--coreset): 1 % held out to select on, the selection in the resume state
+    coreset = Coreset(settings, len(data)) if getattr(settings, "coreset", None) else None
+    if coreset is not None and state is not None:
+        coreset.load_state(state["extra"].get("coreset", {}))
     begin_run(run, ctx, state)  # every check passed: the folder is created (or cleared) now
     encoder = run.artifact(ENCODER_FILE)
     # the lineage: the checkpoint the method started from (DeACL's teacher), if any
@@ -190,7 +195,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
         # the state first: a crash before the encoder is written leaves a run that --resume continues
         final = done == settings.epochs
         state_of = dict(epoch=done, total_epochs=settings.epochs, config=settings.to_config(),
-                        extra={**extra, "method": method.state()})
+                        extra={**extra, "method": method.state(), **({"coreset": coreset.state()} if coreset else {})})
         run.save_state(model, optimizer, **state_of, finished=False)
         if done % settings.save_every == 0 or final:
             save_model(encoder, method.export(model), kind="encoder", method=method.checkpoint_name, dataset=data.name,
@@ -200,6 +205,11 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
         if final:  # finished only once the encoder is on disk
             run.save_state(model, optimizer, **state_of)
 
+    def start_epoch(epoch: int) -> None:
+        method.start_epoch(epoch)
+        if coreset is not None:
+            coreset.start_epoch(epoch, method, model, data, batches, ctx)
+
     schedule = method.schedule()
     if ctx.is_main and 0 < settings.epochs <= getattr(schedule, "warmup_epochs", 0) and not start:
         reporter.warn(f"--epochs {settings.epochs}: the whole run is {settings.method}'s learning-rate warm-up, so it "
@@ -208,7 +218,7 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
         model=model, optimizer=optimizer, batches=batches, schedule=schedule, name="pretrain",
         step=lambda images, labels, indices, gen: method.step(model, images, indices, gen, ctx),
         seed=settings.seed, device=device, precision=precision, ctx=ctx, reporter=reporter,
-        before_epoch=method.start_epoch, after_step=lambda: method.after_step(model), last_good=lambda: saved["note"],
+        before_epoch=start_epoch, after_step=lambda: method.after_step(model), last_good=lambda: saved["note"],
     )
     if ctx.is_main:
         what = f"resuming after epoch {start}" if start else "training"

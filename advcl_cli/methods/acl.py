@@ -42,6 +42,7 @@ from ..optim import CosineAnnealing
 from ..settings import option, with_defaults
 from .base import Method, PGDSettings, TrainSettings
 from .losses import nt_xent
+from .rcs import CoresetSettings
 
 BN_SETS = ("normal", "pgd")
 
@@ -99,7 +100,7 @@ class ACL(Method):
     }
 
     class Settings(with_defaults(TrainSettings, "ACLTraining", optimizer="lars", lr=5.0, weight_decay=1e-6,
-                                 warmup_epochs=10), PGDSettings):
+                                 warmup_epochs=10), PGDSettings, CoresetSettings):
         temperature: float = option(0.5, "NT-Xent temperature.", gt=0)
         min_lr: float = option(1e-6, "The cosine decays to this learning rate.", ge=0)
 
