@@ -269,8 +269,9 @@ class FinetuneSettings(DataSettings, SpeedSettings, NormSettings):
     section: ClassVar[str] = "finetune"
 
     dataset: str | None = option(None, "Dataset to finetune on (default: the encoder's).", short="-d")
-    scheme: Annotated[Literal["slf", "alf", "aff"], BeforeValidator(_lower)] = option(
-        "slf", "slf (frozen encoder, clean images), alf (frozen encoder, PGD-10 images) or aff (whole network, TRADES).",
+    scheme: Annotated[Literal["slf", "alf", "aff", "autolora"], BeforeValidator(_lower)] = option(
+        "slf", "slf (frozen encoder, clean images), alf (frozen encoder, PGD-10 images), aff (whole network, TRADES) "
+               "or autolora (AFF with a rank-8 LoRA branch for the clean loss, automatic loss weights and learning rate).",
         short="-s")
     out: Path | None = option(None, "Run folder (default runs/METHOD-SCHEME-DATASET-SHA8).", short="-o")
     epochs: int | None = option(None, "Epochs (default: the protocol's, see above).", ge=1)
@@ -347,7 +348,7 @@ class AttackSettings(Settings, NormSettings):
     download: bool = option(True, "Download a missing dataset.", flag=False)
 
 
-SCHEME_NAMES = ("slf", "alf", "aff")
+SCHEME_NAMES = ("slf", "alf", "aff", "autolora")
 
 
 def parse_schemes(value: Any) -> list[str]:
@@ -356,7 +357,7 @@ def parse_schemes(value: Any) -> list[str]:
     unknown = next((n for n in names if n not in SCHEME_NAMES), None)
     if unknown is not None or not names:
         start = f"unknown scheme '{unknown}'; " if unknown is not None else ""
-        raise ValueError(start + "choose from slf, alf, aff (comma-separated)")
+        raise ValueError(start + f"choose from {', '.join(SCHEME_NAMES)} (comma-separated)")
     return names
 
 
@@ -369,7 +370,8 @@ class BenchmarkSettings(DataSettings, SpeedSettings):
     limit: int | None = option(None, "Finetune on the first N training images only (smoke runs).", ge=1)
     dataset: str | None = option(None, "Dataset to finetune and evaluate on (default: each encoder's).", short="-d")
     schemes: Annotated[list[str], BeforeValidator(parse_schemes)] = option(
-        list(SCHEME_NAMES), "Finetuning schemes, comma-separated: slf, alf, aff.", short="-s", metavar="SCHEME,...")
+        ["slf", "alf", "aff"], "Finetuning schemes, comma-separated: slf, alf, aff, autolora.", short="-s",
+        metavar="SCHEME,...")
     attack: NameList = option(["autoattack"], "The attack(s) of RA (robust accuracy; the worst case over several). "
                                               "PGD-20 is always measured too.", short="-a", metavar="ATTACK")
     eps: Eps = option(8 / 255, "L-inf budget of the finetuning attacks and of RA, as 8/255 or 0.031.", metavar="EPS")

@@ -133,6 +133,17 @@ def test_a_resumed_run_keeps_the_selection(monkeypatch, tmp_path):
     assert seen2[1] == whole[1] and seen2[2] == whole[2]
 
 
+def test_a_dynacl_coreset_encoder_is_dynacl_rcs_with_its_published_numbers(tmp_path):
+    from advcl_cli.benchmark.reported import load_reported
+    from advcl_cli.engine.finetune import protocol
+
+    m = make_method(resolve(PretrainSettings, {"method": "dynacl", "coreset": 0.2}), 50_000)
+    assert m.checkpoint_name == "dynacl-rcs" and method().checkpoint_name == "acl"
+    assert protocol("dynacl-rcs", "aff", "cifar10") == protocol("dynacl", "aff", "cifar10")
+    cell, source, _ = load_reported().lookup("dynacl-rcs", "cifar10", "slf")
+    assert (cell.aa, cell.sa) == (44.29, 77.14) and "robustssl" in source.url
+
+
 def test_two_processes_select_what_one_does_and_train_on_it(tmp_path):
     """Under torchrun (2 gloo processes) rank 0 selects, broadcasts, and every rank trains on the
     selection (a rank on other images would take another number of steps and stop the job): the

@@ -35,7 +35,7 @@ class Cell(BaseModel):
     sha256: str
     method: str
     dataset: str
-    scheme: str = Field(pattern="^(slf|alf|aff)$")
+    scheme: str = Field(pattern="^(slf|alf|aff|autolora)$")
     sa: float | None = None
     ra: float | None = None
     ra_attack: str = "autoattack"

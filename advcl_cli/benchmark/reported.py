@@ -21,7 +21,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 SHIPPED = Path(__file__).with_name("reported.toml")
-SCHEMES = ("slf", "alf", "aff")
+SCHEMES = ("slf", "alf", "aff", "autolora")
 Percent = Annotated[float | None, Field(ge=0, le=100)]
 
 
@@ -38,7 +38,7 @@ class Source(BaseModel):
 # (simclr: the non-robust baseline). The one place where the two namings meet.
 REPORTED_IDS = {
     "advcl": "advcl", "acl": "acl", "dynacl": "dynacl", "dynacl++": "dynacl++", "acl-air": "acl-air",
-    "dynacl-air": "dynacl-air", "dynacl-air++": "dynacl-air++", "deacl": "deacl", "rocl": "rocl",
+    "dynacl-air": "dynacl-air", "dynacl-air++": "dynacl-air++", "deacl": "deacl", "rocl": "rocl", "dynacl-rcs": "dynacl-rcs",
 }
 
 
@@ -77,6 +77,7 @@ class Row(BaseModel):
     slf: Numbers | None = None
     alf: Numbers | None = None
     aff: Numbers | None = None
+    autolora: Numbers | None = None
 
 
 class Reported(BaseModel):
@@ -106,7 +107,7 @@ class Reported(BaseModel):
         rid = reported_id(checkpoint_method)
         return self.row(rid, dataset) if rid is not None else None
 
-    def lookup(self, method: str, dataset: str, scheme: Literal["slf", "alf", "aff"],
+    def lookup(self, method: str, dataset: str, scheme: Literal["slf", "alf", "aff", "autolora"],
                metric: str | None = None, source: str | None = None) -> tuple[Numbers, Source, Row] | None:
         """The first row for (method, dataset) with numbers for ``scheme`` (and ``metric``, when
         given; from ``source`` only, when given), with its source; None when none reports it."""

@@ -69,6 +69,8 @@ PROTOCOL: dict[str, dict[str, Any]] = {  # the RobustSSL benchmark's defaults (R
     "slf": {"epochs": 25, "batch_size": 512, "lr": 0.01, "milestones": [15, 20]},
     "alf": {"epochs": 25, "batch_size": 512, "lr": 0.01, "milestones": [15, 20]},
     "aff": {"epochs": 25, "batch_size": 128, "lr": 0.1, "milestones": [15, 20], "dual_bn": False},
+    # AutoLoRa.py --autolora: AFF's batch, 50 epochs, the rate from 0.1 set automatically, one BN set
+    "autolora": {"epochs": 50, "batch_size": 128, "lr": 0.1, "milestones": [], "dual_bn": False},
 }
 FILLED = ("epochs", "batch_size", "lr", "milestones")
 # settings that may change on --resume (they do not change what is trained)
@@ -110,7 +112,8 @@ def default_run_dir(settings, parent: Checkpoint) -> Path:
 
 class Scheme:
     """What a scheme trains and how one batch's loss is computed; ``frozen`` schemes train the
-    head only. ``steps``/``step_size``/``eps``/``beta`` come from the settings."""
+    head only. ``steps``/``step_size``/``eps``/``beta`` come from the settings. A scheme with
+    state of its own between steps (AutoLoRa) also uses the hooks below ``final``."""
 
     name = ""
     frozen = True
@@ -135,6 +138,30 @@ class Scheme:
 
     def _head_loss(self, model, x, y, precision, device):
         return head_loss(model, x, y, precision, device)
+
+    def prepare(self, model):
+        """The model to train, before the optimizer exists (AutoLoRa adds its branch)."""
+        return model
+
+    def begin(self, train, steps: int, precision, device):
+        """The learning-rate schedule of a run on ``train`` (ImageData) with ``steps`` per epoch."""
+        return MultiStep(self.s.lr, tuple(self.s.milestones))
+
+    def start_epoch(self, model, epoch: int) -> None:
+        """Before every epoch (0-based)."""
+
+    def after_step(self, model) -> None:
+        """After every optimizer step."""
+
+    def end_epoch(self, model, done: int, robust_acc) -> None:
+        """After epoch ``done`` (1-based); ``robust_acc()`` gives the validation PGD-20 accuracy."""
+
+    def state(self) -> dict:
+        """What a resumed run needs of the scheme (kept in the resume state)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Restore what ``state`` returned."""
 
 
 class SLF(Scheme):
@@ -173,6 +200,52 @@ class AFF(Scheme):
         if net.config.bn_sets == ("normal", "pgd"):
             return _keep_set(net, "pgd")
         return model
+
+
+class AutoLoRa(Scheme):
+    """AFF with a LoRA branch, automatic loss weights and learning rate (``engine.autolora``)."""
+
+    name = "autolora"
+    frozen = False
+
+    def prepare(self, model):
+        from .autolora import LoRA
+
+        model.lora = LoRA(model.backbone)
+        return model
+
+    def begin(self, train, steps, precision, device):
+        from .autolora import AutoLoRaRun
+
+        self.run, self.precision, self.device = AutoLoRaRun(self.s, train.images, train.labels, steps), precision, device
+        return self.run.schedule
+
+    def loss(self, model, x, y, gen, precision, device):
+        from .autolora import adversary, autolora_loss
+
+        with autocast(precision, device):
+            x_adv = adversary(model, x, y, self.s, gen)
+            model.train()
+            return autolora_loss(model, x, y, x_adv, self.run.l1, self.run.l2)
+
+    def start_epoch(self, model, epoch):
+        self.run.start_epoch(epoch, model, self.precision, self.device)
+
+    def after_step(self, model):
+        self.run.after_step(model, self.precision, self.device)
+
+    def end_epoch(self, model, done, robust_acc):
+        self.run.end_epoch(model, done, robust_acc())
+
+    def final(self, model):
+        net = unwrap(model)
+        return _keep_set(net, net.config.bn_sets[0])  # the backbone without its LoRA branch
+
+    def state(self):
+        return self.run.state()
+
+    def load_state(self, state):
+        self.run.load_state(state)
 
 
 def head_loss(model, x, y, precision, device, bn: str | None = None):
@@ -222,7 +295,7 @@ def _keep_set(net, bn: str):
     return single.to(next(net.parameters()).device)
 
 
-SCHEMES = {cls.name: cls for cls in (SLF, ALF, AFF)}
+SCHEMES = {cls.name: cls for cls in (SLF, ALF, AFF, AutoLoRa)}
 
 
 def build_classifier(parent: Checkpoint, data, scheme: Scheme, reporter: Reporter | None = None):
@@ -320,7 +393,10 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     train, val = train.to(device), (val.to(device) if val is not None else None)
 
     torch.manual_seed(settings.seed)
-    model = runtime.place(build_classifier(parent, full, scheme, reporter))
+    if scheme.name == "autolora" and ctx.enabled:
+        raise UsageError("--scheme autolora runs in one process (its learning rate follows rank 0's validation)",
+                         "run it without torchrun")
+    model = runtime.place(scheme.prepare(build_classifier(parent, full, scheme, reporter)))
     if scheme.frozen:
         model.backbone.requires_grad_(False)
     else:  # before the optimizer exists: with several processes it swaps the BN modules
@@ -334,6 +410,9 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     # every rank walks the same global batches and keeps its slice; with several processes the
     # last partial batch is dropped so that every rank gets an equal share
     batches = Batches(train, settings.batch_size, seed=settings.seed, drop_last=ctx.enabled)
+    schedule = scheme.begin(train, len(batches), precision, device)
+    if state is not None:
+        scheme.load_state(extra.get("scheme", {}))
     begin_run(run, ctx, state)  # every check passed: the folder is created (or cleared) now
     out_file = run.artifact(CLASSIFIER_FILE)
     eps = settings.eps
@@ -356,13 +435,19 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
             if metrics["val_pgd20_acc"] > extra.get("best_val_pgd20_acc", -1.0):
                 extra.update(best_val_pgd20_acc=metrics["val_pgd20_acc"], best_epoch=done, best_val_clean_acc=res["clean_acc"])
                 save_model(out_file, scheme.final(model), metrics=metrics, **save_args)
+        scheme.end_epoch(model, done, lambda: metrics["val_pgd20_acc"] if val is not None else evaluate(
+            scheme.final(model), train, [pgd20], [eps], device=device, seed=settings.seed,
+            channels_last=runtime.channels_last)["robust"][0]["robust_acc"])
+        if scheme.state():
+            extra["scheme"] = scheme.state()
         run.append_metrics(metrics)
         run.save_state(model, optimizer, epoch=done, total_epochs=settings.epochs, config=config, extra=extra)
 
     loop = Loop(
-        model=model, optimizer=optimizer, batches=batches, schedule=MultiStep(settings.lr, tuple(settings.milestones)),
+        model=model, optimizer=optimizer, batches=batches, schedule=schedule,
         step=step, name=f"finetune {scheme.name}", seed=settings.seed, device=device, precision=precision, ctx=ctx,
         reporter=reporter, last_good=lambda: f"the last good state is in {run.state_path}",
+        before_epoch=lambda epoch: scheme.start_epoch(model, epoch), after_step=lambda: scheme.after_step(model),
     )
     if ctx.is_main:
         what = f"resuming after epoch {start}" if start else "finetuning"
