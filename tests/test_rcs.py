@@ -103,6 +103,7 @@ def test_a_coreset_run_trains_on_every_image_in_the_warmup_then_on_the_selection
     assert sorted(seen[0]) == core.train.tolist()  # the warm-up: every image but the held-out 1 %
     assert len(selections) == 1 and len(selected) == 2 * 16  # int(int(198 x 0.2) / 16) = 2 batches
     assert sorted(seen[1]) == sorted(selected) and set(selected) <= set(core.train.tolist())
+    assert "RCS: 2 images held out to select on; a coreset of 0.2 of 198 images from epoch 2" in err
 
 
 def test_a_resumed_run_keeps_the_selection(monkeypatch, tmp_path):

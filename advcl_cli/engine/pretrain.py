@@ -227,6 +227,8 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False
             f"{plural(settings.epochs, 'epoch')} of {plural(len(batches), 'step')}, batch {settings.batch_size}, "
             f"{runtime.describe()} -> {run.path}"
         )
+        if coreset is not None:
+            reporter.log(coreset.describe(settings.epochs))
     model.train()
     loop.run(start, settings.epochs, end_epoch)
     if start == settings.epochs and ctx.is_main:  # the last epoch's state was saved, its encoder not yet

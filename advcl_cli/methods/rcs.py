@@ -205,6 +205,13 @@ class Coreset:
                              f"less than one batch of {settings.batch_size}",
                              "use a larger --coreset fraction or a smaller --batch-size")
 
+    def describe(self, epochs: int) -> str:
+        """One line for people: the split and when the coreset starts."""
+        first = next((e for e in range(epochs) if self.selects(e)), None)
+        when = f"from epoch {first + 1}, re-selected every {self.s.coreset_every}" if first is not None else "never in this run"
+        return (f"RCS: {len(self.val)} images held out to select on; a coreset of {self.s.coreset:g} of "
+                f"{len(self.train)} images {when}")
+
     def selects(self, epoch: int) -> bool:
         """Whether a selection runs before 0-based ``epoch``."""
         return epoch + 1 >= self.s.coreset_warmup and epoch % self.s.coreset_every == 0
