@@ -32,7 +32,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ValidationError
 
 from .errors import TOO_DEEP, UsageError, require_file
-from .methods import get_method, method_names, settings_model
+from .methods import method_names, methods, settings_model
 from .settings import VERBS, PretrainSettings, SettingsModel
 
 if sys.version_info >= (3, 11):
@@ -69,7 +69,7 @@ def _did_you_mean(word: str, choices, fmt: str = "'{}'") -> str | None:
 
 def method_models() -> dict[str, type[BaseModel]]:
     """Each pretraining method's own settings model."""
-    return {name: get_method(name).Settings for name in method_names()}
+    return {name: cls.Settings for name, cls in methods().items()}
 
 
 def verb_fields() -> set[str]:

@@ -42,6 +42,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     owner: bool = field(default=True, compare=False)  # this context joined the group: ``shutdown`` leaves it
+    host_group: object = field(default=None, compare=False)  # a gloo group beside NCCL, for ``agree_max``
 
     @property
     def is_main(self) -> bool:
@@ -74,7 +75,8 @@ def init_distributed(device: torch.device) -> DistContext:
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=int(os.environ.get("ADVCL_DIST_TIMEOUT", "600")))
         dist.init_process_group(backend=backend, timeout=timeout)
-    return DistContext(rank=rank, world_size=world, local_rank=local, owner=owner)
+    host = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None  # every rank makes it, in step
+    return DistContext(rank=rank, world_size=world, local_rank=local, owner=owner, host_group=host)
 
 
 def local_slice(x: torch.Tensor, ctx: DistContext, dim: int = 0) -> torch.Tensor:
@@ -246,6 +248,15 @@ def gather_shards(x: torch.Tensor, sizes: list[int], ctx: DistContext) -> torch.
     return out.bool() if flag else out
 
 
+def all_gather_rows(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Every rank's ``x`` (same shape everywhere) stacked in rank order, on every rank: (ranks, *x.shape)."""
+    if not ctx.enabled:
+        return x.unsqueeze(0)
+    parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.stack(parts)
+
+
 def sum_over_ranks(n: int, ctx: DistContext, device: torch.device) -> int:
     """``n`` summed over ranks (a count of work done, for rank 0's progress display)."""
     if not ctx.enabled:
@@ -260,6 +271,16 @@ def broadcast_from_main(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.enabled:
         dist.broadcast(x, src=0)
     return x
+
+
+def agree_max(value: int, ctx: DistContext) -> int:
+    """The largest ``value`` over the ranks, agreed on the host (through gloo, beside NCCL on
+    GPUs), so asking costs no device sync; with one process, ``value``."""
+    if not ctx.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.host_group)
+    return int(t.item())
 
 
 def barrier(ctx: DistContext) -> None:
@@ -284,6 +305,8 @@ def shutdown(ctx: DistContext) -> None:
 __all__ = [
     "DistContext",
     "GlobalBatchNorm",
+    "agree_max",
+    "all_gather_rows",
     "all_gather_with_grad",
     "barrier",
     "broadcast_from_main",

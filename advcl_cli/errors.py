@@ -64,6 +64,18 @@ class Interrupted(AdvclError):
     exit_code = 130
 
 
+class Requeued(AdvclError):
+    """Not a failure: a training run saved its state on SIGUSR1 and requeued its Slurm job
+    (``engine.stop``); the command says so and exits 0."""
+
+    exit_code = 0
+
+
+class AdvclWarning(UserWarning):
+    """A warning for people (a plug-in that fails to load): the CLI prints it as one
+    ``warning:`` line on stderr (``cli.app.main``); library users see a Python warning."""
+
+
 # why a JSON or TOML document nested thousands deep (Python's parsers recurse: RecursionError) is refused
 TOO_DEEP = "nested too deeply"
 

@@ -26,12 +26,15 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 
 
 def option(default: Any, help: str, *, short: str | None = None, metavar: str | None = None,
-           flag: bool = True, input: str | None = None, aliases: tuple[str, ...] = (), **constraints) -> Any:
+           flag: bool = True, input: str | None = None, aliases: tuple[str, ...] = (), record: bool = True,
+           **constraints) -> Any:
     """A settings field with its help text; ``short`` adds a one-letter flag (``-d``),
     ``aliases`` other flag names (``--endpoint``), ``flag=False`` keeps it out of the command
     line (TOML and environment only), ``input`` marks a path the engine reads before it starts
-    ("labels": a pseudo-label file, "checkpoint": a model file)."""
-    extra = {"short": short, "metavar": metavar, "flag": flag, "input": input, "aliases": list(aliases) or None}
+    ("labels": a pseudo-label file, "checkpoint": a model file), ``record=False`` keeps it out of
+    the configuration a run records (``to_config``: how a run starts, not what it computes)."""
+    extra = {"short": short, "metavar": metavar, "flag": flag, "input": input, "aliases": list(aliases) or None,
+             "record": None if record else False}
     return Field(default, description=help, json_schema_extra={k: v for k, v in extra.items() if v is not None},
                  **constraints)
 
@@ -141,6 +144,7 @@ Name = Annotated[str, BeforeValidator(_lower)]  # case-insensitive names (method
 Device = Annotated[Literal["auto", "cpu", "cuda"], BeforeValidator(_lower)]
 Precision = Annotated[Literal["auto", "bf16", "fp32"], BeforeValidator(_lower)]
 ChannelsLast = Annotated[Literal["auto", "on", "off"], BeforeValidator(_lower)]
+Resume = Annotated[Literal["off", "on", "auto"], BeforeValidator(_lower)]
 Norm = Annotated[Literal["linf", "l2"], BeforeValidator(lambda v: _lower(v).replace("-", "") if isinstance(v, str) else v)]
 L2_EPS = 0.5  # the L2 budget of CIFAR-sized images (RobustBench's L2 leaderboard)
 
@@ -186,7 +190,8 @@ class SettingsModel(CheckedModel):
 
     def to_config(self) -> dict[str, Any]:
         """JSON-ready resolved configuration, for checkpoint metadata."""
-        return self.model_dump(mode="json")
+        unrecorded = {k for k, f in type(self).model_fields.items() if (f.json_schema_extra or {}).get("record") is False}
+        return self.model_dump(mode="json", exclude=unrecorded)
 
 
 class Settings(SettingsModel):
@@ -213,6 +218,33 @@ class SpeedSettings(CheckedModel):
     compile: bool = option(False, "torch.compile the network (minutes to start; pays off on long GPU runs).")
 
 
+class TrackingSettings(CheckedModel):
+    """Where a training run's epoch records go besides metrics.jsonl (``advcl_cli.tracking``)."""
+
+    log: NameList = option([], "Also log every epoch and the settings to tensorboard (RUN/tensorboard), wandb "
+                               "(RUN/wandb; WANDB_MODE=offline needs no network) or both (tensorboard,wandb); each "
+                               "needs its extra: pip install 'advcl[tensorboard]' or 'advcl[wandb]'.",
+                           metavar="TRACKER,...")
+
+    @field_validator("log")
+    @classmethod
+    def _installed(cls, names: list[str]) -> list[str]:
+        from .tracking import check_available
+
+        return check_available(names)
+
+
+class RunFolderSettings(CheckedModel):
+    """How a training verb (pretrain, finetune, lpaft) starts and saves its run folder; neither
+    changes what it computes."""
+
+    resume: Resume = option("off", "Continue the run in the --out folder where it stopped (a bare --resume); auto: "
+                                   "continue it if there is one, start it if not, print its path if it finished "
+                                   "(one command line for a job that is requeued).", metavar="[auto]", record=False)
+    save_every_minutes: float | None = option(None, "Also save a mid-epoch resume state every M minutes (default: "
+                                                    "at every epoch's end, and on SIGTERM / SIGUSR1).", metavar="M", gt=0)
+
+
 class NormSettings(CheckedModel):
     """The threat model of a verb's attacks: ``norm`` linf or l2. Under l2 a budget that was not
     given is 0.5 (not 8/255), and a training attack's step size that was not given is eps/4."""
@@ -230,7 +262,15 @@ class NormSettings(CheckedModel):
         return self
 
 
-class PretrainSettings(DataSettings, SpeedSettings):
+MONITOR_HELP = ("Every N epochs (and after the last), the encoder's weighted kNN accuracy on the test split (k 200, "
+                "cosine, temperature 0.1; the training split is the bank), clean and under a 3-step L-inf feature-space "
+                "PGD at the run's eps (8/255 without one), in metrics.jsonl as knn_acc and knn_pgd_acc (0: off). "
+                "Cost per call: a forward pass per training image, 2 forward and 3 forward-backward passes per test "
+                "image (digits, resnet18-tiny, 2 busy CPU cores: 45-60 s, a third of a simclr epoch; "
+                "benchmarks/knn_monitor.py).")
+
+
+class PretrainSettings(DataSettings, SpeedSettings, TrackingSettings, RunFolderSettings):
     """What every pretraining run has; the method's own settings (``methods.base.TrainSettings``
     and its options) are added to these in one model per method (``methods.settings_model``)."""
 
@@ -242,6 +282,7 @@ class PretrainSettings(DataSettings, SpeedSettings):
                                    "with -tiny (a slim test width).")
     out: Path | None = option(None, "Run folder (default runs/METHOD-DATASET-ARCH).", short="-o")
     save_every: int = option(50, "Save the encoder every N epochs (the resume state is saved every epoch).", ge=1)
+    monitor_every: int = option(0, MONITOR_HELP, ge=0)
     drop_last: bool = option(False, "Drop each epoch's last partial batch (default: keep it, as the reference does; "
                                     "a last batch of one image, or one that does not divide among the processes, is dropped).")
     norm: Norm = option("linf", "Threat model of the training attack: every method here is defined under L-inf only "
@@ -265,7 +306,7 @@ class PseudoLabelSettings(DataSettings):
     bn_set: str | None = option(None, "The encoder's BN set to use (default its first, 'normal').")
 
 
-class FinetuneSettings(DataSettings, SpeedSettings, NormSettings):
+class FinetuneSettings(DataSettings, SpeedSettings, NormSettings, TrackingSettings, RunFolderSettings):
     section: ClassVar[str] = "finetune"
 
     dataset: str | None = option(None, "Dataset to finetune on (default: the encoder's).", short="-d")
@@ -294,7 +335,7 @@ class FinetuneSettings(DataSettings, SpeedSettings, NormSettings):
                                     "evaluation).", ge=0)
 
 
-class LpaftSettings(DataSettings, SpeedSettings):
+class LpaftSettings(DataSettings, SpeedSettings, TrackingSettings, RunFolderSettings):
     """DynACL++'s post-processing (``advcl lpaft``); the defaults are the authors' ``LPAFT.py``."""
 
     section: ClassVar[str] = "lpaft"

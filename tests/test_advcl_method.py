@@ -9,7 +9,8 @@ from advcl_cli.config import resolve
 from advcl_cli.engine.pretrain import make_method
 from advcl_cli.errors import UsageError
 from advcl_cli.methods import get_method
-from advcl_cli.methods.advcl import AdvCL, AttackConfig, attack, random_start
+from advcl_cli.attacks.pgd import uniform_noise
+from advcl_cli.methods.advcl import AdvCL, attack
 from advcl_cli.methods.simclr import SimCLR
 from advcl_cli.methods.losses import pseudo_label_ce, supcon_loss
 from advcl_cli.models import create_model
@@ -79,7 +80,7 @@ def test_the_attack_raises_each_loss_above_a_random_perturbation_of_its_size(bat
     with torch.no_grad():
         clean = [model.project(model.features(v, "normal")) for v in (x1, x2, x_hfc)]
     targets = method.targets(torch.arange(B))
-    x_cl, x_ce = attack(model, x_org, clean, targets, g, method.cfg)
+    x_cl, x_ce = attack(model, x_org, clean, targets, g, method.settings)
     signs = torch.randn(x_org.shape, generator=torch.Generator().manual_seed(11)).sign()
     x_rand = (x_org + EPS * signs).clamp(0, 1)
     for x in (x_cl, x_ce):
@@ -143,7 +144,7 @@ def test_every_view_goes_through_its_bn_set(batch, labels_file, monkeypatch):
     expected = {"x1": "normal", "x2": "normal", "x_hfc": "normal", "x_cl": "pgd", "x_ce": "pgd_ce"}
     assert {v: bn for v, bn in seen} == expected and len(set(seen)) == 5, seen
     assert all(c["layers"] == {c["bn"]} and c["n"] == 20 for c in calls)  # every BN layer of resnet18
-    steps = method.cfg.steps
+    steps = method.settings.pgd_steps
     assert [v for v, _ in seen].count("x_cl") == [v for v, _ in seen].count("x_ce") == steps + 1
     assert all([v for v, _ in seen].count(name) == 1 for name in ("x1", "x2", "x_hfc"))
 
@@ -159,7 +160,7 @@ def test_each_adversarial_view_ignores_the_other_term(batch, labels_file):
     targets_a = method.targets(torch.arange(B))
     targets_b = [(t + 1) % k for t, k in zip(targets_a, KS)]
 
-    def run(clean, targets, cfg=method.cfg):
+    def run(clean, targets, cfg=method.settings):
         g.set_state(state)
         return attack(model, x_org, clean, targets, g, cfg)
 
@@ -167,7 +168,7 @@ def test_each_adversarial_view_ignores_the_other_term(batch, labels_file):
     other_labels_cl, other_labels_ce = run(clean_a, targets_b)
     assert torch.equal(base_cl, other_labels_cl)  # x_cl does not see the pseudo-label term
     assert not torch.equal(base_ce, other_labels_ce)
-    no_ce_cl, _ = run(clean_a, targets_a, AttackConfig(ce_weight=0.0))
+    no_ce_cl, _ = run(clean_a, targets_a, method.settings.model_copy(update={"ce_weight": 0.0}))
     assert torch.equal(base_cl, no_ce_cl)
     other_clean_cl, other_clean_ce = run(clean_b, targets_a)
     assert torch.equal(base_ce, other_clean_ce)  # x_ce does not see the contrastive term
@@ -186,7 +187,7 @@ def test_each_adversarial_view_ignores_the_other_term(batch, labels_file):
 def test_attack_without_steps_is_the_random_start(batch):
     method, model = make(pgd_steps=0)
     _, _, x_org, _ = method.views(batch, gen())
-    x_cl, x_ce = attack(model, x_org, [torch.zeros(B, 128)] * 3, None, gen(1), method.cfg)
+    x_cl, x_ce = attack(model, x_org, [torch.zeros(B, 128)] * 3, None, gen(1), method.settings)
     assert x_ce is None
     delta = (x_cl - x_org).double() / EPS  # U(-1, 1): not clamped to [0, 1] at the start
     assert float(delta.abs().max()) <= 1 + 1e-5 and float(delta.min()) < -0.99 and float(delta.max()) > 0.99
@@ -195,7 +196,7 @@ def test_attack_without_steps_is_the_random_start(batch):
     # the step draws both starts after the views, in the views' dtype
     g = gen(2)
     views = method.views(batch, g)
-    noise = random_start(views[2], g)
+    noise = uniform_noise(views[2], g, count=2)
     assert noise.shape == (2, *x_org.shape) and not torch.equal(noise[0], noise[1])
 
 

@@ -51,7 +51,7 @@ def run(tmp_path_factory):
 
     net = copy.deepcopy(start)  # the attack alone, for its outputs
     clean = [net.project(net.features(v, "normal")) for v in (x1, x2, views[3])]
-    x_cl, x_ce = attack(net, x_org, clean, method.targets(indices), None, method.cfg, noise=uniform)
+    x_cl, x_ce = attack(net, x_org, clean, method.targets(indices), None, method.settings, noise=uniform)
     return dict(method=method, views=views, uniform=uniform, targets=targets, indices=indices, start=start,
                 ours=ours, theirs=theirs, loss=loss, terms=terms, ref=ref, x_cl=x_cl, x_ce=x_ce)
 
@@ -101,6 +101,6 @@ def test_attack_objective_equals_the_reference(run):
     x_cl, x_ce = x_org + uniform[0] * method.eps, x_org + uniform[1] * method.eps
     net = copy.deepcopy(run["start"])
     clean = [net.project(net.features(v, "normal")) for v in (x1, x2, x_hfc)]
-    ours = attack_objective(net, x_cl, x_ce, clean, method.targets(run["indices"]), method.cfg)
+    ours = attack_objective(net, x_cl, x_ce, clean, method.targets(run["indices"]), method.settings)
     theirs = ReferenceAttack(copy.deepcopy(run["start"])).objective(x1, x2, high_frequency(x_org, 8), x_cl, x_ce, targets)
     assert abs(ours.item() - theirs.item()) < TOL, (ours.item(), theirs.item())

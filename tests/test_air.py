@@ -22,7 +22,8 @@ from advcl_cli.distributed import DistContext
 from advcl_cli.engine.finetune import PROTOCOL, protocol
 from advcl_cli.engine.pretrain import make_method
 from advcl_cli.methods import get_method, method_for
-from advcl_cli.methods.acl import ACL, random_start
+from advcl_cli.attacks.pgd import uniform_noise
+from advcl_cli.methods.acl import ACL
 from advcl_cli.methods.air import AIR
 from advcl_cli.methods.losses import adversarial_invariance, standard_invariance
 from advcl_cli.models import IMAGENET_MEAN, IMAGENET_STD, create_model
@@ -196,7 +197,7 @@ def test_the_step_feeds_the_views_and_the_image(run):
     loss, terms = method.step(model, batch, torch.arange(B), torch.Generator().manual_seed(4))
     g = torch.Generator().manual_seed(4)
     x1, x2, _ = method.views(batch, g, torch.float64)
-    noise = random_start(x1, g)
+    noise = uniform_noise(x1, g, count=2)
     theirs = copy.deepcopy(run["start"])
     ref = reference_step(as_model(theirs), theirs, x1, x2, batch.double() / 255, EPS * noise[0], EPS * noise[1])
     assert abs(float(loss.detach()) - float(ref["loss"].detach())) < TOL

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from advcl_cli.attacks import get_attack
-from advcl_cli.attacks.pgd import cw_loss, fgsm, iterative_attack, pgd, project, trades_adversary, trades_kl
+from advcl_cli.attacks.pgd import (cw_loss, fgsm, iterative_attack, pgd, pgd_ascent, project, trades_adversary, trades_kl,
+                                   uniform_noise)
 from advcl_cli.data.augment import to_float
 from advcl_cli.data.registry import load_dataset
 from advcl_cli.errors import UsageError
@@ -176,6 +177,52 @@ def test_iterative_attack_starts_where_told():
     start = x + 0.5  # outside the ball: projected back even with no steps
     out = iterative_attack(model, x, torch.tensor([0, 1]), 0.1, 0, 0.01, start=start)
     assert torch.equal(out, torch.full_like(x, 0.6))
+
+
+def test_pgd_ascent_moves_each_input_by_its_own_gradient_inside_its_own_ball():
+    """Two inputs ascend one objective whose gradients are known (w1 . a + w2 . b^2 / 2): each
+    step is the sign of each input's own gradient, each projection is onto its own origin's
+    ball and [0, 1], the start is taken as given; written out in float64 here."""
+    gen = torch.Generator().manual_seed(0)
+    o1, o2 = torch.rand(2, 3, 4, 4, generator=gen, dtype=torch.float64), torch.rand(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    w1 = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    s1, s2 = o1 + 0.3 * (torch.rand(o1.shape, generator=gen, dtype=torch.float64) - 0.5), o2 - 0.05
+    eps, step = 0.1, 0.04
+    ours = pgd_ascent(lambda a, b: (w1 * a).sum() + (b * b).sum() / 2, (s1, s2), (o1, o2), eps, 4, step)
+    a, b = s1.clone(), s2.clone()
+    for _ in range(4):
+        a = torch.clamp(torch.clamp(a + step * w1.sign(), o1 - eps, o1 + eps), 0, 1)
+        b = torch.clamp(torch.clamp(b + step * b.sign(), o2 - eps, o2 + eps), 0, 1)
+    assert torch.equal(ours[0], a) and torch.equal(ours[1], b)
+    assert not any(t.requires_grad for t in ours)
+    (unmoved,) = pgd_ascent(lambda a: a.sum(), (s1,), (o1,), eps, 0, step)
+    assert torch.equal(unmoved, s1)  # no steps: the start, not projected
+
+
+def test_pgd_ascent_l2_steps_along_the_normalised_gradient_and_rescales():
+    gen = torch.Generator().manual_seed(1)
+    o = torch.rand(3, 3, 4, 4, generator=gen, dtype=torch.float64) * 0.5 + 0.25
+    w = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+    eps, step = 0.5, 0.15
+    unit = w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    for steps in (3, 5):  # inside the ball (0.45), then rescaled onto its sphere
+        (ours,) = pgd_ascent(lambda a: (w * a).sum(), (o,), (o,), eps, steps, step, norm="l2")
+        a = o.clone()
+        for _ in range(steps):
+            d = a + step * unit - o
+            a = (o + d * (eps / d.flatten(1).norm(dim=1)).clamp(max=1).view(-1, 1, 1, 1)).clamp(0, 1)
+        torch.testing.assert_close(ours, a, rtol=0, atol=1e-12)
+        assert float((ours - o).flatten(1).norm(dim=1).max()) <= eps + 1e-9
+
+
+def test_uniform_noise_is_drawn_in_float32_whatever_the_dtype():
+    like = torch.zeros(4, 3, 8, 8, dtype=torch.float64)
+    ours = uniform_noise(like, torch.Generator().manual_seed(5), count=2)
+    assert ours.shape == (2, 4, 3, 8, 8) and ours.dtype == torch.float64
+    assert torch.equal(ours, (torch.rand(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1).double())
+    l2 = uniform_noise(like, torch.Generator().manual_seed(5), count=2, norm="l2")
+    norms = l2.flatten(2).norm(dim=2)  # one radius per image of each input, in [0, 1]
+    assert float(norms.max()) <= 1 + 1e-6 and len(set(norms.flatten().tolist())) == 8
 
 
 def test_strength_order_on_a_trained_model(trained):

@@ -132,7 +132,7 @@ def test_one_step_equals_the_reference_in_float64(teacher, batch, case):
 
     with torch.no_grad():
         target = method.teacher.features(x)
-    x_adv = attack(model, x, target, noise, method.cfg)
+    x_adv = attack(model, x, target, noise, method.settings)
     loss, terms = method.loss(model, x, noise)
     ref_loss, ref_adv, ref_cos_teacher, ref_cos_adv = ref.training_step(x, EPS * noise)
     assert torch.equal(x_adv, ref_adv)
@@ -180,7 +180,7 @@ def test_the_attack_stays_in_the_ball_and_moves_the_student_away_from_the_teache
     x, noise = method.views(batch, gen())
     with torch.no_grad():
         target = method.teacher.features(x)
-    x_adv = attack(model, x, target, noise, method.cfg)
+    x_adv = attack(model, x, target, noise, method.settings)
     assert model.training  # the attack ran in eval mode and gave the mode back
     assert float((x_adv - x).abs().max()) <= EPS + 1e-6 and 0 <= float(x_adv.min()) and float(x_adv.max()) <= 1
     model.eval()

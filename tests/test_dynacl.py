@@ -20,7 +20,7 @@ from advcl_cli.engine.finetune import protocol
 from advcl_cli.engine.pretrain import make_method, pretrain
 from advcl_cli.report import Reporter
 from advcl_cli.methods import get_method, method_for
-from advcl_cli.methods.acl import random_start
+from advcl_cli.attacks.pgd import uniform_noise
 from advcl_cli.methods.dynacl import DynACL, ema_update
 from advcl_cli.models import IMAGENET_MEAN, IMAGENET_STD
 from advcl_cli.settings import PretrainSettings
@@ -64,7 +64,7 @@ def one_step(momentum_encoder: bool) -> dict:
     method.start_epoch(EPOCH)
     gen = torch.Generator().manual_seed(1)
     x1, x2 = method.views(images(), gen, torch.float64)
-    noise = random_start(x1, gen)
+    noise = uniform_noise(x1, gen, count=2)
 
     attacked = copy.deepcopy(start)  # the attack alone, for its outputs (it changes no weight or statistic)
     a1, a2 = method.attack(attacked, x1, x2, noise, DistContext())

@@ -21,8 +21,10 @@ from pathlib import Path
 from advcl_cli.cli.app import HELP, build_app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-# what an offline machine lacks: datasets that download, the Hub, the authors' files, GPUs
-NEEDS = re.compile(r"cifar|stl10|\.pkl\b|\.pt\b|\.ckpt\b|hf:|\badvcl (pull|push)\b|/data/|my-lab/|--zoo-entry|advcl-r18-|-m advcl_cli")
+# what an offline machine lacks: datasets that download, the Hub, the authors' files, GPUs; the
+# README's plug-in method, which test_plugins installs and trains
+NEEDS = re.compile(r"cifar|stl10|\.pkl\b|\.pt\b|\.ckpt\b|hf:|\badvcl (pull|push)\b|/data/|my-lab/|--zoo-entry|advcl-r18-|-m advcl_cli"
+                   r"|--method advpair")
 SKIP = re.compile(r"^(python3? |\. |pip |pytest|\.ci/|duplicates|torchrun|srun|from |f = )")  # not advcl commands
 # every verb that reads images: the first 128 of them (one batch of the demo's 128), at 16x16; attacks of one step
 # a command line, not a listing such as `advcl pretrain --help`'s methods

@@ -60,6 +60,13 @@ def test_selections_follow_the_authors_schedule_and_the_split_holds_out_one_perc
     late = rcs.Coreset(s.model_copy(update={"coreset_warmup": 21}), 50_000)
     assert [e for e in range(50) if late.selects(e)] == [20, 40]  # 1-based 21: (21 - 1) % 20 == 0
     assert (len(core.train), len(core.val)) == (49_500, 500) and not set(core.train.tolist()) & set(core.val.tolist())
+    calls, used = [], []
+    core._select = lambda *args: calls.append(1) or torch.arange(4)
+    batches = type("B", (), {"use": lambda self, p: used.append(p)})()
+    core.selected, core.selected_at = torch.arange(8), 100  # a state saved mid-epoch 101, after its selection
+    core.start_epoch(100, None, None, None, batches, None)
+    core.start_epoch(120, None, None, None, batches, None)
+    assert len(calls) == 1 and len(used[0]) == 8 and len(used[1]) == 4  # epoch 101 keeps the state's selection
     with pytest.raises(Exception, match="less than one batch"):
         rcs.Coreset(s.model_copy(update={"coreset": 0.01}), 50_000)
 

@@ -9,6 +9,9 @@ random start is a uniformly random direction at a radius drawn uniformly from [0
 (``torch.autograd.grad``), so no parameter gradients are computed or left behind. The caller
 puts the model in eval mode (``engine.evaluate`` does); these functions do not change its mode.
 
+``pgd_ascent`` is the one PGD loop of advcl (these attacks and every pretraining method's
+attack, over any number of inputs at once) and ``uniform_noise`` its one random start.
+
 Facts matched from the AdvCL evaluation code (``AttackPGD`` in ``finetuning_advCL_SLF.py``):
 PGD starts from ``x + U(-eps, eps)`` (not clamped at the start), ascends the summed
 cross-entropy with signed steps, and after every step projects onto the eps-ball and clamps to
@@ -52,18 +55,38 @@ def _direction(grad: Tensor, norm: str) -> Tensor:
     return grad.sign()
 
 
-def _input_grad(loss: Tensor, x_adv: Tensor) -> Tensor:
-    (grad,) = torch.autograd.grad(loss, [x_adv])
-    return grad
-
-
-def _uniform_start(x: Tensor, eps: float, gen: torch.Generator | None, norm: str = "linf") -> Tensor:
+def uniform_noise(like: Tensor, gen: torch.Generator | None, *, count: int | None = None, norm: str = "linf") -> Tensor:
+    """The one random start of every PGD in advcl, as a point of the unit ``norm`` ball per image
+    (the start is ``x + eps * noise``): L-inf ``U(-1, 1)``; L2 a uniformly random direction at a
+    radius drawn uniformly from [0, 1]. Shaped like ``like`` ((B, C, H, W)), or ``(count, *like.shape)``
+    for ``count`` inputs drawn at once (the views of one image); drawn in float32 whatever
+    ``like``'s dtype (the random stream does not depend on the precision), then cast to it."""
+    shape = like.shape if count is None else (count, *like.shape)
     if norm == "l2":
-        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=gen, device=x.device, dtype=x.dtype)
-        return x + noise / _l2(noise).clamp_min(1e-12) * radius * eps
-    noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-    return x + (2 * noise - 1) * eps
+        images = (-1, *like.shape[1:])  # per-image norms of (count, B, ...) too
+        noise = torch.randn(shape, generator=gen, device=like.device).reshape(images)
+        radius = torch.rand((noise.shape[0],) + (1,) * (noise.dim() - 1), generator=gen, device=like.device)
+        return (noise / _l2(noise).clamp_min(1e-12) * radius).reshape(shape).to(like.dtype)
+    return (torch.rand(shape, generator=gen, device=like.device) * 2 - 1).to(like.dtype)
+
+
+def pgd_ascent(objective, starts: tuple[Tensor, ...], origins: tuple[Tensor, ...], eps: float, steps: int,
+               step_size: float, norm: str = "linf") -> tuple[Tensor, ...]:
+    """The one PGD loop: ``steps`` steepest-ascent steps of ``objective(*inputs)`` (a scalar) over
+    any number of inputs at once, from ``starts``, each step moving every input ``step_size``
+    along the sign of its gradient (L-inf) or its per-image L2-normalised gradient (L2), then
+    projecting it onto the ``norm`` eps-ball around its origin and into [0, 1]. The starts are
+    taken as given (not projected). Gradients are taken with respect to the inputs only
+    (``torch.autograd.grad``), so no parameter gradient is left behind and no graph outlives a
+    step. Returns the detached adversarial inputs, in the order of ``starts``."""
+    advs = tuple(starts)
+    for _ in range(steps):
+        advs = tuple(a.detach().requires_grad_(True) for a in advs)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(objective(*advs), advs)
+        advs = tuple(project(a.detach() + step_size * _direction(g, norm), o, eps, norm)
+                     for a, g, o in zip(advs, grads, origins))
+    return tuple(a.detach() for a in advs)
 
 
 def ce_loss(logits: Tensor, y: Tensor) -> Tensor:
@@ -105,19 +128,11 @@ def iterative_attack(
     ``y`` is whatever ``loss_fn`` compares with (labels, or TRADES' clean softmax). The ascent
     starts at ``start`` when given, else at a uniform random point of the ball (L-inf:
     ``x + U(-eps, eps)``) or (``random_start=False``) ``x``."""
-    x = x.detach()
-    y = y.detach()
-    if start is not None:
-        x_adv = start.detach()
-    else:
-        x_adv = _uniform_start(x, eps, gen, norm) if random_start else x.clone()
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        with torch.enable_grad():
-            loss = loss_fn(model(x_adv), y)
-        grad = _input_grad(loss, x_adv)
-        x_adv = project(x_adv.detach() + step_size * _direction(grad, norm), x, eps, norm)
-    return project(x_adv.detach(), x, eps, norm)
+    x, y = x.detach(), y.detach()
+    if start is None:
+        start = x + eps * uniform_noise(x, gen, norm=norm) if random_start else x
+    (x_adv,) = pgd_ascent(lambda a: loss_fn(model(a), y), (start,), (x,), eps, steps, step_size, norm)
+    return project(x_adv, x, eps, norm)
 
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 1, step_size: float | None = None,

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
+import warnings
 from typing import Annotated, Optional
 
 import typer
 
 from ..version import __version__
-from ..errors import AdvclError, os_error
+from ..errors import AdvclError, AdvclWarning, os_error
 from . import attack, benchmark, evaluate, finetune, imports, lpaft, pretrain, pseudo_labels, pull, push, zoo
 from .options import documented
 from .output import Output
+from .training import bare_resume
 
 # Typer may vendor click; take its exception classes from Typer itself.
 ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -83,11 +86,33 @@ def _reflow_help(app: typer.Typer) -> None:
         _reflow_help(group.typer_instance)
 
 
+@contextlib.contextmanager
+def _show_warnings(out: Output):
+    """Inside: advcl's own warnings (``AdvclWarning``) as one ``warning:`` line on stderr;
+    others as Python shows them."""
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, AdvclWarning):
+                out.warn(str(message))
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = showwarning
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every error ends here as one or two lines on stderr and an exit code."""
-    debug = os.environ.get("ADVCL_DEBUG") == "1"
     out = Output()
-    args = sys.argv[1:] if argv is None else list(argv)
+    args = bare_resume(sys.argv[1:] if argv is None else list(argv))
+    with _show_warnings(out):
+        code = _run(args, out, os.environ.get("ADVCL_DEBUG") == "1")
+    return _exit(code, argv)
+
+
+def _run(args: list[str], out: Output, debug: bool) -> int:
     verb = next((a for a in args if not a.startswith("-")), None)
     try:
         rv = build_app(verb)(args=args, prog_name="advcl", standalone_mode=False)
@@ -107,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except ClickException as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # a bare group: show its help
             out.log(e.format_message())
-            return _exit(2, argv)
+            return 2
         cmd = e.ctx.command_path if getattr(e, "ctx", None) else "advcl"
         out.error(e.format_message(), f"see `{cmd} --help`")
         code = e.exit_code
@@ -122,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, OSError) and e.filename:  # the disk, not a bug: the path and the cause
             err = os_error(e, e.filename, "use")
             out.error(err.message, err.hint)
-            return _exit(err.exit_code, argv)
+            return err.exit_code
         out.error(f"internal error: {type(e).__name__}: {e}", "rerun with ADVCL_DEBUG=1 for the traceback and report it")
         code = 1
-    return _exit(code, argv)
+    return code
 
 
 def _exit(code: int, argv: list[str] | None) -> int:

@@ -84,13 +84,8 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
     """
     from ..attacks import get_attack
     from ..checkpoint import load_checkpoint
-    from ..device import runtime_of
-    from ..distributed import init_distributed, shutdown
-    from ..engine.evaluate import evaluate as run_evaluate
     from ..config import resolve
-    from ..engine.evaluate import encode_flags, load_test_data
-    from ..report import Reporter
-    from ..errors import AdvclError, UsageError
+    from ..engine.evaluate import evaluate_checkpoint
 
     out = Output(json_output)
     settings = resolve(EvalSettings, options, config_file=config, warn=out.warn)
@@ -98,38 +93,39 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
     if per_image and not json_output:
         out.warn("--per-image adds the flags to the --json document; without --json it changes nothing")
     if plot is not None:
-        from ..plots import require_matplotlib
-
-        require_matplotlib()
-        if not attacks:
-            raise UsageError("--plot draws robust accuracy, so it needs at least one --attack", "add e.g. --attack pgd20")
+        _check_plot(attacks)
     path = model_path(model)
     check_output(plot, force, "--plot", {"the model being evaluated": path}, suffix=".png")
     ckpt = load_checkpoint(path, kind="classifier")
-    runtime = runtime_of(settings)
-    dev = runtime.device
-    ctx = init_distributed(dev)  # under torchrun every rank evaluates its share of the images
-    try:
-        data = load_test_data(
-            ckpt, settings.dataset, limit=settings.limit, image_size=settings.image_size,
-            data_dir=settings.data_dir, download=settings.download, ctx=ctx, warn=out.warn if ctx.is_main else None,
-        )
-        if ctx.is_main:
-            for a in attacks:
-                out.log(f"{a.name}: {a.description}")
-        reporter = out.reporter() if ctx.is_main else Reporter()
-        try:
-            result = run_evaluate(
-                ckpt.build(dev), data, attacks, settings.eps, batch_size=settings.batch_size, device=dev,
-                reporter=reporter, seed=settings.seed, precision=runtime.precision, ctx=ctx,
-                channels_last=runtime.channels_last, compile=runtime.compile, pgd_check=settings.pgd_check,
-            )
-        finally:
-            reporter.finish()
-    finally:
-        shutdown(ctx)
-    if not ctx.is_main:  # rank 0 prints
+    done = evaluate_checkpoint(ckpt, settings, attacks, out.reporter())
+    if not done.is_main:  # rank 0 prints
         return
+    data, result = done.data, done.result
+    doc = _document(path, ckpt, settings, data, result, per_image)
+    chance = 1 / data.num_classes
+    if result["clean_acc"] <= chance + 0.05:
+        out.log(f"note: the clean accuracy {result['clean_acc']:.1%} is near or below chance ({chance:.1%} for "
+                f"{data.num_classes} classes): the model has not learned much yet (a short run?), so its robust "
+                "accuracy says little")
+    out.table(_rows(result), title=f"{path.name} on {data.name} test, {result['n']} images", doc=doc)
+    if plot is not None:  # after the numbers: a failed write loses nothing
+        _plot(result, plot, path, data, out)
+
+
+def _check_plot(attacks) -> None:
+    """--plot needs matplotlib and an attack, checked before anything is evaluated."""
+    from ..errors import UsageError
+    from ..plots import require_matplotlib
+
+    require_matplotlib()
+    if not attacks:
+        raise UsageError("--plot draws robust accuracy, so it needs at least one --attack", "add e.g. --attack pgd20")
+
+
+def _document(path, ckpt, settings, data, result: dict, per_image: bool) -> dict:
+    """The --json document."""
+    from ..engine.evaluate import encode_flags
+
     doc = {
         "model": str(path),
         "sha256": ckpt.sha256,
@@ -141,17 +137,16 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
         "norm": settings.norm,
         "eps": list(settings.eps),
         "seed": settings.seed,
-        "clean_acc": result["clean_acc"],
-        "nonfinite_logits": result["nonfinite_logits"],
-        "robust": result["robust"],
-        "worst_case": result["worst_case"],
-        "flags": result["flags"],
-        "pgd_check": result["pgd_check"],
-        "attacks": result["attacks"],
-        "runtime": result["runtime"],
+        **{k: result[k] for k in ("clean_acc", "nonfinite_logits", "robust", "worst_case", "flags", "pgd_check",
+                                  "attacks", "runtime")},
     }
     if per_image:
         doc["per_image"] = {k: encode_flags(v) for k, v in result["per_image"].items()}
+    return doc
+
+
+def _rows(result: dict) -> list[dict]:
+    """The table: clean, each attack and eps, the worst case over the attacks."""
     rows = [{"attack": "clean", "eps": "-", "accuracy %": f"{100 * result['clean_acc']:.2f}", "seconds": "", "images/s": ""}]
     for r in result["robust"]:
         rows.append({
@@ -161,21 +156,19 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
     for r in result["worst_case"]:
         rows.append({"attack": "worst case", "eps": r["eps_label"], "accuracy %": f"{100 * r['robust_acc']:.2f}",
                      "seconds": "", "images/s": ""})
-    chance = 1 / data.num_classes
-    if result["clean_acc"] <= chance + 0.05:
-        out.log(f"note: the clean accuracy {result['clean_acc']:.1%} is near or below chance ({chance:.1%} for "
-                f"{data.num_classes} classes): the model has not learned much yet (a short run?), so its robust "
-                "accuracy says little")
-    out.table(rows, title=f"{path.name} on {data.name} test, {result['n']} images", doc=doc)
-    if plot is not None:  # after the numbers: a failed write loses nothing
-        from ..plots import robustness_curve
+    return rows
 
-        try:
-            robustness_curve({path.name: result}, plot, title=f"{path.name} on {data.name} (n={result['n']})")
-        except AdvclError as e:
-            e.message += "; the results above are complete"
-            raise
-        out.log(f"wrote {plot}")
+
+def _plot(result: dict, plot: Path, path: Path, data, out: Output) -> None:
+    from ..errors import AdvclError
+    from ..plots import robustness_curve
+
+    try:
+        robustness_curve({path.name: result}, plot, title=f"{path.name} on {data.name} (n={result['n']})")
+    except AdvclError as e:
+        e.message += "; the results above are complete"
+        raise
+    out.log(f"wrote {plot}")
 
 
 with_options(evaluate, settings_options(EvalSettings))

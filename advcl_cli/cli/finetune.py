@@ -5,7 +5,7 @@ No ``from __future__ import annotations``: Typer reads the annotations at defini
 
 from ..settings import FinetuneSettings
 from .helpcache import cached
-from .options import ConfigOpt, ForceOpt, JsonOpt, ModelArg, ResumeOpt, model_path, settings_options, with_options
+from .options import ConfigOpt, ForceOpt, JsonOpt, ModelArg, model_path, settings_options, with_options
 
 PROTOCOL_NOTE = (
     "Epochs, batch size, lr and milestones default to the RobustSSL protocol for the encoder's method "
@@ -13,7 +13,7 @@ PROTOCOL_NOTE = (
 )
 
 
-def finetune(checkpoint: ModelArg = None, resume: ResumeOpt = False, force: ForceOpt = False, config: ConfigOpt = None,
+def finetune(checkpoint: ModelArg = None, force: ForceOpt = False, config: ConfigOpt = None,
              json_output: JsonOpt = False, **options) -> None:
     """Finetune a pretrained encoder into a classifier; print the classifier's path.
 
@@ -43,10 +43,10 @@ def finetune(checkpoint: ModelArg = None, resume: ResumeOpt = False, force: Forc
     from .training import resolve_run_settings, resume_command, run_and_print
 
     parent = load_checkpoint(model_path(checkpoint))
-    settings = resolve_run_settings(FinetuneSettings, config, options, resume=resume,
+    settings = resolve_run_settings(FinetuneSettings, config, options,
                                     run_dir=lambda probe: default_run_dir(probe, parent), may_change=RESUME_MAY_CHANGE)
     run_dir = settings.out or default_run_dir(settings, parent)
-    run_and_print(run_finetune, settings, parent, json_output=json_output, resume=resume, force=force, summary=_summary,
+    run_and_print(run_finetune, settings, parent, json_output=json_output, force=force, summary=_summary,
                   run_dir=run_dir, command=resume_command("finetune", run_dir, parent.path))
 
 
@@ -56,7 +56,7 @@ DOC = finetune.__doc__
 def protocol_help() -> str:
     """The protocol's defaults and each method's own, for the help text (imports the methods)."""
     from ..engine.finetune import PROTOCOL, SCHEMES
-    from ..methods import get_method, method_names
+    from ..methods import methods
 
     def one(key: str, value) -> str:
         if key == "milestones":
@@ -78,8 +78,7 @@ def protocol_help() -> str:
         return ", ".join(parts)
 
     lines = [f"      every method  {scheme}: {describe(PROTOCOL[scheme])}" for scheme in SCHEMES]
-    for name in method_names():
-        cls = get_method(name)
+    for name, cls in methods().items():
         for label, own in ((name, cls.finetune_protocol), *cls.alias_protocols.items()):
             lines += [f"      {label:<13} {scheme}: {describe(values)}" for scheme, values in own.items()]
     return "\n\n    \b\n" + "\n".join(lines)

@@ -5,10 +5,10 @@ No ``from __future__ import annotations``: Typer reads the annotations at defini
 """
 
 from ..settings import LpaftSettings
-from .options import ConfigOpt, ForceOpt, JsonOpt, ModelArg, ResumeOpt, model_path, settings_options, with_options
+from .options import ConfigOpt, ForceOpt, JsonOpt, ModelArg, model_path, settings_options, with_options
 
 
-def lpaft(encoder: ModelArg = None, resume: ResumeOpt = False, force: ForceOpt = False, config: ConfigOpt = None,
+def lpaft(encoder: ModelArg = None, force: ForceOpt = False, config: ConfigOpt = None,
           json_output: JsonOpt = False, **options) -> None:
     """DynACL++: post-process a pretrained encoder on pseudo labels; print the new encoder's path.
 
@@ -41,10 +41,10 @@ def lpaft(encoder: ModelArg = None, resume: ResumeOpt = False, force: ForceOpt =
     from .training import resolve_run_settings, resume_command, run_and_print
 
     parent = load_checkpoint(model_path(encoder))
-    settings = resolve_run_settings(LpaftSettings, config, options, resume=resume,
+    settings = resolve_run_settings(LpaftSettings, config, options,
                                     run_dir=lambda probe: default_run_dir(probe, parent), may_change=RESUME_MAY_CHANGE)
     run_dir = settings.out or default_run_dir(settings, parent)
-    run_and_print(run_lpaft, settings, parent, json_output=json_output, resume=resume, force=force,
+    run_and_print(run_lpaft, settings, parent, json_output=json_output, force=force,
                   run_dir=run_dir, command=resume_command("lpaft", run_dir, parent.path))
 
 

@@ -35,7 +35,6 @@ ModelArg = Annotated[
         help="Checkpoint path, zoo name, or '-' / omitted to read a path from stdin.", show_default=False
     ),
 ]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in the --out folder from its last saved epoch.", metavar="")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite a run already in the --out folder.", metavar="")]
 
 

@@ -5,7 +5,7 @@ No ``from __future__ import annotations``: Typer reads the annotations at defini
 
 from ..settings import PretrainSettings
 from .helpcache import cached
-from .options import ConfigOpt, ForceOpt, JsonOpt, ResumeOpt, option_spec, settings_options, spec_parameter, with_options
+from .options import ConfigOpt, ForceOpt, JsonOpt, option_spec, settings_options, spec_parameter, with_options
 
 DOC = """Pretrain an encoder with one of the methods below; print the encoder checkpoint's path.
 
@@ -48,10 +48,12 @@ def method_params() -> dict:
     """Options of every method (``option_spec``s): the shared training fields once, the others
     in one panel per group of methods that share them; and the methods' list for the help text.
     Plain data, which the help cache keeps."""
-    from ..methods import get_method, method_names
+    from ..methods import check_options
+    from ..methods import methods as loaded
     from ..methods.base import TrainSettings
 
-    methods = {name: get_method(name) for name in method_names()}
+    check_options()
+    methods = loaded()
     owners: dict[str, list[str]] = {}
     for name, cls in methods.items():
         for field in cls.Settings.model_fields:
@@ -78,16 +80,16 @@ def command(full: bool):
     """The `advcl pretrain` function; ``full`` adds the methods' options (importing every
     method, hence torch), which only `advcl pretrain` itself needs."""
 
-    def pretrain(resume: ResumeOpt = False, force: ForceOpt = False, config: ConfigOpt = None,
+    def pretrain(force: ForceOpt = False, config: ConfigOpt = None,
                  json_output: JsonOpt = False, **options) -> None:
         from ..engine.pretrain import RESUME_MAY_CHANGE, default_run_dir
         from ..engine.pretrain import pretrain as run_pretrain
         from .training import resolve_run_settings, resume_command, run_and_print
 
-        settings = resolve_run_settings(PretrainSettings, config, options, resume=resume, run_dir=default_run_dir,
+        settings = resolve_run_settings(PretrainSettings, config, options, run_dir=default_run_dir,
                                         may_change=RESUME_MAY_CHANGE)
         run_dir = settings.out or default_run_dir(settings)
-        run_and_print(run_pretrain, settings, json_output=json_output, resume=resume, force=force, run_dir=run_dir,
+        run_and_print(run_pretrain, settings, json_output=json_output, force=force, run_dir=run_dir,
                       command=resume_command("pretrain", run_dir))
 
     found = cached("pretrain", method_params) if full else {"specs": [], "listing": ""}

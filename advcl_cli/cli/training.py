@@ -11,33 +11,46 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from ..errors import DiskError, Interrupted
+from ..errors import DiskError, Interrupted, Requeued
 from .output import Output
 
 
-def resolve_run_settings(settings_cls, config: Path | None, options: dict, *, resume: bool,
-                         run_dir: Callable, may_change: set[str]):
-    """The settings of a run. On --resume the run's stored settings are the base: every one
-    that no flag, ``ADVCL_*`` variable or config file gives is carried over, and those may only
-    change how it runs (``may_change``: device, precision, ...); any other change is refused
-    by name, whichever layer it comes from (``config.check_unchanged``)."""
+def resolve_run_settings(settings_cls, config: Path | None, options: dict, *, run_dir: Callable, may_change: set[str]):
+    """The settings of a run. On resume (``--resume``, or ``--resume auto`` when the folder holds a
+    run) the run's stored settings are the base: every one that no flag, ``ADVCL_*`` variable or
+    config file gives is carried over, and those may only change how it runs (``may_change``:
+    device, precision, ...); any other change is refused by name, whichever layer it comes from
+    (``config.check_unchanged``)."""
     from ..config import resolve
     from ..engine.run import RunDir
 
     warn = Output().warn
+    own = {k: v for k, v in options.items() if k in settings_cls.model_fields}
+    probe = resolve(settings_cls, own, config_file=config)
     base = None
-    if resume:  # the folder first: its settings are the base of the rest
-        own = {k: v for k, v in options.items() if k in settings_cls.model_fields}
-        probe = resolve(settings_cls, own, config_file=config)
-        stored = RunDir(probe.out or run_dir(probe)).stored_config() or {}
-        base = stored
+    if probe.resume == "on":  # the folder first: its settings are the base of the rest
+        base = RunDir(probe.out or run_dir(probe)).stored_config() or {}
+    elif probe.resume == "auto":  # the same, when there is a run to continue
+        base = RunDir(probe.out or run_dir(probe)).stored_config()
     return resolve(settings_cls, options, config_file=config, base=base, may_change=may_change, warn=warn)
+
+
+def bare_resume(args: list[str]) -> list[str]:
+    """A bare ``--resume`` (no on, off or auto after it) means ``--resume on``, the flag it always was."""
+    out = list(args)
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--resume" and (i + 1 == len(args) or args[i + 1].lower() not in ("on", "off", "auto")):
+            out[i] = "--resume=on"
+    return out
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """SIGTERM (a scheduler's preemption, torchrun stopping a job) ends a training run like
-    Ctrl-C: the last saved epoch is kept and the command exits 130."""
+    Ctrl-C: the last saved state is kept and the command exits 130. While the epochs run the
+    engine handles it itself (``engine.stop``: a mid-epoch state first)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -70,16 +83,22 @@ def continue_hint(run_dir: Path, command: str) -> str:
     return "no epoch was saved yet: run the same command again (the run folder is reused)"
 
 
-def run_and_print(engine: Callable, settings, *args, json_output: bool, resume: bool, force: bool, run_dir: Path,
+def run_and_print(engine: Callable, settings, *args, json_output: bool, force: bool, run_dir: Path,
                   command: str, summary: Callable[[dict], str | None] = lambda m: None) -> None:
-    """Run a training engine with progress on stderr; rank 0 prints the model's path (or JSON).
-    An interruption (Ctrl-C, SIGTERM) or a full disk ends it with the command (``command``,
-    from ``resume_command``) that continues the run in ``run_dir``."""
+    """Run a training engine (``settings.resume`` says whether it resumes) with progress on
+    stderr; rank 0 prints the model's path (or JSON). An interruption (Ctrl-C, SIGTERM) or a
+    full disk ends it with the command (``command``, from ``resume_command``) that continues the
+    run in ``run_dir``; a run that requeued its Slurm job says so and exits 0."""
     output = Output(json_output)
     reporter = output.reporter()
     try:
         with sigterm_as_interrupt():
-            result = engine(settings, *args, reporter, resume=resume, force=force)
+            result = engine(settings, *args, reporter, force=force)
+    except Requeued as e:
+        reporter.finish()
+        if int(os.environ.get("RANK", "0")) == 0:
+            output.log(e.message)
+        return
     except KeyboardInterrupt:
         raise Interrupted("interrupted", continue_hint(run_dir, command)) from None
     except DiskError as e:

@@ -78,7 +78,11 @@ class Batches:
         return perm if self.positions is None else self.positions[perm]
 
     def __iter__(self):
+        return self.from_step(0)
+
+    def from_step(self, first: int):
+        """This epoch's batches from the ``first``-th on (0-based: a run resumed mid-epoch)."""
         perm, b = self.order(), self.batch_size
-        for i in range(len(self)):
+        for i in range(first, len(self)):
             idx = perm[i * b : (i + 1) * b]
             yield self.data.images[idx], self.data.labels[idx], idx

@@ -33,8 +33,8 @@ from ..checkpoint import not_a_classifier, unwrap
 from ..data.augment import to_float
 from ..data.corruptions import SEVERITIES, CorruptionSet
 from ..data.registry import ImageData, num_classes_of
-from ..device import Runtime, resolve_channels_last
-from ..distributed import DistContext, gather_shards, sum_over_ranks
+from ..device import Runtime, resolve_channels_last, runtime_of
+from ..distributed import DistContext, gather_shards, init_distributed, shutdown, sum_over_ranks
 from ..errors import DataError
 from ..report import Reporter, duration
 from ..settings import format_eps
@@ -464,3 +464,40 @@ def load_test_data(ckpt, dataset: str | None = None, *, split: str = "test", lim
         if note:
             warn(note)
     return data
+
+
+@dataclass(frozen=True)
+class CheckpointEvaluation:
+    """What ``evaluate_checkpoint`` measured: the test split and ``evaluate``'s result."""
+
+    data: ImageData
+    result: dict
+    is_main: bool  # False on the other ranks of a torchrun job (they print nothing)
+
+
+def evaluate_checkpoint(ckpt, settings, attacks: Sequence[Attack], reporter: Reporter | None = None) -> CheckpointEvaluation:
+    """`advcl eval`'s run: the classifier checkpoint ``ckpt`` on its test split with the
+    ``EvalSettings`` ``settings``: device and precision, the process group (under torchrun every
+    rank evaluates its share of the images, and every rank leaves the group however it ends), the
+    split (``load_test_data``), each attack's exact settings said on rank 0, then ``evaluate``."""
+    reporter = reporter or Reporter()
+    runtime = runtime_of(settings)
+    ctx = init_distributed(runtime.device)
+    shown = reporter if ctx.is_main else Reporter()
+    try:
+        data = load_test_data(ckpt, settings.dataset, limit=settings.limit, image_size=settings.image_size,
+                              data_dir=settings.data_dir, download=settings.download, ctx=ctx,
+                              warn=reporter.warn if ctx.is_main else None)
+        for a in attacks:
+            shown.log(f"{a.name}: {a.description}")
+        try:
+            result = evaluate(
+                ckpt.build(runtime.device), data, attacks, settings.eps, batch_size=settings.batch_size,
+                device=runtime.device, reporter=shown, seed=settings.seed, precision=runtime.precision, ctx=ctx,
+                channels_last=runtime.channels_last, compile=runtime.compile, pgd_check=settings.pgd_check,
+            )
+        finally:
+            shown.finish()
+    finally:
+        shutdown(ctx)
+    return CheckpointEvaluation(data, result, ctx.is_main)

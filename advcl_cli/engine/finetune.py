@@ -58,11 +58,11 @@ from ..methods import method_for
 from ..models import backbone_with_bn_set
 from ..optim import MultiStep
 from ..device import autocast, upcast
-from ..distributed import local_slice, on_main, prepare_model, shutdown
+from ..distributed import local_slice, on_main, prepare_model
 from .evaluate import class_names_differ, evaluate
-from .loop import Loop
 from ..report import Reporter, plural
-from .run import RunDir, RunResult, begin_derived_run, begin_run, holds_run_folder, load_split, restore
+from .lifecycle import Lifecycle
+from .run import RunDir, RunResult, check_derived, check_parent, holds_run_folder, load_split
 
 CLASSIFIER_FILE = "classifier.safetensors"
 PROTOCOL: dict[str, dict[str, Any]] = {  # the RobustSSL benchmark's defaults (REFERENCE.md)
@@ -74,7 +74,8 @@ PROTOCOL: dict[str, dict[str, Any]] = {  # the RobustSSL benchmark's defaults (R
 }
 FILLED = ("epochs", "batch_size", "lr", "milestones")
 # settings that may change on --resume (they do not change what is trained)
-RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "eval_limit"}
+RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "eval_limit",
+                     "log", "save_every_minutes"}
 
 
 def protocol(method: str, scheme: str, dataset: str, source: str | None = None) -> dict[str, Any]:
@@ -362,129 +363,159 @@ def split_validation(data, fraction: float, seed: int):
     return _subset(data, perm[n_val:].sort().values), _subset(data, perm[:n_val].sort().values)
 
 
+def load_splits(settings, dataset: str, life: Lifecycle):
+    """(full training split, test split or None, train, validation or None), train and validation
+    on the device. The test split of the final evaluation is read now, so that a broken one stops
+    the run before it trains (rank 0 evaluates; its failure reaches every rank)."""
+    load = dict(data_dir=settings.data_dir, download=settings.download, image_size=settings.image_size)
+    full = load_split(dataset, "train", life.ctx, limit=settings.limit, **load)
+    test = None
+    if settings.eval_limit != 0:  # --eval-limit 0: no final evaluation
+        test = on_main(lambda: load_dataset(dataset, "test", limit=settings.eval_limit, **load), life.ctx)
+    train, val = split_validation(full, settings.val_fraction, settings.seed)
+    return full, test, train.to(life.device), (val.to(life.device) if val is not None else None)
+
+
+def build_finetuning(settings, parent: Checkpoint, full, scheme: Scheme, life: Lifecycle):
+    """The classifier (frozen backbone for SLF/ALF) and its SGD, restored on resume, compiled."""
+    if scheme.name == "autolora" and life.ctx.enabled:
+        raise UsageError("--scheme autolora runs in one process (its learning rate follows rank 0's validation)",
+                         "run it without torchrun")
+    torch.manual_seed(settings.seed)
+    model = life.runtime.place(scheme.prepare(build_classifier(parent, full, scheme, life.reporter)))
+    if scheme.frozen:
+        model.backbone.requires_grad_(False)
+    else:  # before the optimizer exists: with several processes it swaps the BN modules
+        model = prepare_model(model, life.ctx)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    life.restore(model, optimizer)
+    return life.runtime.compiled(model), optimizer
+
+
+class Finetuning:
+    """Finetuning's end of epoch (rank 0: the validation pick, the metrics line, the resume state)
+    and its end (the kept model evaluated on the test split and saved)."""
+
+    def __init__(self, settings, parent: Checkpoint, scheme: Scheme, life: Lifecycle, model, optimizer, full, train, val,
+                 test, places: tuple[str, str | None]):
+        self.s, self.parent, self.scheme, self.life = settings, parent, scheme, life
+        self.model, self.optimizer, self.train, self.val, self.test = model, optimizer, train, val, test
+        self.places = places  # (the dataset finetuned on, the one the encoder was pretrained on), for the protocol
+        self.out_file = life.run.artifact(CLASSIFIER_FILE)
+        self.extra = dict(life.extra) if life.state is not None else {"parent": parent.sha256}
+        self.extra["runtime"] = life.runtime.record()
+        self.pgd20 = get_attack("pgd20", settings.norm)  # the final and validation PGD-20, in the training's norm
+        # the class names go into the classifier's metadata, so evaluation can tell a dataset with others
+        self.save_args = dict(kind="classifier", method=parent.meta.method, dataset=full.name, eps=settings.eps,
+                              config={**life.config, "classes": full.classes, "runtime": self.extra["runtime"]},
+                              parent=parent.sha256)
+
+    def evaluate(self, model, data, reporter=None) -> dict:
+        return evaluate(model, data, [self.pgd20], [self.s.eps], device=self.life.device, reporter=reporter,
+                        seed=self.s.seed, channels_last=self.life.runtime.channels_last)
+
+    def end_epoch(self, done: int, metrics: dict) -> None:
+        self.model.eval()
+        if not self.life.is_main:
+            return
+        if self.val is not None:
+            self.select(done, metrics)
+        # AutoLoRa's learning rate: PGD-20 on the held-out split, else on the training split (the authors')
+        self.scheme.end_epoch(self.model, done, lambda: metrics["val_pgd20_acc"] if self.val is not None else self.evaluate(
+            self.scheme.final(self.model), self.train)["robust"][0]["robust_acc"])
+        self.life.run.append_metrics(metrics)
+        self.life.run.save_state(**self.state_of(done))
+
+    def state_of(self, done: int) -> dict:
+        """The resume state after ``done`` epochs (``RunDir.save_state``'s arguments)."""
+        own = self.scheme.state()  # AutoLoRa's learning rate and best state
+        return dict(model=self.model, optimizer=self.optimizer, epoch=done, total_epochs=self.s.epochs,
+                    config=self.life.config, extra={**self.extra, **({"scheme": own} if own else {})})
+
+    def select(self, done: int, metrics: dict) -> None:
+        """The held-out split's clean and PGD-20 accuracy; the best epoch's classifier is saved."""
+        res = self.evaluate(self.scheme.final(self.model), self.val)
+        metrics.update(val_clean_acc=res["clean_acc"], val_pgd20_acc=res["robust"][0]["robust_acc"])
+        self.life.reporter.log(f"epoch {done}: validation clean {res['clean_acc']:.2%}, PGD-20 {metrics['val_pgd20_acc']:.2%}")
+        if metrics["val_pgd20_acc"] > self.extra.get("best_val_pgd20_acc", -1.0):
+            self.extra.update(best_val_pgd20_acc=metrics["val_pgd20_acc"], best_epoch=done,
+                              best_val_clean_acc=res["clean_acc"])
+            save_model(self.out_file, self.scheme.final(self.model), metrics=metrics, **self.save_args)
+
+    def finish(self) -> dict:
+        """Rank 0, once training is over: the kept model (the best epoch on the held-out split, else
+        the last one) evaluated on the test split, saved, and marked final in the state."""
+        s, val, reporter = self.s, self.val, self.life.reporter
+        kept = self.scheme.final(self.model)
+        if val is not None:
+            kept = load_checkpoint(self.out_file).build(self.life.device)
+            reporter.log(f"keeping epoch {self.extra['best_epoch']} (best PGD-20 accuracy on the held-out split)")
+        final = {"epoch": self.extra.get("best_epoch", s.epochs), "norm": s.norm,
+                 "selection": "best val PGD-20" if val is not None else "last epoch"}
+        if self.test is not None:
+            final = {**self.test_metrics(kept), **final}
+        else:
+            reporter.log("no final evaluation (--eval-limit 0): `advcl eval` measures the classifier")
+        if val is not None:
+            final.update(val_clean_acc=self.extra["best_val_clean_acc"], val_pgd20_acc=self.extra["best_val_pgd20_acc"])
+        save_model(self.out_file, kept, metrics=final, rescue=True, **self.save_args)
+        self.extra["final"] = final
+        self.life.run.save_state(**self.state_of(s.epochs))
+        return final
+
+    def test_metrics(self, kept) -> dict:
+        """The kept model's clean and PGD-20 accuracy on the test split (a note when near chance)."""
+        res = self.evaluate(kept, self.test, self.life.reporter)
+        note = chance_note(res["clean_acc"], self.test.num_classes, self.s.epochs,
+                           protocol(self.parent.meta.method, self.scheme.name, *self.places)["epochs"],
+                           self.parent.meta.config.get("epochs"))
+        if note:
+            self.life.reporter.log(note)
+        return {"clean_acc": res["clean_acc"], "pgd20_acc": res["robust"][0]["robust_acc"], "n_eval": res["n"],
+                "eps": self.s.eps, "flags": res["flags"]}
+
+
 @holds_run_folder
-def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, resume: bool = False,
+def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, resume: bool | str | None = None,
              force: bool = False) -> RunResult:
     """Finetune ``parent`` (an encoder or classifier checkpoint) with ``settings.scheme``."""
-    reporter = reporter or Reporter()
     dataset = settings.dataset or parent.meta.dataset
     source = parent.meta.dataset
     settings = with_protocol(settings, parent.meta.method, dataset, source)
     dual_bn = bool(protocol(parent.meta.method, settings.scheme, dataset, source).get("dual_bn"))
     scheme = SCHEMES[settings.scheme](settings, dual_bn=dual_bn)
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(CLASSIFIER_FILE,), verb="finetune")
-    runtime, ctx, config, state, reporter = begin_derived_run(
-        settings, run, parent, dataset, "finetunes", reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE)
-    device, precision = runtime.device, runtime.precision
-    if state is not None:
-        if state.get("finished") and "final" in state["extra"]:
-            reporter.log(f"{run.path} already finished all {state['epoch']} epochs")
-            shutdown(ctx)
-            return RunResult(run.artifact(CLASSIFIER_FILE), run.path, int(state["epoch"]),
-                             state["extra"].get("final", {}), ctx.is_main, runtime=state["extra"].get("runtime", {}))
-
-    load = dict(data_dir=settings.data_dir, download=settings.download, image_size=settings.image_size)
-    full = load_split(dataset, "train", ctx, limit=settings.limit, **load)
-    # the test split of the final evaluation is read now, so that a broken one stops the run
-    # before it trains (rank 0 evaluates; its failure reaches every rank)
-    evaluate_at_end = settings.eval_limit != 0  # --eval-limit 0: no final evaluation
-    test = on_main(lambda: load_dataset(dataset, "test", limit=settings.eval_limit, **load), ctx) if evaluate_at_end else None
-    train, val = split_validation(full, settings.val_fraction, settings.seed)
-    train, val = train.to(device), (val.to(device) if val is not None else None)
-
-    torch.manual_seed(settings.seed)
-    if scheme.name == "autolora" and ctx.enabled:
-        raise UsageError("--scheme autolora runs in one process (its learning rate follows rank 0's validation)",
-                         "run it without torchrun")
-    model = runtime.place(scheme.prepare(build_classifier(parent, full, scheme, reporter)))
-    if scheme.frozen:
-        model.backbone.requires_grad_(False)
-    else:  # before the optimizer exists: with several processes it swaps the BN modules
-        model = prepare_model(model, ctx)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    start = restore(state, model, optimizer) if state is not None else 0
-    extra = dict(state["extra"]) if state is not None else {"parent": parent.sha256}
-    extra["runtime"] = runtime.record()
-    model = runtime.compiled(model)
-    # every rank walks the same global batches and keeps its slice; with several processes the
-    # last partial batch is dropped so that every rank gets an equal share
-    batches = Batches(train, settings.batch_size, seed=settings.seed, drop_last=ctx.enabled)
-    schedule = scheme.begin(train, len(batches), precision, device)
-    if state is not None:
-        scheme.load_state(extra.get("scheme", {}))
-    begin_run(run, ctx, state)  # every check passed: the folder is created (or cleared) now
-    out_file = run.artifact(CLASSIFIER_FILE)
-    eps = settings.eps
-    pgd20 = get_attack("pgd20", settings.norm)  # the final and validation PGD-20, in the training's norm
-    # the class names go into the classifier's metadata, so evaluation can tell a dataset with others
-    save_args = dict(kind="classifier", method=parent.meta.method, dataset=full.name, eps=eps,
-                     config={**config, "classes": full.classes, "runtime": extra["runtime"]}, parent=parent.sha256)
-
-    step = supervised_step(lambda x, y, gen: scheme.loss(model, x, y, gen, precision, device), ctx)
-
-    def end_epoch(done: int, metrics: dict) -> None:
-        model.eval()
-        if not ctx.is_main:
-            return
-        if val is not None:
-            res = evaluate(scheme.final(model), val, [pgd20], [eps], device=device, seed=settings.seed,
-                           channels_last=runtime.channels_last)
-            metrics.update(val_clean_acc=res["clean_acc"], val_pgd20_acc=res["robust"][0]["robust_acc"])
-            reporter.log(f"epoch {done}: validation clean {res['clean_acc']:.2%}, PGD-20 {metrics['val_pgd20_acc']:.2%}")
-            if metrics["val_pgd20_acc"] > extra.get("best_val_pgd20_acc", -1.0):
-                extra.update(best_val_pgd20_acc=metrics["val_pgd20_acc"], best_epoch=done, best_val_clean_acc=res["clean_acc"])
-                save_model(out_file, scheme.final(model), metrics=metrics, **save_args)
-        scheme.end_epoch(model, done, lambda: metrics["val_pgd20_acc"] if val is not None else evaluate(
-            scheme.final(model), train, [pgd20], [eps], device=device, seed=settings.seed,
-            channels_last=runtime.channels_last)["robust"][0]["robust_acc"])
-        if scheme.state():
-            extra["scheme"] = scheme.state()
-        run.append_metrics(metrics)
-        run.save_state(model, optimizer, epoch=done, total_epochs=settings.epochs, config=config, extra=extra)
-
-    loop = Loop(
-        model=model, optimizer=optimizer, batches=batches, schedule=schedule,
-        step=step, name=f"finetune {scheme.name}", seed=settings.seed, device=device, precision=precision, ctx=ctx,
-        reporter=reporter, last_good=lambda: f"the last good state is in {run.state_path}",
-        before_epoch=lambda epoch: scheme.start_epoch(model, epoch), after_step=lambda: scheme.after_step(model),
-    )
-    if ctx.is_main:
-        what = f"resuming after epoch {start}" if start else "finetuning"
-        held = f", {len(val)} held out for selection" if val is not None else ""
-        sets = "/".join(unwrap(model).config.bn_sets)
-        reporter.log(
-            f"{what}: {scheme.name.upper()} of {parent.path} on {full.name} ({len(train)} images{held}), "
-            f"{plural(settings.epochs, 'epoch')} of {plural(len(batches), 'step')}, batch {settings.batch_size}, "
-            f"lr {settings.lr}, BN {sets}, {runtime.describe()} -> {run.path}"
+    check_derived(run, parent, dataset, "finetunes")
+    with Lifecycle(settings, run, reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE) as life:
+        if life.state is not None:
+            check_parent(life.state, parent.sha256, run, "finetunes")
+        if life.finished(needs="final"):
+            return life.finished_result(CLASSIFIER_FILE, life.extra.get("final", {}))
+        full, test, train, val = load_splits(settings, dataset, life)
+        model, optimizer = build_finetuning(settings, parent, full, scheme, life)
+        # every rank walks the same global batches and keeps its slice; with several processes the
+        # last partial batch is dropped so that every rank gets an equal share
+        batches = Batches(train, settings.batch_size, seed=settings.seed, drop_last=life.ctx.enabled)
+        schedule = scheme.begin(train, len(batches), life.runtime.precision, life.device)
+        if life.state is not None:
+            scheme.load_state(life.extra.get("scheme", {}))
+        life.begin()
+        job = Finetuning(settings, parent, scheme, life, model, optimizer, full, train, val, test, (dataset, source))
+        loop = life.loop(
+            model=model, optimizer=optimizer, batches=batches, schedule=schedule,
+            step=supervised_step(lambda x, y, gen: scheme.loss(model, x, y, gen, life.runtime.precision, life.device),
+                                 life.ctx),
+            name=f"finetune {scheme.name}", last_good=lambda: f"the last good state is in {run.state_path}",
+            before_epoch=lambda epoch: scheme.start_epoch(model, epoch), after_step=lambda: scheme.after_step(model),
         )
-    loop.run(start, settings.epochs, end_epoch)
-    # every rank leaves the process group together; rank 0 alone evaluates and saves
-    shutdown(ctx)
-    if not ctx.is_main:
-        return RunResult(out_file, run.path, settings.epochs, {}, False)
-
-    # the kept model: the best epoch on the held-out split, else the last one
-    kept = scheme.final(model)
-    if val is not None:
-        kept = load_checkpoint(out_file).build(device)
-        reporter.log(f"keeping epoch {extra['best_epoch']} (best PGD-20 accuracy on the held-out split)")
-    final = {"epoch": extra.get("best_epoch", settings.epochs), "norm": settings.norm,
-             "selection": "best val PGD-20" if val is not None else "last epoch"}
-    if evaluate_at_end:
-        res = evaluate(kept, test, [pgd20], [eps], device=device, reporter=reporter, seed=settings.seed,
-                       channels_last=runtime.channels_last)
-        note = chance_note(res["clean_acc"], test.num_classes, settings.epochs,
-                           protocol(parent.meta.method, scheme.name, dataset, source)["epochs"], parent.meta.config.get("epochs"))
-        if note:
-            reporter.log(note)
-        final = {"clean_acc": res["clean_acc"], "pgd20_acc": res["robust"][0]["robust_acc"], "n_eval": res["n"], "eps": eps,
-                 "flags": res["flags"], **final}
-    else:
-        reporter.log("no final evaluation (--eval-limit 0): `advcl eval` measures the classifier")
-    if val is not None:
-        final.update(val_clean_acc=extra["best_val_clean_acc"], val_pgd20_acc=extra["best_val_pgd20_acc"])
-    save_model(out_file, kept, metrics=final, rescue=True, **save_args)
-    extra["final"] = final
-    run.save_state(model, optimizer, epoch=settings.epochs, total_epochs=settings.epochs, config=config, extra=extra)
-    return RunResult(out_file, run.path, settings.epochs, final, runtime=extra["runtime"])
+        held = f", {len(val)} held out for selection" if val is not None else ""
+        life.banner("finetuning", f"{scheme.name.upper()} of {parent.path} on {full.name} ({len(train)} images{held}), "
+                                  f"{plural(settings.epochs, 'epoch')} of {plural(len(batches), 'step')}, "
+                                  f"batch {settings.batch_size}, lr {settings.lr}, "
+                                  f"BN {'/'.join(unwrap(model).config.bn_sets)}")
+        life.train(loop, 0, settings.epochs, job.end_epoch, job.state_of)
+    # every rank left the process group together; rank 0 alone evaluates and saves
+    if not life.is_main:
+        return life.result(job.out_file, settings.epochs, {})
+    return life.result(job.out_file, settings.epochs, job.finish())

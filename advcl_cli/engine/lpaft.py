@@ -48,15 +48,16 @@ from ..errors import DataError, UsageError
 from ..models import backbone_with_bn_set
 from ..optim import MultiStep
 from ..pseudolabels import extract_features, kmeans_labels, save_labels
-from ..distributed import broadcast_from_main, on_main, prepare_model, shutdown
+from ..distributed import broadcast_from_main, on_main, prepare_model
 from .finetune import head_loss, supervised_step, trades_step
-from .loop import Loop
 from ..report import Reporter, plural
-from .run import RunDir, RunResult, begin_derived_run, begin_run, holds_run_folder, load_split, restore
+from .lifecycle import Lifecycle
+from .run import RunDir, RunResult, check_derived, check_parent, holds_run_folder, load_split
 
 ENCODER_FILE = "encoder.safetensors"
 LABELS_FILE = "pseudo-labels.safetensors"
-RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download"}
+RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "log",
+                     "save_every_minutes"}
 DYNACL_FAMILY = ("dynacl", "dynacl-air")
 
 
@@ -126,11 +127,62 @@ class Steps:
                            random_start=False)
 
 
+def pseudo_labels(settings, parent: Checkpoint, encoder, data, cluster_bn: str, life: Lifecycle) -> torch.Tensor:
+    """The k-means labels of the training split on every rank: from the resume state, or made
+    by rank 0 (and written to the run folder) and broadcast."""
+    if life.state is not None:
+        return life.extra["labels"].to(life.device)
+
+    def make_labels():
+        life.reporter.log(f"k-means ({settings.clusters} clusters) on the features of {len(data)} {data.name} images "
+                          f"through '{cluster_bn}'")
+        found = cluster_labels(encoder.to(life.device), data.images, settings, cluster_bn)
+        save_labels(life.run.artifact(LABELS_FILE), {settings.clusters: found}, dataset=data.name, split="train",
+                    encoder=parent.sha256)
+        return found.to(life.device)
+
+    made = on_main(make_labels, life.ctx)
+    empty = torch.empty(len(data), dtype=torch.long, device=life.device)
+    return broadcast_from_main(made if made is not None else empty, life.ctx)
+
+
+class PostProcessing:
+    """LPAFT's two phases over one network: the optimizer of each epoch, the end of epoch (rank 0:
+    the metrics line with its phase, the encoder after the last epoch, the resume state)."""
+
+    def __init__(self, settings, parent: Checkpoint, life: Lifecycle, model, keep: tuple[str, ...], labels, data_name: str):
+        self.s, self.parent, self.life, self.model, self.keep, self.data_name = settings, parent, life, model, keep, data_name
+        self.probes, self.total = settings.probe_epochs, settings.probe_epochs + settings.epochs
+        self.probe_opt, self.full_opt = optimizers(model, settings)
+        self.out_file = life.run.artifact(ENCODER_FILE)
+        self.extra = dict(life.extra) if life.state is not None else {"parent": parent.sha256, "labels": labels.cpu()}
+
+    def optimizer_of(self, epoch: int):
+        """The optimizer that trains epoch ``epoch`` (0-based)."""
+        return self.probe_opt if epoch < self.probes else self.full_opt
+
+    def end_epoch(self, done: int, metrics: dict) -> None:
+        metrics["phase"] = "probe" if done <= self.probes else "trades"
+        if not self.life.is_main:
+            return
+        self.life.run.append_metrics(metrics)
+        if done == self.total:
+            save_model(self.out_file, backbone_with_bn_set(unwrap(self.model), self.keep), kind="encoder",
+                       method=output_method(self.parent), dataset=self.data_name, eps=self.s.eps,
+                       config={**self.life.config, "runtime": self.extra["runtime"]}, metrics=metrics,
+                       parent=self.parent.sha256, rescue=True)
+        self.life.run.save_state(**self.state_of(done))
+
+    def state_of(self, done: int) -> dict:
+        """The resume state after ``done`` epochs (``RunDir.save_state``'s arguments)."""
+        return dict(model=self.model, optimizer=self.optimizer_of(done), epoch=done, total_epochs=self.total,
+                    config=self.life.config, extra=self.extra)
+
+
 @holds_run_folder
-def lpaft(settings, parent: Checkpoint, reporter: Reporter | None = None, *, resume: bool = False,
+def lpaft(settings, parent: Checkpoint, reporter: Reporter | None = None, *, resume: bool | str | None = None,
           force: bool = False) -> RunResult:
     """DynACL++'s post-processing of the encoder ``parent``; returns the new encoder's path."""
-    reporter = reporter or Reporter()
     if parent.meta.kind != "encoder":
         raise UsageError(f"{parent.path} is a {parent.meta.kind} checkpoint; lpaft post-processes a pretrained encoder",
                          "pass the encoder from advcl pretrain --method dynacl")
@@ -138,85 +190,46 @@ def lpaft(settings, parent: Checkpoint, reporter: Reporter | None = None, *, res
     encoder = parent.build("cpu")
     bn, keep, cluster_bn = bn_routes(encoder.config.bn_sets, settings)
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(ENCODER_FILE, LABELS_FILE), verb="lpaft")
-    runtime, ctx, config, state, reporter = begin_derived_run(
-        settings, run, parent, dataset, "post-processes", reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE)
-    device, precision = runtime.device, runtime.precision
-    if state is not None and state.get("finished"):
-        reporter.log(f"{run.path} already finished all {state['epoch']} epochs")
-        shutdown(ctx)
-        return RunResult(run.artifact(ENCODER_FILE), run.path, int(state["epoch"]), (run.read_metrics() or [{}])[-1],
-                         ctx.is_main, runtime=state["extra"].get("runtime", {}))
-    if parent.meta.method not in DYNACL_FAMILY:
-        reporter.warn(f"lpaft is DynACL++'s post-processing; this encoder was pretrained with '{parent.meta.method}'")
-
-    data = load_split(dataset, "train", ctx, data_dir=settings.data_dir, download=settings.download,
-                      limit=settings.limit, image_size=settings.image_size).to(device)
-    if settings.clusters > len(data):
-        raise DataError(f"cannot make {settings.clusters} clusters from {len(data)} images", "use fewer --clusters")
-    Batches(data, settings.batch_size, drop_last=True)  # a batch larger than the data is refused before k-means
-    begin_run(run, ctx, state)  # every check passed: the folder is created (or cleared) now
-    if state is not None:
-        labels = state["extra"]["labels"].to(device)
-    else:
-        def make_labels():
-            reporter.log(f"k-means ({settings.clusters} clusters) on the features of {len(data)} {data.name} images "
-                         f"through '{cluster_bn}'")
-            found = cluster_labels(encoder.to(device), data.images, settings, cluster_bn)
-            save_labels(run.artifact(LABELS_FILE), {settings.clusters: found}, dataset=data.name, split="train",
-                        encoder=parent.sha256)
-            return found.to(device)
-
-        made = on_main(make_labels, ctx)
-        labels = broadcast_from_main(made if made is not None else torch.empty(len(data), dtype=torch.long, device=device),
-                                     ctx)
-    train = dataclasses.replace(data, labels=labels, num_classes=settings.clusters)
-
-    torch.manual_seed(settings.seed)
-    model = prepare_model(runtime.place(build_network(encoder, keep, settings.clusters)), ctx)
-    probes, total = settings.probe_epochs, settings.probe_epochs + settings.epochs
-    probe_opt, full_opt = optimizers(model, settings)
-
-    def optimizer_of(epoch: int):  # the optimizer that trains epoch `epoch` (0-based)
-        return probe_opt if epoch < probes else full_opt
-
-    start = restore(state, model, optimizer_of(int(state["epoch"]))) if state is not None else 0
-    extra = dict(state["extra"]) if state is not None else {"parent": parent.sha256, "labels": labels.cpu()}
-    extra["runtime"] = runtime.record()
-    model = runtime.compiled(model)
-    batches = Batches(train, settings.batch_size, seed=settings.seed, drop_last=True)
-    out_file = run.artifact(ENCODER_FILE)
-    last = {"metrics": (run.read_metrics() or [{}])[-1] if start else {}}
-
-    def end_epoch(done: int, metrics: dict) -> None:
-        last["metrics"] = metrics = {**metrics, "phase": "probe" if done <= probes else "trades"}
-        if not ctx.is_main:
-            return
-        run.append_metrics(metrics)
-        if done == total:
-            save_model(out_file, backbone_with_bn_set(unwrap(model), keep), kind="encoder", method=output_method(parent),
-                       dataset=data.name, eps=settings.eps, config={**config, "runtime": extra["runtime"]},
-                       metrics=metrics, parent=parent.sha256,
-                       rescue=True)
-        run.save_state(model, optimizer_of(done), epoch=done, total_epochs=total, config=config, extra=extra)
-
-    steps = Steps(settings, bn)
-    phases = [("probe", steps.probe, MultiStep(settings.probe_lr), 0, probes),
-              ("trades", steps.trades, MultiStep(settings.lr, tuple(m + probes for m in settings.milestones)), probes, total)]
-    if ctx.is_main:
-        what = f"resuming after epoch {start}" if start else "post-processing"
-        reporter.log(
-            f"{what}: LPAFT of {parent.path} on {data.name} ({len(data)} images, {settings.clusters} pseudo classes), "
-            f"{plural(probes, 'probe epoch')} + {plural(settings.epochs, 'TRADES epoch')} of "
-            f"{plural(len(batches), 'step')}, batch {settings.batch_size}, BN {'/'.join(keep)}, {runtime.describe()} "
-            f"-> {run.path}"
-        )
-    for name, loss, schedule, first, end in phases:
-        if start >= end:
-            continue
-        unwrap(model).backbone.requires_grad_(name == "trades")
-        Loop(model=model, optimizer=optimizer_of(first), batches=batches, schedule=schedule, name=f"lpaft {name}",
-             step=supervised_step(lambda x, y, gen, loss=loss: loss(model, x, y, gen, precision, device), ctx),
-             seed=settings.seed, device=device, precision=precision, ctx=ctx, reporter=reporter,
-             last_good=lambda: f"the last good state is in {run.state_path}").run(max(start, first), end, end_epoch)
-    shutdown(ctx)
-    return RunResult(out_file, run.path, total, last["metrics"], ctx.is_main, runtime=extra["runtime"])
+    check_derived(run, parent, dataset, "post-processes")
+    with Lifecycle(settings, run, reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE) as life:
+        if life.state is not None:
+            check_parent(life.state, parent.sha256, run, "post-processes")
+        if life.finished():
+            return life.finished_result(ENCODER_FILE)
+        if parent.meta.method not in DYNACL_FAMILY:
+            life.reporter.warn(f"lpaft is DynACL++'s post-processing; this encoder was pretrained with "
+                               f"'{parent.meta.method}'")
+        data = load_split(dataset, "train", life.ctx, data_dir=settings.data_dir, download=settings.download,
+                          limit=settings.limit, image_size=settings.image_size).to(life.device)
+        if settings.clusters > len(data):
+            raise DataError(f"cannot make {settings.clusters} clusters from {len(data)} images", "use fewer --clusters")
+        Batches(data, settings.batch_size, drop_last=True)  # a batch larger than the data is refused before k-means
+        life.begin()
+        labels = pseudo_labels(settings, parent, encoder, data, cluster_bn, life)
+        train = dataclasses.replace(data, labels=labels, num_classes=settings.clusters)
+        torch.manual_seed(settings.seed)
+        model = prepare_model(life.runtime.place(build_network(encoder, keep, settings.clusters)), life.ctx)
+        job = PostProcessing(settings, parent, life, model, keep, labels, data.name)
+        if life.state is not None:
+            life.restore(model, job.optimizer_of(int(life.state["epoch"])))
+        job.extra["runtime"] = life.runtime.record()
+        model = life.runtime.compiled(model)
+        batches = Batches(train, settings.batch_size, seed=settings.seed, drop_last=True)
+        steps, probes, total = Steps(settings, bn), job.probes, job.total
+        phases = [("probe", steps.probe, MultiStep(settings.probe_lr), 0, probes),
+                  ("trades", steps.trades, MultiStep(settings.lr, tuple(m + probes for m in settings.milestones)), probes,
+                   total)]
+        life.banner("post-processing", f"LPAFT of {parent.path} on {data.name} ({len(data)} images, {settings.clusters} "
+                                       f"pseudo classes), {plural(probes, 'probe epoch')} + "
+                                       f"{plural(settings.epochs, 'TRADES epoch')} of {plural(len(batches), 'step')}, "
+                                       f"batch {settings.batch_size}, BN {'/'.join(keep)}")
+        for name, loss, schedule, first, end in phases:
+            if life.start >= end:
+                continue
+            unwrap(model).backbone.requires_grad_(name == "trades")
+            loop = life.loop(model=model, optimizer=job.optimizer_of(first), batches=batches, schedule=schedule,
+                             name=f"lpaft {name}", last_good=lambda: f"the last good state is in {run.state_path}",
+                             step=supervised_step(lambda x, y, gen, loss=loss: loss(model, x, y, gen, life.runtime.precision,
+                                                                                    life.device), life.ctx))
+            life.train(loop, first, end, job.end_epoch, job.state_of)
+    return life.result(job.out_file, total)

@@ -34,15 +34,16 @@ from ..methods import get_method
 from ..methods.rcs import Coreset
 from ..models import create_model
 from ..pseudolabels import load_labels
-from ..device import runtime_of
-from ..distributed import init_distributed, prepare_model, shutdown
-from .loop import Loop
+from ..distributed import prepare_model
 from ..report import Reporter, plural
-from .run import RunDir, RunResult, begin_run, check_resume_config, holds_run_folder, load_split, open_run, restore
+from .lifecycle import Lifecycle
+from .monitor import monitor_of
+from .run import RunDir, RunResult, holds_run_folder, load_split
 
 ENCODER_FILE = "encoder.safetensors"
 # settings that may change when a run is resumed (they do not change what is computed)
-RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "save_every"}
+RESUME_MAY_CHANGE = {"device", "precision", "channels_last", "compile", "out", "data_dir", "download", "log", "save_every",
+                     "save_every_minutes", "monitor_every"}
 
 
 def default_run_dir(settings) -> Path:
@@ -120,118 +121,132 @@ def check_inputs_unchanged(settings, stored: dict) -> None:
                              f"resume with the same {flag} file, or start over with --force")
 
 
-@holds_run_folder
-def pretrain(settings, reporter: Reporter | None = None, *, resume: bool = False, force: bool = False) -> RunResult:
-    reporter = reporter or Reporter()
-    runtime = runtime_of(settings)
-    device, precision = runtime.device, runtime.precision
-    ctx = init_distributed(device)
-    run = RunDir(settings.out or default_run_dir(settings), artifacts=(ENCODER_FILE,), verb="pretrain")
+class EncoderSaver:
+    """Pretraining's end of epoch on rank 0: the metrics line, the resume state, and every
+    ``save_every`` epochs and at the end the encoder (the state first, so a crash before the
+    encoder is written leaves a run that --resume continues; "finished" only once the last
+    encoder is on disk). ``note`` says where the last good encoder is, for the NaN message."""
+
+    def __init__(self, settings, life: Lifecycle, method, model, optimizer, data_name: str):
+        self.settings, self.life, self.method, self.model, self.optimizer = settings, life, method, model, optimizer
+        self.encoder = life.run.artifact(ENCODER_FILE)
+        self.note = f"the last saved encoder is {self.encoder}" if self.encoder.exists() else "no encoder was saved yet"
+        # the lineage: the checkpoint the method started from (DeACL's teacher), if any
+        parent = next((c.sha256 for c in method.inputs.values() if isinstance(c, Checkpoint)), None)
+        config = {**life.config, "runtime": life.runtime.record()}  # what ran, in every encoder
+        self.encoder_args = dict(kind="encoder", method=method.checkpoint_name, dataset=data_name,
+                                 eps=None if without_attack(settings) else method.eps, config=config, parent=parent)
+        self.extra = {"runtime": config["runtime"], "inputs": input_digests(settings)}
+        self.monitor = None  # the kNN monitor of --monitor-every (``engine.monitor``)
+        self.coreset = None  # RCS's coreset of --coreset (``methods.rcs``): its selection is in the state
+
+    def end_epoch(self, done: int, metrics: dict) -> None:
+        if self.life.is_main:
+            metrics.update(self.monitor(self.method.export(self.model), done) if self.monitor else {})
+            self.life.run.append_metrics(metrics)
+            self.save(done, metrics)
+
+    def state_of(self, done: int) -> dict:
+        """The resume state after ``done`` epochs (``RunDir.save_state``'s arguments)."""
+        return dict(model=self.model, optimizer=self.optimizer, epoch=done, total_epochs=self.settings.epochs,
+                    config=self.life.config, extra={**self.extra, "method": self.method.state(),
+                                                    **({"coreset": self.coreset.state()} if self.coreset else {})})
+
+    def save(self, done: int, metrics: dict) -> None:
+        final = done == self.settings.epochs
+        state = self.state_of(done)
+        self.life.run.save_state(**state, finished=False)
+        if done % self.settings.save_every == 0 or final:
+            save_model(self.encoder, self.method.export(self.model), metrics=metrics, rescue=final, **self.encoder_args)
+            self.note = f"the last saved encoder is {self.encoder} (epoch {done})"
+        if final:  # finished only once the encoder is on disk
+            self.life.run.save_state(**state)
+
+
+def check_paths(settings, run: RunDir) -> None:
+    """Before any work: known dataset, valid input files, none of them written by the run folder."""
     check_settings(settings)
     for name, (_, path) in input_fields(settings).items():
         if run.holds(path):
             raise UsageError(f"--{name.replace('_', '-')} {path} is a file the run folder {run.path} writes",
                              "choose another --out, or move the file")
-    state = open_run(run, ctx, batch_size=settings.batch_size, resume=resume, force=force)
-    if without_attack(settings) and ctx.is_main:
-        reporter.warn(f"--pgd-steps 0: {settings.method} trains without adversarial examples, so the encoder will not be "
-                      "robust and records no eps (use --pgd-steps 1 or more, the paper uses 5)")
-    if state is not None:
-        check_resume_config(state["config"], settings.to_config(), RESUME_MAY_CHANGE)
-        check_inputs_unchanged(settings, state["extra"].get("inputs", {}))
-        if state.get("finished"):
-            if ctx.is_main:
-                reporter.log(f"{run.path} already finished all {state['epoch']} epochs")
-            metrics = (run.read_metrics() or [{}])[-1]
-            shutdown(ctx)
-            return RunResult(run.artifact(ENCODER_FILE), run.path, int(state["epoch"]), metrics, ctx.is_main,
-                             runtime=state["extra"].get("runtime", {}))
 
-    data = load_split(
-        settings.dataset, "train", ctx, data_dir=settings.data_dir, download=settings.download,
-        limit=settings.limit, image_size=settings.image_size,
-    ).to(device)
-    method = make_method(settings, len(data), device)
-    if ctx.is_main:
-        for note in method.notes:
-            reporter.warn(note)
 
+def build_model(settings, method, life: Lifecycle):
+    """The method's network, seeded, with its initial weights, placed and prepared for the
+    process group, its optimizer, restored on resume (the method's state too), then compiled."""
     torch.manual_seed(settings.seed)
-    model = create_model(settings.arch, **method.model_config(settings.arch)).to(device)
+    model = create_model(settings.arch, **method.model_config(settings.arch)).to(life.device)
     method.init_model(model)  # the method's initial weights (DeACL: its teacher's), before anything copies them
-    model = runtime.place(model)
+    model = life.runtime.place(model)
     # before the optimizer exists: with several processes it swaps the BN modules (new parameters)
-    model = prepare_model(model, ctx)
+    model = prepare_model(model, life.ctx)
     optimizer = method.optimizer(model.parameters())
-    start = restore(state, model, optimizer) if state is not None else 0
-    if state is not None:
-        method.load_state(state["extra"].get("method", {}))
-    model = runtime.compiled(model)
-    # every rank walks the same global batches; the method keeps this rank's slice. The last
-    # partial batch is kept (as the reference's DataLoader does) unless --drop-last, or when it
-    # has a single image (batch norm needs two) or does not divide among the processes
-    batches = Batches(data, settings.batch_size, seed=settings.seed, drop_last=settings.drop_last,
-                      ranks=ctx.world_size, min_last=2, require_full=True)
-    # RCS (--coreset): 1 % held out to select on, the selection in the resume state
-    coreset = Coreset(settings, len(data)) if getattr(settings, "coreset", None) else None
-    if coreset is not None and state is not None:
-        coreset.load_state(state["extra"].get("coreset", {}))
-    begin_run(run, ctx, state)  # every check passed: the folder is created (or cleared) now
-    encoder = run.artifact(ENCODER_FILE)
-    # the lineage: the checkpoint the method started from (DeACL's teacher), if any
-    parent = next((c.sha256 for c in method.inputs.values() if isinstance(c, Checkpoint)), None)
-    config = {**settings.to_config(), "runtime": runtime.record()}  # what ran, in every encoder
-    saved = {"note": f"the last saved encoder is {encoder}" if encoder.exists() else "no encoder was saved yet"}
-    extra = {"runtime": config["runtime"], "inputs": input_digests(settings)}
-    last = {"metrics": (run.read_metrics() or [{}])[-1] if start else {}}
+    life.restore(model, optimizer)
+    if life.state is not None:
+        method.load_state(life.extra.get("method", {}))
+    return life.runtime.compiled(model), optimizer
 
-    def end_epoch(done: int, metrics: dict) -> None:
-        last["metrics"] = metrics
-        if ctx.is_main:
-            run.append_metrics(metrics)
-            save(done, metrics)
 
-    def save(done: int, metrics: dict) -> None:
-        # the state first: a crash before the encoder is written leaves a run that --resume continues
-        final = done == settings.epochs
-        state_of = dict(epoch=done, total_epochs=settings.epochs, config=settings.to_config(),
-                        extra={**extra, "method": method.state(), **({"coreset": coreset.state()} if coreset else {})})
-        run.save_state(model, optimizer, **state_of, finished=False)
-        if done % settings.save_every == 0 or final:
-            save_model(encoder, method.export(model), kind="encoder", method=method.checkpoint_name, dataset=data.name,
-                       eps=None if without_attack(settings) else method.eps, config=config,
-                       metrics=metrics, parent=parent, rescue=final)
-            saved["note"] = f"the last saved encoder is {encoder} (epoch {done})"
-        if final:  # finished only once the encoder is on disk
-            run.save_state(model, optimizer, **state_of)
+def warn_warmup_only(settings, schedule, life: Lifecycle) -> None:
+    if 0 < settings.epochs <= getattr(schedule, "warmup_epochs", 0) and not life.start:
+        life.reporter.warn(f"--epochs {settings.epochs}: the whole run is {settings.method}'s learning-rate warm-up, so "
+                           "it ends at the peak learning rate without the cosine decay (pass --warmup-epochs 0, or more "
+                           "epochs)")
 
-    def start_epoch(epoch: int) -> None:
-        method.start_epoch(epoch)
-        if coreset is not None:
-            coreset.start_epoch(epoch, method, model, data, batches, ctx)
 
-    schedule = method.schedule()
-    if ctx.is_main and 0 < settings.epochs <= getattr(schedule, "warmup_epochs", 0) and not start:
-        reporter.warn(f"--epochs {settings.epochs}: the whole run is {settings.method}'s learning-rate warm-up, so it "
-                      "ends at the peak learning rate without the cosine decay (pass --warmup-epochs 0, or more epochs)")
-    loop = Loop(
-        model=model, optimizer=optimizer, batches=batches, schedule=schedule, name="pretrain",
-        step=lambda images, labels, indices, gen: method.step(model, images, indices, gen, ctx),
-        seed=settings.seed, device=device, precision=precision, ctx=ctx, reporter=reporter,
-        before_epoch=start_epoch, after_step=lambda: method.after_step(model), last_good=lambda: saved["note"],
-    )
-    if ctx.is_main:
-        what = f"resuming after epoch {start}" if start else "training"
-        reporter.log(
-            f"{what}: {settings.method} on {data.name} ({len(data)} images), {settings.arch}, "
-            f"{plural(settings.epochs, 'epoch')} of {plural(len(batches), 'step')}, batch {settings.batch_size}, "
-            f"{runtime.describe()} -> {run.path}"
+@holds_run_folder
+def pretrain(settings, reporter: Reporter | None = None, *, resume: bool | str | None = None, force: bool = False) -> RunResult:
+    run = RunDir(settings.out or default_run_dir(settings), artifacts=(ENCODER_FILE,), verb="pretrain")
+    check_paths(settings, run)
+    with Lifecycle(settings, run, reporter, resume=resume, force=force, may_change=RESUME_MAY_CHANGE) as life:
+        if without_attack(settings):
+            life.reporter.warn(f"--pgd-steps 0: {settings.method} trains without adversarial examples, so the encoder "
+                               "will not be robust and records no eps (use --pgd-steps 1 or more, the paper uses 5)")
+        if life.state is not None:
+            check_inputs_unchanged(settings, life.extra.get("inputs", {}))
+        if life.finished():
+            return life.finished_result(ENCODER_FILE)
+        data = load_split(
+            settings.dataset, "train", life.ctx, data_dir=settings.data_dir, download=settings.download,
+            limit=settings.limit, image_size=settings.image_size,
+        ).to(life.device)
+        method = make_method(settings, len(data), life.device)
+        monitor = monitor_of(settings, data, None if without_attack(settings) else method.eps, life.ctx,
+                             life.runtime.precision)
+        for note in method.notes:
+            life.reporter.warn(note)
+        model, optimizer = build_model(settings, method, life)
+        # every rank walks the same global batches; the method keeps this rank's slice. The last
+        # partial batch is kept (as the reference's DataLoader does) unless --drop-last, or when it
+        # has a single image (batch norm needs two) or does not divide among the processes
+        batches = Batches(data, settings.batch_size, seed=settings.seed, drop_last=settings.drop_last,
+                          ranks=life.ctx.world_size, min_last=2, require_full=True)
+        coreset = Coreset(settings, len(data)) if getattr(settings, "coreset", None) else None
+        if coreset is not None and life.state is not None:
+            coreset.load_state(life.extra.get("coreset", {}))
+        life.begin()
+        saver = EncoderSaver(settings, life, method, model, optimizer, data.name)
+        saver.monitor, saver.coreset = monitor, coreset
+
+        def start_epoch(epoch: int) -> None:
+            method.start_epoch(epoch)
+            if coreset is not None:
+                coreset.start_epoch(epoch, method, model, data, batches, life.ctx)
+        schedule = method.schedule()
+        warn_warmup_only(settings, schedule, life)
+        loop = life.loop(
+            model=model, optimizer=optimizer, batches=batches, schedule=schedule, name="pretrain",
+            step=lambda images, labels, indices, gen: method.step(model, images, indices, gen, life.ctx),
+            before_epoch=start_epoch, after_step=lambda: method.after_step(model), last_good=lambda: saver.note,
         )
+        life.banner("training", f"{settings.method} on {data.name} ({len(data)} images), {settings.arch}, "
+                                f"{plural(settings.epochs, 'epoch')} of {plural(len(batches), 'step')}, "
+                                f"batch {settings.batch_size}")
         if coreset is not None:
-            reporter.log(coreset.describe(settings.epochs))
-    model.train()
-    loop.run(start, settings.epochs, end_epoch)
-    if start == settings.epochs and ctx.is_main:  # the last epoch's state was saved, its encoder not yet
-        save(start, last["metrics"])
-    shutdown(ctx)
-    return RunResult(encoder, run.path, settings.epochs, last["metrics"], ctx.is_main, runtime=config["runtime"])
+            life.reporter.log(coreset.describe(settings.epochs))
+        model.train()
+        life.train(loop, 0, settings.epochs, saver.end_epoch, saver.state_of)
+        if life.start == settings.epochs and life.is_main:  # the last epoch's state was saved, its encoder not yet
+            saver.save(life.start, life.metrics)
+    return life.result(saver.encoder, settings.epochs)

@@ -5,7 +5,8 @@ A run folder holds the model file(s) the engine names (``encoder.safetensors``,
 epochs done, RNG states, the run's configuration, the verb that trains it) and
 ``metrics.jsonl`` (one JSON object per finished epoch), and ``.lock``. Nothing here knows which
 method trains the model. Every training engine (pretrain, finetune, lpaft) goes through
-``open_run`` and ``begin_run``, decorated with ``holds_run_folder``.
+``engine.lifecycle.Lifecycle`` (which calls ``open_run`` and ``begin_run``), decorated with
+``holds_run_folder``.
 
 Rules:
 
@@ -46,17 +47,15 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 
 from ..checkpoint import (atomic_write, check_folder_writable, check_regular, clean_state_dict, load_state, parse_json, save_state, unwrap,
                           write_all)
 from ..data.registry import load_dataset, num_classes_of
-from ..distributed import barrier, init_distributed, on_main
+from ..distributed import barrier, on_main
 from ..errors import CheckpointError, TrainingError, UsageError, os_error
-from ..report import Reporter
-from ..device import Runtime, runtime_of
 
 STATE_FILE = "state.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -105,6 +104,7 @@ class RunDir:
         self._made: list[Path] = []  # what open created: removed again if the run never begins
         self._began = False
         self._lock_verb: str | None = None  # the verb of the last run that began here (.lock)
+        self.trackers = None  # tracking.Trackers on rank 0 with --log: every epoch record goes there too
 
     @property
     def state_path(self) -> Path:
@@ -158,9 +158,10 @@ class RunDir:
         return self.read_state().get("config") if self.state_path.is_file() else None
 
     # --- the lifecycle --------------------------------------------------------------------
-    def open(self, *, resume: bool, force: bool) -> dict | None:
+    def open(self, *, resume: bool | str, force: bool) -> dict | None:
         """Lock the folder for this run, check it (``check``) and remove the temporaries a
-        killed run left; return the resume state (None: fresh). A refusal releases the lock."""
+        killed run left; return the resume state (None: fresh). ``resume`` "auto" resumes when
+        the folder holds a resume state, else starts. A refusal releases the lock."""
         if resume and force:
             raise UsageError("--resume and --force contradict each other", "--resume continues a run, --force starts over")
         if self.path.exists() and not self.path.is_dir():
@@ -168,12 +169,16 @@ class RunDir:
         check_folder_writable(self.path, f"--out {self.path}")
         try:
             self.acquire()
-            state = self.check(resume=resume, force=force)
+            state = self.check(resume=self.resumes(resume), force=force)
             self.remove_temporaries()
         except BaseException:
             self.release()
             raise
         return state
+
+    def resumes(self, resume: bool | str) -> bool:
+        """Whether a run with ``resume`` (True, False, "auto") continues the run in the folder."""
+        return self.state_path.is_file() if resume == "auto" else bool(resume)
 
     def acquire(self) -> None:
         """Hold ``.lock`` (created with the folder if need be), or a UsageError naming the
@@ -223,6 +228,8 @@ class RunDir:
     def release(self) -> None:
         """Let the lock go; the lock file and folder ``open`` made for a run that never began
         are removed again."""
+        if self.trackers is not None:
+            self.trackers.close()
         if self._lock is None:
             return
         fd, self._lock = self._lock, None
@@ -319,6 +326,8 @@ class RunDir:
                 os.close(fd)
         except OSError as e:
             raise os_error(e, self.metrics_path) from None
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def read_metrics(self) -> list[dict]:
         """The logged epochs; a last line torn by a crash mid-write is skipped. Any other line
@@ -376,6 +385,7 @@ class RunDir:
             "optimizer": optimizer.state_dict(),
             "rng": capture_rng(),
             "extra": extra or {},
+            "tracking": self.trackers.state() if self.trackers is not None else {},
         }
         return save_state(self.state_path, state)
 
@@ -423,36 +433,14 @@ def check_resume_config(stored: dict, current: dict, ignore: set[str]) -> None:
         )
 
 
-class DerivedRun(NamedTuple):
-    """What ``begin_derived_run`` sets up for a run made from a checkpoint."""
-
-    runtime: Runtime
-    ctx: Any  # distributed.DistContext
-    config: dict
-    state: dict | None  # the resume state (None: a fresh run)
-    reporter: Any  # the caller's on rank 0, a silent one on the others
-
-
-def begin_derived_run(settings, run: "RunDir", parent, dataset: str, does: str, reporter, *, resume: bool, force: bool,
-                      may_change: set[str]) -> DerivedRun:
-    """The start that finetuning and post-processing share: the checks (the run folder must not
-    write the ``parent`` checkpoint; ``dataset`` must be known), then device, precision and
-    process group; the run folder opened (``open_run``); on resume the stored settings and
-    parent checked (``check_resume_config``, ``check_parent``). ``does`` says what the run does
-    with ``parent`` ("finetunes")."""
-
+def check_derived(run: "RunDir", parent, dataset: str, does: str) -> None:
+    """The checks of a run made from a checkpoint (finetuning, post-processing), before anything
+    else: the run folder must not write the ``parent`` checkpoint; ``dataset`` must be known.
+    ``does`` says what the run does with ``parent`` ("finetunes")."""
     if run.holds(parent.path):
         raise UsageError(f"the run folder {run.path} would write {parent.path}, the checkpoint it {does}",
                          "choose another --out")
     num_classes_of(dataset)  # an unknown dataset, before anything else
-    runtime = runtime_of(settings)
-    ctx = init_distributed(runtime.device)
-    config = settings.to_config()
-    state = open_run(run, ctx, batch_size=settings.batch_size, resume=resume, force=force)
-    if state is not None:
-        check_resume_config(state["config"], config, may_change)
-        check_parent(state, parent.sha256, run, does)
-    return DerivedRun(runtime, ctx, config, state, reporter if ctx.is_main else Reporter())
 
 
 def check_parent(state: dict, sha256: str, run: "RunDir", does: str) -> None:
@@ -464,7 +452,7 @@ def check_parent(state: dict, sha256: str, run: "RunDir", does: str) -> None:
                          "resume with the checkpoint it started from, or start over with --force")
 
 
-def open_run(run: "RunDir", ctx, *, batch_size: int, resume: bool, force: bool) -> dict | None:
+def open_run(run: "RunDir", ctx, *, batch_size: int, resume: bool | str, force: bool) -> dict | None:
     """The start every training engine shares: the global batch must divide among the ranks;
     rank 0 locks and checks the folder (``RunDir.open``: nothing else is written yet) while the others wait,
     then the others read the resume state. Returns that state (None for a fresh run). Rank 0
@@ -474,17 +462,26 @@ def open_run(run: "RunDir", ctx, *, batch_size: int, resume: bool, force: bool) 
         raise UsageError(f"--batch-size {batch_size} does not divide among {ctx.world_size} processes",
                          "the batch size is the global batch: use a multiple of the process count")
     state = on_main(lambda: run.open(resume=resume, force=force), ctx)
-    if not ctx.is_main and resume:
+    if not ctx.is_main and run.resumes(resume):  # rank 0 holds the lock: what it saw is there
         state = run.read_state()
     return state
 
 
-def begin_run(run: "RunDir", ctx, state: dict | None) -> None:
+def begin_run(run: "RunDir", ctx, state: dict | None, settings) -> None:
     """After every check and before the first epoch: rank 0 creates (or with --force clears) the
-    run folder, or cuts a resumed run's metrics back (``RunDir.begin``); a failure stops every
-    rank. A check that fails before this leaves no folder behind."""
+    run folder, or cuts a resumed run's metrics back (``RunDir.begin``), then opens the trackers
+    of ``--log`` (``tracking.Trackers``; a resumed run continues its W&B run); a failure stops
+    every rank. A check that fails before this leaves no folder behind."""
 
-    on_main(lambda: run.begin(state), ctx)
+    def begin() -> None:
+        run.begin(state)
+        if settings.log:
+            from ..tracking import Trackers
+
+            run.trackers = Trackers(settings.log, run.path, settings.to_config(), state=(state or {}).get("tracking"),
+                                    start=int(state["epoch"]) if state else 0)
+
+    on_main(begin, ctx)
 
 
 def load_split(name: str, split: str, ctx, *, download: bool, **kwargs):

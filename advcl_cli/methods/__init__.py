@@ -4,19 +4,25 @@
 The built-in methods and those of installed plugins (entry point group ``advcl.methods``, each
 naming a ``Method`` subclass, e.g. ``toy = "my_package.toy:Toy"`` under
 ``[project.entry-points."advcl.methods"]``) are found by name. Nothing is imported until a
-method is asked for, so commands that train nothing start without importing torch.
+method is asked for, so commands that train nothing start without importing torch. When every
+method is needed (``methods()``: the help, the settings table), a plug-in that fails to load is
+left out with a warning naming it, and the other verbs work as before; asking for it by name
+is the one error. Two methods that declare one option name with different meanings (type,
+input file, flag or not) are refused by ``advcl pretrain`` as it builds its flags
+(``check_options``).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from importlib import import_module
 from importlib.metadata import entry_points
 
 from pydantic import create_model
 
-from ..errors import UsageError
+from ..errors import AdvclWarning, UsageError
 from ..settings import PretrainSettings
 
 ENTRY_POINT_GROUP = "advcl.methods"
@@ -56,8 +62,9 @@ def get_method(name: str):
     module, _, attr = target.partition(":")
     try:
         cls = getattr(import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise UsageError(f"method '{key}' could not be loaded from {target}: {e}", "reinstall the plugin that provides it") from None
+    except Exception as e:  # a missing module, a plug-in's own bug at import: its name and the cause
+        raise UsageError(f"method '{key}' could not be loaded from {target}: {type(e).__name__}: {e}",
+                         "reinstall the plugin that provides it") from None
     if not (isinstance(cls, type) and issubclass(cls, Method) and issubclass(cls.Settings, TrainSettings)):
         raise UsageError(f"method '{key}' ({target}) is not an advcl Method with a Settings model")
     clash = sorted(set(cls.Settings.model_fields) & set(PretrainSettings.model_fields))
@@ -66,12 +73,44 @@ def get_method(name: str):
     return cls
 
 
+@functools.cache
+def methods() -> dict:
+    """Every method that loads, name -> class; a plug-in that does not is left out, with a
+    warning naming it and what failed (a built-in one that fails is a bug, and raises)."""
+    found = {}
+    for name in method_names():
+        try:
+            found[name] = get_method(name)
+        except UsageError as e:
+            if name in BUILTIN:
+                raise
+            warnings.warn(f"the plug-in method '{name}' is left out: {e.message}", AdvclWarning, stacklevel=2)
+    return found
+
+
+def _meaning(field) -> tuple:
+    extra = field.json_schema_extra or {}
+    return repr(field.annotation), extra.get("input"), extra.get("flag", True)
+
+
+def check_options() -> None:
+    """Methods may share an option name only with one meaning (its type, the file it names,
+    flag or not: a shared name is one flag and one TOML key); else a UsageError naming both."""
+    seen: dict[str, tuple[str, tuple]] = {}
+    for name, cls in methods().items():
+        for field, info in cls.Settings.model_fields.items():
+            first, meaning = seen.setdefault(field, (name, _meaning(info)))
+            if meaning != _meaning(info):
+                raise UsageError(f"the methods '{first}' and '{name}' both declare the option --{field.replace('_', '-')} "
+                                 "with different meanings", "uninstall one of their plug-ins, or ask its author to rename it")
+
+
 def method_for(name: str):
     """The method whose name or ``aliases`` is ``name`` (a checkpoint's method), or None."""
     key = str(name).strip().lower()
     if key in _targets():
         return get_method(key)
-    return next((cls for cls in map(get_method, method_names()) if key in cls.aliases), None)
+    return next((cls for cls in methods().values() if key in cls.aliases), None)
 
 
 @functools.cache
@@ -84,4 +123,5 @@ def settings_model(name: str) -> type[PretrainSettings]:
     return create_model(f"{cls.__name__}PretrainSettings", __base__=(PretrainSettings, cls.Settings),
                         method=(PretrainSettings.model_fields["method"].annotation, method))
 
-__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "get_method", "method_for", "method_names", "settings_model"]
+__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "check_options", "get_method", "method_for", "method_names", "methods",
+           "settings_model"]

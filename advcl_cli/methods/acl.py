@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..attacks.pgd import project
+from ..attacks.pgd import pgd_ascent, uniform_noise
 from ..checkpoint import unwrap
 from ..data.augment import ViewSpec, simclr_view, to_float
 from ..distributed import DistContext, all_gather_with_grad, local_slice
@@ -59,26 +59,14 @@ def pair_loss(net, x1: Tensor, x2: Tensor, bn: str, temperature: float, ctx: Dis
     return nt_xent(all_gather_with_grad(torch.stack([z1, z2], dim=1), ctx), temperature)
 
 
-def random_start(x: Tensor, gen: torch.Generator) -> Tensor:
-    """U(-1, 1) for both views, (2, B, ...), drawn in float32 (the stream does not depend on the
-    precision) and scaled by eps in the attack."""
-    return (torch.rand((2, *x.shape), generator=gen, device=x.device) * 2 - 1).to(x.dtype)
-
-
 def contrastive_attack(net, x1: Tensor, x2: Tensor, noise: Tensor, *, eps: float, steps: int, step_size: float,
                        temperature: float, ctx: DistContext = DistContext(), objective=None) -> tuple[Tensor, Tensor]:
     """ACL's PGD on the NT-Xent of the pair through "pgd" in eval mode (``net`` is left in eval
-    mode); gradients with respect to the inputs only. ``objective(a1, a2)``, if given, is the
-    loss ascended instead (DynACL: the second view through its momentum encoder)."""
+    mode) from ``x + eps * noise`` (``noise`` (2, B, ...) in [-1, 1]). ``objective(a1, a2)``, if
+    given, is the loss ascended instead (DynACL: the second view through its momentum encoder)."""
     net.eval()
     objective = objective or (lambda v1, v2: pair_loss(net, v1, v2, "pgd", temperature, ctx))
-    a1, a2 = x1 + eps * noise[0], x2 + eps * noise[1]
-    for _ in range(steps):
-        a1, a2 = a1.detach().requires_grad_(True), a2.detach().requires_grad_(True)
-        g1, g2 = torch.autograd.grad(objective(a1, a2), [a1, a2])
-        a1 = project(a1.detach() + step_size * g1.sign(), x1, eps)
-        a2 = project(a2.detach() + step_size * g2.sign(), x2, eps)
-    return a1.detach(), a2.detach()
+    return pgd_ascent(objective, (x1 + eps * noise[0], x2 + eps * noise[1]), (x1, x2), eps, steps, step_size)
 
 
 # The ACL family's SLF/ALF in the RobustSSL benchmark: batch 512, or 128 on STL-10 at 32x32;
@@ -134,7 +122,7 @@ class ACL(Method):
     def step(self, model, batch: Tensor, indices: Tensor, gen: torch.Generator, ctx: DistContext = DistContext()):
         """One global batch: every rank draws all of its views and random starts, keeps its slice."""
         views = self.views(batch, gen, next(unwrap(model).parameters()).dtype)
-        noise = local_slice(random_start(views[0], gen), ctx, dim=1)
+        noise = local_slice(uniform_noise(views[0], gen, count=2), ctx, dim=1)
         return self.loss(model, tuple(local_slice(v, ctx) for v in views), noise, ctx)
 
     def attack(self, net, x1: Tensor, x2: Tensor, noise: Tensor, ctx: DistContext) -> tuple[Tensor, Tensor]:

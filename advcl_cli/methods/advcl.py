@@ -38,13 +38,12 @@ Without pseudo labels the CE term and ``x_ce`` are dropped (the engine says so o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..attacks.pgd import project
+from ..attacks.pgd import pgd_ascent, uniform_noise
 from ..checkpoint import unwrap
 from ..data.augment import ADVCL_VIEW, crop_flip_view, high_frequency, simclr_view, to_float
 from ..distributed import DistContext, all_gather_with_grad, local_slice
@@ -55,28 +54,11 @@ from .losses import pseudo_label_ce, supcon_loss
 BN_SETS = ("normal", "pgd", "pgd_ce")
 
 
-@dataclass(frozen=True)
-class AttackConfig:
-    eps: float = 8 / 255
-    steps: int = 5
-    step_size: float = 2 / 255
-    temperature: float = 0.5
-    base_temperature: float = 0.07
-    ce_weight: float = 0.2
-
-
-def random_start(x_org: Tensor, gen: torch.Generator) -> Tensor:
-    """Two U(-1, 1) draws shaped like ``x_org`` (for x_cl and x_ce), scaled by eps later. Drawn
-    in float32 whatever the dtype, so the random stream does not depend on the precision."""
-    noise = torch.rand((2, *x_org.shape), generator=gen, device=x_org.device) * 2 - 1
-    return noise.to(x_org.dtype)
-
-
-def contrastive_term(net, x_cl: Tensor, clean: list[Tensor], cfg: AttackConfig, ctx: DistContext) -> Tensor:
+def contrastive_term(net, x_cl: Tensor, clean: list[Tensor], s, ctx: DistContext) -> Tensor:
     """SupCon over [z_cl, z1, z2, z_HFC] (x_cl through the "pgd" BN set), every rank's rows included."""
     z_cl = net.project(net.features(x_cl, "pgd"))
     features = all_gather_with_grad(torch.stack([z_cl, *clean], dim=1), ctx)
-    return supcon_loss(features, cfg.temperature, cfg.base_temperature)
+    return supcon_loss(features, s.temperature, s.base_temperature)
 
 
 def pseudo_label_term(net, x_ce: Tensor, targets: list[Tensor], reduction: str = "mean") -> Tensor:
@@ -85,27 +67,19 @@ def pseudo_label_term(net, x_ce: Tensor, targets: list[Tensor], reduction: str =
 
 
 def attack_objective(net, x_cl: Tensor, x_ce: Tensor | None, clean: list[Tensor], targets: list[Tensor] | None,
-                     cfg: AttackConfig, ctx: DistContext = DistContext()) -> Tensor:
+                     s, ctx: DistContext = DistContext()) -> Tensor:
     """The loss both adversarial views ascend at every PGD step: the contrastive term of x_cl
     plus ``ce_weight`` times the pseudo-label CE of x_ce summed over the batch."""
-    loss = contrastive_term(net, x_cl, clean, cfg, ctx)
+    loss = contrastive_term(net, x_cl, clean, s, ctx)
     if x_ce is not None:
-        loss = loss + cfg.ce_weight * pseudo_label_term(net, x_ce, targets, reduction="sum")
+        loss = loss + s.ce_weight * pseudo_label_term(net, x_ce, targets, reduction="sum")
     return loss
 
 
-def attack(
-    net,
-    x_org: Tensor,
-    clean: list[Tensor],
-    targets: list[Tensor] | None,
-    gen: torch.Generator,
-    cfg: AttackConfig,
-    *,
-    noise: Tensor | None = None,
-    ctx: DistContext = DistContext(),
-) -> tuple[Tensor, Tensor | None]:
-    """The adversarial views ``(x_cl, x_ce)``; ``x_ce`` is None without pseudo labels.
+def attack(net, x_org: Tensor, clean: list[Tensor], targets: list[Tensor] | None, gen: torch.Generator, s, *,
+           noise: Tensor | None = None, ctx: DistContext = DistContext()) -> tuple[Tensor, Tensor | None]:
+    """The adversarial views ``(x_cl, x_ce)``; ``x_ce`` is None without pseudo labels. ``s`` holds
+    the method's settings (the attack budget, temperatures, ``ce_weight``).
 
     ``clean`` holds the projections [z1, z2, z_HFC] of the clean views (used detached).
     ``noise`` (2, B, ...) in [-1, 1] is the random start (drawn from ``gen`` when not given).
@@ -113,22 +87,15 @@ def attack(
     as one process holding the global batch would.
     """
     if noise is None:
-        noise = random_start(x_org, gen)
-    noise = noise * cfg.eps
-    x_cl = x_org + noise[0]
-    x_ce = x_org + noise[1] if targets is not None else None
+        noise = uniform_noise(x_org, gen, count=2)
     clean = [z.detach() for z in clean]
-    for _ in range(cfg.steps):
-        x_cl = x_cl.detach().requires_grad_(True)
-        inputs = [x_cl]
-        if x_ce is not None:
-            x_ce = x_ce.detach().requires_grad_(True)
-            inputs.append(x_ce)
-        grads = torch.autograd.grad(attack_objective(net, x_cl, x_ce, clean, targets, cfg, ctx), inputs)
-        x_cl = project(x_cl.detach() + cfg.step_size * grads[0].sign(), x_org, cfg.eps)
-        if x_ce is not None:
-            x_ce = project(x_ce.detach() + cfg.step_size * grads[1].sign(), x_org, cfg.eps)
-    return x_cl.detach(), (x_ce.detach() if x_ce is not None else None)
+    starts = (x_org + s.eps * noise[0],) + ((x_org + s.eps * noise[1],) if targets is not None else ())
+
+    def objective(x_cl, x_ce=None):
+        return attack_objective(net, x_cl, x_ce, clean, targets, s, ctx)
+
+    x_cl, *x_ce = pgd_ascent(objective, starts, (x_org,) * len(starts), s.eps, s.pgd_steps, s.pgd_step_size)
+    return x_cl, (x_ce[0] if x_ce else None)
 
 
 class AdvCL(Method):
@@ -145,14 +112,6 @@ class AdvCL(Method):
 
     def __init__(self, settings, *, n_images: int, device: torch.device | str = "cpu", inputs: dict | None = None):
         super().__init__(settings, n_images=n_images, device=device, inputs=inputs)
-        self.cfg = AttackConfig(
-            eps=settings.eps,
-            steps=settings.pgd_steps,
-            step_size=settings.pgd_step_size,
-            temperature=settings.temperature,
-            base_temperature=settings.base_temperature,
-            ce_weight=settings.ce_weight,
-        )
         self.hfc_radius = settings.hfc_radius
         self.labels: Tensor | None = None
         self.ks: tuple[int, ...] = ()
@@ -190,7 +149,7 @@ class AdvCL(Method):
         """The loss of one global batch: every rank draws the same views and random starts for all
         of it and keeps its own slice. The views are in the model's float dtype."""
         views = self.views(batch, gen, next(unwrap(model).parameters()).dtype)
-        noise = local_slice(random_start(views[2], gen), ctx, dim=1)
+        noise = local_slice(uniform_noise(views[2], gen, count=2), ctx, dim=1)
         views = tuple(local_slice(v, ctx) for v in views)
         return self.loss(model, views, local_slice(indices, ctx), gen, ctx, noise=noise)
 
@@ -201,11 +160,11 @@ class AdvCL(Method):
         x1, x2, x_org, x_hfc = views
         targets = self.targets(indices)
         clean = [net.project(net.features(v, "normal")) for v in (x1, x2, x_hfc)]
-        x_cl, x_ce = attack(net, x_org, clean, targets, gen, self.cfg, noise=noise, ctx=ctx)
-        contrast = contrastive_term(net, x_cl, clean, self.cfg, ctx)
+        x_cl, x_ce = attack(net, x_org, clean, targets, gen, self.settings, noise=noise, ctx=ctx)
+        contrast = contrastive_term(net, x_cl, clean, self.settings, ctx)
         loss, terms = contrast, {"contrast": contrast.detach()}
         if x_ce is not None:
             ce = pseudo_label_term(net, x_ce, targets)
-            loss = loss + self.cfg.ce_weight * ce
+            loss = loss + self.settings.ce_weight * ce
             terms["pseudo_ce"] = ce.detach()
         return loss, terms

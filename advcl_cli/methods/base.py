@@ -111,11 +111,14 @@ class Method:
 
     def schedule(self):
         """The learning-rate schedule: by default AdvCL's warm-up + cosine per epoch (warm-up
-        for 10 epochs when the batch exceeds 256, the paper's rule)."""
+        for 10 epochs when the batch exceeds 256, the paper's rule). It needs only
+        ``TrainSettings``: settings that extend ``CosineSettings`` also set where the warm-up
+        starts and where the cosine ends, others get its defaults."""
         s = self.settings
+        cosine = s if isinstance(s, CosineSettings) else CosineSettings()
         warmup = s.warmup_epochs if s.warmup_epochs is not None else (10 if s.batch_size > 256 else 0)
         return WarmupCosine(base_lr=s.lr, epochs=s.epochs, warmup_epochs=min(warmup, s.epochs),
-                            warmup_from=s.warmup_from, min_ratio=s.min_lr_ratio)
+                            warmup_from=cosine.warmup_from, min_ratio=cosine.min_lr_ratio)
 
     def init_model(self, model) -> None:
         """Called once on the freshly built network (seeded initial weights), before the

@@ -45,14 +45,13 @@ and the attack use running statistics, so they need no synchronisation either.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..attacks.pgd import project
+from ..attacks.pgd import pgd_ascent, uniform_noise
 from ..checkpoint import unwrap
 from ..data.augment import crop_flip_view, to_float
 from ..distributed import DistContext, local_slice
@@ -65,34 +64,18 @@ from .base import CosineSettings, Method, PGDSettings, TrainSettings
 TEACHER_HINT = "train one first: enc=$(advcl pretrain --method simclr -d DATASET), then add --teacher $enc"
 
 
-@dataclass(frozen=True)
-class AttackConfig:
-    eps: float = 8 / 255
-    steps: int = 5
-    step_size: float = 2 / 255
-
-
-def random_start(x: Tensor, gen: torch.Generator) -> Tensor:
-    """U(-1, 1) shaped like ``x`` (scaled by eps in ``attack``)."""
-    return torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1
-
-
-def attack(net, x: Tensor, target: Tensor, noise: Tensor, cfg: AttackConfig, bn: str | None = None) -> Tensor:
-    """``x_adv`` pushing the student's feature away from the teacher's ``target``: PGD from
-    ``x + eps * noise`` on ``-sum cos(net(x_adv), target)``, with ``net`` in eval mode (its mode
-    is restored after)."""
+def attack(net, x: Tensor, target: Tensor, noise: Tensor, s, bn: str | None = None) -> Tensor:
+    """``x_adv`` pushing the student's feature away from the teacher's ``target``: PGD (``s``: the
+    method's settings) from ``x + eps * noise`` on ``-sum cos(net(x_adv), target)``, with ``net``
+    in eval mode (its mode is restored after)."""
     was_training = net.training
     net.eval()
     try:
-        x_adv = x + cfg.eps * noise
-        for _ in range(cfg.steps):
-            x_adv = x_adv.detach().requires_grad_(True)
-            loss = -F.cosine_similarity(net.features(x_adv, bn), target, dim=1).sum()
-            (grad,) = torch.autograd.grad(loss, [x_adv])
-            x_adv = project(x_adv.detach() + cfg.step_size * grad.sign(), x, cfg.eps)
+        (x_adv,) = pgd_ascent(lambda a: -F.cosine_similarity(net.features(a, bn), target, dim=1).sum(),
+                              (x + s.eps * noise,), (x,), s.eps, s.pgd_steps, s.pgd_step_size)
     finally:
         net.train(was_training)
-    return x_adv.detach()
+    return x_adv
 
 
 def deacl_loss(s_clean: Tensor, s_adv: Tensor, target: Tensor, adv_weight: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -142,7 +125,6 @@ class DeACL(Method):
         # the teacher's backbone with its first BN set and normalisation, no heads; frozen
         self.teacher = self.place(backbone_with_bn_set(full, self.bn)).eval().requires_grad_(False)
         self.teacher_sha256 = ckpt.sha256
-        self.cfg = AttackConfig(eps=settings.eps, steps=settings.pgd_steps, step_size=settings.pgd_step_size)
 
     def model_config(self, arch: str) -> dict:
         """The teacher's whole model config (BN set, normalisation, stem padding ...) without heads."""
@@ -162,7 +144,7 @@ class DeACL(Method):
     def views(self, batch: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """The weak view ``x`` (crop with 4-pixel padding + flip) and the attack's U(-1, 1) start."""
         x = crop_flip_view(to_float(batch), gen)
-        return x, random_start(x, gen)
+        return x, uniform_noise(x, gen)
 
     def step(self, model, batch: Tensor, indices: Tensor, gen: torch.Generator, ctx: DistContext = DistContext()):
         """The loss of one global batch: every rank draws the views and starts of all of it and
@@ -176,7 +158,7 @@ class DeACL(Method):
         self.teacher.eval()
         with torch.no_grad():
             target = self.teacher.features(x, self.bn)
-        x_adv = attack(net, x, target, noise, self.cfg, self.bn)
+        x_adv = attack(net, x, target, noise, self.settings, self.bn)
         s_clean, s_adv = net.features(torch.cat([x, x_adv]), self.bn).chunk(2)
         return deacl_loss(s_clean, s_adv, target, self.settings.adv_weight)
 

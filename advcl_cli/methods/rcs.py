@@ -47,7 +47,7 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
-from ..attacks.pgd import project
+from ..attacks.pgd import pgd_ascent, uniform_noise
 from ..checkpoint import unwrap
 from ..distributed import DistContext, broadcast_from_main, on_main
 from ..errors import UsageError
@@ -101,12 +101,9 @@ def validation_attack(net, x: Tensor, noise: Tensor, eps: float) -> Tensor:
     projection through "pgd" from the clean one through "normal" (eval mode)."""
     with torch.no_grad():
         z_clean = net.project(net.features(x, "normal"), "normal")
-    a = x + eps * noise
-    for _ in range(VAL_PGD_STEPS):
-        a = a.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(divergence(net.project(net.features(a, "pgd"), "pgd"), z_clean), [a])
-        a = project(a.detach() + VAL_PGD_STEP_SIZE * g.sign(), x, eps)
-    return a.detach()
+    (a,) = pgd_ascent(lambda a: divergence(net.project(net.features(a, "pgd"), "pgd"), z_clean), (x + eps * noise,), (x,),
+                      eps, VAL_PGD_STEPS, VAL_PGD_STEP_SIZE)
+    return a
 
 
 def validation_gradient(net, val: Tensor, batch_size: int, eps: float, gen: torch.Generator) -> Tensor:
@@ -116,8 +113,7 @@ def validation_gradient(net, val: Tensor, batch_size: int, eps: float, gen: torc
     clean, adv = [], []
     for chunk in val.split(batch_size):
         x = chunk.repeat_interleave(2, dim=0)[: len(chunk)]
-        noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1
-        a = validation_attack(net, x, noise, eps)
+        a = validation_attack(net, x, uniform_noise(x, gen), eps)
         with torch.no_grad():
             clean.append(net.features(x, "normal"))
             adv.append(net.features(a, "pgd"))
@@ -127,11 +123,11 @@ def validation_gradient(net, val: Tensor, batch_size: int, eps: float, gen: torc
 
 def batch_gradient(method, net, images: Tensor, gen: torch.Generator) -> list[Tensor]:
     """The head's gradients of ACL's loss on one candidate batch (uint8 images), eval mode."""
-    from .acl import contrastive_attack, random_start
+    from .acl import contrastive_attack
 
     s = method.settings
     x1, x2 = method.views(images, gen, next(net.parameters()).dtype)[:2]
-    a1, a2 = contrastive_attack(net, x1, x2, random_start(x1, gen), eps=s.eps, steps=s.pgd_steps,
+    a1, a2 = contrastive_attack(net, x1, x2, uniform_noise(x1, gen, count=2), eps=s.eps, steps=s.pgd_steps,
                                 step_size=s.pgd_step_size, temperature=s.temperature)
     with torch.no_grad():
         clean, adv = net.features(torch.cat([x1, x2]), "normal"), net.features(torch.cat([a1, a2]), "pgd")
@@ -196,6 +192,7 @@ class Coreset:
         self.s = settings
         self.train, self.val = split(n_images, settings.seed)
         self.selected: Tensor | None = None  # positions into the dataset
+        self.selected_at = -1  # the 0-based epoch it was selected before (a run resumed mid-epoch keeps it)
         if len(self.val) == 0:
             raise UsageError(f"--coreset needs a validation split: 1 % of {n_images} images is none",
                              "use at least 100 training images (--limit)")
@@ -219,8 +216,8 @@ class Coreset:
     def start_epoch(self, epoch: int, method, model, data, batches, ctx: DistContext) -> None:
         """Before every epoch: select when due (rank 0, broadcast), and point ``batches`` at the
         images this epoch trains on."""
-        if self.selects(epoch):
-            self.selected = self._select(epoch, method, model, data, ctx)
+        if self.selects(epoch) and self.selected_at != epoch:
+            self.selected, self.selected_at = self._select(epoch, method, model, data, ctx), epoch
         batches.use(self.selected if self.selected is not None else self.train)
 
     def _select(self, epoch: int, method, model, data, ctx: DistContext) -> Tensor:
@@ -234,8 +231,8 @@ class Coreset:
         return broadcast_from_main(out.to(device), ctx).cpu()
 
     def state(self) -> dict[str, Tensor]:
-        return {} if self.selected is None else {"selected": self.selected.clone()}
+        return {} if self.selected is None else {"selected": self.selected.clone(), "at": self.selected_at}
 
-    def load_state(self, tensors: dict) -> None:
-        if "selected" in tensors:
-            self.selected = tensors["selected"].long()
+    def load_state(self, state: dict) -> None:
+        if "selected" in state:
+            self.selected, self.selected_at = state["selected"].long(), int(state["at"])

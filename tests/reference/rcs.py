@@ -75,7 +75,7 @@ def valid_grad(model, val, gen, batch_size):
     for valid_inputs in val.split(batch_size):
         d = valid_inputs.shape[0]
         valid_inputs = torch.stack([valid_inputs, valid_inputs], 1).view(d * 2, *valid_inputs.shape[1:])[:d]
-        uniform = torch.rand(valid_inputs.shape, generator=gen, dtype=valid_inputs.dtype) * 2 - 1
+        uniform = (torch.rand(valid_inputs.shape, generator=gen) * 2 - 1).double()
         valid_inputs_adv = PGD(model, valid_inputs, uniform)
         with torch.no_grad():
             feature_val_adv.append(get_feature(model, valid_inputs_adv, "pgd"))
