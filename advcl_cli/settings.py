@@ -156,7 +156,7 @@ Precision = Annotated[Literal["auto", "bf16", "fp32"], BeforeValidator(_lower)]
 ChannelsLast = Annotated[Literal["auto", "on", "off"], BeforeValidator(_lower)]
 Resume = Annotated[Literal["off", "on", "auto"], BeforeValidator(_lower)]
 Norm = Annotated[Literal["linf", "l2"], BeforeValidator(lambda v: _lower(v).replace("-", "") if isinstance(v, str) else v)]
-Scheme = Literal["slf", "alf", "aff"]  # the finetuning schemes: their one list
+Scheme = Literal["slf", "alf", "aff", "autolora"]  # the finetuning schemes: their one list
 SCHEME_NAMES: tuple[str, ...] = typing.get_args(Scheme)
 L2_EPS = 0.5  # the L2 budget of CIFAR-sized images (RobustBench's L2 leaderboard)
 
@@ -358,7 +358,8 @@ class FinetuneSettings(DataSettings, SpeedSettings, NormSettings, TrackingSettin
 
     dataset: str | None = option(None, "Dataset to finetune on (default: the encoder's).", short="-d")
     scheme: Annotated[Scheme, BeforeValidator(_lower)] = option(
-        "slf", "slf (frozen encoder, clean images), alf (frozen encoder, PGD-10 images) or aff (whole network, TRADES).",
+        "slf", "slf (frozen encoder, clean images), alf (frozen encoder, PGD-10 images), aff (whole network, TRADES) "
+               "or autolora (AFF with a rank-8 LoRA branch for the clean loss, automatic loss weights and learning rate).",
         short="-s")
     epochs: int | None = option(None, "Epochs (default: the protocol's, see above).", ge=1)
     batch_size: int | None = option(None, "Batch size (default: the protocol's).", short="-b", ge=1)
@@ -455,7 +456,8 @@ class BenchmarkSettings(DataSettings, SpeedSettings, OutputSettings):
     limit: int | None = option(None, "Finetune on the first N training images only (smoke runs).", ge=1)
     dataset: str | None = option(None, "Dataset to finetune and evaluate on (default: each encoder's).", short="-d")
     schemes: Annotated[list[str], BeforeValidator(parse_schemes)] = option(
-        list(SCHEME_NAMES), "Finetuning schemes, comma-separated: slf, alf, aff.", short="-s", metavar="SCHEME,...")
+        ["slf", "alf", "aff"], "Finetuning schemes, comma-separated: slf, alf, aff, autolora.", short="-s",
+        metavar="SCHEME,...")
     attack: NameList = option(["autoattack"], "The attack(s) of RA (robust accuracy; the worst case over several). "
                                               "PGD-20 is always measured too.", short="-a", metavar="ATTACK")
     eps: Eps = option(8 / 255, "L-inf budget of the finetuning attacks and of RA, as 8/255 or 0.031.", metavar="EPS")

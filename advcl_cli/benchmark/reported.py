@@ -38,7 +38,7 @@ class Source(BaseModel):
 # (simclr: the non-robust baseline). The one place where the two namings meet.
 REPORTED_IDS = {
     "advcl": "advcl", "acl": "acl", "dynacl": "dynacl", "dynacl++": "dynacl++", "acl-air": "acl-air",
-    "dynacl-air": "dynacl-air", "dynacl-air++": "dynacl-air++", "deacl": "deacl", "rocl": "rocl",
+    "dynacl-air": "dynacl-air", "dynacl-air++": "dynacl-air++", "deacl": "deacl", "rocl": "rocl", "dynacl-rcs": "dynacl-rcs",
 }
 
 
@@ -77,6 +77,7 @@ class Row(BaseModel):
     slf: Numbers | None = None
     alf: Numbers | None = None
     aff: Numbers | None = None
+    autolora: Numbers | None = None
 
 
 class Reported(BaseModel):

@@ -60,7 +60,7 @@ def protocol_help() -> str:
 
     def one(key: str, value) -> str:
         if key == "milestones":
-            return ",".join(map(str, value))
+            return ",".join(map(str, value)) or "none"
         if key == "dual_bn":
             return "on (clean images through the normal BN set, adversarial ones through pgd)" if value else "off"
         return str(value)

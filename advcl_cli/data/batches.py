@@ -17,6 +17,8 @@ class Batches:
     same ones. With ``drop_last=False`` the last, smaller batch is kept, unless it has fewer
     than ``min_last`` images or does not divide into ``ranks`` equal shares: then it is dropped.
     Fewer images than one batch are an error with ``drop_last`` or ``require_full``.
+    ``use(positions)`` restricts the batches to those images of ``data`` (RCS's coreset; the
+    indices yielded stay positions in ``data``).
     """
 
     def __init__(
@@ -31,22 +33,30 @@ class Batches:
         min_last: int = 1,
         require_full: bool | None = None,
     ):
-        n = len(data)
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}", "pass a positive --batch-size")
-        if (drop_last if require_full is None else require_full) and n < batch_size:
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.shuffle = shuffle
+        self.rules = (drop_last, ranks, min_last, drop_last if require_full is None else require_full)
+        self.epoch = 0
+        self.use(None)
+
+    def use(self, positions: torch.Tensor | None) -> None:
+        """Batch only the images at ``positions`` of the data (None: all of them)."""
+        self.positions = None if positions is None else positions.to(self.data.images.device)
+        n = len(self.data) if positions is None else len(positions)
+        drop_last, ranks, min_last, require_full = self.rules
+        if require_full and n < self.batch_size:
             raise DataError(
-                f"dataset {data.name!r} has {n} images, fewer than one batch of {batch_size}",
+                f"dataset {self.data.name!r} has {n} images, fewer than one batch of {self.batch_size}",
                 f"use a smaller --batch-size (at most {n})",
             )
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        rest = n % batch_size
-        self.shuffle = shuffle
+        rest = n % self.batch_size
+        self.n = n
         self.drop_last = drop_last or (rest > 0 and (rest < min_last or rest % ranks != 0))
-        self.epoch = 0
         if len(self) == 0:
             raise DataError(
-                f"dataset {data.name!r} has {n} images: no batch of at least {min_last} that divides among {ranks} processes",
+                f"dataset {self.data.name!r} has {n} images: no batch of at least {min_last} that divides among {ranks} processes",
                 "use more images (--limit) or fewer processes",
             )
 
@@ -54,18 +64,18 @@ class Batches:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        n, b = len(self.data), self.batch_size
+        n, b = self.n, self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
     def order(self) -> torch.Tensor:
-        """This epoch's permutation of all indices, on the data's device."""
-        n = len(self.data)
+        """This epoch's permutation of the images' positions, on the data's device."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            perm = torch.randperm(n, generator=g)
+            perm = torch.randperm(self.n, generator=g)
         else:
-            perm = torch.arange(n)
-        return perm.to(self.data.images.device)
+            perm = torch.arange(self.n)
+        perm = perm.to(self.data.images.device)
+        return perm if self.positions is None else self.positions[perm]
 
     def __iter__(self):
         return self.from_step(0)

@@ -69,6 +69,8 @@ PROTOCOL: dict[str, dict[str, Any]] = {  # the RobustSSL benchmark's defaults (R
     "slf": {"epochs": 25, "batch_size": 512, "lr": 0.01, "milestones": [15, 20]},
     "alf": {"epochs": 25, "batch_size": 512, "lr": 0.01, "milestones": [15, 20]},
     "aff": {"epochs": 25, "batch_size": 128, "lr": 0.1, "milestones": [15, 20], "dual_bn": False},
+    # AutoLoRa.py --autolora: AFF's batch, 50 epochs, the rate from 0.1 set automatically, one BN set
+    "autolora": {"epochs": 50, "batch_size": 128, "lr": 0.1, "milestones": [], "dual_bn": False},
 }
 FILLED = ("epochs", "batch_size", "lr", "milestones")
 
@@ -108,7 +110,8 @@ def default_run_dir(settings, parent: Checkpoint) -> Path:
 
 class Scheme:
     """What a scheme trains and how one batch's loss is computed; ``frozen`` schemes train the
-    head only. ``steps``/``step_size``/``eps``/``beta`` come from the settings."""
+    head only. ``steps``/``step_size``/``eps``/``beta`` come from the settings. A scheme with
+    state of its own between steps (AutoLoRa) also uses the hooks below ``final``."""
 
     name = ""
     frozen = True
@@ -133,6 +136,30 @@ class Scheme:
 
     def _head_loss(self, model, x, y, precision, device):
         return head_loss(model, x, y, precision, device)
+
+    def prepare(self, model):
+        """The model to train, before the optimizer exists (AutoLoRa adds its branch)."""
+        return model
+
+    def begin(self, train, steps: int, precision, device):
+        """The learning-rate schedule of a run on ``train`` (ImageData) with ``steps`` per epoch."""
+        return MultiStep(self.s.lr, tuple(self.s.milestones))
+
+    def start_epoch(self, model, epoch: int) -> None:
+        """Before every epoch (0-based)."""
+
+    def after_step(self, model) -> None:
+        """After every optimizer step."""
+
+    def end_epoch(self, model, done: int, robust_acc) -> None:
+        """After epoch ``done`` (1-based); ``robust_acc()`` gives the validation PGD-20 accuracy."""
+
+    def state(self) -> dict:
+        """What a resumed run needs of the scheme (kept in the resume state)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Restore what ``state`` returned."""
 
 
 class SLF(Scheme):
@@ -171,6 +198,52 @@ class AFF(Scheme):
         if net.config.bn_sets == ("normal", "pgd"):
             return _keep_set(net, "pgd")
         return model
+
+
+class AutoLoRa(Scheme):
+    """AFF with a LoRA branch, automatic loss weights and learning rate (``engine.autolora``)."""
+
+    name = "autolora"
+    frozen = False
+
+    def prepare(self, model):
+        from .autolora import LoRA
+
+        model.lora = LoRA(model.backbone)
+        return model
+
+    def begin(self, train, steps, precision, device):
+        from .autolora import AutoLoRaRun
+
+        self.run, self.precision, self.device = AutoLoRaRun(self.s, train.images, train.labels, steps), precision, device
+        return self.run.schedule
+
+    def loss(self, model, x, y, gen, precision, device):
+        from .autolora import adversary, autolora_loss
+
+        with autocast(precision, device):
+            x_adv = adversary(model, x, y, self.s, gen)
+            model.train()
+            return autolora_loss(model, x, y, x_adv, self.run.l1, self.run.l2)
+
+    def start_epoch(self, model, epoch):
+        self.run.start_epoch(epoch, model, self.precision, self.device)
+
+    def after_step(self, model):
+        self.run.after_step(model, self.precision, self.device)
+
+    def end_epoch(self, model, done, robust_acc):
+        self.run.end_epoch(model, done, robust_acc())
+
+    def final(self, model):
+        net = unwrap(model)
+        return _keep_set(net, net.config.bn_sets[0])  # the backbone without its LoRA branch
+
+    def state(self):
+        return self.run.state()
+
+    def load_state(self, state):
+        self.run.load_state(state)
 
 
 def head_loss(model, x, y, precision, device, bn: str | None = None):
@@ -220,7 +293,7 @@ def _keep_set(net, bn: str):
     return single.to(next(net.parameters()).device)
 
 
-SCHEMES = {cls.name: cls for cls in (SLF, ALF, AFF)}
+SCHEMES = {cls.name: cls for cls in (SLF, ALF, AFF, AutoLoRa)}
 
 
 def build_classifier(parent: Checkpoint, data, scheme: Scheme, reporter: Reporter | None = None):
@@ -302,8 +375,11 @@ def load_splits(settings, dataset: str, life: Lifecycle):
 
 def build_finetuning(settings, parent: Checkpoint, full, scheme: Scheme, life: Lifecycle):
     """The classifier (frozen backbone for SLF/ALF) and its SGD, restored on resume, compiled."""
+    if scheme.name == "autolora" and life.ctx.enabled:
+        raise UsageError("--scheme autolora runs in one process (its learning rate follows rank 0's validation)",
+                         "run it without torchrun")
     torch.manual_seed(settings.seed)
-    model = life.runtime.place(build_classifier(parent, full, scheme, life.reporter))
+    model = life.runtime.place(scheme.prepare(build_classifier(parent, full, scheme, life.reporter)))
     if scheme.frozen:
         model.backbone.requires_grad_(False)
     else:  # before the optimizer exists: with several processes it swaps the BN modules
@@ -318,10 +394,10 @@ class Finetuning:
     """Finetuning's end of epoch (rank 0: the validation pick, the metrics line, the resume state)
     and its end (the kept model evaluated on the test split and saved)."""
 
-    def __init__(self, settings, parent: Checkpoint, scheme: Scheme, life: Lifecycle, model, optimizer, full, val, test,
-                 places: tuple[str, str | None]):
+    def __init__(self, settings, parent: Checkpoint, scheme: Scheme, life: Lifecycle, model, optimizer, full, train, val,
+                 test, places: tuple[str, str | None]):
         self.s, self.parent, self.scheme, self.life = settings, parent, scheme, life
-        self.model, self.optimizer, self.val, self.test = model, optimizer, val, test
+        self.model, self.optimizer, self.train, self.val, self.test = model, optimizer, train, val, test
         self.places = places  # (the dataset finetuned on, the one the encoder was pretrained on), for the protocol
         self.out_file = life.run.artifact(CLASSIFIER_FILE)
         self.extra = dict(life.extra) if life.state is not None else {"parent": parent.sha256}
@@ -342,13 +418,17 @@ class Finetuning:
             return
         if self.val is not None:
             self.select(done, metrics)
+        # AutoLoRa's learning rate: PGD-20 on the held-out split, else on the training split (the authors')
+        self.scheme.end_epoch(self.model, done, lambda: metrics["val_pgd20_acc"] if self.val is not None else self.evaluate(
+            self.scheme.final(self.model), self.train)["robust"][0]["robust_acc"])
         self.life.run.append_metrics(metrics)
         self.life.run.save_state(**self.state_of(done))
 
     def state_of(self, done: int) -> dict:
         """The resume state after ``done`` epochs (``RunDir.save_state``'s arguments)."""
+        own = self.scheme.state()  # AutoLoRa's learning rate and best state
         return dict(model=self.model, optimizer=self.optimizer, epoch=done, total_epochs=self.s.epochs,
-                    config=self.life.config, extra=self.extra)
+                    config=self.life.config, extra={**self.extra, **({"scheme": own} if own else {})})
 
     def select(self, done: int, metrics: dict) -> None:
         """The held-out split's clean and PGD-20 accuracy; the best epoch's classifier is saved."""
@@ -414,13 +494,17 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
         # every rank walks the same global batches and keeps its slice; with several processes the
         # last partial batch is dropped so that every rank gets an equal share
         batches = Batches(train, settings.batch_size, seed=settings.seed, drop_last=life.ctx.enabled)
+        schedule = scheme.begin(train, len(batches), life.runtime.precision, life.device)
+        if life.state is not None:
+            scheme.load_state(life.extra.get("scheme", {}))
         life.begin()
-        job = Finetuning(settings, parent, scheme, life, model, optimizer, full, val, test, (dataset, source))
+        job = Finetuning(settings, parent, scheme, life, model, optimizer, full, train, val, test, (dataset, source))
         loop = life.loop(
-            model=model, optimizer=optimizer, batches=batches, schedule=MultiStep(settings.lr, tuple(settings.milestones)),
+            model=model, optimizer=optimizer, batches=batches, schedule=schedule,
             step=supervised_step(lambda x, y, gen: scheme.loss(model, x, y, gen, life.runtime.precision, life.device),
                                  life.ctx),
             name=f"finetune {scheme.name}", last_good=lambda: f"the last good state is in {run.state_path}",
+            before_epoch=lambda epoch: scheme.start_epoch(model, epoch), after_step=lambda: scheme.after_step(model),
         )
         held = f", {len(val)} held out for selection" if val is not None else ""
         life.banner("finetuning", f"{scheme.name.upper()} of {parent.path} on {full.name} ({len(train)} images{held}), "

@@ -4,7 +4,8 @@ Per epoch: the batches' order and a random stream are functions of (seed, epoch)
 resumed run draws what an uninterrupted one does; ``before_epoch(epoch)`` runs first. Per step:
 the rate from the schedule (``lr(epoch, step, steps)``), ``step(images, labels, indices, gen)``
 under autocast returns the loss and its parts, then backward, the gradient all-reduce, the
-optimizer step and ``after_step()``. The parts are summed on the device and read once per
+optimizer step and ``after_step()``. The steps of an epoch are counted after ``before_epoch``,
+which may change the batches (RCS's coreset). The parts are summed on the device and read once per
 logging interval, where the NaN/inf guard is checked too (no device sync per step). The
 epoch's metrics (means of the parts, the last rate, images/s, seconds) go to ``end_epoch``.
 
@@ -59,6 +60,7 @@ class Loop:
         for epoch in range(start, epochs):
             self.batches.set_epoch(epoch)
             self.before_epoch(epoch)
+            steps = len(self.batches)  # RCS's coreset changes it after the warm-up
             gen = epoch_generator(self.seed, epoch, self.device)
             guard, sums, images_seen, first, seconds = FiniteGuard(), {}, 0, 0, 0.0
             if at is not None and epoch == start:

@@ -31,6 +31,7 @@ from ..data.batches import Batches
 from ..data.registry import num_classes_of
 from ..errors import UsageError, require_file
 from ..methods import get_method
+from ..methods.rcs import Coreset
 from ..models import create_model
 from ..pseudolabels import load_labels
 from ..distributed import prepare_model
@@ -134,6 +135,7 @@ class EncoderSaver:
                                  eps=None if without_attack(settings) else method.eps, config=config, parent=parent)
         self.extra = {"runtime": config["runtime"], "inputs": input_digests(settings)}
         self.monitor = None  # the kNN monitor of --monitor-every (``engine.monitor``)
+        self.coreset = None  # RCS's coreset of --coreset (``methods.rcs``): its selection is in the state
 
     def end_epoch(self, done: int, metrics: dict) -> None:
         if self.life.is_main:
@@ -144,7 +146,8 @@ class EncoderSaver:
     def state_of(self, done: int) -> dict:
         """The resume state after ``done`` epochs (``RunDir.save_state``'s arguments)."""
         return dict(model=self.model, optimizer=self.optimizer, epoch=done, total_epochs=self.settings.epochs,
-                    config=self.life.config, extra={**self.extra, "method": self.method.state()})
+                    config=self.life.config, extra={**self.extra, "method": self.method.state(),
+                                                    **({"coreset": self.coreset.state()} if self.coreset else {})})
 
     def save(self, done: int, metrics: dict) -> None:
         final = done == self.settings.epochs
@@ -216,19 +219,29 @@ def pretrain(settings, reporter: Reporter | None = None, *, resume: bool | str |
         # has a single image (batch norm needs two) or does not divide among the processes
         batches = Batches(data, settings.batch_size, seed=settings.seed, drop_last=settings.drop_last,
                           ranks=life.ctx.world_size, min_last=2, require_full=True)
+        coreset = Coreset(settings, len(data)) if getattr(settings, "coreset", None) else None
+        if coreset is not None and life.state is not None:
+            coreset.load_state(life.extra.get("coreset", {}))
         life.begin()
         saver = EncoderSaver(settings, life, method, model, optimizer, data.name)
-        saver.monitor = monitor
+        saver.monitor, saver.coreset = monitor, coreset
+
+        def start_epoch(epoch: int) -> None:
+            method.start_epoch(epoch)
+            if coreset is not None:
+                coreset.start_epoch(epoch, method, model, data, batches, life.ctx)
         schedule = method.schedule()
         warn_warmup_only(settings, schedule, life)
         loop = life.loop(
             model=model, optimizer=optimizer, batches=batches, schedule=schedule, name="pretrain",
             step=lambda images, labels, indices, gen: method.step(model, images, indices, gen, life.ctx),
-            before_epoch=method.start_epoch, after_step=lambda: method.after_step(model), last_good=lambda: saver.note,
+            before_epoch=start_epoch, after_step=lambda: method.after_step(model), last_good=lambda: saver.note,
         )
         life.banner("training", f"{settings.method} on {data.name} ({len(data)} images), {settings.arch}, "
                                 f"{plural(settings.epochs, 'epoch')} of {plural(len(batches), 'step')}, "
                                 f"batch {settings.batch_size}")
+        if coreset is not None:
+            life.reporter.log(coreset.describe(settings.epochs))
         model.train()
         life.train(loop, 0, settings.epochs, saver.end_epoch, saver.state_of)
         if life.start == settings.epochs and life.is_main:  # the last epoch's state was saved, its encoder not yet

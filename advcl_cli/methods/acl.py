@@ -42,6 +42,7 @@ from ..optim import CosineAnnealing
 from ..settings import option, with_defaults
 from .base import Method, PGDSettings, TrainSettings
 from .losses import nt_xent
+from .rcs import CoresetSettings
 
 BN_SETS = ("normal", "pgd")
 
@@ -80,6 +81,7 @@ class ACL(Method):
 
     name = "acl"
     summary = "ACL (Jiang et al., NeurIPS 2020), dual stream: clean + adversarial NT-Xent, BN sets normal/pgd"
+    aliases = ("acl-rcs",)  # trained on an RCS coreset (--coreset)
     finetune_protocol = {  # the RobustSSL benchmark's ACL settings (its setup_hyperparameter)
         "slf": {**LINEAR, "lr": {"cifar100": 0.05, "*": 0.01}},
         "alf": {**LINEAR, "lr": {"cifar100": 0.05, "*": 0.01}},
@@ -87,9 +89,14 @@ class ACL(Method):
     }
 
     class Settings(with_defaults(TrainSettings, "ACLTraining", optimizer="lars", lr=5.0, weight_decay=1e-6,
-                                 warmup_epochs=10), PGDSettings):
+                                 warmup_epochs=10), PGDSettings, CoresetSettings):
         temperature: float = option(0.5, "NT-Xent temperature.", gt=0)
         min_lr: float = option(1e-6, "The cosine decays to this learning rate.", ge=0)
+
+    @property
+    def checkpoint_name(self) -> str:
+        """ACL and DynACL trained on an RCS coreset record "acl-rcs" / "dynacl-rcs"."""
+        return f"{self.name}-rcs" if self.settings.coreset else self.name
 
     def model_config(self, arch: str) -> dict:
         dim = ModelConfig(arch).feature_dim  # the projection head stays at the feature width (512)

@@ -84,7 +84,7 @@ def ema_update(k: torch.nn.Module, q: torch.nn.Module, decay: float) -> None:
 class DynACL(ACL):
     name = "dynacl"
     summary = "DynACL (Luo et al., ICLR 2023): ACL with annealed views and a momentum encoder (DynACL++: advcl lpaft)"
-    aliases = ("dynacl++", "dynacl-air++")  # their encoders finetune as DynACL's
+    aliases = ("dynacl++", "dynacl-air++", "dynacl-rcs")  # their encoders finetune as DynACL's
     finetune_protocol = {  # the RobustSSL benchmark's DynACL(++) settings: ACL's SLF/ALF, AFF at batch 128
         "slf": ACL.finetune_protocol["slf"],
         "alf": ACL.finetune_protocol["alf"],

@@ -47,6 +47,20 @@ class PGDRoute(nn.Module):
         return self.fc(self.encoder.backbone(x, self.route))
 
 
+
+def ascend(loss_of, x_natural, x_adv, step_size, epsilon, perturb_steps):
+    """The benchmark's TRADES-style loop: signed steps on ``loss_of(x_adv)``, min/max onto the
+    eps-ball around ``x_natural``, clamp to [0, 1]; clamped once more at the end."""
+    for _ in range(perturb_steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss = loss_of(x_adv)
+        grad = torch.autograd.grad(loss, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x_natural - epsilon), x_natural + epsilon)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    return torch.clamp(x_adv, 0.0, 1.0).detach()
+
 def train_head_step(model, inputs, targets):
     """One iteration of ``train_head``; returns the loss."""
     model.eval()
@@ -63,17 +77,8 @@ def trades_loss(model, x_natural, y, step_size=2 / 255, epsilon=8 / 255, perturb
     batch_size = len(x_natural)
     criterion_kl = nn.KLDivLoss(reduction="sum")
     model.eval()
-    x_adv = x_natural.detach()
-    for _ in range(perturb_steps):
-        x_adv.requires_grad_()
-        with torch.enable_grad():
-            model.eval()
-            loss_kl = criterion_kl(F.log_softmax(model(x_adv), dim=1), F.softmax(model(x_natural), dim=1))
-        grad = torch.autograd.grad(loss_kl, [x_adv])[0]
-        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
-        x_adv = torch.min(torch.max(x_adv, x_natural - epsilon), x_natural + epsilon)
-        x_adv = torch.clamp(x_adv, 0.0, 1.0)
-    x_adv = torch.clamp(x_adv, 0.0, 1.0).detach()
+    x_adv = ascend(lambda z: criterion_kl(F.log_softmax(model.eval()(z), dim=1), F.softmax(model(x_natural), dim=1)),
+                   x_natural, x_natural.detach(), step_size, epsilon, perturb_steps)
     model.train()
     logits = model(x_natural)
     loss = F.cross_entropy(logits, y)
