@@ -42,7 +42,7 @@ else:  # pragma: no cover
 
 ENV_PREFIX = "ADVCL_"
 # variables read outside the settings models
-OTHER_ENV = {"ADVCL_CONFIG", "ADVCL_DEBUG", "ADVCL_DIST_TIMEOUT"}
+OTHER_ENV = {"ADVCL_CONFIG", "ADVCL_DEBUG", "ADVCL_DIST_TIMEOUT", "ADVCL_FAULT_AT_STEP"}  # the last: a test hook (engine.stop)
 Warn = Callable[[str], None]
 
 
