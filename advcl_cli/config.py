@@ -39,7 +39,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ENV_PREFIX = "ADVCL_"
-OTHER_ENV = {"ADVCL_CONFIG", "ADVCL_DEBUG", "ADVCL_DIST_TIMEOUT"}  # read outside the models
+# variables read outside the settings models (the last: a test hook, engine.stop)
+OTHER_ENV = {"ADVCL_CONFIG", "ADVCL_DEBUG", "ADVCL_DIST_TIMEOUT", "ADVCL_FAULT_AT_STEP"}
 STORED = "the stored settings of the run"
 Warn = Callable[[str], None]
 

@@ -74,7 +74,11 @@ def init_distributed(device: torch.device) -> DistContext:
     if owner:
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=int(os.environ.get("ADVCL_DIST_TIMEOUT", "600")))
-        dist.init_process_group(backend=backend, timeout=timeout)
+        # the keys of this attempt only: torchrun's agent keeps one store across --max-restarts,
+        # where a restarted rank could read a dead one's address (and wait for it until the timeout)
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"advcl/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
     host = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None  # every rank makes it, in step
     return DistContext(rank=rank, world_size=world, local_rank=local, owner=owner, host_group=host)
 
