@@ -484,7 +484,7 @@ def finetune(settings, parent: Checkpoint, reporter: Reporter | None = None, *, 
     scheme = SCHEMES[settings.scheme](settings, dual_bn=dual_bn)
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(CLASSIFIER_FILE,), verb="finetune")
     check_derived(run, parent, dataset, "finetunes")
-    with Lifecycle(settings, run, reporter, resume=resume, force=force, may_change=settings.resume_may_change()) as life:
+    with Lifecycle(settings, run, reporter, resume=resume, force=force) as life:
         if life.state is not None:
             check_parent(life.state, parent.sha256, run, "finetunes")
         if life.finished(needs="final"):

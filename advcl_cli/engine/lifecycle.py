@@ -2,7 +2,7 @@
 
 In order: device and precision (``Runtime``) -> the process group -> the run folder locked and
 checked (``open_run``) -> on resume the stored settings compared (``check_resume_config``, the one
-use of the engine's ``may_change`` set) -> "already finished" (``finished``/``finished_result``) ->
+use of the settings' ``resume_may_change`` rule) -> "already finished" (``finished``/``finished_result``) ->
 the engine builds its data, model and optimizer -> ``restore`` -> ``begin`` (the folder created or
 cleared) -> the start banner -> the epochs (``loop`` makes the shared ``Loop``) -> the process group
 left when the ``with`` block ends normally. Each engine keeps only what differs: its checks, its
@@ -40,8 +40,7 @@ class Lifecycle:
     """The shared start and end of one training run in ``run`` (a ``RunDir``); ``reporter`` is
     silenced on every rank but 0. Use as a context manager: a normal exit leaves the process group."""
 
-    def __init__(self, settings, run: RunDir, reporter: Reporter | None, *, resume: bool | str | None, force: bool,
-                 may_change: set[str]):
+    def __init__(self, settings, run: RunDir, reporter: Reporter | None, *, resume: bool | str | None, force: bool):
         """``resume`` None: the settings' ``resume`` (off, on, auto)."""
         self.settings, self.run = settings, run
         if resume is None:
@@ -53,7 +52,7 @@ class Lifecycle:
         self.state = open_run(run, self.ctx, batch_size=settings.batch_size, resume=resume, force=force)
         self.position = None  # where a mid-epoch state stopped
         if self.state is not None:
-            check_resume_config(self.state["config"], self.config, may_change)
+            check_resume_config(self.state["config"], self.config, settings.resume_may_change())
             self.position = self.state["extra"].pop("position", None)
         self.start = 0  # epochs done before this process trains (``restore``)
         self.metrics: dict = {}  # the last finished epoch's metrics (``loop``'s end of epoch)

@@ -189,7 +189,7 @@ def lpaft(settings, parent: Checkpoint, reporter: Reporter | None = None, *, res
     bn, keep, cluster_bn = bn_routes(encoder.config.bn_sets, settings)
     run = RunDir(settings.out or default_run_dir(settings, parent), artifacts=(ENCODER_FILE, LABELS_FILE), verb="lpaft")
     check_derived(run, parent, dataset, "post-processes")
-    with Lifecycle(settings, run, reporter, resume=resume, force=force, may_change=settings.resume_may_change()) as life:
+    with Lifecycle(settings, run, reporter, resume=resume, force=force) as life:
         if life.state is not None:
             check_parent(life.state, parent.sha256, run, "post-processes")
         if life.finished():

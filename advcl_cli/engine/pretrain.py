@@ -196,7 +196,7 @@ def warn_warmup_only(settings, schedule, life: Lifecycle) -> None:
 def pretrain(settings, reporter: Reporter | None = None, *, resume: bool | str | None = None, force: bool = False) -> RunResult:
     run = RunDir(settings.out or default_run_dir(settings), artifacts=(ENCODER_FILE,), verb="pretrain")
     check_paths(settings, run)
-    with Lifecycle(settings, run, reporter, resume=resume, force=force, may_change=settings.resume_may_change()) as life:
+    with Lifecycle(settings, run, reporter, resume=resume, force=force) as life:
         if without_attack(settings):
             life.reporter.warn(f"--pgd-steps 0: {settings.method} trains without adversarial examples, so the encoder "
                                "will not be robust and records no eps (use --pgd-steps 1 or more, the paper uses 5)")
