@@ -353,14 +353,20 @@ MONITOR_HELP = ("Every N epochs (and after the last), the encoder's weighted kNN
                 "benchmarks/knn_monitor.py).")
 
 
+class MethodSettings(CheckedModel):
+    """The pretraining method: a group of its own, the last base of ``PretrainSettings``, so that it
+    is validated before the groups whose checks name it (``--norm l2`` is refused for the method)."""
+
+    method: Name = option("advcl", "The pretraining method (see the method panels below).", short="-m")
+
+
 @defaults(dataset="cifar10")
-class PretrainSettings(DataSettings, SpeedSettings, NormSettings, TrackingSettings, RunFolderSettings):
+class PretrainSettings(DataSettings, SpeedSettings, NormSettings, TrackingSettings, RunFolderSettings, MethodSettings):
     """What every pretraining run has; the method's own settings (``methods.base.TrainSettings``
     and its options) are added to these in one model per method (``methods.settings_model``)."""
 
     section: ClassVar[str] = "pretrain"
 
-    method: Name = option("advcl", "The pretraining method (see the method panels below).", short="-m")
     arch: str = option("resnet18", "resnet18, resnet34, resnet50, preact-resnet18, wrn-28-10, wrn-34-10, or any of them "
                                    "with -tiny (a slim test width).")
     save_every: int = option(50, "Save the encoder every N epochs (the resume state is saved every epoch).", ge=1,
@@ -371,10 +377,10 @@ class PretrainSettings(DataSettings, SpeedSettings, NormSettings, TrackingSettin
 
     @field_validator("norm")
     @classmethod
-    def _linf_only(cls, norm: str) -> str:
-        if norm != "linf":  # norm comes from its group, before method: the message names no method
-            raise ValueError("every pretraining method is defined under the L-inf threat model only (its paper's "
-                             "attack); pretrain with linf, then finetune or evaluate with --norm l2")
+    def _linf_only(cls, norm: str, info: ValidationInfo) -> str:
+        if norm != "linf":
+            raise ValueError(f"{info.data.get('method', 'the method')} is defined under the L-inf threat model only "
+                             "(its paper's attack); pretrain with linf, then finetune or evaluate with --norm l2")
         return norm
 
 
