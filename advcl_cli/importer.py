@@ -319,6 +319,93 @@ def _infer_arch(mapped: dict[str, torch.Tensor], path: Path) -> str:
     return arch
 
 
+@dataclass
+class _Mapped:
+    """The published encoder's tensors under advcl's names, and what did not map."""
+
+    tensors: dict[str, torch.Tensor]
+    sources: dict[str, str]  # our name -> the published key
+    norm: dict[str, torch.Tensor]  # the file's normalize.mean / .std
+    unmatched: list[str]
+    twice: list[str]
+    indices: set[int]  # the batch-norm set indices (bn_list.i) seen
+    unindexed: bool  # a batch norm without a set index seen
+
+
+def _map_encoder(encoder: dict[str, torch.Tensor], src, dropped: dict[str, str], stray: list[str]) -> _Mapped:
+    """Each published key renamed by ``src``'s layout (those it drops go to ``dropped``)."""
+    m = _Mapped({}, {}, {}, list(stray), [], set(), False)
+    for key, value in encoder.items():
+        drop = next(((k, why) for k, why in src.dropped if key == k or (k.endswith(".") and key.startswith(k))), None)
+        if drop is not None:
+            dropped[drop[0] + "*" if drop[0].endswith(".") else drop[0]] = drop[1]
+        elif key in NORMALIZE:
+            m.norm[NORMALIZE[key]] = value
+        else:
+            new, index, is_bn = _resolve(key, src)
+            if is_bn and index is None:
+                m.unindexed = True
+            elif is_bn:
+                m.indices.add(int(index))
+            if new is None:
+                m.unmatched.append(key)
+            elif new in m.tensors:
+                m.twice.append(f"{new} ({m.sources[new]}, {key})")
+            else:
+                m.tensors[new], m.sources[new] = value, key
+    return m
+
+
+def _model_config(m: _Mapped, src, path: Path, read_as: str) -> dict:
+    """The ModelConfig the mapped tensors follow (anything left over is refused later)."""
+    if m.indices and m.unindexed:
+        raise CheckpointError(f"{path} mixes batch norms with and without a set index (bn_list.i); {read_as}")
+    if m.indices and max(m.indices) >= len(src.bn_sets):
+        raise CheckpointError(
+            f"{path} has {max(m.indices) + 1} batch-norm sets (bn_list.0-{max(m.indices)}); {src.method}'s layout has "
+            f"{len(src.bn_sets)} ({', '.join(src.bn_sets)})",
+            "an AdvCL checkpoint has 3: --from advcl" if max(m.indices) == 2 else "is --from right?")
+    config = {
+        "arch": _infer_arch(m.tensors, path),
+        "bn_sets": tuple(src.bn_sets[: max(m.indices) + 1]) if m.indices else (src.single_bn,),
+        "pseudo_ks": tuple(sorted(int(x.group(1)) for k in m.tensors if (x := re.fullmatch(r"pseudo\.k(\d+)\.weight", k)))),
+        "stem_padding": src.stem_padding,
+    }
+    if "proj.fc3.weight" in m.tensors:
+        config.update(proj_dim=int(m.tensors["proj.fc3.weight"].shape[0]), proj_head="mlp3")
+    elif "proj.net.3.weight" in m.tensors:
+        config.update(proj_dim=int(m.tensors["proj.net.3.weight"].shape[0]), proj_head="mlp2")
+    return config
+
+
+def _check_complete(m: _Mapped, config: dict, path: Path, read_as: str, chosen: bool) -> None:
+    """Every tensor of the model mapped once, in its shape and type, and nothing else; the
+    tensors the model does not have move from ``m.tensors`` to ``m.unmatched``."""
+    want = expected_tensors(ModelConfig(**config))
+    m.unmatched += [m.sources.pop(k) for k in [k for k in m.tensors if k not in want]]
+    m.tensors = {k: v for k, v in m.tensors.items() if k in want}
+    missing = sorted(set(want) - set(m.tensors))
+    wrong = sorted(f"{k} {tuple(v.shape)} != {tuple(want[k].shape)}" for k, v in m.tensors.items()
+                   if tuple(v.shape) != tuple(want[k].shape))
+    dtypes = wrong_dtypes({m.sources[k]: v.dtype for k, v in m.tensors.items()}, {m.sources[k]: want[k] for k in m.tensors})
+    if m.unmatched or missing or wrong or m.twice or dtypes:
+        parts = [f"{label}: {_listed(keys)}" for label, keys in (
+            ("unmatched", sorted(m.unmatched)), ("missing", missing), ("wrong shape", wrong),
+            ("wrong type", dtypes), ("mapped twice", sorted(m.twice))) if keys]
+        hint = ("every tensor must map; if another method made it, say which with --from" if not chosen
+                else "every tensor must map; is --from right? without it the layout is detected from the keys")
+        raise CheckpointError(f"{path} does not map onto an advcl {config['arch']} encoder ({read_as}); "
+                              + "; ".join(parts), hint)
+
+
+def _dropped_note(dropped: dict[str, str]) -> str:
+    """``dropped a, b (why); c (why)``: the dropped keys grouped by reason."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in dropped.items():
+        by_reason.setdefault(why, []).append(name)
+    return "dropped " + "; ".join(f"{', '.join(names)} ({why})" for why, names in by_reason.items())
+
+
 def import_original(path: str | Path, out: str | Path, *, dataset: str = "cifar10", eps: float = 8 / 255,
                     source: str | None = None, notes: list[str] | None = None) -> Path:
     """Convert the published checkpoint at ``path`` into an encoder checkpoint at ``out``;
@@ -331,74 +418,19 @@ def import_original(path: str | Path, out: str | Path, *, dataset: str = "cifar1
     encoder, dropped, stray, network = split_networks(state)
     src = chosen or detect(list(encoder), network, path, dropped)
 
-    mapped: dict[str, torch.Tensor] = {}
-    sources: dict[str, str] = {}  # our name -> the published key
-    norm: dict[str, torch.Tensor] = {}
-    unmatched, twice, indices, unindexed = list(stray), [], set(), False
-    for key, value in encoder.items():
-        drop = next(((k, why) for k, why in src.dropped if key == k or (k.endswith(".") and key.startswith(k))), None)
-        if drop is not None:
-            dropped[drop[0] + "*" if drop[0].endswith(".") else drop[0]] = drop[1]
-        elif key in NORMALIZE:
-            norm[NORMALIZE[key]] = value
-        else:
-            new, index, is_bn = _resolve(key, src)
-            if is_bn and index is None:
-                unindexed = True
-            elif is_bn:
-                indices.add(int(index))
-            if new is None:
-                unmatched.append(key)
-            elif new in mapped:
-                twice.append(f"{new} ({sources[new]}, {key})")
-            else:
-                mapped[new], sources[new] = value, key
+    m = _map_encoder(encoder, src, dropped, stray)
     how = "--from " + src.method if chosen else "detected from its keys"
     read_as = f"read as {src.layout} layout ({src.method}, {how})"
-    if indices and unindexed:
-        raise CheckpointError(f"{path} mixes batch norms with and without a set index (bn_list.i); {read_as}")
-    if indices and max(indices) >= len(src.bn_sets):
-        raise CheckpointError(
-            f"{path} has {max(indices) + 1} batch-norm sets (bn_list.0-{max(indices)}); {src.method}'s layout has "
-            f"{len(src.bn_sets)} ({', '.join(src.bn_sets)})",
-            "an AdvCL checkpoint has 3: --from advcl" if max(indices) == 2 else "is --from right?")
-    config = {  # the model follows what mapped; anything left over is listed below
-        "arch": _infer_arch(mapped, path),
-        "bn_sets": tuple(src.bn_sets[: max(indices) + 1]) if indices else (src.single_bn,),
-        "pseudo_ks": tuple(sorted(int(m.group(1)) for k in mapped if (m := re.fullmatch(r"pseudo\.k(\d+)\.weight", k)))),
-        "stem_padding": src.stem_padding,
-    }
-    if "proj.fc3.weight" in mapped:
-        config.update(proj_dim=int(mapped["proj.fc3.weight"].shape[0]), proj_head="mlp3")
-    elif "proj.net.3.weight" in mapped:
-        config.update(proj_dim=int(mapped["proj.net.3.weight"].shape[0]), proj_head="mlp2")
-    want = expected_tensors(ModelConfig(**config))
-    unmatched += [sources.pop(k) for k in [k for k in mapped if k not in want]]
-    mapped = {k: v for k, v in mapped.items() if k in want}
-    missing = sorted(set(want) - set(mapped))
-    wrong = sorted(f"{k} {tuple(v.shape)} != {tuple(want[k].shape)}" for k, v in mapped.items()
-                   if tuple(v.shape) != tuple(want[k].shape))
-    dtypes = wrong_dtypes({sources[k]: v.dtype for k, v in mapped.items()}, {sources[k]: want[k] for k in mapped})
-    if unmatched or missing or wrong or twice or dtypes:
-        parts = [f"{label}: {_listed(keys)}" for label, keys in (
-            ("unmatched", sorted(unmatched)), ("missing", missing), ("wrong shape", wrong),
-            ("wrong type", dtypes), ("mapped twice", sorted(twice))) if keys]
-        hint = ("every tensor must map; if another method made it, say which with --from" if not chosen
-                else "every tensor must map; is --from right? without it the layout is detected from the keys")
-        raise CheckpointError(f"{path} does not map onto an advcl {config['arch']} encoder ({read_as}); "
-                              + "; ".join(parts), hint)
-    check_finite({**{sources[k]: v for k, v in mapped.items()}, **{f"normalize.{k}": v for k, v in norm.items()}},
+    config = _model_config(m, src, path, read_as)
+    _check_complete(m, config, path, read_as, chosen is not None)
+    check_finite({**{m.sources[k]: v for k, v in m.tensors.items()}, **{f"normalize.{k}": v for k, v in m.norm.items()}},
                  str(path))
-    config.update(_normalisation(norm, src, path, notes))
+    config.update(_normalisation(m.norm, src, path, notes))
     model = create_model(**config)
     dtypes = {k: v.dtype for k, v in model.state_dict().items()}
-    model.load_state_dict({k: v.to(dtypes[k]) for k, v in mapped.items()}, strict=True)
+    model.load_state_dict({k: v.to(dtypes[k]) for k, v in m.tensors.items()}, strict=True)
     if dropped:
-        by_reason: dict[str, list[str]] = {}
-        for name, why in dropped.items():
-            by_reason.setdefault(why, []).append(name)
-        notes.append("dropped " + "; ".join(f"{', '.join(names)} ({why})" for why, names in by_reason.items()))
+        notes.append(_dropped_note(dropped))
     meta_config = {"imported_from": path.name, **({"dropped": dropped} if dropped else {}), **extra}
     return save_model(out, model, kind="encoder", method=src.method, dataset=dataset, eps=eps,
                       config=meta_config, parent=sha256_file(path), rescue=True)
-

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 
 def flag_name(field: str) -> str:
@@ -220,12 +221,42 @@ class Settings(SettingsModel):
     seed: int = option(0, "Random seed.", ge=0, le=2**32 - 1)
 
 
-class DataSettings(Settings):
-    """The dataset options of the verbs that load images."""
+class DatasetSettings(Settings):
+    """The dataset of the verbs that load images (each verb's help says whose it is by default)."""
 
-    limit: int | None = option(None, "Use only the first N images (smoke runs).", ge=1)
+    dataset: str | None = option(None, "cifar10, cifar100, stl10, digits (offline) or imagefolder:PATH (without a "
+                                       "default shown: the checkpoint's).", short="-d")
     image_size: int | None = option(None, "Resize images to this square size.", ge=8, le=1024)
     download: bool = option(True, "Download a missing dataset.", flag=False, resume_may_change=True)
+
+
+class DataSettings(DatasetSettings):
+    """The dataset options of the verbs that load a whole split (``limit``: of the split they train on,
+    else of the test split)."""
+
+    limit: int | None = option(None, "Use only the first N images (smoke runs).", ge=1)
+
+
+class BatchSettings(CheckedModel):
+    """The batch of the verbs that load images in batches."""
+
+    batch_size: int | None = option(None, "Images per batch; over every process when several run together "
+                                          "(without a default shown: the protocol's).", short="-b", ge=1)
+
+
+class BudgetSettings(CheckedModel):
+    """The attack budget of the verbs that attack."""
+
+    eps: Eps = option(8 / 255, "Attack budget under the threat model, as 8/255 or 0.031 (0.5 under --norm l2).",
+                      metavar="EPS")
+
+
+class TrainingAttackSettings(BudgetSettings):
+    """The PGD attack a finetuning-style verb trains against (finetune's alf and aff, lpaft's TRADES)."""
+
+    attack_steps: int = option(10, "PGD steps of the training attack.", ge=1)
+    attack_step_size: Eps = option(2 / 255, "Step size of the training attack (eps/4 under --norm l2).", metavar="EPS")
+    trades_beta: float = option(6.0, "TRADES beta (the weight of its robust term).", ge=0)
 
 
 class OutputSettings(CheckedModel):
@@ -237,13 +268,17 @@ class OutputSettings(CheckedModel):
 
 def with_defaults(base: type[BaseModel], name: str, **defaults: Any) -> type[BaseModel]:
     """A subclass of ``base`` whose fields keep their help and constraints but start at other
-    defaults (a method's own learning rate, say)."""
+    defaults (a method's own learning rate, say); a ``Field(default, ge=...)`` value also
+    replaces the constraints it names."""
     fields = {}
     for key, value in defaults.items():
         if key not in base.model_fields:
             raise TypeError(f"{base.__name__} has no field {key!r}")
-        info = copy.copy(base.model_fields[key])
-        info.default = value
+        if isinstance(value, FieldInfo):
+            info = FieldInfo.merge_field_infos(base.model_fields[key], value)
+        else:
+            info = copy.copy(base.model_fields[key])
+            info.default = value
         fields[key] = (base.model_fields[key].annotation, info)
     return create_model(name, __base__=base, **fields)
 
@@ -296,7 +331,8 @@ class NormSettings(CheckedModel):
     """The threat model of a verb's attacks: ``norm`` linf or l2. Under l2 a budget that was not
     given is 0.5 (not 8/255), and a training attack's step size that was not given is eps/4."""
 
-    norm: Norm = option("linf", "Threat model of the attacks: linf or l2 (l2: eps defaults to 0.5).")
+    norm: Norm = option("linf", "Threat model of the attacks: linf or l2 (l2: eps defaults to 0.5; pretraining "
+                                "takes linf only, as every method here is defined under it).")
 
     @model_validator(mode="after")
     def _l2_defaults(self):
@@ -317,14 +353,20 @@ MONITOR_HELP = ("Every N epochs (and after the last), the encoder's weighted kNN
                 "benchmarks/knn_monitor.py).")
 
 
-class PretrainSettings(DataSettings, SpeedSettings, TrackingSettings, RunFolderSettings):
+class MethodSettings(CheckedModel):
+    """The pretraining method: a group of its own, the last base of ``PretrainSettings``, so that it
+    is validated before the groups whose checks name it (``--norm l2`` is refused for the method)."""
+
+    method: Name = option("advcl", "The pretraining method (see the method panels below).", short="-m")
+
+
+@defaults(dataset="cifar10")
+class PretrainSettings(DataSettings, SpeedSettings, NormSettings, TrackingSettings, RunFolderSettings, MethodSettings):
     """What every pretraining run has; the method's own settings (``methods.base.TrainSettings``
     and its options) are added to these in one model per method (``methods.settings_model``)."""
 
     section: ClassVar[str] = "pretrain"
 
-    dataset: str = option("cifar10", "cifar10, cifar100, stl10, digits (offline) or imagefolder:PATH.", short="-d")
-    method: Name = option("advcl", "The pretraining method (see the method panels below).", short="-m")
     arch: str = option("resnet18", "resnet18, resnet34, resnet50, preact-resnet18, wrn-28-10, wrn-34-10, or any of them "
                                    "with -tiny (a slim test width).")
     save_every: int = option(50, "Save the encoder every N epochs (the resume state is saved every epoch).", ge=1,
@@ -332,8 +374,6 @@ class PretrainSettings(DataSettings, SpeedSettings, TrackingSettings, RunFolderS
     monitor_every: int = option(0, MONITOR_HELP, ge=0, resume_may_change=True)
     drop_last: bool = option(False, "Drop each epoch's last partial batch (default: keep it, as the reference does; "
                                     "a last batch of one image, or one that does not divide among the processes, is dropped).")
-    norm: Norm = option("linf", "Threat model of the training attack: every method here is defined under L-inf only "
-                                "(l2 is refused; finetune and eval take l2).")
 
     @field_validator("norm")
     @classmethod
@@ -344,35 +384,28 @@ class PretrainSettings(DataSettings, SpeedSettings, TrackingSettings, RunFolderS
         return norm
 
 
-class PseudoLabelSettings(DataSettings, OutputSettings):
+@defaults(dataset="cifar10", batch_size=512)
+class PseudoLabelSettings(DataSettings, BatchSettings, OutputSettings):
     section: ClassVar[str] = "pseudo-labels"
 
-    dataset: str = option("cifar10", "cifar10, cifar100, stl10, digits (offline) or imagefolder:PATH.", short="-d")
     k: IntList = option([2, 10, 50, 100, 500], "Cluster counts, comma-separated.", metavar="K,K,...")
-    batch_size: int = option(512, "Batch size of the feature pass.", short="-b", ge=1)
     bn_set: str | None = option(None, "The encoder's BN set to use (default its first, 'normal').")
 
 
-class FinetuneSettings(DataSettings, SpeedSettings, NormSettings, TrackingSettings, RunFolderSettings):
+class FinetuneSettings(DataSettings, BatchSettings, SpeedSettings, TrainingAttackSettings, NormSettings, TrackingSettings,
+                       RunFolderSettings):
     section: ClassVar[str] = "finetune"
 
-    dataset: str | None = option(None, "Dataset to finetune on (default: the encoder's).", short="-d")
     scheme: Annotated[Scheme, BeforeValidator(_lower)] = option(
         "slf", "slf (frozen encoder, clean images), alf (frozen encoder, PGD-10 images), aff (whole network, TRADES) "
                "or autolora (AFF with a rank-8 LoRA branch for the clean loss, automatic loss weights and learning rate).",
         short="-s")
     epochs: int | None = option(None, "Epochs (default: the protocol's, see above).", ge=1)
-    batch_size: int | None = option(None, "Batch size (default: the protocol's).", short="-b", ge=1)
     lr: float | None = option(None, "Learning rate (default: the protocol's).", gt=0)
     milestones: EpochList | None = option(None, "Epochs where lr is multiplied by 0.1 (default: the protocol's).",
                                         metavar="E,E,...")
     momentum: float = option(0.9, "SGD momentum.", ge=0)
     weight_decay: float = option(2e-4, "Weight decay.", ge=0)
-    eps: Eps = option(8 / 255, "Budget of the training attack and the final PGD-20, as 8/255 or 0.031 (0.5 under "
-                               "--norm l2).", metavar="EPS")
-    attack_steps: int = option(10, "PGD steps of the training attack (alf, aff).", ge=1)
-    attack_step_size: Eps = option(2 / 255, "Step size of the training attack (eps/4 under --norm l2).", metavar="EPS")
-    trades_beta: float = option(6.0, "TRADES beta (aff).", ge=0)
     val_fraction: float = option(0.0, "Hold out this part of the training split and keep the epoch with the best "
                                       "PGD-20 accuracy on it (default 0: keep the last epoch).", ge=0, lt=1)
     bn_set: str | None = option(None, "The encoder's batch-norm set to start from (default: pgd, or its only set; "
@@ -381,12 +414,12 @@ class FinetuneSettings(DataSettings, SpeedSettings, NormSettings, TrackingSettin
                                     "evaluation).", ge=0, resume_may_change=True)
 
 
-class LpaftSettings(DataSettings, SpeedSettings, TrackingSettings, RunFolderSettings):
+@defaults(batch_size=512)
+class LpaftSettings(DataSettings, BatchSettings, SpeedSettings, TrainingAttackSettings, TrackingSettings, RunFolderSettings):
     """DynACL++'s post-processing (``advcl lpaft``); the defaults are the authors' ``LPAFT.py``."""
 
     section: ClassVar[str] = "lpaft"
 
-    dataset: str | None = option(None, "Dataset to post-process on, its training split (default: the encoder's).", short="-d")
     clusters: int = option(10, "k-means clusters on the un-augmented training features: the pseudo-label classes "
                                "(the authors' 10 for every dataset).", ge=2)
     bn_set: str | None = option(None, "The encoder's BN set that is trained and kept (default: pgd, or its only set).")
@@ -399,40 +432,29 @@ class LpaftSettings(DataSettings, SpeedSettings, TrackingSettings, RunFolderSett
     milestones: EpochList = option([10, 20], "TRADES epochs where lr is multiplied by 0.1.", metavar="E,E,...")
     momentum: float = option(0.9, "SGD momentum (both phases).", ge=0)
     weight_decay: float = option(1e-4, "Weight decay (both phases).", ge=0)
-    batch_size: int = option(512, "Batch size (both phases; the last partial batch is dropped).", short="-b", ge=1)
-    eps: Eps = option(8 / 255, "L-inf budget of TRADES' attack, as 8/255 or 0.031.", metavar="EPS")
-    attack_steps: int = option(10, "Steps of TRADES' attack (it starts at x, no random noise).", ge=1)
-    attack_step_size: Eps = option(2 / 255, "Step size of TRADES' attack.", metavar="EPS")
-    trades_beta: float = option(6.0, "TRADES beta.", ge=0)
 
 
 ATTACK_HELP = ("fgsm, pgd20 (any pgdN), cw20 (any cwN), autoattack, autoattack-plus, autoattack-rand, or one "
                "AutoAttack component: apgd-ce, apgd-t, fab-t, square")
 
 
-class EvalSettings(DataSettings, SpeedSettings, NormSettings):
+@defaults(batch_size=256, precision="fp32")
+class EvalSettings(DataSettings, BatchSettings, SpeedSettings, NormSettings):
     section: ClassVar[str] = "eval"
 
-    dataset: str | None = option(None, "Dataset to evaluate on (default: the model's).", short="-d")
     attack: NameList = option([], ATTACK_HELP + "; repeat or comma-separate for several.", short="-a", metavar="ATTACK")
-    eps: EpsList = option([8 / 255], "Budget(s) of the --norm: 8/255, 0.031, or a list 2/255,4/255,8/255 (0.5 under "
-                                     "--norm l2).", metavar="EPS,...")
+    eps: EpsList = option([8 / 255], BudgetSettings.model_fields["eps"].description,
+                          metavar="EPS,...")  # the one budget that is a list (one evaluation per eps)
     pgd_check: int = option(0, "Sanity check on the first N images (0: off): PGD-100 with 5 restarts beside PGD-20 at "
                                "every eps; PGD-20 above it by more than 5 points is flagged.", ge=0)
-    batch_size: int = option(256, "Images per batch.", short="-b", ge=1)
-    precision: Precision = option("fp32", "fp32 (default: the attacks at full precision), bf16 or auto.")
 
 
 @defaults(out=Path("adv.safetensors"))
-class AttackSettings(Settings, NormSettings, OutputSettings):
+class AttackSettings(DatasetSettings, BudgetSettings, NormSettings, OutputSettings):
     section: ClassVar[str] = "attack"
 
-    dataset: str | None = option(None, "Dataset whose test images are attacked (default: the model's).", short="-d")
     attack: Name = option("pgd20", ATTACK_HELP + ".", short="-a")
-    eps: Eps = option(8 / 255, "Budget of the --norm, as 8/255 or 0.031 (0.5 under --norm l2).", metavar="EPS")
     n: int = option(64, "Attack the first N test images.", short="-n", ge=1)
-    image_size: int | None = option(None, "Resize images to this square size.", ge=8, le=1024)
-    download: bool = option(True, "Download a missing dataset.", flag=False)
 
 
 
@@ -447,20 +469,17 @@ def parse_schemes(value: Any) -> list[str]:
 
 
 @defaults(out=Path("runs/benchmark"))
-class BenchmarkSettings(DataSettings, SpeedSettings, OutputSettings):
+class BenchmarkSettings(DataSettings, BatchSettings, SpeedSettings, BudgetSettings, OutputSettings):
     """`advcl benchmark`: every encoder finetuned with every scheme under the protocol of its
     method, then evaluated (SA, PGD-20, the RA attack(s), CA). ``limit`` counts training images."""
 
     section: ClassVar[str] = "benchmark"
 
-    limit: int | None = option(None, "Finetune on the first N training images only (smoke runs).", ge=1)
-    dataset: str | None = option(None, "Dataset to finetune and evaluate on (default: each encoder's).", short="-d")
     schemes: Annotated[list[str], BeforeValidator(parse_schemes)] = option(
         ["slf", "alf", "aff"], "Finetuning schemes, comma-separated: slf, alf, aff, autolora.", short="-s",
         metavar="SCHEME,...")
     attack: NameList = option(["autoattack"], "The attack(s) of RA (robust accuracy; the worst case over several). "
                                               "PGD-20 is always measured too.", short="-a", metavar="ATTACK")
-    eps: Eps = option(8 / 255, "L-inf budget of the finetuning attacks and of RA, as 8/255 or 0.031.", metavar="EPS")
     transfer: str | None = option(None, "Also finetune and evaluate on this dataset at 32x32 (the benchmark's "
                                         "cross-task setting: stl10).")
     corruptions: Path | None = option(None, "Folder of CIFAR-10-C / CIFAR-100-C (or the folder above them) for CA "
@@ -469,12 +488,8 @@ class BenchmarkSettings(DataSettings, SpeedSettings, OutputSettings):
     download_corruptions: bool = option(False, "Download CIFAR-10-C / CIFAR-100-C (zenodo, about 2.9 GB) into the "
                                                "data folder when it is not there (default: CA is skipped).")
     epochs: int | None = option(None, "Finetuning epochs of every scheme (default: the protocol's; smoke runs).", ge=1)
-    batch_size: int | None = option(None, "Finetuning batch size of every scheme (default: the protocol's).",
-                                    short="-b", ge=1)
     eval_limit: int | None = option(None, "Evaluate only the first N test images (and of each corruption split).", ge=1)
     eval_batch_size: int = option(256, "Images per evaluation batch (the attacks' random starts follow it).", ge=1)
-    precision: Precision = option("auto", "Finetuning precision: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32 "
-                                          "(evaluation runs in fp32).")
 
 
 class ImportSettings(OutputSettings, SettingsModel):

@@ -36,7 +36,9 @@ def benchmark(encoders: EncodersArg = None, force: ForceOpt = False, config: Con
     protocol of the encoder's method (see advcl finetune --help); --epochs, --limit and
     --eval-limit shorten it for smoke runs (the records say so). CA needs a corruption set:
     digits-c is made offline; CIFAR-10-C / CIFAR-100-C come from --corruptions DIR or
-    DATA_DIR/CIFAR-10-C, else CA is skipped with a warning. Evaluation runs in fp32; under
+    DATA_DIR/CIFAR-10-C, else CA is skipped with a warning. --limit counts training images;
+    --batch-size and --precision are finetuning's (evaluation runs in fp32, --eval-batch-size
+    images a batch); --eps is the L-inf budget of the finetuning attacks and of RA. Under
     torchrun every process finetunes and evaluates its share of the test images.
 
     Example, offline on digits: a smoke run on a CPU (RA by PGD-20: AutoAttack spends seconds

@@ -47,7 +47,8 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
     accuracy above clean, accuracy rising with eps; --pgd-check N adds PGD-100 x 5 restarts
     against PGD-20 on N images): each flag is one line on stderr saying what it suggests, and
     the list is kept in --json ("flags"). --norm l2 runs every attack under the L2 threat model
-    (eps 0.5 unless --eps is given).
+    (eps 0.5 unless --eps is given). --eps takes one budget or a comma-separated list (one row
+    per eps); --precision is fp32 unless given (the attacks at full precision).
 
     Example, PGD-20 and AutoAttack on the first 20 test images of a classifier:
 

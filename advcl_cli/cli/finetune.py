@@ -24,7 +24,8 @@ def finetune(checkpoint: ModelArg = None, force: ForceOpt = False, config: Confi
     and metrics.jsonl. The classifier's metadata records the scheme and its settings, the
     parent checkpoint's sha256, and the test clean and PGD-20 accuracy measured at the end
     (fractions: clean_acc, pgd20_acc, n_eval). The test split is never used to pick an epoch.
-    CHECKPOINT may be a path, a zoo name, or '-' / omitted to read a path from stdin.
+    CHECKPOINT may be a path, a zoo name, or '-' / omitted to read a path from stdin. --eps is the
+    budget of the training attack (alf, aff) and of the final PGD-20; --trades-beta is aff's.
 
     Example, offline on digits:
 

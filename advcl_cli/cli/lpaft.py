@@ -20,7 +20,8 @@ def lpaft(encoder: ModelArg = None, force: ForceOpt = False, config: ConfigOpt =
     The run folder (--out, default runs/METHOD++-DATASET-SHA8) gets encoder.safetensors,
     pseudo-labels.safetensors, state.safetensors
     (resume state, every epoch) and metrics.jsonl. ENCODER may be a path, a zoo name, or '-' /
-    omitted to read a path from stdin.
+    omitted to read a path from stdin. --batch-size serves both phases (the last partial batch is
+    dropped); TRADES' attack (--eps, --attack-steps, --attack-step-size) is L-inf and starts at x.
 
     Example, offline on digits:
 

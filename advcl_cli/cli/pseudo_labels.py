@@ -31,9 +31,10 @@ def pseudo_labels(
     """ClusterFit pseudo labels for AdvCL: k-means on an encoder's features; print the file's path
     (--out, default pseudo-labels-DATASET.safetensors).
 
-    Features of the training split are L2-normalised and clustered with scikit-learn's k-means,
-    once per k. The file holds one int64 label vector per k (tensor k2, k10, ...) and records
-    the dataset, its size and the encoder's sha256. Use it with advcl pretrain --pseudo-labels.
+    Features of the training split (--batch-size images at a time) are L2-normalised and
+    clustered with scikit-learn's k-means, once per k. The file holds one int64 label vector per
+    k (tensor k2, k10, ...) and records the dataset, its size and the encoder's sha256. Use it
+    with advcl pretrain --pseudo-labels.
 
     Example, on the offline digits data:
 

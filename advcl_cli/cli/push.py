@@ -10,48 +10,49 @@ from .options import ConfigOpt, JsonOpt, settings_options, with_options
 from .output import Output
 
 
-def push(
-    ckpt: Annotated[Path, typer.Argument(help="The checkpoint (.safetensors) to publish.", show_default=False)],
-    repo: Annotated[str, typer.Option("--repo", help="Hub repository ORG/NAME (created if needed).", show_default=False)],
-    zoo_entry: Annotated[
-        Optional[str],
-        typer.Option("--zoo-entry", help="Write or update this manifest entry with the repo, new revision and sha256.", show_default=False),
-    ] = None,
-    private: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--private/--public",
-            help="Visibility of a new repository (default: the account's or organisation's default). An existing "
-            "repository is never changed: a mismatch is refused.",
-            show_default=False,
-        ),
-    ] = None,
-    make_private: Annotated[
-        bool, typer.Option("--make-private", help="Like --private, and switch an existing public repository to private before uploading.")
-    ] = False,
-    revision: Annotated[
-        Optional[str],
-        typer.Option("--revision", help="Branch to push to (created from main if missing; default main).", show_default=False),
-    ] = None,
-    create_pr: Annotated[bool, typer.Option("--create-pr", help="Open a pull request (against --revision) instead of committing to it.")] = False,
-    overwrite_card: Annotated[
-        bool,
-        typer.Option("--overwrite-card", help="Replace README.md on the Hub even if it was edited there (default: keep an edited card)."),
-    ] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be uploaded; send nothing.")] = False,
-    license: Annotated[
-        Optional[str],
-        typer.Option("--license", help="Licence id from the Hub's list, e.g. mit, apache-2.0, cc-by-4.0 (default: the entry's, else mit).",
-                     show_default=False),
-    ] = None,
-    recipe: Annotated[
-        Optional[list[str]],
-        typer.Option("--recipe", help="A command that reproduces the model (repeatable; default: the entry's recipe).", show_default=False),
-    ] = None,
-    json_mode: JsonOpt = False,
-    config: ConfigOpt = None,
-    **options,
-) -> None:
+CkptArg = Annotated[Path, typer.Argument(help="The checkpoint (.safetensors) to publish.", show_default=False)]
+RepoOpt = Annotated[str, typer.Option("--repo", help="Hub repository ORG/NAME (created if needed).", show_default=False)]
+ZooEntryOpt = Annotated[
+    Optional[str],
+    typer.Option("--zoo-entry", help="Write or update this manifest entry with the repo, new revision and sha256.", show_default=False),
+]
+PrivateOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--private/--public",
+        help="Visibility of a new repository (default: the account's or organisation's default). An existing "
+        "repository is never changed: a mismatch is refused.",
+        show_default=False,
+    ),
+]
+MakePrivateOpt = Annotated[
+    bool, typer.Option("--make-private", help="Like --private, and switch an existing public repository to private before uploading.")
+]
+RevisionOpt = Annotated[
+    Optional[str],
+    typer.Option("--revision", help="Branch to push to (created from main if missing; default main).", show_default=False),
+]
+CreatePrOpt = Annotated[bool, typer.Option("--create-pr", help="Open a pull request (against --revision) instead of committing to it.")]
+OverwriteCardOpt = Annotated[
+    bool,
+    typer.Option("--overwrite-card", help="Replace README.md on the Hub even if it was edited there (default: keep an edited card)."),
+]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would be uploaded; send nothing.")]
+LicenseOpt = Annotated[
+    Optional[str],
+    typer.Option("--license", help="Licence id from the Hub's list, e.g. mit, apache-2.0, cc-by-4.0 (default: the entry's, else mit).",
+                 show_default=False),
+]
+RecipeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--recipe", help="A command that reproduces the model (repeatable; default: the entry's recipe).", show_default=False),
+]
+
+
+def push(ckpt: CkptArg, repo: RepoOpt, zoo_entry: ZooEntryOpt = None, private: PrivateOpt = None,
+         make_private: MakePrivateOpt = False, revision: RevisionOpt = None, create_pr: CreatePrOpt = False,
+         overwrite_card: OverwriteCardOpt = False, dry_run: DryRunOpt = False, license: LicenseOpt = None,
+         recipe: RecipeOpt = None, json_mode: JsonOpt = False, config: ConfigOpt = None, **options) -> None:
     """Upload model.safetensors and config.json (its metadata) in one commit, then a README.md
     model card pinned to that commit, and print the commit sha.
 
@@ -96,7 +97,21 @@ def push(
         recipe=recipe,
         reporter=out.reporter(),
     )
-    doc = {
+    if json_mode:
+        out.document(push_document(result))
+    elif dry_run:
+        out.table(result.files, ["path", "size", "source"], title=f"would upload to {repo}@{result.revision} (dry run)")
+        out.log(result.card)
+        if zoo_entry:
+            out.log(f"would update entry '{zoo_entry}' in {result.manifest}")
+    else:
+        out.log(result.pr_url or result.url or "")
+        out.result(result.commit)
+
+
+def push_document(result) -> dict:
+    """The --json document of a push (``zoo.publish.Pushed``)."""
+    return {
         "repo": result.repo,
         "revision": result.revision,
         "dry_run": result.dry_run,
@@ -112,16 +127,6 @@ def push(
         "zoo_entry": result.zoo_entry,
         "manifest": str(result.manifest) if result.manifest else None,
     }
-    if json_mode:
-        out.document(doc)
-    elif dry_run:
-        out.table(result.files, ["path", "size", "source"], title=f"would upload to {repo}@{result.revision} (dry run)")
-        out.log(result.card)
-        if zoo_entry:
-            out.log(f"would update entry '{zoo_entry}' in {result.manifest}")
-    else:
-        out.log(result.pr_url or result.url or "")
-        out.result(result.commit)
 
 
 with_options(push, settings_options(HubSettings))

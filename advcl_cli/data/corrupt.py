@@ -102,6 +102,60 @@ def _jpeg(x: Tensor, quality: int) -> Tensor:
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255
 
 
+def _defocus_blur(x: Tensor, p: float) -> Tensor:
+    """A soft-edged disk of radius ``p`` as the blur kernel."""
+    r = math.ceil(p)
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    disk = (p + 0.5 - torch.sqrt(t[:, None] ** 2 + t[None, :] ** 2)).clamp(0, 1)
+    return _conv(x, disk / disk.sum())
+
+
+def _glass_blur(x: Tensor, p: tuple, gen: torch.Generator) -> Tensor:
+    """Gaussian blur, ``rounds`` of every pixel taking a random neighbour's value, blur again."""
+    sigma, shift, rounds = p
+    y = _gaussian(x, sigma)
+    n, _, h, w = x.shape
+    for _ in range(rounds):
+        d = torch.randint(-shift, shift + 1, (2, n, h, w), generator=gen).float()
+        y = _warp(y, d[0], d[1])
+    return _gaussian(y, sigma)
+
+
+def _snow(x: Tensor, p: tuple, gen: torch.Generator) -> Tensor:
+    """A brightened image under streaks of random flakes."""
+    density, keep, length = p
+    gray = x.mean(1, keepdim=True)
+    base = keep * x + (1 - keep) * torch.maximum(x, gray * 1.5 + 0.5)
+    flakes = (torch.rand(x.shape[0], 1, *x.shape[2:], generator=gen) < density).float()
+    return base + 2 * _streak(flakes, length, gen)
+
+
+def _frost(x: Tensor, p: tuple, gen: torch.Generator) -> Tensor:
+    """The image blended with a bluish texture of smooth and pixel noise."""
+    a, b = p
+    texture = 0.6 * _smooth_noise(x.shape[:1] + (1,) + x.shape[2:], 4, gen) + 0.4 * torch.rand(
+        x.shape[0], 1, *x.shape[2:], generator=gen)
+    tint = torch.tensor([0.85, 0.9, 1.0]).view(1, 3, 1, 1)
+    return a * x + b * texture.clamp(0, 1) * tint
+
+
+def _fog(x: Tensor, p: float, gen: torch.Generator) -> Tensor:
+    """Multi-scale smooth noise added with weight ``p``, rescaled to the image's maximum."""
+    shape = x.shape[:1] + (1,) + x.shape[2:]
+    fog = sum(0.5**k * _smooth_noise(shape, 2 ** (4 - k), gen) for k in range(4))
+    fog = (fog - fog.amin((2, 3), keepdim=True)) / (fog.amax((2, 3), keepdim=True) - fog.amin((2, 3), keepdim=True) + 1e-8)
+    top = x.amax((1, 2, 3), keepdim=True)
+    return (x + p * fog) * top / (top + p)
+
+
+def _elastic(x: Tensor, p: float, gen: torch.Generator) -> Tensor:
+    """A smooth random displacement field of at most ``p`` pixels."""
+    n, _, h, w = x.shape
+    field = _gaussian(torch.rand(n, 2, h, w, generator=gen) * 2 - 1, 3.0)
+    field = field / field.abs().amax((1, 2, 3), keepdim=True).clamp_min(1e-8) * p
+    return _warp(x, field[:, 0], field[:, 1])
+
+
 def corrupt(x: Tensor, name: str, severity: int, gen: torch.Generator) -> Tensor:
     """``x`` (N, 3, H, W) float in [0, 1], corrupted with ``name`` at ``severity`` (1-5)."""
     p = PARAMS[name][severity - 1]
@@ -114,41 +168,20 @@ def corrupt(x: Tensor, name: str, severity: int, gen: torch.Generator) -> Tensor
         u = torch.rand(x.shape, generator=gen)
         y = torch.where(u < p / 2, 1.0, torch.where(u < p, 0.0, x))
     elif name == "defocus_blur":
-        r = math.ceil(p)
-        t = torch.arange(-r, r + 1, dtype=torch.float32)
-        disk = (p + 0.5 - torch.sqrt(t[:, None] ** 2 + t[None, :] ** 2)).clamp(0, 1)  # soft-edged disk
-        y = _conv(x, disk / disk.sum())
+        y = _defocus_blur(x, p)
     elif name == "glass_blur":
-        sigma, shift, rounds = p
-        y = _gaussian(x, sigma)
-        n, _, h, w = x.shape
-        for _ in range(rounds):  # every pixel takes a random neighbour's value
-            d = torch.randint(-shift, shift + 1, (2, n, h, w), generator=gen).float()
-            y = _warp(y, d[0], d[1])
-        y = _gaussian(y, sigma)
+        y = _glass_blur(x, p, gen)
     elif name == "motion_blur":
         y = _streak(x, p, gen)
     elif name == "zoom_blur":
         factors = np.linspace(1.0, p, 7)
         y = sum(_zoom(x, float(f)) for f in factors) / len(factors)
     elif name == "snow":
-        density, keep, length = p
-        gray = x.mean(1, keepdim=True)
-        base = keep * x + (1 - keep) * torch.maximum(x, gray * 1.5 + 0.5)
-        flakes = (torch.rand(x.shape[0], 1, *x.shape[2:], generator=gen) < density).float()
-        y = base + 2 * _streak(flakes, length, gen)
+        y = _snow(x, p, gen)
     elif name == "frost":
-        a, b = p
-        texture = 0.6 * _smooth_noise(x.shape[:1] + (1,) + x.shape[2:], 4, gen) + 0.4 * torch.rand(
-            x.shape[0], 1, *x.shape[2:], generator=gen)
-        tint = torch.tensor([0.85, 0.9, 1.0]).view(1, 3, 1, 1)
-        y = a * x + b * texture.clamp(0, 1) * tint
+        y = _frost(x, p, gen)
     elif name == "fog":
-        shape = x.shape[:1] + (1,) + x.shape[2:]
-        fog = sum(0.5**k * _smooth_noise(shape, 2 ** (4 - k), gen) for k in range(4))
-        fog = (fog - fog.amin((2, 3), keepdim=True)) / (fog.amax((2, 3), keepdim=True) - fog.amin((2, 3), keepdim=True) + 1e-8)
-        top = x.amax((1, 2, 3), keepdim=True)
-        y = (x + p * fog) * top / (top + p)
+        y = _fog(x, p, gen)
     elif name == "brightness":  # HSV: value + p, hue and saturation kept
         v = x.amax(1, keepdim=True)
         v_new = (v + p).clamp(max=1)
@@ -157,10 +190,7 @@ def corrupt(x: Tensor, name: str, severity: int, gen: torch.Generator) -> Tensor
         mean = x.mean((2, 3), keepdim=True)
         y = (x - mean) * p + mean
     elif name == "elastic_transform":
-        n, _, h, w = x.shape
-        field = _gaussian(torch.rand(n, 2, h, w, generator=gen) * 2 - 1, 3.0)
-        field = field / field.abs().amax((1, 2, 3), keepdim=True).clamp_min(1e-8) * p
-        y = _warp(x, field[:, 0], field[:, 1])
+        y = _elastic(x, p, gen)
     elif name == "pixelate":
         h, w = x.shape[-2:]
         small = F.interpolate(x, size=(max(1, round(h * p)), max(1, round(w * p))), mode="area")

@@ -243,61 +243,11 @@ def evaluate(
     gen = torch.Generator(device=device)
     for attack in attacks:
         for eps in eps_list:
-            label = f"{attack.name} eps={format_eps(eps)}"
-            progress = {"progress": reporter.log} if attack.kind == "autoattack" else {}  # AutoAttack's own lines
-            local, local_bad, local_adv = [], [], []
-            reporter.start(label, n, unit="img")
-            _sync(device)
-            start = time.perf_counter()
-            for step in range(part.steps):
-                done = 0
-                if step < len(part.blocks):
-                    k, a, b = part.blocks[step]
-                    a, b = a - part.start, b - part.start
-                    x, y = to_float(images[a:b]), labels[a:b]
-                    gen.manual_seed(block_seed(seed, k))
-                    x_adv = attack(logits, x, y, eps, gen=gen, seed=block_seed(seed, k), log=reporter.warn, **progress)
-                    with torch.no_grad():
-                        adv_logits = logits(x_adv)
-                    adv_pred = adv_logits.argmax(1)
-                    local_bad.append(_nonfinite_rows(adv_logits))
-                    local.append(robust_correct(clean_pred[a:b], adv_pred, y))
-                    local_adv.append(adv_pred == y)
-                    done = b - a
-                    if attack.kind == "autoattack":  # minutes per block on a CPU: say where it stands
-                        _block_progress(reporter, label, local, b, part, start)
-                reporter.advance(sum_over_ranks(done, ctx, device))
-            mine = torch.cat(local) if local else torch.zeros(0, dtype=torch.bool, device=device)
-            robust = per_image[flag_key(attack.name, eps)] = gather_shards(mine, part.sizes, ctx).cpu()
-            acc = robust.sum().item() / max(n, 1)  # the one sync of this attack
-            mine_adv = torch.cat(local_adv) if local_adv else torch.zeros(0, dtype=torch.bool, device=device)
-            adv_acc = gather_shards(mine_adv, part.sizes, ctx).sum().item() / max(n, 1)
-            mine_bad = torch.cat(local_bad) if local_bad else torch.zeros(0, dtype=torch.bool, device=device)
-            n_bad = int(gather_shards(mine_bad, part.sizes, ctx).sum().item())
-            seconds = time.perf_counter() - start
-            reporter.finish()
-            reporter.log(f"{label}: robust accuracy {acc:.2%} ({seconds:.1f} s)")
-            _warn_nonfinite(reporter, n_bad, n, f"images attacked by {label}")
-            results.append(
-                {
-                    "attack": attack.name,
-                    "norm": attack.norm,
-                    "eps": eps,
-                    "eps_label": format_eps(eps),
-                    "robust_acc": acc,
-                    "adv_acc": adv_acc,
-                    "seconds": seconds,
-                    "images_per_s": n / seconds if seconds > 0 else None,
-                    "nonfinite_logits": n_bad,
-                }
-            )
-    worst = []
-    if len(attacks) > 1:
-        for eps in eps_list:
-            worst_flags = per_image[f"worst@{format_eps(eps)}"] = worst_case(*(per_image[flag_key(a.name, eps)] for a in attacks))
-            acc = worst_flags.sum().item() / max(n, 1)
-            worst.append({"eps": eps, "eps_label": format_eps(eps), "attacks": [a.name for a in attacks], "robust_acc": acc})
-            reporter.log(f"worst case over {', '.join(a.name for a in attacks)} eps={format_eps(eps)}: {acc:.2%}")
+            row, per_image[flag_key(attack.name, eps)] = _attack_run(
+                attack, eps, logits, images, labels, clean_pred, part=part, ctx=ctx, device=device, gen=gen, seed=seed,
+                reporter=reporter)
+            results.append(row)
+    worst = _worst_cases(attacks, eps_list, per_image, n, reporter)
     flags += result_flags(clean_acc, results)
     checked = []
     if pgd_check and ctx.is_main:  # PGD-100 x 5 restarts beside PGD-20, on the first images
@@ -321,6 +271,76 @@ def evaluate(
         "per_image": per_image,
         "runtime": runtime.record(),
     }
+
+
+def _attack_run(attack: Attack, eps: float, logits, images: torch.Tensor, labels: torch.Tensor, clean_pred: torch.Tensor, *,
+                part: Shard, ctx: DistContext, device: torch.device, gen: torch.Generator, seed: int,
+                reporter: Reporter) -> tuple[dict, torch.Tensor]:
+    """One attack at one eps over this process's blocks: its row of ``robust`` and the gathered
+    per-image robust flags (every rank loops ``part.steps`` times, so the progress sums agree)."""
+    n = sum(part.sizes)
+    label = f"{attack.name} eps={format_eps(eps)}"
+    progress = {"progress": reporter.log} if attack.kind == "autoattack" else {}  # AutoAttack's own lines
+    local, local_bad, local_adv = [], [], []
+    reporter.start(label, n, unit="img")
+    _sync(device)
+    start = time.perf_counter()
+    for step in range(part.steps):
+        done = 0
+        if step < len(part.blocks):
+            k, a, b = part.blocks[step]
+            a, b = a - part.start, b - part.start
+            x, y = to_float(images[a:b]), labels[a:b]
+            gen.manual_seed(block_seed(seed, k))
+            x_adv = attack(logits, x, y, eps, gen=gen, seed=block_seed(seed, k), log=reporter.warn, **progress)
+            with torch.no_grad():
+                adv_logits = logits(x_adv)
+            adv_pred = adv_logits.argmax(1)
+            local_bad.append(_nonfinite_rows(adv_logits))
+            local.append(robust_correct(clean_pred[a:b], adv_pred, y))
+            local_adv.append(adv_pred == y)
+            done = b - a
+            if attack.kind == "autoattack":  # minutes per block on a CPU: say where it stands
+                _block_progress(reporter, label, local, b, part, start)
+        reporter.advance(sum_over_ranks(done, ctx, device))
+
+    def gathered(flags: list) -> torch.Tensor:
+        mine = torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool, device=device)
+        return gather_shards(mine, part.sizes, ctx)
+
+    robust = gathered(local).cpu()
+    acc = robust.sum().item() / max(n, 1)  # the one sync of this attack
+    adv_acc = gathered(local_adv).sum().item() / max(n, 1)
+    n_bad = int(gathered(local_bad).sum().item())
+    seconds = time.perf_counter() - start
+    reporter.finish()
+    reporter.log(f"{label}: robust accuracy {acc:.2%} ({seconds:.1f} s)")
+    _warn_nonfinite(reporter, n_bad, n, f"images attacked by {label}")
+    row = {
+        "attack": attack.name,
+        "norm": attack.norm,
+        "eps": eps,
+        "eps_label": format_eps(eps),
+        "robust_acc": acc,
+        "adv_acc": adv_acc,
+        "seconds": seconds,
+        "images_per_s": n / seconds if seconds > 0 else None,
+        "nonfinite_logits": n_bad,
+    }
+    return row, robust
+
+
+def _worst_cases(attacks: list[Attack], eps_list: Sequence[float], per_image: dict, n: int, reporter: Reporter) -> list[dict]:
+    """With several attacks, per eps: an image counts only if every attack failed on it (its
+    flags go into ``per_image`` as ``worst@EPS``)."""
+    worst = []
+    if len(attacks) > 1:
+        for eps in eps_list:
+            worst_flags = per_image[f"worst@{format_eps(eps)}"] = worst_case(*(per_image[flag_key(a.name, eps)] for a in attacks))
+            acc = worst_flags.sum().item() / max(n, 1)
+            worst.append({"eps": eps, "eps_label": format_eps(eps), "attacks": [a.name for a in attacks], "robust_acc": acc})
+            reporter.log(f"worst case over {', '.join(a.name for a in attacks)} eps={format_eps(eps)}: {acc:.2%}")
+    return worst
 
 
 def _block_progress(reporter: Reporter, label: str, local: list, end: int, part: Shard, start: float) -> None:

@@ -27,19 +27,19 @@ from __future__ import annotations
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, BeforeValidator
+from pydantic import BaseModel, BeforeValidator, Field
 from torch import Tensor
 
 from ..device import memory_format, resolve_channels_last
 from ..optim import WarmupCosine, build_optimizer
-from ..settings import CheckedModel, Eps, option
+from ..settings import BatchSettings, BudgetSettings, Eps, defaults, option
 
 
-class TrainSettings(CheckedModel):
+@defaults(batch_size=Field(512, ge=2))  # a contrastive batch needs pairs
+class TrainSettings(BatchSettings):
     """The optimiser and schedule settings every method has (each sets its own defaults)."""
 
     epochs: int = option(1000, "Epochs.", ge=1)
-    batch_size: int = option(512, "Global batch size (over every process).", short="-b", ge=2)
     optimizer: Annotated[Literal["sgd", "lars"], BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)] = option(
         "sgd", "sgd, or lars (layer-wise adaptive rate scaling as the ACL code defines it).")
     lr: float = option(0.5, "Peak learning rate.", gt=0)
@@ -49,10 +49,9 @@ class TrainSettings(CheckedModel):
     warmup_epochs: int | None = option(None, "Linear warm-up epochs (rule: 10 when the batch is over 256, else 0).", ge=0)
 
 
-class PGDSettings(BaseModel):
+class PGDSettings(BudgetSettings):
     """The training attack of the robust methods: L-inf PGD with a uniform random start."""
 
-    eps: Eps = option(8 / 255, "L-inf budget of the training attack, as 8/255 or 0.031.", metavar="EPS")
     pgd_steps: int = option(5, "PGD steps of the training attack.", ge=0)
     pgd_step_size: Eps = option(2 / 255, "PGD step size.", metavar="EPS")
 

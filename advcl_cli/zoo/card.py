@@ -53,12 +53,35 @@ def build_card(
     """A ``ModelCard``: YAML metadata (model-index, tags, licence, Hub dataset ids, the parent as
     ``base_model`` when it is on the Hub) and a body with lineage, recipe and a usage snippet
     pinned to ``revision`` (the commit that holds the file)."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     metrics = test_accuracies(meta.metrics)
     eps = format_eps(meta.eps) if meta.eps is not None else None
+    data = card_data(meta, repo=repo, license=license, metrics=metrics, eps=eps, base_model=base_model)
+    lines = [
+        f"# {repo}",
+        "",
+        f"An advcl {meta.kind} checkpoint: method `{meta.method}` on `{meta.dataset}`, architecture "
+        f"`{meta.arch}`" + (f", L-inf eps {eps}." if eps else "."),
+        f"AdvCL is from [{PAPER_TITLE}]({PAPER}). Inputs are RGB images in [0, 1]; the model has no "
+        "normalisation layer to add.",
+        "",
+        *results_section(metrics, eps, meta.metrics.get("n_eval")),
+        "",
+        *lineage_section(meta, sha256=sha256, filename=filename, base_model=base_model),
+        "",
+        *recipe_section(recipe),
+        "",
+        *use_section(meta, f"hf:{repo}@{revision or PENDING_REVISION}", zoo_name),
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def card_data(meta, *, repo: str, license: str, metrics: dict[str, float], eps: str | None, base_model: str | None):
+    """The card's YAML metadata: model-index results, tags, licence, Hub dataset, lineage."""
+    from huggingface_hub import EvalResult, ModelCardData
+
     hub_dataset = HUB_DATASETS.get(meta.dataset)
-    n_eval = meta.metrics.get("n_eval")
     results = [
         EvalResult(
             task_type="image-classification",
@@ -74,7 +97,7 @@ def build_card(
     ]
     tags = ["adversarial-robustness", "advcl", meta.method] + ([meta.dataset] if meta.dataset in DATASET_NAMES else [])
     lineage = dict(base_model=base_model, base_model_relation="finetune") if base_model else {}
-    data = ModelCardData(
+    return ModelCardData(
         license=license,
         library_name="advcl",
         tags=list(dict.fromkeys(tags)),
@@ -84,54 +107,48 @@ def build_card(
         eval_results=results or None,
         **lineage,
     )
-    pull_name = f"hf:{repo}@{revision or PENDING_REVISION}"
-    lines = [
-        f"# {repo}",
+
+
+def results_section(metrics: dict[str, float], eps: str | None, n_eval: Any) -> list[str]:
+    """## Results: the recorded accuracies in percent, and how they were measured."""
+    lines = ["## Results", ""]
+    if not metrics:
+        return lines + ["No metrics were recorded in this checkpoint."]
+    on = f"the first {n_eval} test images" if isinstance(n_eval, int) else "the test split"
+    lines += ["| metric | accuracy (%) |", "|---|---|"]
+    lines += [f"| {METRIC_NAMES[k]} | {v:.2f} |" for k, v in metrics.items()]
+    return lines + [
         "",
-        f"An advcl {meta.kind} checkpoint: method `{meta.method}` on `{meta.dataset}`, architecture "
-        f"`{meta.arch}`" + (f", L-inf eps {eps}." if eps else "."),
-        f"AdvCL is from [{PAPER_TITLE}]({PAPER}). Inputs are RGB images in [0, 1]; the model has no "
-        "normalisation layer to add.",
-        "",
-        "## Results",
-        "",
+        f"Measured by advcl on {on} when the checkpoint was made (PGD-20: eps {eps}, step eps/4, random start;"
+        " an image counts as robust only if its clean prediction is right too). The resolved settings are in"
+        " `config.json`.",
     ]
-    if metrics:
-        on = f"the first {n_eval} test images" if isinstance(n_eval, int) else "the test split"
-        lines += ["| metric | accuracy (%) |", "|---|---|"]
-        lines += [f"| {METRIC_NAMES[k]} | {v:.2f} |" for k, v in metrics.items()]
-        lines += [
-            "",
-            f"Measured by advcl on {on} when the checkpoint was made (PGD-20: eps {eps}, step eps/4, random start;"
-            " an image counts as robust only if its clean prediction is right too). The resolved settings are in"
-            " `config.json`.",
-        ]
-    else:
-        lines += ["No metrics were recorded in this checkpoint."]
-    lines += [
-        "",
+
+
+def lineage_section(meta, *, sha256: str, filename: str, base_model: str | None) -> list[str]:
+    """## Lineage: the file's sha256, its parent's, and the Hub model it was finetuned from."""
+    return [
         "## Lineage",
         "",
         f"- `{filename}` sha256: `{sha256}`",
         f"- parent checkpoint sha256: `{meta.parent}`" if meta.parent else "- parent checkpoint: none (trained from scratch)",
         *([f"- finetuned from [{base_model}](https://huggingface.co/{base_model})"] if base_model else []),
-        "",
-        "## Recipe",
-        "",
     ]
+
+
+def recipe_section(recipe: list[str]) -> list[str]:
+    """## Recipe: the commands that made the checkpoint, when they were given."""
     if recipe:
-        lines += ["```bash", *recipe, "```"]
-    else:
-        lines += ["No recipe was given; `config.json` holds the settings the checkpoint was made with."]
+        return ["## Recipe", "", "```bash", *recipe, "```"]
+    return ["## Recipe", "", "No recipe was given; `config.json` holds the settings the checkpoint was made with."]
+
+
+def use_section(meta, pull_name: str, zoo_name: str | None) -> list[str]:
+    """## Use: pull it pinned to its commit, then evaluate (a classifier) or finetune (an encoder)."""
+    lines = ["## Use", ""]
+    if zoo_name:
+        lines += [f"In its advcl zoo manifest this model is `{zoo_name}`; `advcl pull {zoo_name}` pins this exact file by revision and sha256.", ""]
     lines += [
-        "",
-        "## Use",
-        "",
-        *(
-            [f"In its advcl zoo manifest this model is `{zoo_name}`; `advcl pull {zoo_name}` pins this exact file by revision and sha256.", ""]
-            if zoo_name
-            else []
-        ),
         "Pinned to the commit that holds this file (sha256 above), so later pushes do not change what it pulls:",
         "",
         "```bash",
@@ -147,7 +164,7 @@ def build_card(
             f'model = advcl_cli.load_model("{pull_name}")  # nn.Module in eval mode, [0, 1] images',
             "```",
         ]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+    return lines
 
 
 def _digest(text: str) -> str:

@@ -236,6 +236,11 @@ class Plan:
     overwrite_card: bool
     cache: Path  # a scratch Hugging Face cache for the remote README.md
 
+    @property
+    def digest_note(self) -> str:
+        """The upload's short sha256, as the commit messages carry it."""
+        return f"(sha256 {self.result.sha256[:12]})"
+
 
 def push(
     ckpt_path: str | Path,
@@ -267,12 +272,7 @@ def push(
         meta = load_checkpoint(snapshot).meta
         public, changed = public_metadata(meta)
 
-        zoo: Manifest | None = None
-        existing = None
-        if zoo_entry is not None:
-            man_path = writable_manifest(manifest)
-            zoo = load_manifest(man_path) if man_path.exists() else Manifest(man_path, {})
-            existing = zoo.entries.get(zoo_entry)
+        zoo, existing = _open_zoo(manifest, zoo_entry)
         license = check_license(license or (existing.license if existing and existing.license else "mit"))
         recipe = _card_recipe(list(recipe or (existing.recipe if existing else [])))
         base_model = hub_model_of(meta.parent, [SHIPPED, manifest_path(manifest)])
@@ -295,11 +295,7 @@ def push(
         validate_card_data(draft.data.to_dict(), repo)
         card = sealed(draft)
         config = (json.dumps(public.model_dump(mode="json"), indent=2) + "\n").encode()
-        files = [
-            {"path": DEFAULT_FILENAME, "size": upload.stat().st_size, "source": str(ckpt_path) + (" (public metadata)" if changed else "")},
-            {"path": CONFIG, "size": len(config), "source": "checkpoint metadata"},
-            {"path": README, "size": len(card.encode()), "source": "model card (second commit, pinned to the first)"},
-        ]
+        files = _planned_files(ckpt_path, upload, bool(changed), config, card)
         result = Pushed(repo=repo, sha256=digest, files=files, card=card, dry_run=dry_run, revision=revision or "main",
                         private=True if make_private else private, public_fields=changed, zoo_entry=zoo_entry,
                         manifest=zoo.path if zoo else None)
@@ -315,6 +311,25 @@ def push(
         send(Plan(result, upload, config, card_for, pin, zoo, endpoint_of(endpoint), make_private, create_pr,
                   overwrite_card, Path(tmp) / "hub"), reporter)
     return result
+
+
+def _open_zoo(manifest: str | Path | None, zoo_entry: str | None) -> tuple[Manifest | None, Entry | None]:
+    """The writable manifest that will pin the push (a new one if the file does not exist yet) and
+    its entry of that name so far; (None, None) without ``zoo_entry``."""
+    if zoo_entry is None:
+        return None, None
+    man_path = writable_manifest(manifest)
+    zoo = load_manifest(man_path) if man_path.exists() else Manifest(man_path, {})
+    return zoo, zoo.entries.get(zoo_entry)
+
+
+def _planned_files(ckpt_path: Path, upload: Path, public_copy: bool, config: bytes, card: str) -> list[dict]:
+    """The files a push sends, their sizes and where each comes from (a dry run's report)."""
+    return [
+        {"path": DEFAULT_FILENAME, "size": upload.stat().st_size, "source": str(ckpt_path) + (" (public metadata)" if public_copy else "")},
+        {"path": CONFIG, "size": len(config), "source": "checkpoint metadata"},
+        {"path": README, "size": len(card.encode()), "source": "model card (second commit, pinned to the first)"},
+    ]
 
 
 def check_on_hub(repo: str, commit: str, sha256: str, endpoint: str, reporter: Reporter) -> None:
@@ -337,12 +352,33 @@ def check_on_hub(repo: str, commit: str, sha256: str, endpoint: str, reporter: R
 
 def send(plan: Plan, reporter: Reporter) -> None:
     """Steps 1-4 of the module docstring; fills in ``plan.result``."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
+
+    result = plan.result
+    api = HfApi(endpoint=plan.endpoint, library_name="advcl", library_version=__version__)
+    state, info = commit_files(api, plan, reporter)
+    repo, branch, commit = result.repo, result.revision, info.oid
+    if commit == state.head:  # the files were already there: keep pinning the commit that brought them
+        commit = pinned_commit(state.card or "", repo) or commit
+        reporter.log(f"{DEFAULT_FILENAME} and {CONFIG} are unchanged in {repo}@{branch} (first pushed as {commit})")
+    else:
+        reporter.log(f"pushed {DEFAULT_FILENAME} and {CONFIG} to {repo}@{commit}" + (f" as {info.pr_url}" if getattr(info, "pr_url", None) else ""))
+    result.commit, result.url, result.pr_url = commit, info.commit_url, getattr(info, "pr_url", None)
+    check_on_hub(repo, commit, result.sha256, plan.endpoint, reporter)  # before anything pins it
+    if plan.zoo is not None:
+        plan.zoo.entries[result.zoo_entry] = result.entry = plan.pin(commit)
+        write_manifest(plan.zoo)
+        reporter.log(f"manifest {plan.zoo.path}: entry '{result.zoo_entry}' now pins {repo}@{commit}")
+    push_card(api, plan, state, info, commit, reporter)
+
+
+def commit_files(api, plan: Plan, reporter: Reporter):
+    """Steps 1-2: the repository's state, its visibility and branch settled, then one commit of
+    the checkpoint and config.json; (the remote state before it, the commit's info)."""
+    from huggingface_hub import CommitOperationAdd
 
     result, ep = plan.result, plan.endpoint
     repo, branch = result.repo, result.revision
-    api = HfApi(endpoint=ep, library_name="advcl", library_version=__version__)
-    digest = f"(sha256 {result.sha256[:12]})"
     try:
         state = remote_state(api, repo, branch, ep, plan.cache, reporter)
         if plan.create_pr and state.exists and not state.branch_exists:
@@ -356,25 +392,22 @@ def send(plan: Plan, reporter: Reporter) -> None:
             CommitOperationAdd(path_in_repo=CONFIG, path_or_fileobj=plan.config),
         ]
         info = retrying(lambda: api.create_commit(repo, operations=files, revision=branch, create_pr=plan.create_pr,
-                                                  commit_message=f"advcl push: weights and config.json {digest}"),
+                                                  commit_message=f"advcl push: weights and config.json {plan.digest_note}"),
                         f"commit to {repo}@{branch}", reporter)
     except AdvclError:
         raise
     except Exception as e:  # map every client failure to one line
         raise hub_error(e, ep, repo, branch) from None
-    commit = info.oid
-    if commit == state.head:  # the files were already there: keep pinning the commit that brought them
-        commit = pinned_commit(state.card or "", repo) or commit
-        reporter.log(f"{DEFAULT_FILENAME} and {CONFIG} are unchanged in {repo}@{branch} (first pushed as {commit})")
-    else:
-        reporter.log(f"pushed {DEFAULT_FILENAME} and {CONFIG} to {repo}@{commit}" + (f" as {info.pr_url}" if getattr(info, "pr_url", None) else ""))
-    result.commit, result.url, result.pr_url = commit, info.commit_url, getattr(info, "pr_url", None)
-    check_on_hub(repo, commit, result.sha256, ep, reporter)  # before anything pins it
-    if plan.zoo is not None:
-        plan.zoo.entries[result.zoo_entry] = result.entry = plan.pin(commit)
-        write_manifest(plan.zoo)
-        reporter.log(f"manifest {plan.zoo.path}: entry '{result.zoo_entry}' now pins {repo}@{commit}")
+    return state, info
 
+
+def push_card(api, plan: Plan, state, info, commit: str, reporter: Reporter) -> None:
+    """Step 4: the model card, its usage pinned to ``commit``, committed unless the Hub's card is
+    someone else's (kept without --overwrite-card) or already this one."""
+    from huggingface_hub import CommitOperationAdd
+
+    result, ep = plan.result, plan.endpoint
+    repo, branch = result.repo, result.revision
     result.card = card = sealed(plan.card_for(commit))
     if state.card is not None and not plan.overwrite_card and not written_by_advcl(state.card):
         result.card_action = "kept"
@@ -390,7 +423,7 @@ def send(plan: Plan, reporter: Reporter) -> None:
     try:
         done = retrying(lambda: api.create_commit(repo, operations=[op], revision=target, create_pr=new_pr,
                                                   parent_commit=None if new_pr else info.oid,
-                                                  commit_message=f"advcl push: model card for {commit[:12]} {digest}"),
+                                                  commit_message=f"advcl push: model card for {commit[:12]} {plan.digest_note}"),
                         f"commit of the model card to {repo}@{target}", reporter)
     except Exception as e:
         why = hub_error(e, ep, repo, target)
