@@ -27,7 +27,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # README's plug-in method, which test_plugins installs and trains
 NEEDS = re.compile(r"cifar|stl10|\.pkl\b|\.pt\b|\.ckpt\b|hf:|\badvcl (pull|push)\b|/data/|my-lab/|--zoo-entry|advcl-r18-|-m advcl_cli"
                    r"|--method advpair")
-SKIP = re.compile(r"^(python3? |\. |pip |pytest|\.ci/|duplicates|torchrun|srun|from |f = )")  # not advcl commands
+SKIP = re.compile(r"^(python3? |\. |pip |pytest|\.ci/|duplicates|torchrun|srun|sbatch|tensorboard |from |f = )")  # not advcl commands
 # every verb that reads images: the first 128 of them (one batch of the demo's 128), at 16x16; attacks of one step
 # a command line, not a listing such as `advcl pretrain --help`'s methods
 COMMAND = re.compile(r"^([A-Z_]+=\S*\s+)?(\w+=\$\()?advcl (pretrain|pseudo-labels|import|lpaft|finetune|attack|eval|benchmark|pull|push|zoo)\b"
