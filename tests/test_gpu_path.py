@@ -124,7 +124,7 @@ def run_finetune(encoder, scheme, out, **kw):
     return result, watch.seen
 
 
-@pytest.mark.parametrize("scheme", ["slf", "alf", "aff"])
+@pytest.mark.parametrize("scheme", ["slf", "alf", "aff", "autolora"])
 def test_finetune_step_in_bf16_and_channels_last_matches_fp32(scheme, encoder):
     ref, seen32 = run_finetune(encoder, scheme, "fp32", precision="fp32", channels_last="off")
     fast, seen16 = run_finetune(encoder, scheme, "bf16", precision="bf16", channels_last="on")

@@ -108,12 +108,12 @@ def adversary(model, x: Tensor, y: Tensor, s, gen: torch.Generator) -> Tensor:
 def natural_accuracy(model, images: Tensor, labels: Tensor, batch_size: int, gen: torch.Generator, precision, device) -> float:
     """Clean accuracy (eval mode, without the branch) on crop+flip views of ``images`` (uint8)."""
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=labels.device)  # counted on the device, read once
     for start in range(0, len(images), batch_size):
         x = crop_flip_view(images[start:start + batch_size], gen)
         with autocast(precision, device):
-            correct += int((model(x).argmax(1) == labels[start:start + batch_size]).sum())
-    return correct / max(len(images), 1)
+            correct += (model(x).argmax(1) == labels[start:start + batch_size]).sum()
+    return int(correct) / max(len(images), 1)
 
 
 class AutoLR:
