@@ -9,16 +9,19 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from advcl_cli.benchmark.reported import load_reported, reported_id
+from advcl_cli.checkpoint import load_checkpoint, load_state
 from advcl_cli.config import resolve
+from advcl_cli.engine import stop
 from advcl_cli.engine.pretrain import make_method, pretrain
-from advcl_cli.methods import method_for
-from advcl_cli.methods.advcl import AdvCL, attack
+from advcl_cli.methods.advcl import attack
+from advcl_cli.methods.losses import asym_supcon_loss
 from advcl_cli.pseudolabels import save_labels
 from advcl_cli.settings import PretrainSettings
 from nets import advcl_net
-from reference.ainfonce_step import AverageMeter, reference_step, script_args, stop_degree
+from reference.ainfonce_step import AsymSupCon, AverageMeter, reference_step, script_args, stop_degree
 
 B, N, KS, SIZE = 8, 16, (2, 5), 32
 STEPS = 2  # PGD steps, both sides
@@ -107,3 +110,89 @@ def test_loss_degree_and_gradients_equal_the_reference(run):
         if "running" in key and (".sets.pgd." in key or ".sets.pgd_ce." in key):
             assert torch.equal(ours[key], theirs[key]), key
 
+
+
+@pytest.mark.parametrize("hn", [None, (0.1, 1.0), (0.9, 2.0)], ids=["ori", "hn", "hn-clamped"])
+@pytest.mark.parametrize("stop_grad", [None, 0.3], ids=["full", "stop-grad"])
+def test_the_loss_and_its_gradient_equal_the_authors_criterion(hn, stop_grad):
+    """``asym_supcon_loss`` against ``SupConLoss`` / ``ori_SupConLoss`` as coded, on features
+    whose views sit close (with tau_plus 0.9 the hard-negative clamp binds: shown below)."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 1, 16, generator=g, dtype=torch.float64)
+    raw = base + 0.3 * torch.randn(6, 4, 16, generator=g, dtype=torch.float64)
+    ours_in, theirs_in = raw.clone().requires_grad_(), raw.clone().requires_grad_()
+    tau, beta = hn or (0.1, 1.0)
+    args = script_args("iphn", adv_weight=0.7, tau_plus=tau, beta=beta)
+    ours = asym_supcon_loss(F.normalize(ours_in, dim=-1), adv_weight=0.7, stop_grad=stop_grad, hard_negatives=hn)
+    theirs = AsymSupCon(args, hn=hn is not None)(F.normalize(theirs_in, dim=-1), stop_grad=stop_grad is not None,
+                                                 stop_grad_sd=stop_grad)
+    assert abs(ours.item() - theirs.item()) < TOL, (ours.item(), theirs.item())
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=0, atol=TOL)
+    if hn is not None:  # the clamp binds for some anchors with tau_plus 0.9 and for none with 0.1
+        loose = asym_supcon_loss(F.normalize(raw, dim=-1), adv_weight=0.7, stop_grad=stop_grad, hard_negatives=(tau + 0.05, beta))
+        assert (abs(loose.item() - ours.item()) < 1e-12) == (tau == 0.9)
+
+
+def test_the_measuring_epochs_accumulate_the_distance_then_each_branch_of_the_degree(tmp_path):
+    """Epochs 1-30 add each step's mean distance (weighted by the batch) and keep the fixed
+    degree; afterwards: the fixed degree above the running mean, 0.5 below d_min."""
+    method, views, indices, targets, uniform = method_and_inputs(tmp_path, a_infonce="ip")
+    net = advcl_net(KS)
+    x_cl = views[2] + uniform[0] * method.eps  # any adversarial view will do
+    meter = AverageMeter()
+    for epoch, (x_a, x_b) in enumerate(((views[2], x_cl), (views[0], views[1]))):  # two steps of epoch 0 and 1
+        method.start_epoch(epoch)
+        degree = method.stop_grad_degree(net, x_a, x_b)
+        assert degree == 0.2 == stop_degree(net, x_a, x_b, epoch, meter, script_args("ip"))
+    assert abs(float(method.distance[0]) - float(meter.sum)) < TOL and float(method.distance[1]) == meter.count == 2 * B
+    method.start_epoch(30)
+    for avg, d_min, want in ((1e-3, 0.4, 0.2), (1e3, 1e3 - 1, 0.5)):
+        method.distance = torch.tensor([avg * 2 * B, 2 * B], dtype=torch.float64)
+        method.settings = method.settings.model_copy(update={"stpg_d_min": d_min})
+        meter = AverageMeter()
+        meter.update(avg, 2 * B)
+        theirs = stop_degree(net, views[2], x_cl, 30, meter, script_args("ip", d_min=d_min))
+        assert float(method.stop_grad_degree(net, views[2], x_cl)) == float(theirs) == want
+
+
+TINY = dict(dataset="digits", arch="resnet18-tiny", limit=48, batch_size=16, epochs=2, device="cpu", pgd_steps=1,
+            a_infonce="iphn", stpg_adaptive_epochs=1, stpg_d_min=0.0)
+
+
+def test_a_run_stopped_mid_epoch_resumes_bit_identical_with_the_distance(tmp_path, monkeypatch):
+    """Epoch 1 measures the distance, epoch 2 adapts the degree to it: a run stopped in epoch 2
+    (after step 5 of 6) and resumed equals the uninterrupted one, bit for bit."""
+    from test_preemption import STOP_AT, assert_same_run
+
+    full = pretrain(resolve(PretrainSettings, dict(TINY, out=str(tmp_path / "full")))).run_dir
+    state = load_state(full / "state.safetensors")
+    distance = state["extra"]["method"]["stpg_distance"]
+    assert float(distance[1]) == 48 and float(distance[0]) > 0  # 3 steps of 16 measured
+    monkeypatch.setenv(stop.FAULT_ENV, f"{STOP_AT}:USR1")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(resolve(PretrainSettings, dict(TINY, out=str(tmp_path / "run"))))
+    monkeypatch.delenv(stop.FAULT_ENV)
+    pretrain(resolve(PretrainSettings, dict(TINY, out=str(tmp_path / "run"), resume="auto")))
+    assert_same_run(tmp_path / "run", full)
+
+
+def test_a_infonce_runs_offline_through_finetune_and_eval_and_records_its_method(run_cli, tmp_path):
+    small = ["--dataset", "digits", "--limit", "32", "--image-size", "16", "--device", "cpu"]
+    code, enc, err = run_cli("pretrain", "--a-infonce", "iphn", *small, "--arch", "resnet18-tiny", "--epochs", "1",
+                             "--batch-size", "16", "--pgd-steps", "1", "--out", tmp_path / "ainfonce", "--json")
+    assert code == 0, err
+    doc = json.loads(enc)
+    method = load_checkpoint(doc["path"], kind="encoder").meta.method
+    assert method == "a-infonce" and doc["metrics"]["stpg_degree"] == pytest.approx(0.2)
+    assert load_reported().row_for(reported_id(method), "cifar10").label.startswith("A-InfoNCE")
+    code, clf, err = run_cli("finetune", doc["path"], "--scheme", "slf", "--epochs", "1", "--batch-size", "16",
+                             "--attack-steps", "1", "--eval-limit", "8", *small, "--out", tmp_path / "slf")
+    assert code == 0, err
+    code, out, err = run_cli("eval", clf.strip(), "--attack", "pgd3", "--limit", "8", "--image-size", "16", "--json")
+    assert code == 0, err
+    assert json.loads(out)["n"] == 8
+    code, _, err = run_cli("pretrain", "--a-infonce", "asym", *small)
+    assert code == 2 and "a-infonce" in err and "Traceback" not in err
