@@ -5,7 +5,6 @@ stop-gradient's accumulation and ramp; the resume state; a run through the CLI; 
 rows and the import its checkpoints reach."""
 
 import copy
-import json
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from advcl_cli.methods.losses import asym_supcon_loss
 from advcl_cli.pseudolabels import save_labels
 from advcl_cli.settings import PretrainSettings
 from nets import advcl_net
+from training import SMALL, pretrain_finetune_eval
 from reference.ainfonce_step import AsymSupCon, AverageMeter, reference_step, script_args, stop_degree
 
 B, N, KS, SIZE = 8, 16, (2, 5), 32
@@ -180,19 +180,9 @@ def test_a_run_stopped_mid_epoch_resumes_bit_identical_with_the_distance(tmp_pat
 
 
 def test_a_infonce_runs_offline_through_finetune_and_eval_and_records_its_method(run_cli, tmp_path):
-    small = ["--dataset", "digits", "--limit", "32", "--image-size", "16", "--device", "cpu"]
-    code, enc, err = run_cli("pretrain", "--a-infonce", "iphn", *small, "--arch", "resnet18-tiny", "--epochs", "1",
-                             "--batch-size", "16", "--pgd-steps", "1", "--out", tmp_path / "ainfonce", "--json")
-    assert code == 0, err
-    doc = json.loads(enc)
+    doc = pretrain_finetune_eval(run_cli, tmp_path, "--a-infonce", "iphn")
     method = load_checkpoint(doc["path"], kind="encoder").meta.method
     assert method == "a-infonce" and doc["metrics"]["stpg_degree"] == pytest.approx(0.2)
     assert load_reported().row_for(reported_id(method), "cifar10").label.startswith("A-InfoNCE")
-    code, clf, err = run_cli("finetune", doc["path"], "--scheme", "slf", "--epochs", "1", "--batch-size", "16",
-                             "--attack-steps", "1", "--eval-limit", "8", *small, "--out", tmp_path / "slf")
-    assert code == 0, err
-    code, out, err = run_cli("eval", clf.strip(), "--attack", "pgd3", "--limit", "8", "--image-size", "16", "--json")
-    assert code == 0, err
-    assert json.loads(out)["n"] == 8
-    code, _, err = run_cli("pretrain", "--a-infonce", "asym", *small)
+    code, _, err = run_cli("pretrain", "--a-infonce", "asym", *SMALL)
     assert code == 2 and "a-infonce" in err and "Traceback" not in err
