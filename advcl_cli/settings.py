@@ -511,3 +511,46 @@ VERBS: dict[str, type[SettingsModel]] = {
     cls.section: cls for cls in (PretrainSettings, PseudoLabelSettings, FinetuneSettings, LpaftSettings, EvalSettings,
                                  AttackSettings, BenchmarkSettings, ImportSettings, HubSettings)
 }
+
+
+# --- what exists: every verb's and method's settings -----------------------------------------
+
+
+def method_models() -> dict[str, type[BaseModel]]:
+    """Each pretraining method's own settings model (imports the methods, and so torch)."""
+    from .methods import methods
+
+    return {name: cls.Settings for name, cls in methods().items()}
+
+
+def verb_fields() -> set[str]:
+    """Every setting name of every verb (the methods not imported)."""
+    return {f for cls in VERBS.values() for f in cls.model_fields}
+
+
+def known_fields() -> set[str]:
+    """Every setting name of every verb and method."""
+    return verb_fields() | {f for cls in method_models().values() for f in cls.model_fields}
+
+
+def is_known(name: str) -> bool:
+    """A setting of some verb or method; the methods are imported only when needed."""
+    return name in verb_fields() or name in known_fields()
+
+
+def settings_table() -> str:
+    """The README's table of every setting: its TOML key, flag, environment variable and users
+    (a test checks that the README holds exactly this table)."""
+    users: dict[str, list[str]] = {}
+    flags = set()
+    models = [*VERBS.items(), *((f"pretrain --method {m}", cls) for m, cls in method_models().items())]
+    for user, cls in models:
+        for name, f in cls.model_fields.items():
+            users.setdefault(name, []).append(user)
+            if (f.json_schema_extra or {}).get("flag", True):
+                flags.add(name)
+    rows = ["| TOML key | flag | environment | used by |", "|---|---|---|---|"]
+    for name in sorted(users):
+        flag = f"`{flag_name(name)}`" if name in flags else "-"
+        rows.append(f"| `{name}` | {flag} | `{env_name(name)}` | {', '.join(users[name])} |")
+    return "\n".join(rows)
