@@ -147,7 +147,6 @@ def parse_url(value: Any) -> Any:
 
 
 Eps = Annotated[float, BeforeValidator(parse_eps)]
-EpsList = Annotated[list[float], BeforeValidator(parse_eps_list)]
 IntList = Annotated[list[int], BeforeValidator(parse_int_list)]
 EpochList = Annotated[list[int], BeforeValidator(parse_epoch_list)]
 NameList = Annotated[list[str], BeforeValidator(parse_name_list)]
@@ -221,11 +220,17 @@ class Settings(SettingsModel):
     seed: int = option(0, "Random seed.", ge=0, le=2**32 - 1)
 
 
-class DatasetSettings(Settings):
-    """The dataset of the verbs that load images (each verb's help says whose it is by default)."""
+class DatasetNameSettings(CheckedModel):
+    """The dataset: of the verbs that load images (each verb's help says whose it is by default),
+    and of the files the imports write (their metadata)."""
 
     dataset: str | None = option(None, "cifar10, cifar100, stl10, digits (offline) or imagefolder:PATH (without a "
                                        "default shown: the checkpoint's).", short="-d")
+
+
+class DatasetSettings(Settings, DatasetNameSettings):
+    """The dataset options of the verbs that load images."""
+
     image_size: int | None = option(None, "Resize images to this square size.", ge=8, le=1024)
     download: bool = option(True, "Download a missing dataset.", flag=False, resume_may_change=True)
 
@@ -287,6 +292,20 @@ def defaults(**values: Any):
     """A class decorator: the model with other defaults for fields it takes from a group
     (``with_defaults``), its name and everything else kept."""
     return lambda cls: with_defaults(cls, cls.__name__, **values)
+
+
+def several(name: str, parse, metavar: str):
+    """A class decorator: the model whose field ``name``, declared for one value in a group,
+    takes a list (``parse``: a value, a comma-separated string or a list -> the list), its help
+    kept and its default the one value in a list (``eval --eps 2/255,8/255``)."""
+
+    def wrap(cls: type[BaseModel]) -> type[BaseModel]:
+        info = copy.copy(cls.model_fields[name])
+        info.default, info.metadata = [info.default], [BeforeValidator(parse)]
+        info.json_schema_extra = {**(info.json_schema_extra or {}), "metavar": metavar}
+        return create_model(cls.__name__, __base__=cls, **{name: (list[info.annotation], info)})
+
+    return wrap
 
 
 class SpeedSettings(CheckedModel):
@@ -438,13 +457,12 @@ ATTACK_HELP = ("fgsm, pgd20 (any pgdN), cw20 (any cwN), autoattack, autoattack-p
                "AutoAttack component: apgd-ce, apgd-t, fab-t, square")
 
 
+@several("eps", parse_eps_list, metavar="EPS,...")  # one evaluation per eps
 @defaults(batch_size=256, precision="fp32")
-class EvalSettings(DataSettings, BatchSettings, SpeedSettings, NormSettings):
+class EvalSettings(DataSettings, BatchSettings, SpeedSettings, BudgetSettings, NormSettings):
     section: ClassVar[str] = "eval"
 
     attack: NameList = option([], ATTACK_HELP + "; repeat or comma-separate for several.", short="-a", metavar="ATTACK")
-    eps: EpsList = option([8 / 255], BudgetSettings.model_fields["eps"].description,
-                          metavar="EPS,...")  # the one budget that is a list (one evaluation per eps)
     pgd_check: int = option(0, "Sanity check on the first N images (0: off): PGD-100 with 5 restarts beside PGD-20 at "
                                "every eps; PGD-20 above it by more than 5 points is flagged.", ge=0)
 
@@ -492,8 +510,9 @@ class BenchmarkSettings(DataSettings, BatchSettings, SpeedSettings, BudgetSettin
     eval_batch_size: int = option(256, "Images per evaluation batch (the attacks' random starts follow it).", ge=1)
 
 
-class ImportSettings(OutputSettings, SettingsModel):
-    """`advcl import` and `advcl pseudo-labels import`: the file they write."""
+@defaults(dataset="cifar10")
+class ImportSettings(DatasetNameSettings, OutputSettings, SettingsModel):
+    """`advcl import` and `advcl pseudo-labels import`: the dataset of what they import, and the file they write."""
 
     section: ClassVar[str] = "import"
 
