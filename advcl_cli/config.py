@@ -1,18 +1,17 @@
 """Resolving settings from their layers on pydantic-settings; only ``cli/`` calls it.
 
-Layers, lowest first: the model's defaults; the stored settings of a run being resumed; the
-TOML file (``--config FILE``, else ``$ADVCL_CONFIG``, else ``./advcl.toml``): its top-level
-keys, then the verb's table (``[pretrain]``), then, for pretraining, the method's table
-(``[pretrain.acl]``); ``ADVCL_*`` environment variables; the flags. pydantic-settings layers
-them (``settings_customise_sources``: the environment is its ``EnvSettingsSource`` with
-``env_prefix="ADVCL_"``; the flags, each table and the stored settings are a ``Layer`` each),
-and the file's shape is checked by validating it against a pydantic model built from the verb
-and method models (``extra="forbid"``). What it cannot do are the small additions below:
+Layers, lowest first: the defaults; a resumed run's stored settings; the TOML file (``--config
+FILE``, else ``$ADVCL_CONFIG``, else ``./advcl.toml``): its top level, the verb's table
+(``[pretrain]``), for pretraining the method's (``[pretrain.acl]``); ``ADVCL_*``; the flags.
+pydantic-settings layers them: its ``EnvSettingsSource`` (``env_prefix="ADVCL_"``) and a
+``Layer`` source for the flags, each table and the stored settings, in the order
+``settings_customise_sources`` gives; the file's shape is the validation of it against
+``settings.document_model`` (``extra="forbid"``). What it cannot do are these additions:
 
-- ``read_config``: the file read once (a pipe cannot be read twice), and its UTF-8, TOML and
-  nesting errors as one line; ``_shape_error``: the closest valid name for an unknown key or table;
+- ``read_config``: one read of the file (a pipe reads once), one-line UTF-8/TOML/nesting errors;
+- ``_shape_error``: an unknown key or table named with the closest valid name;
 - ``read_env``: a warning for an ``ADVCL_*`` variable that no setting uses;
-- ``origin``: which layer gave a value (asked of the sources), for the error that refuses it;
+- ``origin``: which source gave a value, for the error that refuses it;
 - ``check_unchanged``: a resumed run refuses a changed setting that is not ``resume_may_change``.
 """
 
@@ -25,14 +24,14 @@ import sys
 from contextvars import ContextVar
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Any, Callable
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ValidationError
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import TOO_DEEP, UsageError, require_file
 from .methods import method_names, settings_model
-from .settings import (VERBS, MethodSettings, PretrainSettings, SettingsModel, env_name, flag_name,
+from .settings import (VERBS, MethodSettings, PretrainSettings, SettingsModel, document_model, env_name, flag_name,
                        is_known, known_fields, method_models, verb_fields)
 
 if sys.version_info >= (3, 11):
@@ -101,30 +100,6 @@ def read_config(path: Path | None) -> dict[str, Any]:
     return doc
 
 
-def _value(value: Any) -> Any:
-    if isinstance(value, dict):
-        raise ValueError("a table where a value goes")
-    return value
-
-
-def _table(name: str, keys, tables: dict[str, type[BaseModel]] | None = None) -> type[BaseModel]:
-    """A TOML table: ``keys`` take values, ``tables`` are its sub-tables; nothing else."""
-    fields = {k: (Annotated[Any, BeforeValidator(_value)], None) for k in keys} | {k: (m, None) for k, m in (tables or {}).items()}
-    return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
-
-
-@cache
-def document_model(with_methods: bool) -> type[BaseModel]:
-    """The TOML file's shape: top-level keys of some verb or method, a table per verb, under
-    ``[pretrain]`` the keys of every method and a table per method (without the methods: the
-    verbs' keys only)."""
-    methods = {m: _table(m, cls.model_fields) for m, cls in method_models().items()} if with_methods else {}
-    verbs = {verb: _table(verb, cls.model_fields) for verb, cls in VERBS.items()}
-    method_keys = {k for m in methods.values() for k in m.model_fields}
-    verbs["pretrain"] = _table("pretrain", {*PretrainSettings.model_fields, *method_keys}, methods)
-    return _table("advcl.toml", known_fields() if with_methods else verb_fields(), verbs)
-
-
 def _shape_error(err: dict, path: Path, model: type[BaseModel]) -> UsageError:
     """A validation error of the file against ``document_model`` as one line naming the key or
     table, with the closest valid name."""
@@ -176,7 +151,7 @@ class Layer(PydanticBaseSettingsSource):
     def __init__(self, settings_cls: type[BaseSettings], label: str, values: dict[str, Any]):
         super().__init__(settings_cls)
         self.label = label
-        self.values = {k: v for k, v in values.items() if k in settings_cls.model_fields}
+        self.values = {k: v for k, v in values.items() if k in settings_cls.model_fields and not isinstance(v, dict)}
 
     def get_field_value(self, field, field_name):  # pragma: no cover - __call__ answers for every field
         raise NotImplementedError
@@ -242,30 +217,27 @@ def origin(name: str, sources: list) -> tuple[str | None, Any]:
 def resolve(cls: type[SettingsModel], flags: dict[str, Any], *, config_file: str | Path | None = None,
             base: dict[str, Any] | None = None, may_change: set[str] | None = None,
             warn: Warn | None = None) -> SettingsModel:
-    """``cls`` filled from every layer. ``flags`` are the command line's values (None: not
-    given); ``base`` a resumed run's stored settings: every other layer sits above them, and
-    may change only those in ``may_change`` (default: ``cls.resume_may_change()``, see
-    ``check_unchanged``). For ``PretrainSettings``
-    the result is the chosen method's model (``methods.settings_model``)."""
+    """``cls`` filled from every layer; ``flags``: the command line's values (None: not given);
+    ``base``: a resumed run's stored settings, which the other layers may change only in
+    ``may_change`` (default ``cls.resume_may_change()``). For ``PretrainSettings``, the chosen
+    method's model (``methods.settings_model``)."""
     flags = {k: v for k, v in flags.items() if v is not None}
     path = config_path(config_file)
     doc = read_config(path)
     if warn is not None:
         read_env(warn)
-    section = doc.get(cls.section, {}) if cls.section else {}
-    layers: list[tuple[str, dict]] = [
-        (STORED, dict(base or {})),
-        (f"{path} (top level)", {k: v for k, v in doc.items() if not isinstance(v, dict)}),
-        (f"{path} [{cls.section}]", {k: v for k, v in section.items() if not isinstance(v, dict)}),
-    ]
+    section = doc.get(cls.section, {}) if cls.section else {}  # a Layer leaves out the tables in it ([attack])
+    layers = [(STORED, base or {}), (f"{path} (top level)", doc), (f"{path} [{cls.section}]", section)]
+    method = None
     if issubclass(cls, PretrainSettings):
         method = _build(MethodSettings, {k: v for k, v in flags.items() if k == "method"}, layers)[0].method
         cls = settings_model(method)  # an unknown method is a UsageError listing the known ones
         layers.append((f"{path} [{PretrainSettings.section}.{method}]", section.get(method, {})))
-        _check_method_flags(flags, cls, method)
-    unknown = sorted(set(flags) - set(cls.model_fields))
-    if unknown:  # a caller's bug, or a flag of another verb
-        raise UsageError(f"{flag_name(unknown[0])} is not an option of this command")
+    for key in sorted(set(flags) - set(cls.model_fields)):  # another method's flag, another verb's, or a caller's bug
+        if owners := [m for m, model in method_models().items() if key in model.model_fields] if method else []:
+            raise UsageError(f"{flag_name(key)} is an option of {', '.join(owners)}, not of --method {method}",
+                             f"drop it, or choose one of those methods (methods: {', '.join(method_names())})")
+        raise UsageError(f"{flag_name(key)} is not an option of this command")
     done, sources = _build(cls, flags, layers)
     settings = cls.model_construct(_fields_set=done.model_fields_set, **dict(done))
     if base is not None:
@@ -288,14 +260,6 @@ def check_unchanged(settings: SettingsModel, stored: dict[str, Any], sources: li
                  for k in differ[:3]]
         raise UsageError("cannot resume with different settings: " + "; ".join(parts),
                          "resume without them (the run's own settings are kept), or start over with --force")
-
-
-def _check_method_flags(flags: dict[str, Any], cls: type[SettingsModel], method: str) -> None:
-    """A flag that belongs to other methods only is refused, naming them."""
-    for key in set(flags) - set(cls.model_fields):
-        if owners := [m for m, model in method_models().items() if key in model.model_fields]:
-            raise UsageError(f"{flag_name(key)} is an option of {', '.join(owners)}, not of --method {method}",
-                             f"drop it, or choose one of those methods (methods: {', '.join(method_names())})")
 
 
 def _value_error(e: ValidationError, sources: list) -> UsageError:

@@ -16,6 +16,7 @@ a TOML value may be a string or a native value, and the validators below accept 
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import typing
 from fractions import Fraction
@@ -494,7 +495,7 @@ class BenchmarkSettings(DataSettings, BatchSettings, SpeedSettings, BudgetSettin
     section: ClassVar[str] = "benchmark"
 
     schemes: Annotated[list[str], BeforeValidator(parse_schemes)] = option(
-        ["slf", "alf", "aff"], "Finetuning schemes, comma-separated: slf, alf, aff, autolora.", short="-s",
+        ["slf", "alf", "aff"], f"Finetuning schemes, comma-separated: {', '.join(SCHEME_NAMES)}.", short="-s",
         metavar="SCHEME,...")
     attack: NameList = option(["autoattack"], "The attack(s) of RA (robust accuracy; the worst case over several). "
                                               "PGD-20 is always measured too.", short="-a", metavar="ATTACK")
@@ -555,6 +556,30 @@ def known_fields() -> set[str]:
 def is_known(name: str) -> bool:
     """A setting of some verb or method; the methods are imported only when needed."""
     return name in verb_fields() or name in known_fields()
+
+
+def _value(value: Any) -> Any:
+    if isinstance(value, dict):
+        raise ValueError("a table where a value goes")
+    return value
+
+
+def _table(name: str, keys, tables: dict[str, type[BaseModel]] | None = None) -> type[BaseModel]:
+    """A TOML table: ``keys`` take values, ``tables`` are its sub-tables (models); nothing else."""
+    fields = {k: (Annotated[Any, BeforeValidator(_value)], None) for k in keys} | {k: (m, None) for k, m in (tables or {}).items()}
+    return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
+
+
+@functools.cache
+def document_model(with_methods: bool) -> type[BaseModel]:
+    """The TOML file's shape: top-level keys of some verb or method, a table per verb, under
+    ``[pretrain]`` the keys of every method and a table per method (without the methods: the
+    verbs' keys only)."""
+    methods = {m: _table(m, cls.model_fields) for m, cls in method_models().items()} if with_methods else {}
+    verbs = {verb: _table(verb, cls.model_fields) for verb, cls in VERBS.items()}
+    method_keys = {k for m in methods.values() for k in m.model_fields}
+    verbs["pretrain"] = _table("pretrain", {*PretrainSettings.model_fields, *method_keys}, methods)
+    return _table("advcl.toml", known_fields() if with_methods else verb_fields(), verbs)
 
 
 def settings_table() -> str:
