@@ -250,16 +250,14 @@ def _where(name: str, source: str | None) -> str:
 
 
 def check_unchanged(settings: SettingsModel, stored: dict[str, Any], sources: list, may_change: set[str]) -> None:
-    """A resumed run trains what it started to: a setting outside ``may_change`` that a layer
-    above the stored settings changes is refused, naming that layer (flag, variable, file)."""
+    """The engine's resume check (``check_resume_config``) at resolve time, on the settings the
+    run stored, naming the layer each change comes from (flag, variable, file)."""
+    from .engine.run import check_resume_config
+
     now = settings.to_config()
-    # a changed method is the engine's to name (``check_resume_config``): its settings differ anyway
-    differ = sorted(k for k in stored if k in now and k not in may_change | {"method"} and now[k] != stored[k])
-    if differ:
-        parts = [f"{k.replace('_', '-')} is {now[k]!r} from {_where(k, origin(k, sources)[0])} but {stored[k]!r} in the run"
-                 for k in differ[:3]]
-        raise UsageError("cannot resume with different settings: " + "; ".join(parts),
-                         "resume without them (the run's own settings are kept), or start over with --force")
+    keys = set(stored) & set(now) - {"method"}  # a changed method is the engine's to name: its settings differ anyway
+    check_resume_config({k: stored[k] for k in keys}, {k: now[k] for k in keys}, may_change,
+                        lambda k: "from " + _where(k, origin(k, sources)[0]))
 
 
 def _value_error(e: ValidationError, sources: list) -> UsageError:
