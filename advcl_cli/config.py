@@ -6,7 +6,9 @@ FILE``, else ``$ADVCL_CONFIG``, else ``./advcl.toml``): its top level, the verb'
 pydantic-settings layers them: its ``EnvSettingsSource`` (``env_prefix="ADVCL_"``) and a
 ``Layer`` source for the flags, each table and the stored settings, in the order
 ``settings_customise_sources`` gives; the file's shape is the validation of it against
-``settings.document_model`` (``extra="forbid"``). What it cannot do are these additions:
+``settings.document_model`` (``extra="forbid"``). Its ``TomlConfigSettingsSource`` is not used:
+it reads the file once per table (a pipe reads once) and would pass a table such as ``[attack]``
+as the value of the key ``attack``. What pydantic-settings cannot do are these additions:
 
 - ``read_config``: one read of the file (a pipe reads once), one-line UTF-8/TOML/nesting errors;
 - ``_shape_error``: an unknown key or table named with the closest valid name;
