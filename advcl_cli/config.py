@@ -1,17 +1,19 @@
 """Resolving settings from their layers on pydantic-settings; only ``cli/`` calls it.
 
-Layers, lowest first: the model's defaults; the stored settings of a run being resumed; the
-TOML file (``--config FILE``, else ``$ADVCL_CONFIG``, else ``./advcl.toml``): its top-level
-keys, then the verb's table (``[pretrain]``), then, for pretraining, the method's table
-(``[pretrain.acl]``); ``ADVCL_*`` environment variables; the flags. pydantic-settings layers
-them (``settings_customise_sources``: the flags are its init kwargs, the environment its
-``EnvSettingsSource`` with ``env_prefix="ADVCL_"``, each table and the stored settings a
-source of their own). What it cannot do are the small additions below, each named:
+Layers, lowest first: the defaults; a resumed run's stored settings; the TOML file (``--config
+FILE``, else ``$ADVCL_CONFIG``, else ``./advcl.toml``): its top level, the verb's table
+(``[pretrain]``), for pretraining the method's (``[pretrain.acl]``); ``ADVCL_*``; the flags.
+pydantic-settings layers them: its ``EnvSettingsSource`` (``env_prefix="ADVCL_"``) and a
+``Layer`` source for the flags, each table and the stored settings, in the order
+``settings_customise_sources`` gives; the file's shape is the validation of it against
+``settings.document_model`` (``extra="forbid"``). Its ``TomlConfigSettingsSource`` is not used:
+it reads the file once per table (a pipe reads once) and would pass a table such as ``[attack]``
+as the value of the key ``attack``. What pydantic-settings cannot do are these additions:
 
-- ``check_config``: every key of the file a setting of some verb or method, every table a verb
-  (under ``[pretrain]`` a method), else an error naming the closest valid name;
+- ``read_config``: one read of the file (a pipe reads once), one-line UTF-8/TOML/nesting errors;
+- ``_shape_error``: an unknown key or table named with the closest valid name;
 - ``read_env``: a warning for an ``ADVCL_*`` variable that no setting uses;
-- ``origin``: which layer gave a value, for the error that refuses it;
+- ``origin``: which source gave a value, for the error that refuses it;
 - ``check_unchanged``: a resumed run refuses a changed setting that is not ``resume_may_change``.
 """
 
@@ -26,12 +28,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import ValidationError
-from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict, SettingsError
+from pydantic import BaseModel, ValidationError
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import TOO_DEEP, UsageError, require_file
-from .methods import method_names, methods, settings_model
-from .settings import VERBS, PretrainSettings, SettingsModel, env_name, flag_name
+from .methods import method_names, settings_model
+from .settings import (VERBS, MethodSettings, PretrainSettings, SettingsModel, document_model, env_name, flag_name,
+                       is_known, known_fields, method_models, verb_fields)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,42 +51,6 @@ Warn = Callable[[str], None]
 def _did_you_mean(word: str, choices, fmt: str = "'{}'") -> str | None:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"did you mean {fmt.format(close[0])}?" if close else None
-
-
-# --- what exists ----------------------------------------------------------------------------
-
-
-def method_models() -> dict[str, type[BaseModel]]:
-    """Each pretraining method's own settings model."""
-    return {name: cls.Settings for name, cls in methods().items()}
-
-
-def known_fields() -> set[str]:
-    """Every setting name of every verb and method."""
-    return {f for cls in [*VERBS.values(), *method_models().values()] for f in cls.model_fields}
-
-
-def is_known(name: str) -> bool:
-    """A setting of some verb or method; the methods are imported only when needed."""
-    return any(name in cls.model_fields for cls in VERBS.values()) or name in known_fields()
-
-
-def settings_table() -> str:
-    """The README's table of every setting: its TOML key, flag, environment variable and users
-    (a test checks that the README holds exactly this table)."""
-    users: dict[str, list[str]] = {}
-    flags = set()
-    models = [(verb, cls) for verb, cls in VERBS.items()] + [(f"pretrain --method {m}", cls) for m, cls in method_models().items()]
-    for user, cls in models:
-        for name, f in cls.model_fields.items():
-            users.setdefault(name, []).append(user)
-            if (f.json_schema_extra or {}).get("flag", True):
-                flags.add(name)
-    rows = ["| TOML key | flag | environment | used by |", "|---|---|---|---|"]
-    for name in sorted(users):
-        flag = f"`{flag_name(name)}`" if name in flags else "-"
-        rows.append(f"| `{name}` | {flag} | `{env_name(name)}` | {', '.join(users[name])} |")
-    return "\n".join(rows)
 
 
 # --- the TOML file --------------------------------------------------------------------------
@@ -126,47 +93,37 @@ def read_config(path: Path | None) -> dict[str, Any]:
         raise UsageError(f"config file {path} is not valid TOML: {e}") from None
     except RecursionError:
         raise UsageError(f"config file {path} is not valid TOML: {TOO_DEEP}") from None
-    check_config(doc, path)
+    # the methods (and torch) are imported only for a [pretrain] table or a key no verb has
+    with_methods = isinstance(doc.get("pretrain"), dict) or not set(doc) <= verb_fields() | set(VERBS)
+    try:
+        document_model(with_methods).model_validate(doc)
+    except ValidationError as e:
+        raise _shape_error(e.errors()[0], path, document_model(with_methods)) from None
     return doc
 
 
-def check_config(doc: dict[str, Any], path: Path) -> None:
-    """Every key a setting of some verb or method, every table a verb or (under [pretrain]) a
-    method; else a UsageError naming the key and the closest valid name."""
-    methods = method_models() if isinstance(doc.get("pretrain"), dict) else {}
-
-    def unknown(key: str, where: str, valid) -> UsageError:
-        return UsageError(f"unknown key '{key}' in {where} of {path}", _did_you_mean(key, valid) or "see `advcl VERB --help` for the setting names")
-
-    hub_verbs = ("pull", "push", "zoo")
-    for key, value in doc.items():
-        if not isinstance(value, dict):
-            if not is_known(key):
-                if key in VERBS:
-                    raise UsageError(f"'{key}' in {path} is a table of settings, not a value", f"write [{key}] with its settings under it")
-                raise unknown(key, "the top level", known_fields() | set(VERBS))
-            continue
-        if key in hub_verbs:
-            raise UsageError(f"unknown table [{key}] in {path}", f"{', '.join(hub_verbs)} read their settings from [hub]")
-        if key not in VERBS:
-            raise UsageError(f"unknown table [{key}] in {path}", _did_you_mean(key, VERBS, "[{}]") or f"tables are: {', '.join(VERBS)}")
-        fields = set(VERBS[key].model_fields)
-        if key == "pretrain":
-            fields |= {f for m in methods.values() for f in m.model_fields}
-        for sub, sub_value in value.items():
-            if isinstance(sub_value, dict):
-                if sub in fields:
-                    raise UsageError(f"'{sub}' in [{key}] of {path} takes a value, not a table", f"write {sub} = VALUE")
-                if key != "pretrain" or sub not in methods:
-                    valid = methods if key == "pretrain" else ()
-                    raise UsageError(f"unknown table [{key}.{sub}] in {path}",
-                                     _did_you_mean(sub, valid, f"[{key}.{{}}]") or
-                                     (f"method tables are: {', '.join(methods)}" if key == "pretrain" else f"[{key}] has no sub-tables"))
-                for name in sub_value:
-                    if name not in methods[sub].model_fields:
-                        raise unknown(name, f"[{key}.{sub}]", methods[sub].model_fields)
-            elif sub not in fields:
-                raise unknown(sub, f"[{key}]", fields)
+def _shape_error(err: dict, path: Path, model: type[BaseModel]) -> UsageError:
+    """A validation error of the file against ``document_model`` as one line naming the key or
+    table, with the closest valid name."""
+    *within, key = [str(p) for p in err["loc"]]
+    for name in within:
+        model = model.model_fields[name].annotation
+    tables = [k for k, f in model.model_fields.items() if f.annotation is not Any]
+    keys = [k for k in model.model_fields if k not in tables]
+    if err["type"] == "model_type" and not within:
+        return UsageError(f"'{key}' in {path} is a table of settings, not a value", f"write [{key}] with its settings under it")
+    if err["type"] == "value_error" and within:
+        return UsageError(f"'{key}' in [{'.'.join(within)}] of {path} takes a value, not a table", f"write {key} = VALUE")
+    if isinstance(err["input"], dict) and len(within) < 2:
+        if key in ("pull", "push", "zoo"):
+            return UsageError(f"unknown table [{key}] in {path}", "pull, push, zoo read their settings from [hub]")
+        others = (f"{'method tables' if within else 'tables'} are: {', '.join(tables)}" if tables
+                  else f"[{within[0]}] has no sub-tables")
+        return UsageError(f"unknown table [{'.'.join([*within, key])}] in {path}",
+                          _did_you_mean(key, tables, f"[{'.'.join([*within, '{}'])}]") or others)
+    where = f"[{'.'.join(within)}] of {path}" if within else f"the top level of {path}"
+    return UsageError(f"unknown key '{key}' in {where}",
+                      _did_you_mean(key, keys if within else model.model_fields) or "see `advcl VERB --help` for the setting names")
 
 
 # --- the environment ------------------------------------------------------------------------
@@ -190,87 +147,103 @@ def read_env(warn: Warn) -> None:
 # --- resolution -----------------------------------------------------------------------------
 
 
-class Layer(InitSettingsSource):
-    """One named layer of values: a table of the TOML file, or a resumed run's stored settings."""
+class Layer(PydanticBaseSettingsSource):
+    """One named layer of values: the flags, a table of the TOML file, or a resumed run's stored settings."""
 
     def __init__(self, settings_cls: type[BaseSettings], label: str, values: dict[str, Any]):
+        super().__init__(settings_cls)
         self.label = label
-        super().__init__(settings_cls, {k: v for k, v in values.items() if k in settings_cls.model_fields})
+        self.values = {k: v for k, v in values.items() if k in settings_cls.model_fields and not isinstance(v, dict)}
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ answers for every field
+        raise NotImplementedError
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.values)
 
 
-_LAYERS: ContextVar[list[tuple[str, dict]]] = ContextVar("layers")
+class Env(EnvSettingsSource):
+    """pydantic-settings' ``ADVCL_*`` source, its answer kept for the same variables (it walks
+    every field's type on each call: most of a resolve's time)."""
+
+    label = "environment"
+    _seen: dict[tuple, dict[str, Any]] = {}
+
+    def __call__(self) -> dict[str, Any]:
+        key = (self.settings_cls, tuple(sorted((k, v) for k, v in self.env_vars.items() if k.startswith("advcl_"))))
+        if key not in self._seen:
+            self._seen[key] = super().__call__()
+        return dict(self._seen[key])
+
+
+_SOURCES: ContextVar[list[PydanticBaseSettingsSource]] = ContextVar("sources")
 
 
 @cache
 def layered(cls: type[SettingsModel]) -> type[BaseSettings]:
-    """``cls`` as a pydantic-settings model: flags (init kwargs) > ``ADVCL_*`` > the layers of
-    ``_LAYERS``, highest last in that list."""
+    """``cls`` as a pydantic-settings model whose sources are those ``_SOURCES`` holds, highest first."""
 
     class Layered(BaseSettings, cls):
         model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, enable_decoding=False, extra="forbid")
 
         @classmethod
-        def settings_customise_sources(cls_, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-            layers = [Layer(settings_cls, label, values) for label, values in reversed(_LAYERS.get())]
-            return (init_settings, env_settings, *layers)
+        def settings_customise_sources(cls_, *_, **__):
+            return tuple(_SOURCES.get())
 
     Layered.__name__ = cls.__name__
     return Layered
 
 
-def origin(name: str, layers: list[tuple[str, dict]], flags: dict[str, Any]) -> tuple[str | None, Any]:
-    """Which layer gave setting ``name``, and its value there (None, None: the default)."""
-    env = {k.lower(): v for k, v in os.environ.items()}.get(env_name(name).lower())
-    named = [(label, values[name]) for label, values in layers if name in values]
-    if name in flags:
-        return "flags", flags[name]
-    if env is not None:
-        return "environment", env
-    return named[-1] if named else (None, None)
+def _build(cls: type[SettingsModel], flags: dict[str, Any], layers: list[tuple[str, dict]]) -> tuple[BaseSettings, list]:
+    """``cls`` filled from ``flags`` > the environment > ``layers`` (highest last), and those sources."""
+    model = layered(cls)
+    sources = [Layer(model, "flags", flags), Env(model), *(Layer(model, label, values) for label, values in reversed(layers))]
+    token = _SOURCES.set(sources)
+    try:
+        return model(), sources
+    except ValidationError as e:
+        raise _value_error(e, sources) from None
+    finally:
+        _SOURCES.reset(token)
+
+
+def origin(name: str, sources: list) -> tuple[str | None, Any]:
+    """Which source gave setting ``name``, and its value there (None, None: the default)."""
+    for source in sources:
+        values = source()
+        if name in values:
+            return source.label, values[name]
+    return None, None
 
 
 def resolve(cls: type[SettingsModel], flags: dict[str, Any], *, config_file: str | Path | None = None,
             base: dict[str, Any] | None = None, may_change: set[str] | None = None,
             warn: Warn | None = None) -> SettingsModel:
-    """``cls`` filled from every layer. ``flags`` are the command line's values (None: not
-    given); ``base`` a resumed run's stored settings: every other layer sits above them, and
-    may change only those in ``may_change`` (default: ``cls.resume_may_change()``, see
-    ``check_unchanged``). For ``PretrainSettings``
-    the result is the chosen method's model (``methods.settings_model``)."""
+    """``cls`` filled from every layer; ``flags``: the command line's values (None: not given);
+    ``base``: a resumed run's stored settings, which the other layers may change only in
+    ``may_change`` (default ``cls.resume_may_change()``). For ``PretrainSettings``, the chosen
+    method's model (``methods.settings_model``)."""
     flags = {k: v for k, v in flags.items() if v is not None}
     path = config_path(config_file)
     doc = read_config(path)
     if warn is not None:
         read_env(warn)
-    section = doc.get(cls.section, {}) if cls.section else {}
-    layers: list[tuple[str, dict]] = [
-        (STORED, dict(base or {})),
-        (f"{path} (top level)", {k: v for k, v in doc.items() if not isinstance(v, dict)}),
-        (f"{path} [{cls.section}]", {k: v for k, v in section.items() if not isinstance(v, dict)}),
-    ]
+    section = doc.get(cls.section, {}) if cls.section else {}  # a Layer leaves out the tables in it ([attack])
+    layers = [(STORED, base or {}), (f"{path} (top level)", doc), (f"{path} [{cls.section}]", section)]
+    method = None
     if issubclass(cls, PretrainSettings):
-        method = origin("method", layers, flags)[1] or PretrainSettings.model_fields["method"].default
-        method = str(method).strip().lower()
+        method = _build(MethodSettings, {k: v for k, v in flags.items() if k == "method"}, layers)[0].method
         cls = settings_model(method)  # an unknown method is a UsageError listing the known ones
-        table = section.get(method, {})
-        layers.append((f"{path} [{PretrainSettings.section}.{method}]", table if isinstance(table, dict) else {}))
-        _check_method_flags(flags, cls, method)
-    layers = [(label, {k: v for k, v in values.items() if k in cls.model_fields}) for label, values in layers]
-    unknown = sorted(set(flags) - set(cls.model_fields))
-    if unknown:  # a caller's bug, or a flag of another verb
-        raise UsageError(f"{flag_name(unknown[0])} is not an option of this command")
-    token = _LAYERS.set(layers)
-    try:
-        done = layered(cls)(**flags)
-    except ValidationError as e:
-        raise _value_error(e, layers, flags) from None
-    except SettingsError as e:  # pragma: no cover - decoding is off; kept as a one-line error
-        raise UsageError(f"bad setting: {e}") from None
-    finally:
-        _LAYERS.reset(token)
+        layers.append((f"{path} [{PretrainSettings.section}.{method}]", section.get(method, {})))
+    for key in sorted(set(flags) - set(cls.model_fields)):  # another method's flag, another verb's, or a caller's bug
+        if owners := [m for m, model in method_models().items() if key in model.model_fields] if method else []:
+            raise UsageError(f"{flag_name(key)} is an option of {', '.join(owners)}, not of --method {method}",
+                             f"drop it, or choose one of those methods (methods: {', '.join(method_names())})")
+        raise UsageError(f"{flag_name(key)} is not an option of this command")
+    done, sources = _build(cls, flags, layers)
     settings = cls.model_construct(_fields_set=done.model_fields_set, **dict(done))
     if base is not None:
-        check_unchanged(settings, base, layers, flags, cls.resume_may_change() if may_change is None else may_change)
+        check_unchanged(settings, base, sources, cls.resume_may_change() if may_change is None else may_change)
     return settings
 
 
@@ -278,37 +251,22 @@ def _where(name: str, source: str | None) -> str:
     return {"flags": flag_name(name), "environment": env_name(name)}.get(source, source or "the defaults")
 
 
-def check_unchanged(settings: SettingsModel, stored: dict[str, Any], layers, flags, may_change: set[str]) -> None:
-    """A resumed run trains what it started to: a setting outside ``may_change`` that a layer
-    above the stored settings changes is refused, naming that layer (flag, variable, file)."""
+def check_unchanged(settings: SettingsModel, stored: dict[str, Any], sources: list, may_change: set[str]) -> None:
+    """The engine's resume check (``check_resume_config``) at resolve time, on the settings the
+    run stored, naming the layer each change comes from (flag, variable, file)."""
+    from .engine.run import check_resume_config
+
     now = settings.to_config()
-    # a changed method is the engine's to name (``check_resume_config``): its settings differ anyway
-    differ = sorted(k for k in stored if k in now and k not in may_change | {"method"} and now[k] != stored[k])
-    if differ:
-        parts = [f"{k.replace('_', '-')} is {now[k]!r} from {_where(k, origin(k, layers, flags)[0])} but {stored[k]!r} in the run"
-                 for k in differ[:3]]
-        raise UsageError("cannot resume with different settings: " + "; ".join(parts),
-                         "resume without them (the run's own settings are kept), or start over with --force")
+    keys = set(stored) & set(now) - {"method"}  # a changed method is the engine's to name: its settings differ anyway
+    check_resume_config({k: stored[k] for k in keys}, {k: now[k] for k in keys}, may_change,
+                        lambda k: "from " + _where(k, origin(k, sources)[0]))
 
 
-def _check_method_flags(flags: dict[str, Any], cls: type[SettingsModel], method: str) -> None:
-    """A flag that belongs to other methods only is refused, naming them."""
-    for key in flags:
-        if key in cls.model_fields:
-            continue
-        owners = [m for m, model in method_models().items() if key in model.model_fields]
-        if owners:
-            raise UsageError(
-                f"{flag_name(key)} is an option of {', '.join(owners)}, not of --method {method}",
-                f"drop it, or choose one of those methods (methods: {', '.join(method_names())})",
-            )
-
-
-def _value_error(e: ValidationError, layers, flags) -> UsageError:
+def _value_error(e: ValidationError, sources: list) -> UsageError:
     err = e.errors()[0]
     name = str(err["loc"][0]) if err["loc"] else "?"
     msg = err["msg"].removeprefix("Value error, ")
-    source, value = origin(name, layers, flags)
+    source, value = origin(name, sources)
     where = env_name(name) if source == "environment" else flag_name(name)
     from_ = "" if source in (None, "flags", "environment") else f" (from {source})"
     given = f" {value!r}" if value is not None and not isinstance(value, (list, dict)) else ""

@@ -16,6 +16,7 @@ a TOML value may be a string or a native value, and the validators below accept 
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import typing
 from fractions import Fraction
@@ -147,7 +148,6 @@ def parse_url(value: Any) -> Any:
 
 
 Eps = Annotated[float, BeforeValidator(parse_eps)]
-EpsList = Annotated[list[float], BeforeValidator(parse_eps_list)]
 IntList = Annotated[list[int], BeforeValidator(parse_int_list)]
 EpochList = Annotated[list[int], BeforeValidator(parse_epoch_list)]
 NameList = Annotated[list[str], BeforeValidator(parse_name_list)]
@@ -221,11 +221,17 @@ class Settings(SettingsModel):
     seed: int = option(0, "Random seed.", ge=0, le=2**32 - 1)
 
 
-class DatasetSettings(Settings):
-    """The dataset of the verbs that load images (each verb's help says whose it is by default)."""
+class DatasetNameSettings(CheckedModel):
+    """The dataset: of the verbs that load images (each verb's help says whose it is by default),
+    and of the files the imports write (their metadata)."""
 
     dataset: str | None = option(None, "cifar10, cifar100, stl10, digits (offline) or imagefolder:PATH (without a "
                                        "default shown: the checkpoint's).", short="-d")
+
+
+class DatasetSettings(Settings, DatasetNameSettings):
+    """The dataset options of the verbs that load images."""
+
     image_size: int | None = option(None, "Resize images to this square size.", ge=8, le=1024)
     download: bool = option(True, "Download a missing dataset.", flag=False, resume_may_change=True)
 
@@ -287,6 +293,20 @@ def defaults(**values: Any):
     """A class decorator: the model with other defaults for fields it takes from a group
     (``with_defaults``), its name and everything else kept."""
     return lambda cls: with_defaults(cls, cls.__name__, **values)
+
+
+def several(name: str, parse, metavar: str):
+    """A class decorator: the model whose field ``name``, declared for one value in a group,
+    takes a list (``parse``: a value, a comma-separated string or a list -> the list), its help
+    kept and its default the one value in a list (``eval --eps 2/255,8/255``)."""
+
+    def wrap(cls: type[BaseModel]) -> type[BaseModel]:
+        info = copy.copy(cls.model_fields[name])
+        info.default, info.metadata = [info.default], [BeforeValidator(parse)]
+        info.json_schema_extra = {**(info.json_schema_extra or {}), "metavar": metavar}
+        return create_model(cls.__name__, __base__=cls, **{name: (list[info.annotation], info)})
+
+    return wrap
 
 
 class SpeedSettings(CheckedModel):
@@ -438,13 +458,12 @@ ATTACK_HELP = ("fgsm, pgd20 (any pgdN), cw20 (any cwN), autoattack, autoattack-p
                "AutoAttack component: apgd-ce, apgd-t, fab-t, square")
 
 
+@several("eps", parse_eps_list, metavar="EPS,...")  # one evaluation per eps
 @defaults(batch_size=256, precision="fp32")
-class EvalSettings(DataSettings, BatchSettings, SpeedSettings, NormSettings):
+class EvalSettings(DataSettings, BatchSettings, SpeedSettings, BudgetSettings, NormSettings):
     section: ClassVar[str] = "eval"
 
     attack: NameList = option([], ATTACK_HELP + "; repeat or comma-separate for several.", short="-a", metavar="ATTACK")
-    eps: EpsList = option([8 / 255], BudgetSettings.model_fields["eps"].description,
-                          metavar="EPS,...")  # the one budget that is a list (one evaluation per eps)
     pgd_check: int = option(0, "Sanity check on the first N images (0: off): PGD-100 with 5 restarts beside PGD-20 at "
                                "every eps; PGD-20 above it by more than 5 points is flagged.", ge=0)
 
@@ -476,7 +495,7 @@ class BenchmarkSettings(DataSettings, BatchSettings, SpeedSettings, BudgetSettin
     section: ClassVar[str] = "benchmark"
 
     schemes: Annotated[list[str], BeforeValidator(parse_schemes)] = option(
-        ["slf", "alf", "aff"], "Finetuning schemes, comma-separated: slf, alf, aff, autolora.", short="-s",
+        ["slf", "alf", "aff"], f"Finetuning schemes, comma-separated: {', '.join(SCHEME_NAMES)}.", short="-s",
         metavar="SCHEME,...")
     attack: NameList = option(["autoattack"], "The attack(s) of RA (robust accuracy; the worst case over several). "
                                               "PGD-20 is always measured too.", short="-a", metavar="ATTACK")
@@ -492,8 +511,9 @@ class BenchmarkSettings(DataSettings, BatchSettings, SpeedSettings, BudgetSettin
     eval_batch_size: int = option(256, "Images per evaluation batch (the attacks' random starts follow it).", ge=1)
 
 
-class ImportSettings(OutputSettings, SettingsModel):
-    """`advcl import` and `advcl pseudo-labels import`: the file they write."""
+@defaults(dataset="cifar10")
+class ImportSettings(DatasetNameSettings, OutputSettings, SettingsModel):
+    """`advcl import` and `advcl pseudo-labels import`: the dataset of what they import, and the file they write."""
 
     section: ClassVar[str] = "import"
 
@@ -511,3 +531,70 @@ VERBS: dict[str, type[SettingsModel]] = {
     cls.section: cls for cls in (PretrainSettings, PseudoLabelSettings, FinetuneSettings, LpaftSettings, EvalSettings,
                                  AttackSettings, BenchmarkSettings, ImportSettings, HubSettings)
 }
+
+
+# --- what exists: every verb's and method's settings -----------------------------------------
+
+
+def method_models() -> dict[str, type[BaseModel]]:
+    """Each pretraining method's own settings model (imports the methods, and so torch)."""
+    from .methods import methods
+
+    return {name: cls.Settings for name, cls in methods().items()}
+
+
+def verb_fields() -> set[str]:
+    """Every setting name of every verb (the methods not imported)."""
+    return {f for cls in VERBS.values() for f in cls.model_fields}
+
+
+def known_fields() -> set[str]:
+    """Every setting name of every verb and method."""
+    return verb_fields() | {f for cls in method_models().values() for f in cls.model_fields}
+
+
+def is_known(name: str) -> bool:
+    """A setting of some verb or method; the methods are imported only when needed."""
+    return name in verb_fields() or name in known_fields()
+
+
+def _value(value: Any) -> Any:
+    if isinstance(value, dict):
+        raise ValueError("a table where a value goes")
+    return value
+
+
+def _table(name: str, keys, tables: dict[str, type[BaseModel]] | None = None) -> type[BaseModel]:
+    """A TOML table: ``keys`` take values, ``tables`` are its sub-tables (models); nothing else."""
+    fields = {k: (Annotated[Any, BeforeValidator(_value)], None) for k in keys} | {k: (m, None) for k, m in (tables or {}).items()}
+    return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
+
+
+@functools.cache
+def document_model(with_methods: bool) -> type[BaseModel]:
+    """The TOML file's shape: top-level keys of some verb or method, a table per verb, under
+    ``[pretrain]`` the keys of every method and a table per method (without the methods: the
+    verbs' keys only)."""
+    methods = {m: _table(m, cls.model_fields) for m, cls in method_models().items()} if with_methods else {}
+    verbs = {verb: _table(verb, cls.model_fields) for verb, cls in VERBS.items()}
+    method_keys = {k for m in methods.values() for k in m.model_fields}
+    verbs["pretrain"] = _table("pretrain", {*PretrainSettings.model_fields, *method_keys}, methods)
+    return _table("advcl.toml", known_fields() if with_methods else verb_fields(), verbs)
+
+
+def settings_table() -> str:
+    """The README's table of every setting: its TOML key, flag, environment variable and users
+    (a test checks that the README holds exactly this table)."""
+    users: dict[str, list[str]] = {}
+    flags = set()
+    models = [*VERBS.items(), *((f"pretrain --method {m}", cls) for m, cls in method_models().items())]
+    for user, cls in models:
+        for name, f in cls.model_fields.items():
+            users.setdefault(name, []).append(user)
+            if (f.json_schema_extra or {}).get("flag", True):
+                flags.add(name)
+    rows = ["| TOML key | flag | environment | used by |", "|---|---|---|---|"]
+    for name in sorted(users):
+        flag = f"`{flag_name(name)}`" if name in flags else "-"
+        rows.append(f"| `{name}` | {flag} | `{env_name(name)}` | {', '.join(users[name])} |")
+    return "\n".join(rows)

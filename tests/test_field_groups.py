@@ -120,6 +120,7 @@ PINNED = {
         'out': ('runs/benchmark', '-o', True, {}),
     },
     'import': {
+        'dataset': ('cifar10', '-d', True, {}),
         'out': (None, '-o', True, {}),
     },
     'pretrain --method advcl': {

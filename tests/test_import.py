@@ -142,3 +142,29 @@ def test_cli_import(run_cli, tmp_path, source):
     assert code == 2 and "already exists" in err and "--force" in err
     code, out, err = run_cli("import", tmp_path / "nope.ckpt")
     assert code == 2 and "no such checkpoint file" in err
+
+
+def test_both_imports_take_the_dataset_from_each_layer(run_cli, tmp_path, source, monkeypatch):
+    """--dataset of `import` and `pseudo-labels import` is the one dataset setting: ADVCL_DATASET
+    and the TOML file reach it as they reach every verb, below the flag."""
+    from test_pseudo_labels import authors_pickle
+
+    from advcl_cli.pseudolabels import load_labels
+
+    ckpt = save_original(tmp_path / "epoch_400.ckpt", original_layout(source))
+    pickle = tmp_path / "labels.pkl"
+    authors_pickle(pickle, n_train=600, n_test=10)
+    monkeypatch.setenv("ADVCL_DATASET", "cifar100")
+    assert run_cli("import", ckpt, "--out", "env.safetensors")[0] == 0
+    assert load_checkpoint("env.safetensors").meta.dataset == "cifar100"
+    assert run_cli("pseudo-labels", "import", pickle, "--out", "env.labels")[0] == 0
+    assert load_labels("env.labels").meta["dataset"] == "cifar100"
+    assert run_cli("import", ckpt, "-d", "digits", "--out", "flag.safetensors")[0] == 0  # the flag beats the variable
+    assert load_checkpoint("flag.safetensors").meta.dataset == "digits"
+    monkeypatch.delenv("ADVCL_DATASET")
+    Path("advcl.toml").write_text('dataset = "digits"\n[import]\nout = "toml.safetensors"\n')
+    assert run_cli("import", ckpt)[0] == 0
+    assert load_checkpoint("toml.safetensors").meta.dataset == "digits"
+    Path("advcl.toml").write_text('[import]\ndataset = "cifar1000"\n')
+    code, out, err = run_cli("pseudo-labels", "import", pickle, "--out", "bad.labels")
+    assert code == 2 and "cifar1000" in err and not Path("bad.labels").exists()

@@ -199,3 +199,13 @@ def test_a_resumed_runs_stored_settings_are_a_layer_of_their_own():
     assert resolve(PretrainSettings, {"device": "cpu"}, base={"device": "cuda"}).device == "cpu"
     with pytest.raises(UsageError, match="lr is 0.1 from --lr but 0.5 in the run"):
         resolve(PretrainSettings, {"lr": "0.1"}, base={"lr": 0.5})
+
+
+def test_the_files_shape_takes_every_methods_keys_and_names_a_table_where_a_value_goes(tmp_path):
+    (tmp_path / "advcl.toml").write_text("temperature = 0.2\n")  # a key of methods only: the top level takes it
+    assert resolve(PretrainSettings, {"method": "simclr"}).temperature == 0.2
+    assert resolve(EvalSettings, {}).attack == []  # and a verb without it runs
+    (tmp_path / "advcl.toml").write_text("[pretrain.acl]\nlr = { a = 1 }\n")
+    with pytest.raises(UsageError) as e:
+        resolve(EvalSettings, {})
+    assert "'lr' in [pretrain.acl] of advcl.toml takes a value, not a table" in e.value.message

@@ -16,7 +16,6 @@ from .output import Output
 def import_checkpoint(
     file: Annotated[Path, typer.Argument(help="The published checkpoint (AdvCL's epoch_N.ckpt, the RobustSSL benchmark's ACL_DS.pt, DynACL++.pt, ...).", show_default=False)],
     source: Annotated[Optional[str], typer.Option("--from", help="The method that made it: acl, acl-air, advcl, deacl, dynacl, dynacl++, dynacl-air or dynacl-air++ (default: detected from its keys; needed where several methods share a layout).", metavar="METHOD", show_default=False)] = None,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset it was pretrained on, for the metadata (default cifar10).", show_default=False)] = None,
     force: ForceOpt = False,
     config: ConfigOpt = None,
     json_output: JsonOpt = False,
@@ -24,6 +23,7 @@ def import_checkpoint(
 ) -> None:
     """Convert a published AdvCL, ACL, ACL-AIR, DynACL(++), DynACL-AIR(++) or DeACL checkpoint
     into an advcl encoder; print its path (--out, default FILE's name with .safetensors).
+    --dataset is the one it was pretrained on, recorded in the encoder's metadata.
 
     The file is read with torch.load(weights_only=True): no code in it runs. Its layout is
     detected from the keys (AdvCL: bn_list.2, head_proj, fc_XXX; DynACL: encoder_k.; DeACL:
@@ -45,14 +45,15 @@ def import_checkpoint(
     from ..data.registry import num_classes_of
     from ..importer import import_original, source_named
 
-    num_classes_of(dataset or "cifar10")  # an unknown dataset or method is refused before anything is read
+    output = Output(json_output)
+    settings = resolve(ImportSettings, options, config_file=config, warn=output.warn)
+    num_classes_of(settings.dataset)  # an unknown dataset or method is refused before anything is read
     if source is not None:
         source_named(source)
-    output = Output(json_output)
-    target = resolve(ImportSettings, options, config_file=config, warn=output.warn).out or Path(file.name).with_suffix(".safetensors")
+    target = settings.out or Path(file.name).with_suffix(".safetensors")
     check_output(target, force, "--out", {"the checkpoint being imported": file})
     notes: list[str] = []
-    path = import_original(file, target, dataset=dataset or "cifar10", source=source, notes=notes)
+    path = import_original(file, target, dataset=settings.dataset, source=source, notes=notes)
     for note in notes:
         output.log(note)
     if json_output:

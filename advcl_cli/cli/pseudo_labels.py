@@ -74,7 +74,6 @@ with_options(pseudo_labels, settings_options(PseudoLabelSettings))
 @app.command("import")
 def import_pickle(
     file: Annotated[Path, typer.Argument(help="The authors' pickle (imagenet_clPretrain_pseudo_labels.pkl).", show_default=False)],
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="The dataset the labels are for (default cifar10).", show_default=False)] = None,
     force: ForceOpt = False,
     config: ConfigOpt = None,
     json_output: JsonOpt = False,
@@ -84,7 +83,8 @@ def import_pickle(
     default FILE's name with .safetensors).
 
     The pickle goes through a restricted unpickler that admits only numpy arrays; anything else
-    (code, objects) is refused before it runs. Only the train labels (pseudo_train_K) are kept.
+    (code, objects) is refused before it runs. Only the train labels (pseudo_train_K) are kept;
+    --dataset is the one they are for.
 
     Example:
 
@@ -97,11 +97,12 @@ def import_pickle(
     from ..data.registry import num_classes_of
     from ..pseudolabels import import_authors_pickle
 
-    num_classes_of(dataset or "cifar10")  # an unknown dataset is refused before anything is read
     output = Output(json_output)
-    target = resolve(ImportSettings, options, config_file=config, warn=output.warn).out or Path(file.name).with_suffix(".safetensors")
+    settings = resolve(ImportSettings, options, config_file=config, warn=output.warn)
+    num_classes_of(settings.dataset)  # an unknown dataset is refused before anything is read
+    target = settings.out or Path(file.name).with_suffix(".safetensors")
     check_output(target, force, "--out", {"the pickle being imported": file})
-    result = import_authors_pickle(file, target, dataset=dataset or "cifar10")
+    result = import_authors_pickle(file, target, dataset=settings.dataset)
     _print(output, result, json_output)
 
 

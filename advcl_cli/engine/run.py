@@ -415,8 +415,9 @@ def restore_rng(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in rng["cuda"]])
 
 
-def check_resume_config(stored: dict, current: dict, ignore: set[str]) -> None:
-    """A resumed run must train the same thing: compare the settings that shape the result."""
+def check_resume_config(stored: dict, current: dict, ignore: set[str], where: Callable[[str], str] = lambda k: "now") -> None:
+    """A resumed run must train the same thing: compare the settings that shape the result
+    (``where``: where a setting's current value comes from, for the message)."""
     if stored.get("method", current.get("method")) != current.get("method"):
         raise UsageError(f"cannot resume with --method {current['method']}: the run trains {stored['method']}",
                          f"resume with --method {stored['method']}, or start over with --force")
@@ -426,11 +427,9 @@ def check_resume_config(stored: dict, current: dict, ignore: set[str]) -> None:
                          "resume with the advcl version that started it, or start over with --force")
     differ = sorted(k for k in set(stored) | set(current) if k not in ignore and stored.get(k) != current.get(k))
     if differ:
-        parts = [f"{k.replace('_', '-')} is {current.get(k)!r} now but {stored.get(k)!r} in the run" for k in differ[:3]]
-        raise UsageError(
-            "cannot resume with different settings: " + "; ".join(parts),
-            "drop those flags to resume as started, or start over with --force",
-        )
+        parts = [f"{k.replace('_', '-')} is {current.get(k)!r} {where(k)} but {stored.get(k)!r} in the run" for k in differ[:3]]
+        raise UsageError("cannot resume with different settings: " + "; ".join(parts),
+                         "resume without them (the run's own settings are kept), or start over with --force")
 
 
 def check_derived(run: "RunDir", parent, dataset: str, does: str) -> None:
