@@ -32,7 +32,7 @@ HEADING = "## RCS coreset: pretraining cost of ACL with --coreset 0.2 (benchmark
 
 
 def run(out: Path, epochs: int, image_size: int, **extra) -> dict:
-    from advcl_cli.config import resolve
+    from advcl_cli.settings.layering import resolve
     from advcl_cli.engine.pretrain import pretrain
     from advcl_cli.methods import rcs
     from advcl_cli.settings import PretrainSettings

@@ -31,7 +31,7 @@ HEADING = "## The kNN monitor's cost per call (benchmarks/knn_monitor.py)"
 
 
 def main(argv=None):
-    from advcl_cli.config import resolve
+    from advcl_cli.settings.layering import resolve
     from advcl_cli.data.registry import load_dataset
     from advcl_cli.engine.monitor import Monitor
     from advcl_cli.engine.pretrain import pretrain

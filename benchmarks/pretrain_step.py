@@ -67,7 +67,7 @@ def measure(variant: str, args) -> dict:
     import numpy as np
     import torch
 
-    from advcl_cli.config import resolve
+    from advcl_cli.settings.layering import resolve
     from advcl_cli.device import autocast, resolve_device, resolve_precision, runtime_of
     from advcl_cli.engine.pretrain import make_method
     from advcl_cli.models import create_model

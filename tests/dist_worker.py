@@ -69,7 +69,7 @@ def update_and_save(model, opt, loss, terms, out: str, ctx, extra=None) -> None:
 
 
 def advcl_step(out: str, labels: str, ctx) -> None:
-    from advcl_cli.config import resolve
+    from advcl_cli.settings.layering import resolve
     from advcl_cli.engine.pretrain import make_method
     from advcl_cli.pseudolabels import load_labels
     from advcl_cli.settings import PretrainSettings
@@ -85,7 +85,7 @@ def advcl_step(out: str, labels: str, ctx) -> None:
 def acl_step(out: str, ctx) -> None:
     """One production ACL step (views, the attack in eval mode, both NT-Xents) in float64, then
     one LARS step."""
-    from advcl_cli.config import resolve
+    from advcl_cli.settings.layering import resolve
     from advcl_cli.engine.pretrain import make_method
     from advcl_cli.settings import PretrainSettings
     from nets import acl_net
@@ -101,7 +101,7 @@ def dynacl(folder: str) -> None:
     """One production DynACL step with its momentum encoder (float64, 5 PGD steps, epoch 150
     of 1000), then one SGD step; rank 0 writes the network, the momentum encoder
     (``momentum_encoder.*``: parameters and BN statistics) and the loss terms."""
-    from advcl_cli.config import resolve
+    from advcl_cli.settings.layering import resolve
     from advcl_cli.engine.pretrain import make_method
     from advcl_cli.settings import PretrainSettings
     from nets import acl_family_net

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.engine.finetune import protocol
 from advcl_cli.engine.pretrain import make_method
 from advcl_cli.methods.acl import contrastive_attack

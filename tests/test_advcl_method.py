@@ -5,7 +5,7 @@ The step as a whole is compared with an independent reference in test_advcl_refe
 import pytest
 import torch
 
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.engine.pretrain import make_method
 from advcl_cli.errors import UsageError
 from advcl_cli.methods import get_method

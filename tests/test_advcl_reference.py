@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.engine.pretrain import make_method
 from advcl_cli.methods.advcl import attack, attack_objective
 from advcl_cli.pseudolabels import save_labels

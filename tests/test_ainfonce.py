@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from advcl_cli.benchmark.reported import load_reported, reported_id
 from advcl_cli.checkpoint import load_checkpoint, load_state
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.engine import stop
 from advcl_cli.engine.pretrain import make_method, pretrain
 from advcl_cli.methods.advcl import attack

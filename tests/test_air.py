@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.data.augment import ViewSpec
 from advcl_cli.distributed import DistContext
 from advcl_cli.engine.finetune import PROTOCOL, protocol

@@ -13,7 +13,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
 from advcl_cli.data import augment as A
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.engine.pretrain import make_method
 from advcl_cli.settings import PretrainSettings
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.engine import autolora
 from advcl_cli.engine.finetune import SCHEMES
 from advcl_cli.models import IMAGENET_MEAN, IMAGENET_STD, create_model

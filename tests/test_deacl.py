@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from advcl_cli.checkpoint import load_checkpoint, load_state, save_model, sha256_file
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.engine.finetune import PROTOCOL, protocol
 from advcl_cli.engine.pretrain import make_method, pretrain
 from advcl_cli.report import RecordingReporter, Reporter

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from advcl_cli.checkpoint import load_state
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.data.augment import ViewSpec
 from advcl_cli.distributed import DistContext
 from advcl_cli.engine.finetune import protocol

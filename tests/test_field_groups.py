@@ -7,7 +7,7 @@ from pathlib import Path
 import annotated_types as at
 import pytest
 
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.methods import method_names, settings_model
 from advcl_cli.settings import VERBS, FinetuneSettings, LpaftSettings
 

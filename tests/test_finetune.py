@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.attacks.pgd import trades_adversary, trades_loss
 from advcl_cli.checkpoint import load_checkpoint, read_metadata, save_model, sha256_file
 from advcl_cli.engine.finetune import finetune, protocol, split_validation, with_protocol

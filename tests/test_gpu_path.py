@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from advcl_cli.checkpoint import load_checkpoint, save_model
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.data.augment import to_float
 from advcl_cli.data.registry import load_dataset
 from advcl_cli.engine.evaluate import evaluate

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from advcl_cli.checkpoint import load_checkpoint, save_model
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.engine import loop as loop_module
 from advcl_cli.engine.finetune import finetune
 from advcl_cli.engine.pretrain import pretrain

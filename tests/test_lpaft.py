@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import advcl_cli.engine.lpaft as L
 from advcl_cli.checkpoint import load_checkpoint, load_state, save_model, sha256_file
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.data.registry import load_dataset
 from advcl_cli.report import Reporter
 from advcl_cli.errors import UsageError

@@ -138,7 +138,7 @@ def test_manifest_path_precedence(monkeypatch, tmp_path):
     monkeypatch.delenv("ADVCL_ZOO_MANIFEST")
     Path("advcl.toml").write_text('[hub]\nzoo_manifest = "from-config.toml"\n')
     assert manifest_path() == mf.SHIPPED  # advcl.toml is the command line's: the library never reads it
-    from advcl_cli.config import resolve
+    from advcl_cli.settings.layering import resolve
     from advcl_cli.settings import HubSettings
 
     assert manifest_path(resolve(HubSettings, {}).zoo_manifest) == Path("from-config.toml")  # as cli/ passes it

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.checkpoint import load_checkpoint, load_state, sha256_file
 from advcl_cli.engine.pretrain import make_method, pretrain
 from advcl_cli.report import RecordingReporter

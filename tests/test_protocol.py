@@ -5,7 +5,7 @@ at 32x32, and run_vanilla_tune.sh for --dualBN)."""
 
 import pytest
 
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.engine.finetune import protocol, with_protocol
 from advcl_cli.settings import FinetuneSettings
 

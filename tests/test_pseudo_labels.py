@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.checkpoint import load_checkpoint, save_model, sha256_file
 from advcl_cli.engine.pretrain import pretrain
 from advcl_cli.errors import CheckpointError, DataError, UsageError

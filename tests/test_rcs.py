@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.engine.pretrain import make_method, pretrain
 from advcl_cli.methods import rcs
 from advcl_cli.methods.acl import ACL

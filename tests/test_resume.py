@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.checkpoint import load_state
 from advcl_cli.engine.pretrain import pretrain
 from advcl_cli.report import RecordingReporter

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.engine.pretrain import make_method
 from advcl_cli.methods.losses import rocl_nt_xent
 from advcl_cli.models import create_model

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from advcl_cli.checkpoint import load_state
 from advcl_cli.cli.training import continue_hint, resume_command
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.engine.pretrain import pretrain
 from advcl_cli.pseudolabels import save_labels
 from advcl_cli.settings import PretrainSettings

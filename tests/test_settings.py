@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.errors import UsageError
 from advcl_cli.methods import get_method, method_names
 from advcl_cli.settings import (

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from advcl_cli.checkpoint import load_checkpoint, load_state
-from advcl_cli.config import resolve
+from advcl_cli.settings.layering import resolve
 from advcl_cli.data.augment import to_float
 from advcl_cli.data.registry import load_dataset
 from advcl_cli.engine import monitor as monitor_module

@@ -43,7 +43,7 @@ def attack(model: ModelArg = None, grid: GridOpt = None, force: ForceOpt = False
       x_adv = f.get_tensor("adversarial")
     """
     from ..checkpoint import load_checkpoint
-    from ..config import resolve
+    from ..settings.layering import resolve
     from ..engine.attack import attack_test_images, save_attacked
     from ..errors import AdvclError
     from ..settings import format_eps

@@ -59,7 +59,7 @@ def benchmark(encoders: EncodersArg = None, force: ForceOpt = False, config: Con
       advcl benchmark $enc --dataset cifar10 --corruptions /data/CIFAR-10-C
       advcl benchmark $enc --transfer stl10
     """
-    from ..config import resolve
+    from ..settings.layering import resolve
     from ..engine.benchmark import benchmark as run_benchmark
     from ..errors import Interrupted
     from .training import sigterm_as_interrupt

@@ -83,7 +83,7 @@ def evaluate(model: ModelArg = None, plot: PlotOpt = None, force: ForceOpt = Fal
     """
     from ..attacks import get_attack
     from ..checkpoint import load_checkpoint
-    from ..config import resolve
+    from ..settings.layering import resolve
     from ..engine.evaluate import evaluate_checkpoint
 
     out = Output(json_output)

@@ -41,7 +41,7 @@ def import_checkpoint(
       advcl import DynACL++.pt --from dynacl++
       advcl finetune advcl-cifar10.safetensors --scheme slf
     """
-    from ..config import resolve
+    from ..settings.layering import resolve
     from ..data.registry import num_classes_of
     from ..importer import import_original, source_named
 

@@ -224,7 +224,7 @@ def model_path(value: str | None, config: Path | None = None) -> Path:
     path on stdin."""
     if value in (None, "-"):
         value = stdin_lines("MODEL", "pass a checkpoint path or zoo name, or pipe one: advcl pull NAME | advcl eval")[-1]
-    from ..config import resolve as resolve_settings
+    from ..settings.layering import resolve as resolve_settings
     from ..settings import HubSettings
     from ..zoo import resolve
     from .output import Output

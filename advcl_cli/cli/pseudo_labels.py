@@ -51,7 +51,7 @@ def pseudo_labels(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from ..config import resolve
+    from ..settings.layering import resolve
     from ..pseudolabels import default_labels_path, make_pseudo_labels
     from .options import model_path
 
@@ -93,7 +93,7 @@ def import_pickle(
         --out cifar10-labels.safetensors
       advcl pretrain -d cifar10 --pseudo-labels cifar10-labels.safetensors
     """
-    from ..config import resolve
+    from ..settings.layering import resolve
     from ..data.registry import num_classes_of
     from ..pseudolabels import import_authors_pickle
 

@@ -38,7 +38,7 @@ def pull(
       advcl pull hf:my-lab/advcl-r18-digits@main \\
         --endpoint https://hf-mirror.example.org --json
     """
-    from ..config import resolve
+    from ..settings.layering import resolve
     from ..zoo.hub import fetch
 
     out = Output(json_mode)

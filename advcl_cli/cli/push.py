@@ -76,7 +76,7 @@ def push(ckpt: CkptArg, repo: RepoOpt, zoo_entry: ZooEntryOpt = None, private: P
       advcl push runs/clf2.safetensors --repo my-lab/advcl-r18-cifar10-slf \\
         --create-pr --license apache-2.0
     """
-    from ..config import resolve
+    from ..settings.layering import resolve
     from ..zoo.publish import push as push_checkpoint
 
     out = Output(json_mode)

@@ -20,8 +20,8 @@ def resolve_run_settings(settings_cls, config: Path | None, options: dict, *, ru
     run) the run's stored settings are the base: every one that no flag, ``ADVCL_*`` variable or
     config file gives is carried over, and those may only change how it runs
     (``SettingsModel.resume_may_change``: device, precision, ...); any other change is refused by
-    name, whichever layer it comes from (``config.check_unchanged``)."""
-    from ..config import resolve
+    name, whichever layer it comes from (``settings.layering.check_unchanged``)."""
+    from ..settings.layering import resolve
     from ..engine.run import RunDir
 
     warn = Output().warn

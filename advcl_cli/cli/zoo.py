@@ -27,7 +27,7 @@ MANIFEST_OPTIONS = settings_options(HubSettings, exclude=("hf_endpoint",))
 
 
 def _manifest(options, config):
-    from ..config import resolve
+    from ..settings.layering import resolve
     from ..zoo.manifest import load_manifest, manifest_path
 
     settings = resolve(HubSettings, options, config_file=config, warn=Output().warn)

@@ -1,7 +1,7 @@
 """The settings models: one pydantic model per verb, and per pretraining method.
 
 Every option is declared once, here (or in its method's file) with ``option(default, help)``:
-the CLI builds its flags from these models (``cli/options.py``), ``advcl_cli.config`` fills
+the CLI builds its flags from these models (``cli/options.py``), ``settings.layering`` fills
 them from the layers (defaults < TOML file < ``ADVCL_*`` environment < flags), and the
 resolved model is stored in every checkpoint (``to_config``). A field's flag is its name with
 dashes (``batch_size`` -> ``--batch-size``), its environment variable ``ADVCL_`` plus its name
@@ -330,7 +330,7 @@ class TrackingSettings(CheckedModel):
     @field_validator("log")
     @classmethod
     def _installed(cls, names: list[str]) -> list[str]:
-        from .tracking import check_available
+        from ..tracking import check_available
 
         return check_available(names)
 
@@ -538,7 +538,7 @@ VERBS: dict[str, type[SettingsModel]] = {
 
 def method_models() -> dict[str, type[BaseModel]]:
     """Each pretraining method's own settings model (imports the methods, and so torch)."""
-    from .methods import methods
+    from ..methods import methods
 
     return {name: cls.Settings for name, cls in methods().items()}
 
