@@ -240,3 +240,40 @@ def test_rocls_loss_and_gradient_equal_asym_rocls(tau, stop_grad):
     torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=0, atol=TOL)
     loose = rocl_nt_xent(raw, 3, hard_negatives=(tau + 0.05, 1.5))
     assert (abs(loose.item() - rocl_nt_xent(raw, 3, hard_negatives=(tau, 1.5)).item()) < 1e-12) == (tau == 0.9)
+
+
+def worker(folder: str) -> None:
+    """Two float64 A-InfoNCE (iphn) steps on a fixed global batch (``python tests/test_ainfonce.py
+    DIR``, as one process or under torchrun): one measuring the distance (epoch 1, no update),
+    then the step of epoch 31, whose degree follows the measured mean; rank 0 saves the second."""
+    from pathlib import Path
+
+    from test_distributed import save_step
+
+    method, *_ = method_and_inputs(Path(folder), a_infonce="iphn", stpg_d_min=0.0, stpg_adaptive_epochs=30)
+    images = torch.randint(0, 256, (B, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+
+    def measure(model, ctx):
+        method.start_epoch(0)
+        method.step(model, images.flip(0), torch.arange(B), torch.Generator().manual_seed(7), ctx)
+        method.start_epoch(30)
+
+    save_step(f"{folder}/ainfonce.safetensors", method, advcl_net(KS), images, before=measure)
+
+
+def test_two_processes_match_one(tmp_path):
+    """Under torchrun the degree comes from the global batch's mean distance (gathered), as the
+    loss does from the gathered projections: 2 processes x B/2 give one process's step."""
+    from test_distributed import assert_same_step, one_and_two_processes
+
+    one, two = one_and_two_processes(tmp_path, __file__, "ainfonce.safetensors")
+    assert 0.2 < float(one["term.stpg_degree"]) < 0.5  # on the ramp
+    assert_same_step(one, two)
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    worker(sys.argv[1])
