@@ -186,3 +186,94 @@ def test_a_infonce_runs_offline_through_finetune_and_eval_and_records_its_method
     assert load_reported().row_for(reported_id(method), "cifar10").label.startswith("A-InfoNCE")
     code, _, err = run_cli("pretrain", "--a-infonce", "asym", *SMALL)
     assert code == 2 and "a-infonce" in err and "Traceback" not in err
+
+
+# --- A-InfoNCE on RoCL (the authors' Asym-RoCL) ------------------------------------------------
+
+ROCL_SCRIPTS = {  # shell/rocl-{IP,HN,IPHN}-cifar10.sh; IP with --adv_weight 1.3 so that the weight shows
+    "ip": (dict(ip_weight=1.3), dict(HN=False, stop_grad=True, stpg_degree=0.2, adv_weight=1.3, tau=0.1, beta=1.0)),
+    "hn": ({}, dict(HN=True, stop_grad=False, stpg_degree=-1, adv_weight=1.0, tau=0.12, beta=1.0)),
+    "iphn": ({}, dict(HN=True, stop_grad=True, stpg_degree=0.2, adv_weight=1.0, tau=0.12, beta=1.0)),
+}
+
+
+@pytest.mark.parametrize("variant", list(ROCL_SCRIPTS))
+def test_rocl_with_a_infonce_equals_the_authors_asym_rocl_step(variant):
+    from types import SimpleNamespace
+
+    from test_rocl import one_step, rocl
+
+    flags, args = ROCL_SCRIPTS[variant]
+    method = rocl(reg_lambda=4.0, pgd_steps=2, a_infonce=variant, **flags)
+    assert method.checkpoint_name == "rocl-a-infonce"
+    run = one_step(method, SimpleNamespace(**args))
+    ref, terms = run["ref"], run["terms"]
+    assert abs(float(terms["nt_xent"]) - float(ref["nt_xent"])) < TOL, (float(terms["nt_xent"]), float(ref["nt_xent"]))
+    assert abs(float(run["loss"].detach()) - float(ref["loss"].detach())) < TOL
+    theirs_grads = dict(run["theirs"].named_parameters())
+    for name, p in run["ours"].named_parameters():
+        assert float((p.grad - theirs_grads[name].grad).abs().max()) < TOL, name
+    plain = rocl(reg_lambda=4.0, pgd_steps=2)  # not vacuous: RoCL's own loss differs
+    assert abs(float(plain.loss(copy.deepcopy(run["start"]), *run["views"])[1]["nt_xent"]) - float(ref["nt_xent"])) > 1e-4
+
+
+@pytest.mark.parametrize("tau", [0.12, 0.9], ids=["hn", "hn-clamped"])
+@pytest.mark.parametrize("stop_grad", [False, True], ids=["full", "stop-grad"])
+def test_rocls_loss_and_gradient_equal_asym_rocls(tau, stop_grad):
+    """``rocl_nt_xent`` with A-InfoNCE's arguments against Asym-RoCL's ``NT_xent_HN`` as coded,
+    the clamp binding (tau_plus 0.9) and not."""
+    from types import SimpleNamespace
+
+    from advcl_cli.methods.losses import rocl_nt_xent
+    from reference.rocl_step import asym_nt_xent, pairwise_similarity
+
+    g = torch.Generator().manual_seed(4)
+    raw = (torch.randn(1, 5, 16, generator=g, dtype=torch.float64) + 0.3 * torch.randn(3, 5, 16, generator=g,
+                                                                                        dtype=torch.float64)).reshape(15, 16)
+    ours_in, theirs_in = raw.clone().requires_grad_(), raw.clone().requires_grad_()
+    args = SimpleNamespace(HN=True, tau=tau, beta=1.5, stop_grad=stop_grad, stpg_degree=0.2, adv_weight=1.3)
+    ours = rocl_nt_xent(ours_in, 3, adv_weights=(1.3 * 0.2, 1.3 * 0.8) if stop_grad else None, hard_negatives=(tau, 1.5))
+    theirs = asym_nt_xent(pairwise_similarity(theirs_in), args)
+    assert abs(ours.item() - theirs.item()) < TOL, (ours.item(), theirs.item())
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=0, atol=TOL)
+    loose = rocl_nt_xent(raw, 3, hard_negatives=(tau + 0.05, 1.5))
+    assert (abs(loose.item() - rocl_nt_xent(raw, 3, hard_negatives=(tau, 1.5)).item()) < 1e-12) == (tau == 0.9)
+
+
+def worker(folder: str) -> None:
+    """Two float64 A-InfoNCE (iphn) steps on a fixed global batch (``python tests/test_ainfonce.py
+    DIR``, as one process or under torchrun): one measuring the distance (epoch 1, no update),
+    then the step of epoch 31, whose degree follows the measured mean; rank 0 saves the second."""
+    from pathlib import Path
+
+    from test_distributed import save_step
+
+    method, *_ = method_and_inputs(Path(folder), a_infonce="iphn", stpg_d_min=0.0, stpg_adaptive_epochs=30)
+    images = torch.randint(0, 256, (B, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+
+    def measure(model, ctx):
+        method.start_epoch(0)
+        method.step(model, images.flip(0), torch.arange(B), torch.Generator().manual_seed(7), ctx)
+        method.start_epoch(30)
+
+    save_step(f"{folder}/ainfonce.safetensors", method, advcl_net(KS), images, before=measure)
+
+
+def test_two_processes_match_one(tmp_path):
+    """Under torchrun the degree comes from the global batch's mean distance (gathered), as the
+    loss does from the gathered projections: 2 processes x B/2 give one process's step."""
+    from test_distributed import assert_same_step, one_and_two_processes
+
+    one, two = one_and_two_processes(tmp_path, __file__, "ainfonce.safetensors")
+    assert 0.2 < float(one["term.stpg_degree"]) < 0.5  # on the ramp
+    assert_same_step(one, two)
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    worker(sys.argv[1])

@@ -37,10 +37,11 @@ def torchrun(n: int, *args, timeout: float = HANG_S) -> subprocess.CompletedProc
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env1())
 
 
-def save_step(path: str, method, net, batch: torch.Tensor) -> None:
+def save_step(path: str, method, net, batch: torch.Tensor, before=None) -> None:
     """One step of ``method`` on ``net`` for the fixed global ``batch``, as one process or as each
     rank under torchrun (``python TEST_FILE DIR``); rank 0 saves the gradients, the BN running
-    statistics and the loss terms to ``path``."""
+    statistics and the loss terms to ``path``. ``before(model, ctx)`` runs first (a method's
+    earlier steps)."""
     from safetensors.torch import save_file
 
     from advcl_cli.distributed import init_distributed, prepare_model, reduce_mean, shutdown, sync_gradients
@@ -48,6 +49,8 @@ def save_step(path: str, method, net, batch: torch.Tensor) -> None:
     torch.set_num_threads(1)
     ctx = init_distributed(torch.device("cpu"))
     model = prepare_model(net, ctx)
+    if before is not None:
+        before(model, ctx)
     loss, terms = method.step(model, batch, torch.arange(batch.shape[0]), torch.Generator().manual_seed(6), ctx)
     model.zero_grad()
     loss.backward()

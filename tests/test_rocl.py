@@ -38,9 +38,8 @@ def images(seed: int):
     return torch.randint(0, 256, (B, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module")
-def run():
-    method = rocl(reg_lambda=4.0)  # a weight that matters at this scale (1/256 would hide a mix-up below TOL)
+def one_step(method, args=None) -> dict:
+    """One step of ``method`` and of the reference (``args``: Asym-RoCL's), each with its backward."""
     x1, x2, noise = method.views(images(0), torch.Generator().manual_seed(1), torch.float64)
     start = rocl_net(method)
 
@@ -49,9 +48,15 @@ def run():
     loss.backward()
     theirs = copy.deepcopy(start)
     s = method.settings
-    ref = reference_step(theirs, x1, x2, noise, eps=s.eps, alpha=s.pgd_step_size, k=s.pgd_steps, lamda=s.reg_lambda)
+    ref = reference_step(theirs, x1, x2, noise, eps=s.eps, alpha=s.pgd_step_size, k=s.pgd_steps, lamda=s.reg_lambda,
+                         args=args)
     ref["loss"].backward()
     return dict(method=method, views=(x1, x2, noise), start=start, ours=ours, theirs=theirs, loss=loss, terms=terms, ref=ref)
+
+
+@pytest.fixture(scope="module")
+def run():
+    return one_step(rocl(reg_lambda=4.0))  # a weight that matters at this scale (1/256 would hide a mix-up below TOL)
 
 
 def test_the_adversarial_view_equals_the_reference(run):

@@ -57,8 +57,6 @@ AdvCL's step:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -68,7 +66,7 @@ from ..checkpoint import unwrap
 from ..data.augment import ADVCL_VIEW, crop_flip_view, high_frequency, simclr_view, to_float
 from ..distributed import DistContext, all_gather_with_grad, local_slice
 from ..settings import option
-from .base import ContrastiveSettings, CosineSettings, Method, PGDSettings, TrainSettings
+from .base import AInfoNCESettings, ContrastiveSettings, CosineSettings, Method, PGDSettings, TrainSettings
 from .losses import asym_supcon_loss, pseudo_label_ce, supcon_loss
 
 BN_SETS = ("normal", "pgd", "pgd_ce")
@@ -138,22 +136,14 @@ class AdvCL(Method):
     aliases = ("a-infonce",)  # AdvCL trained with A-InfoNCE's loss (--a-infonce); finetuned as AdvCL
     summary = "AdvCL (Fan et al., NeurIPS 2021): x_cl/x_ce attacks, HFC view, pseudo-label heads"
 
-    class Settings(TrainSettings, PGDSettings, ContrastiveSettings, CosineSettings):
+    class Settings(TrainSettings, PGDSettings, ContrastiveSettings, CosineSettings, AInfoNCESettings):
         ce_weight: float = option(0.2, "Weight of the pseudo-label term.", ge=0)
         hfc_radius: float = option(8.0, "Radius of the high-frequency view's low-pass cut.", ge=0)
         pseudo_labels: Path | None = option(None, "Labels file from `advcl pseudo-labels` (without it: no pseudo-label term).",
                                             input="labels")
-        a_infonce: Literal["off", "ip", "hn", "iphn"] = option(
-            "off", "A-InfoNCE: the adversarial view as an inferior positive (ip), adversarial views as hard "
-            "negatives (hn), or both (iphn); its checkpoints record the method a-infonce.")
-        ip_weight: float | None = option(None, "A-InfoNCE: weight of the adversarial-clean pairs (unset: 1.2 ip, 0.7 iphn, 1 hn).",
-                                         ge=0)
-        stpg_degree: float = option(0.2, "A-InfoNCE ip: the stop-gradient degree (0: no gradient to the clean view).", ge=0, le=1)
         stpg_adaptive_epochs: int = option(30, "A-InfoNCE ip: epochs measuring the clean-adversarial feature distance "
                                                "before the degree adapts to it (0: a fixed degree).", ge=0)
         stpg_d_min: float = option(0.4, "A-InfoNCE ip: below this distance the degree is 0.5.", ge=0)
-        tau_plus: float | None = option(None, "A-InfoNCE hn: the positive-class prior (unset: 0.12 hn, 0.1 iphn).", ge=0, lt=1)
-        hn_beta: float = option(1.0, "A-InfoNCE hn: hardness concentration beta.", ge=0)
 
     def __init__(self, settings, *, n_images: int, device: torch.device | str = "cpu", inputs: dict | None = None):
         super().__init__(settings, n_images=n_images, device=device, inputs=inputs)

@@ -155,3 +155,18 @@ class CosineSettings(BaseModel):
 
     warmup_from: float = option(0.01, "Learning rate at the start of the warm-up.", ge=0)
     min_lr_ratio: float = option(1e-3, "The cosine decays to lr times this.", ge=0)
+
+
+class AInfoNCESettings(BaseModel):
+    """A-InfoNCE (Yu et al., ECCV 2022) on a method's contrastive loss, off by default; an unset
+    weight or tau_plus takes the authors' script value for the method and variant."""
+
+    a_infonce: Literal["off", "ip", "hn", "iphn"] = option(
+        "off", "A-InfoNCE: the adversarial view as an inferior positive (ip), adversarial views as hard negatives "
+        "(hn), or both (iphn); checkpoints record a-infonce (advcl) or rocl-a-infonce (rocl).")
+    ip_weight: float | None = option(None, "A-InfoNCE: weight of the adversarial-clean pairs (unset: the authors' "
+                                           "scripts: advcl 1.2 ip, 0.7 iphn, 1 hn; rocl 1).", ge=0)
+    stpg_degree: float = option(0.2, "A-InfoNCE ip: the stop-gradient degree (0: no gradient to the clean view).", ge=0, le=1)
+    tau_plus: float | None = option(None, "A-InfoNCE hn: the positive-class prior (unset: advcl 0.12 hn, 0.1 iphn; "
+                                          "rocl 0.12).", ge=0, lt=1)
+    hn_beta: float = option(1.0, "A-InfoNCE hn: hardness concentration beta.", ge=0)

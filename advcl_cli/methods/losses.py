@@ -100,20 +100,47 @@ def adversarial_invariance(z_i: Tensor, z_j: Tensor, z_o: Tensor, za_i: Tensor, 
     return F.kl_div(p_i, log_p_j, log_target=True, reduction="sum")
 
 
-def rocl_nt_xent(z: Tensor, views: int, temperature: float = 0.5) -> Tensor:
+def rocl_nt_xent(z: Tensor, views: int, temperature: float = 0.5, *, adv_weights: tuple[float, float] | None = None,
+                 hard_negatives: tuple[float, float] | None = None) -> Tensor:
     """RoCL's NT-Xent of ``z`` (V * B, D): ``views`` blocks of B rows, view-major (row k of every
     block is image k). With ``s_ij = (z_i / (|z_i| + 1e-8)) . sg(z_j / (|z_j| + 1e-8)) / t``,
     ``e_ij = exp(s_ij)`` off the diagonal: ``sum over positive pairs (i, j) of
-    -log(e_ij / (sum_k e_ik + 1e-8) + 1e-8)``, divided by V * B."""
+    -log(e_ij / (sum_k e_ik + 1e-8) + 1e-8)``, divided by V * B.
+
+    A-InfoNCE, as the authors' ``Asym-RoCL/loss.py`` (``NT_xent``, ``NT_xent_HN``), the last view
+    being the adversarial one: ``adv_weights`` (a, b) weighs the pairs (clean anchor,
+    adversarial positive) by a and (adversarial anchor, clean positive) by b (the inferior
+    positive with its stop-gradient: w s and w (1 - s), the similarity's second factor being
+    detached already); ``hard_negatives`` (tau_plus, beta) replaces each term by HCL's
+    ``-log(e_ij / (pos_i + Ng_i))``, with e unshifted and its diagonal kept, N = (B - 1) V,
+    ``pos_i`` the mean of the anchor's positives' e, ``imp = (neg + 1e-9) ** beta``,
+    ``Ng_i = (-tau_plus N pos_i + sum_k imp_ik e_ik / m_k) / (1 - tau_plus)`` clamped below at
+    N e^-2 (the code's temperature 0.5), where ``m_k``, as coded, is the mean of ``imp`` over row k."""
     z = upcast(z)
     n = z.shape[0]
     zn = z / (z.norm(dim=1, keepdim=True) + 1e-8)
     eye = torch.eye(n, dtype=torch.bool, device=z.device)
-    e = torch.exp(zn @ zn.T.detach() / temperature).masked_fill(eye, 0.0)
-    nll = -torch.log(e / (e.sum(1, keepdim=True) + 1e-8) + 1e-8)
+    view = torch.arange(views, device=z.device).repeat_interleave(n // views)
     image = torch.arange(n // views, device=z.device).repeat(views)
     positive = (image[:, None] == image[None, :]) & ~eye
-    return (nll * positive).sum() / n
+    e = torch.exp(zn @ zn.T.detach() / temperature)
+    if hard_negatives is None:
+        e = e.masked_fill(eye, 0.0)
+        nll = -torch.log(e / (e.sum(1, keepdim=True) + 1e-8) + 1e-8)
+    else:
+        tau_plus, beta = hard_negatives
+        m = (n // views - 1) * views
+        neg = e * ~(positive | eye)
+        pos = (e * positive).sum(1) / (views - 1)
+        imp = torch.exp(beta * torch.log(neg + 1e-9))
+        ng = ((-tau_plus * m * pos + (imp * neg / imp.mean(dim=-1)).sum(-1)) / (1 - tau_plus)).clamp(min=m * math.exp(-1 / 0.5))
+        nll = -torch.log(e / (pos + ng)[:, None])
+    weight = positive.to(nll.dtype)
+    if adv_weights is not None:
+        adv = view == views - 1
+        weight[~adv[:, None] & adv[None, :] & positive] = adv_weights[0]
+        weight[adv[:, None] & ~adv[None, :] & positive] = adv_weights[1]
+    return (nll * weight).sum() / n
 
 
 def asym_supcon_loss(features: Tensor, temperature: float = 0.5, base_temperature: float = 0.07, *,

@@ -28,6 +28,14 @@ its slice; the three NT-Xent terms (the attack's too) see every rank's projectio
 global batch, so N processes compute what one does. The authors' attack and regulariser see each
 GPU's 256 images only (their ``multi_gpu=False``), and their main loss all 512: advcl's attack
 and regulariser see the global batch (the README says so).
+
+A-InfoNCE (``--a-infonce ip|hn|iphn``, off by default; the authors' ``Asym-RoCL``: ``loss.py``
+``NT_xent`` / ``NT_xent_HN``, ``shell/rocl-{IP,HN,IPHN}-cifar10.sh``) changes the three-view
+loss only (the attack and the regulariser stay RoCL's): ``ip`` weighs each (clean anchor,
+adversarial positive) term by ``ip_weight * stpg_degree`` (1 x 0.2) and each (adversarial
+anchor, clean positive) term by ``ip_weight * (1 - stpg_degree)``; ``hn`` takes HCL's hard
+negatives (``tau_plus`` 0.12, ``hn_beta`` 1); ``iphn`` both (see ``losses.rocl_nt_xent``).
+There is no adaptive degree in the authors' RoCL code. Checkpoints record ``rocl-a-infonce``.
 """
 
 from __future__ import annotations
@@ -41,34 +49,48 @@ from ..data.augment import ViewSpec, simclr_view, to_float
 from ..distributed import DistContext, all_gather_with_grad, local_slice
 from ..optim import GradualWarmupCosine
 from ..settings import option, with_defaults
-from .base import Method, PGDSettings, TrainSettings
+from .base import AInfoNCESettings, Method, PGDSettings, TrainSettings
 from .losses import rocl_nt_xent
 
 VIEW = ViewSpec(scale=(0.08, 1.0))
 
 
-def views_loss(net, views: list[Tensor], temperature: float, ctx: DistContext) -> Tensor:
+def views_loss(net, views: list[Tensor], temperature: float, ctx: DistContext, **asym) -> Tensor:
     """RoCL's NT-Xent of the views of every image, all views as one batch through the one BN set,
-    over every rank's projections (view-major)."""
+    over every rank's projections (view-major); ``asym``: A-InfoNCE's arguments of ``rocl_nt_xent``."""
     z = net.project(net.features(torch.cat(views)))
     per_image = torch.stack(z.chunk(len(views)), dim=1)  # (B, V, D)
     gathered = all_gather_with_grad(per_image, ctx).transpose(0, 1)
-    return rocl_nt_xent(gathered.reshape(-1, z.shape[1]), len(views), temperature)
+    return rocl_nt_xent(gathered.reshape(-1, z.shape[1]), len(views), temperature, **asym)
 
 
 class RoCL(Method):
     name = "rocl"
+    aliases = ("rocl-a-infonce",)  # RoCL with A-InfoNCE's loss (--a-infonce)
     summary = "RoCL (Kim et al., NeurIPS 2020): x1 attacked against x2, three-view NT-Xent + regulariser"
 
     class Settings(with_defaults(TrainSettings, "RoCLTraining", optimizer="lars", lr=0.1, weight_decay=1e-6,
                                  warmup_epochs=10),
-                   with_defaults(PGDSettings, "RoCLPGD", eps=0.0314, pgd_steps=7, pgd_step_size=0.007)):
+                   with_defaults(PGDSettings, "RoCLPGD", eps=0.0314, pgd_steps=7, pgd_step_size=0.007), AInfoNCESettings):
         temperature: float = option(0.5, "RoCL's NT-Xent temperature (loss, regulariser and attack).", gt=0)
         reg_lambda: float = option(256.0, "The regulariser NT-Xent(x_adv, x2) is divided by this (the authors' lamda).", gt=0)
         warmup_multiplier: float = option(15.0, "The warm-up rises to lr times this (the authors' lr_multiplier).", ge=1)
 
     def model_config(self, arch: str) -> dict:
         return {"bn_sets": ("normal",), "proj_dim": 128, "proj_head": "mlp2-wide"}
+
+    @property
+    def checkpoint_name(self) -> str:
+        """RoCL with A-InfoNCE's loss records "rocl-a-infonce" (no published numbers)."""
+        return self.name if self.settings.a_infonce == "off" else "rocl-a-infonce"
+
+    def asym(self) -> dict:
+        """A-InfoNCE's arguments of the three-view loss, as the authors' Asym-RoCL scripts
+        (``--stop_grad --stpg_degree 0.2``, ``--HN --tau 0.12 --beta 1.0``, ``--adv_weight`` 1)."""
+        s, variant = self.settings, self.settings.a_infonce
+        w = 1.0 if s.ip_weight is None else s.ip_weight
+        return {"adv_weights": (w * s.stpg_degree, w * (1 - s.stpg_degree)) if "ip" in variant else None,
+                "hard_negatives": (0.12 if s.tau_plus is None else s.tau_plus, s.hn_beta) if "hn" in variant else None}
 
     def schedule(self):
         s = self.settings
@@ -102,5 +124,5 @@ class RoCL(Method):
         x_adv = self.attack(net, x1, x2, noise, ctx)
         net.train()
         reg = views_loss(net, [x_adv, x2], s.temperature, ctx) / s.reg_lambda
-        contrast = views_loss(net, [x1, x2, x_adv], s.temperature, ctx)
+        contrast = views_loss(net, [x1, x2, x_adv], s.temperature, ctx, **self.asym())
         return contrast + reg, {"nt_xent": contrast.detach(), "reg": reg.detach()}

@@ -37,22 +37,28 @@ def script_args(variant: str, **changes) -> SimpleNamespace:
     return SimpleNamespace(**{"d_min": 0.4, **SCRIPTS[variant], **changes})
 
 
-def _masks(batch_size: int, views: int, device):
+def masks(batch_size: int, views: int, device):
     mask = torch.eye(batch_size, dtype=torch.float64, device=device).repeat(views, views)
     logits_mask = torch.scatter(torch.ones_like(mask), 1, torch.arange(batch_size * views, device=device).view(-1, 1), 0)
     return mask * logits_mask, logits_mask
+
+
+def hcl_pos_ng(exp_logits, mask, logits_mask, n_neg, tau_plus, beta):
+    """The code's HCL block (both Asym-AdvCL's and Asym-RoCL's): the positives' mean ``pos`` and
+    the reweighted, clamped negatives ``Ng`` of each anchor row."""
+    exp_logits_neg = exp_logits * (1 - mask) * logits_mask
+    pos = (exp_logits * mask).sum(dim=1) / mask.sum(1)
+    imp = (beta * (exp_logits_neg + 1e-9).log()).exp()
+    reweight_logits_neg = (imp * exp_logits_neg) / imp.mean(dim=-1)
+    ng = (-tau_plus * n_neg * pos + reweight_logits_neg.sum(dim=-1)) / (1 - tau_plus)
+    return pos, torch.clamp(ng, min=n_neg * math.e ** (-1 / 0.5))
 
 
 def _hn_log_prob(anchor_dot_contrast, mask, logits_mask, n_neg, args):
     """SupConLoss's reweighted -log p (HCL's hard negatives), for every entry."""
     logits_max, _ = torch.max(anchor_dot_contrast, dim=1, keepdim=True)
     exp_logits = torch.exp(anchor_dot_contrast - logits_max.detach())
-    exp_logits_neg = exp_logits * (1 - mask) * logits_mask
-    pos = (exp_logits * mask).sum(dim=1) / mask.sum(1)
-    imp = (args.beta * (exp_logits_neg + 1e-9).log()).exp()
-    reweight_logits_neg = (imp * exp_logits_neg) / imp.mean(dim=-1)
-    ng = (-args.tau_plus * n_neg * pos + reweight_logits_neg.sum(dim=-1)) / (1 - args.tau_plus)
-    ng = torch.clamp(ng, min=n_neg * math.e ** (-1 / 0.5))
+    pos, ng = hcl_pos_ng(exp_logits, mask, logits_mask, n_neg, args.tau_plus, args.beta)
     return -torch.log(exp_logits / (pos + ng))
 
 
@@ -77,7 +83,7 @@ class AsymSupCon:
         anchor_dot_contrast = torch.matmul(contrast_feature, contrast_feature.T) / self.temperature
         if stop_grad:
             anchor_dot_contrast_stpg = torch.matmul(contrast_feature, contrast_feature.T.detach()) / self.temperature
-        mask, logits_mask = _masks(batch_size, contrast_count, features.device)
+        mask, logits_mask = masks(batch_size, contrast_count, features.device)
         n_neg = (batch_size - 1) * contrast_count
         if self.hn:
             log_prob = _hn_log_prob(anchor_dot_contrast, mask, logits_mask, n_neg, self.args)
