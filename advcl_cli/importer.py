@@ -1,4 +1,4 @@
-"""Import a published checkpoint (AdvCL, the ACL family, DeACL) as an advcl encoder.
+"""Import a published checkpoint (AdvCL, A-InfoNCE, the ACL family, DeACL) as an advcl encoder.
 
 The file is read with ``torch.load(weights_only=True)``: no code in it runs, and a pickle that
 holds anything but tensors and plain values is refused. Its state dict is the entry
@@ -85,10 +85,12 @@ _ACL = dict(bn_sets=("normal", "pgd"), single_bn="pgd", mean=IMAGENET_MEAN, std=
 _PRETRAINED = dict(layout="the ACL family's (pretrained, fc.fc1..fc3 head)", head="mlp3", **_ACL)
 _POST = dict(layout="DynACL++'s (post-processed, linear fc head)", dropped=(("fc.weight", PSEUDO_HEAD), ("fc.bias", PSEUDO_HEAD)),
              **_ACL)
+_ADVCL = dict(layout="AdvCL's (bn_list.0-2, head_proj, fc_XXX)", bn_sets=("normal", "pgd", "pgd_ce"), single_bn="normal",
+              head="advcl", dropped=(("head_pred.", "AdvCL's predictor head, unused by its loss"),
+                                     ("head_ce.", "AdvCL's 1000-way head, unused by its loss")))
 SOURCES: dict[str, Source] = {
-    "advcl": Source("advcl", "AdvCL's (bn_list.0-2, head_proj, fc_XXX)", ("normal", "pgd", "pgd_ce"), "normal", "advcl",
-                    dropped=(("head_pred.", "AdvCL's predictor head, unused by its loss"),
-                             ("head_ce.", "AdvCL's 1000-way head, unused by its loss"))),
+    "advcl": Source("advcl", **_ADVCL),
+    "a-infonce": Source("a-infonce", **_ADVCL),  # A-InfoNCE's code is AdvCL's with another loss: the same file
     "acl": Source("acl", **_PRETRAINED),
     "acl-air": Source("acl-air", **_PRETRAINED),
     "dynacl": Source("dynacl", **_PRETRAINED),
@@ -114,7 +116,7 @@ NETWORKS = (
                    ("momentum_projector.", "a projector: DeACL's encoder is the backbone"))),
 )
 # the RobustSSL benchmark's file names (its model zoo), for the hint when --from is needed
-PUBLISHED_NAMES = {"acl_ds": "acl", "advcl": "advcl", "deacl": "deacl", "dynacl": "dynacl", "dynacl++": "dynacl++",
+PUBLISHED_NAMES = {"acl_ds": "acl", "advcl": "advcl", "ainfonce": "a-infonce", "deacl": "deacl", "dynacl": "dynacl", "dynacl++": "dynacl++",
                    "dynacl_ir": "dynacl-air", "dynacl++_ir": "dynacl-air++"}
 WRAPPERS = ("state_dict_dual", "state_dict", "model")
 
@@ -263,7 +265,7 @@ def detect(keys: list[str], network: str | None, path: Path, dropped: dict[str, 
         candidates = ("dynacl++", "dynacl-air++")
         what = f"has {SOURCES['dynacl++'].layout} layout, shared by"
     else:
-        candidates = tuple(m for m in sorted(SOURCES) if m != "advcl")
+        candidates = tuple(m for m in sorted(SOURCES) if SOURCES[m].head != "advcl")
         what = "has no head that tells which method made it; files without one come from"
     stem = re.sub(r"_(cifar100|cifar10|stl10)$", "", path.stem.lower())
     named = PUBLISHED_NAMES.get(stem)

@@ -42,7 +42,7 @@ from _common import RESULTS, device_name, peak_tflops, record  # noqa: E402
 from pretrain_step import measure  # noqa: E402
 
 HEADING = "## GPU family (benchmarks/gpu_family.py)"
-METHODS = ["advcl", "acl", "dynacl", "air", "dynacl-air", "deacl", "simclr"]
+METHODS = ["advcl", "a-infonce", "acl", "dynacl", "air", "dynacl-air", "deacl", "rocl", "simclr"]  # a-infonce: AdvCL + --a-infonce iphn
 REFERENCE = {"advcl", "acl"}  # methods whose reference-style step pretrain_step.py times
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 

@@ -59,6 +59,10 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# a table row that is a method with settings: its name -> its pretraining settings
+VARIANTS = {"a-infonce": {"method": "advcl", "a_infonce": "iphn"}}
+
+
 def measure(variant: str, args) -> dict:
     import numpy as np
     import torch
@@ -83,9 +87,9 @@ def measure(variant: str, args) -> dict:
     labels = {k: torch.randint(0, k, (b,), generator=g) for k in DEFAULT_KS if k <= b}  # a k needs k images
     with tempfile.TemporaryDirectory() as tmp:
         path = save_labels(os.path.join(tmp, "pl.safetensors"), labels, dataset="bench", split="train", encoder="random")
-        flags = dict(method=args.method, arch=args.arch, batch_size=b, device=device.type, precision=precision,
-                     channels_last="auto" if not reference else "off")
-        if args.method == "advcl":
+        flags = dict(VARIANTS.get(args.method, {"method": args.method}), arch=args.arch, batch_size=b, device=device.type,
+                     precision=precision, channels_last="auto" if not reference else "off")
+        if flags["method"] == "advcl":
             flags["pseudo_labels"] = path
         if args.method == "deacl":  # a random SimCLR teacher of the same network
             from advcl_cli.checkpoint import save_model

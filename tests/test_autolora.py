@@ -7,6 +7,7 @@ import copy
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -160,3 +161,40 @@ def test_autolora_runs_offline_through_finetune_and_eval(run_cli, tmp_path):
     assert code == 0, err
     assert json.loads(out)["n"] == 8
     assert resolve(BenchmarkSettings, {"schemes": "slf,autolora"}).schemes == ["slf", "autolora"]
+
+
+def test_a_run_stopped_after_an_epoch_and_resumed_equals_the_uninterrupted_one(tmp_path):
+    """The scheme's own state (the clean accuracies that drive the automatic rate, the loss
+    weights, the best epoch's weights) and the LoRA branch resume with the run, bit for bit."""
+    from advcl_cli.checkpoint import load_checkpoint, load_state
+    from advcl_cli.engine.finetune import finetune
+    from advcl_cli.report import Reporter
+    from test_finetune import SMALL, make_encoder
+    from training import InterruptAt
+
+    encoder = load_checkpoint(make_encoder(tmp_path / "enc.safetensors"))
+
+    def settings(out):
+        return resolve(FinetuneSettings, dict(out=tmp_path / out, **{**SMALL, "scheme": "autolora", "epochs": 2}))
+
+    full = finetune(settings("full"), encoder, Reporter())
+    with pytest.raises(KeyboardInterrupt):
+        finetune(settings("cut"), encoder, InterruptAt(3))  # 2 steps per epoch: the first step of epoch 2
+    assert load_state(tmp_path / "cut" / "state.safetensors")["epoch"] == 1
+    resumed = finetune(settings("cut"), encoder, Reporter(), resume=True)
+    a, b = load_checkpoint(full.path).tensors, load_checkpoint(resumed.path).tensors
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = load_state(tmp_path / "full" / "state.safetensors"), load_state(tmp_path / "cut" / "state.safetensors")
+    assert any("lora" in k for k in sa["model"]) and all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    assert same(sa["extra"]["scheme"], sb["extra"]["scheme"]) and len(sa["extra"]["scheme"]["schedule"]["accs"]) == 3
+
+
+def same(a, b) -> bool:
+    """Equal nested dicts / lists of tensors (bit for bit) and plain values."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b

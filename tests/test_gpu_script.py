@@ -17,7 +17,7 @@ def test_gpu_script_dry_run_writes_the_family_table(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     text = results.read_text()
     assert "## GPU family (benchmarks/gpu_family.py)" in text and "dry run" in text
-    for method in ("advcl", "acl", "dynacl", "air", "dynacl-air", "deacl", "simclr"):
+    for method in ("advcl", "a-infonce", "acl", "dynacl", "air", "dynacl-air", "deacl", "rocl", "simclr"):
         assert f"| {method} | ours (fastest)" in text or f"| {method} | ours compiled (fastest)" in text, method
     assert "| simclr | ours compiled" in text and "| acl | reference |" in text and "| advcl | reference |" in text
     assert "| pgd20 | 32 |" in text and "| autoattack | 16 |" in text and "one benchmark cell" in text

@@ -329,7 +329,7 @@ def test_an_unknown_from_is_one_line_with_the_choices(run_cli, tmp_path):
     _, state = acl_pretrained()
     torch.save(state, tmp_path / "acl.pt")
     refused(run_cli("import", "acl.pt", "--from", "rocl"), 2,
-            "unknown --from 'rocl': choose one of acl, acl-air, advcl, deacl, dynacl, dynacl++, dynacl-air, dynacl-air++, simclr")
+            "unknown --from 'rocl': choose one of a-infonce, acl, acl-air, advcl, deacl, dynacl, dynacl++, dynacl-air, dynacl-air++, simclr")
     assert tree(tmp_path) == {"acl.pt"}
 
 
@@ -370,6 +370,23 @@ def test_a_key_mapped_twice_and_a_wrong_method_fail(tmp_path):
     assert err.value.hint == "an AdvCL checkpoint has 3: --from advcl"
     ckpt, notes = imported(tmp_path, {"model": advcl})  # detected as AdvCL's, its unused heads dropped by name
     assert ckpt.meta.method == "advcl" and set(ckpt.meta.config["dropped"]) == {"head_pred.*", "head_ce.*"}
+
+
+def test_a_infonce_imports_from_advcls_layout_and_reaches_its_published_rows(tmp_path):
+    """A-InfoNCE publishes AdvCL's layout (the benchmark's AInfoNCE.pt): --from a-infonce records
+    its method, which reaches the leaderboard's A-InfoNCE rows and finetunes as AdvCL."""
+    from test_import import KS, SETS, original_layout
+
+    from advcl_cli.benchmark.reported import load_reported
+    from advcl_cli.methods import method_for
+
+    net = randomise(create_model("resnet18-tiny", bn_sets=SETS, proj_dim=128, pseudo_ks=KS))
+    ckpt, _ = imported(tmp_path, {"model": original_layout(net)}, name="AInfoNCE.pt", source="a-infonce")
+    assert_same_tensors(ckpt, net)
+    assert ckpt.meta.method == "a-infonce" and set(ckpt.meta.config["dropped"]) == {"head_pred.*", "head_ce.*"}
+    cell, source, row = load_reported().lookup(ckpt.meta.method, "cifar10", "aff")
+    assert (cell.aa, cell.sa, row.label) == (49.73, 82.99, "A-InfoNCE (Yu et al., ECCV'22)")
+    assert method_for(ckpt.meta.method).name == "advcl"
 
 
 def test_a_stl10_stem_is_refused_with_the_reason(tmp_path):

@@ -4,7 +4,6 @@ train mode, or a view sent through another pass, shows); its loss written out, i
 schedule, and a run through the CLI."""
 
 import copy
-import json
 import math
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from advcl_cli.models import create_model
 from advcl_cli.settings import PretrainSettings
 from nets import randomise_batch_norms
 from reference.rocl_step import reference_step
+from training import pretrain_finetune_eval
 
 B, SIZE = 6, 32
 TOL = 1e-10
@@ -113,18 +113,8 @@ def test_defaults_schedule_and_model_are_the_authors():
 
 
 def test_rocl_runs_offline_through_finetune_and_eval(run_cli, tmp_path):
-    small = ["--dataset", "digits", "--limit", "32", "--image-size", "16", "--device", "cpu"]
-    code, enc, err = run_cli("pretrain", "--method", "rocl", *small, "--arch", "resnet18-tiny", "--epochs", "1",
-                             "--batch-size", "16", "--pgd-steps", "1", "--out", tmp_path / "rocl", "--json")
-    assert code == 0, err
-    doc = json.loads(enc)
+    doc = pretrain_finetune_eval(run_cli, tmp_path, "--method", "rocl")
     assert doc["metrics"]["reg"] > 0 and doc["metrics"]["nt_xent"] > 0
-    code, clf, err = run_cli("finetune", doc["path"], "--scheme", "slf", "--epochs", "1", "--batch-size", "16",
-                             "--attack-steps", "1", "--eval-limit", "8", *small, "--out", tmp_path / "slf")
-    assert code == 0, err
-    code, out, err = run_cli("eval", clf.strip(), "--attack", "pgd3", "--limit", "8", "--image-size", "16", "--json")
-    assert code == 0, err
-    assert json.loads(out)["n"] == 8
 
 
 def worker(folder: str) -> None:

@@ -31,3 +31,23 @@ def fit(model, x, y, opt, *, epochs: int, batch_size: int):
             loss.backward()
             opt.step()
     return model
+
+
+SMALL = ["--dataset", "digits", "--limit", "32", "--image-size", "16", "--device", "cpu"]
+
+
+def pretrain_finetune_eval(run_cli, tmp_path, *flags) -> dict:
+    """Pretrain ``flags`` (1 epoch of resnet18-tiny on 32 digits at 16x16), finetune with SLF and
+    evaluate 8 images under PGD-3, each asserted to succeed; the pretrain's JSON document."""
+    import json
+
+    code, enc, err = run_cli("pretrain", *flags, *SMALL, "--arch", "resnet18-tiny", "--epochs", "1",
+                             "--batch-size", "16", "--pgd-steps", "1", "--out", tmp_path / "pretrain", "--json")
+    assert code == 0, err
+    doc = json.loads(enc)
+    code, clf, err = run_cli("finetune", doc["path"], "--scheme", "slf", "--epochs", "1", "--batch-size", "16",
+                             "--attack-steps", "1", "--eval-limit", "8", *SMALL, "--out", tmp_path / "slf")
+    assert code == 0, err
+    code, out, err = run_cli("eval", clf.strip(), "--attack", "pgd3", "--limit", "8", "--image-size", "16", "--json")
+    assert code == 0 and json.loads(out)["n"] == 8, err
+    return doc

@@ -39,6 +39,7 @@ class Source(BaseModel):
 REPORTED_IDS = {
     "advcl": "advcl", "acl": "acl", "dynacl": "dynacl", "dynacl++": "dynacl++", "acl-air": "acl-air",
     "dynacl-air": "dynacl-air", "dynacl-air++": "dynacl-air++", "deacl": "deacl", "rocl": "rocl", "dynacl-rcs": "dynacl-rcs",
+    "a-infonce": "a-infonce",
 }
 
 

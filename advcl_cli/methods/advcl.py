@@ -34,13 +34,33 @@ One step, matched to the authors' ``pretraining_advCL.py`` (class ``AttackPGD`` 
   losses follow the parameters' dtype).
 
 Without pseudo labels the CE term and ``x_ce`` are dropped (the engine says so on stderr).
+
+A-InfoNCE (Yu et al., ECCV 2022; yqy2001/A-InfoNCE ``Asym-AdvCL/``: ``pretraining_advCL.py``,
+``losses.py``, ``shell/cifar10/advcl-{IP,HN,IPHN}-cifar10.sh``) is ``--a-infonce ip|hn|iphn``
+(off by default): the contrastive term becomes ``losses.asym_supcon_loss``, everything else is
+AdvCL's step:
+
+- the attack ascends that loss with the adversarial-clean terms weighted by ``ip_weight`` and
+  neither stop-gradient nor hard negatives (every script passes ``--attack_ori``, and the IP
+  script's criterion is that loss anyway);
+- ``ip``: the training loss weighs the adversarial-clean pairs by ``ip_weight`` with the
+  stop-gradient degree s: ``stpg_degree`` for the first ``stpg_adaptive_epochs`` epochs, which
+  accumulate the batch-weighted mean of d, the mean L2 distance between the backbone
+  features of x_org and x_cl, both through the "normal" BN set without gradients (train mode,
+  as the code); afterwards, with that mean a: s = ``stpg_degree`` if d > a, 0.5 if d <
+  ``stpg_d_min``, else ``(a - d) / (a - d_min) * (0.5 - stpg_degree) + stpg_degree``. The
+  accumulated sum and count are resume state; under torchrun d is the global batch's mean;
+- ``hn``: HCL's hard-negative reweighting (``tau_plus``, ``hn_beta``), no stop-gradient;
+- ``iphn``: both. An unset ``ip_weight`` / ``tau_plus`` takes the variant's script value.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..attacks.pgd import pgd_ascent, uniform_noise
@@ -49,16 +69,29 @@ from ..data.augment import ADVCL_VIEW, crop_flip_view, high_frequency, simclr_vi
 from ..distributed import DistContext, all_gather_with_grad, local_slice
 from ..settings import option
 from .base import ContrastiveSettings, CosineSettings, Method, PGDSettings, TrainSettings
-from .losses import pseudo_label_ce, supcon_loss
+from .losses import asym_supcon_loss, pseudo_label_ce, supcon_loss
 
 BN_SETS = ("normal", "pgd", "pgd_ce")
+# the authors' shell scripts, per A-InfoNCE variant: the adversarial-clean weight (--adv_weight)
+# and tau_plus (--tau_plus; IPHN keeps the code's default)
+IP_WEIGHT = {"ip": 1.2, "hn": 1.0, "iphn": 0.7}
+TAU_PLUS = {"hn": 0.12, "iphn": 0.1}
 
 
-def contrastive_term(net, x_cl: Tensor, clean: list[Tensor], s, ctx: DistContext) -> Tensor:
-    """SupCon over [z_cl, z1, z2, z_HFC] (x_cl through the "pgd" BN set), every rank's rows included."""
+def contrastive_term(net, x_cl: Tensor, clean: list[Tensor], s, ctx: DistContext, *, attack: bool = False,
+                     stop_grad: float | Tensor | None = None) -> Tensor:
+    """SupCon over [z_cl, z1, z2, z_HFC] (x_cl through the "pgd" BN set), every rank's rows
+    included; A-InfoNCE's loss when ``s.a_infonce`` is on (``attack``: the attack's form;
+    ``stop_grad``: the inferior-positive degree of the training loss)."""
     z_cl = net.project(net.features(x_cl, "pgd"))
     features = all_gather_with_grad(torch.stack([z_cl, *clean], dim=1), ctx)
-    return supcon_loss(features, s.temperature, s.base_temperature)
+    variant = getattr(s, "a_infonce", "off")
+    if variant == "off":
+        return supcon_loss(features, s.temperature, s.base_temperature)
+    weight = IP_WEIGHT[variant] if s.ip_weight is None else s.ip_weight
+    hard = None if attack or "hn" not in variant else (TAU_PLUS[variant] if s.tau_plus is None else s.tau_plus, s.hn_beta)
+    return asym_supcon_loss(features, s.temperature, s.base_temperature, adv_weight=weight,
+                            stop_grad=None if attack else stop_grad, hard_negatives=hard)
 
 
 def pseudo_label_term(net, x_ce: Tensor, targets: list[Tensor], reduction: str = "mean") -> Tensor:
@@ -70,7 +103,7 @@ def attack_objective(net, x_cl: Tensor, x_ce: Tensor | None, clean: list[Tensor]
                      s, ctx: DistContext = DistContext()) -> Tensor:
     """The loss both adversarial views ascend at every PGD step: the contrastive term of x_cl
     plus ``ce_weight`` times the pseudo-label CE of x_ce summed over the batch."""
-    loss = contrastive_term(net, x_cl, clean, s, ctx)
+    loss = contrastive_term(net, x_cl, clean, s, ctx, attack=True)
     if x_ce is not None:
         loss = loss + s.ce_weight * pseudo_label_term(net, x_ce, targets, reduction="sum")
     return loss
@@ -102,6 +135,7 @@ class AdvCL(Method):
     """``step`` computes the full AdvCL loss of one batch; the engine does backward/optimizer."""
 
     name = "advcl"
+    aliases = ("a-infonce",)  # AdvCL trained with A-InfoNCE's loss (--a-infonce); finetuned as AdvCL
     summary = "AdvCL (Fan et al., NeurIPS 2021): x_cl/x_ce attacks, HFC view, pseudo-label heads"
 
     class Settings(TrainSettings, PGDSettings, ContrastiveSettings, CosineSettings):
@@ -109,6 +143,17 @@ class AdvCL(Method):
         hfc_radius: float = option(8.0, "Radius of the high-frequency view's low-pass cut.", ge=0)
         pseudo_labels: Path | None = option(None, "Labels file from `advcl pseudo-labels` (without it: no pseudo-label term).",
                                             input="labels")
+        a_infonce: Literal["off", "ip", "hn", "iphn"] = option(
+            "off", "A-InfoNCE: the adversarial view as an inferior positive (ip), adversarial views as hard "
+            "negatives (hn), or both (iphn); its checkpoints record the method a-infonce.")
+        ip_weight: float | None = option(None, "A-InfoNCE: weight of the adversarial-clean pairs (unset: 1.2 ip, 0.7 iphn, 1 hn).",
+                                         ge=0)
+        stpg_degree: float = option(0.2, "A-InfoNCE ip: the stop-gradient degree (0: no gradient to the clean view).", ge=0, le=1)
+        stpg_adaptive_epochs: int = option(30, "A-InfoNCE ip: epochs measuring the clean-adversarial feature distance "
+                                               "before the degree adapts to it (0: a fixed degree).", ge=0)
+        stpg_d_min: float = option(0.4, "A-InfoNCE ip: below this distance the degree is 0.5.", ge=0)
+        tau_plus: float | None = option(None, "A-InfoNCE hn: the positive-class prior (unset: 0.12 hn, 0.1 iphn).", ge=0, lt=1)
+        hn_beta: float = option(1.0, "A-InfoNCE hn: hardness concentration beta.", ge=0)
 
     def __init__(self, settings, *, n_images: int, device: torch.device | str = "cpu", inputs: dict | None = None):
         super().__init__(settings, n_images=n_images, device=device, inputs=inputs)
@@ -126,6 +171,28 @@ class AdvCL(Method):
                 "no --pseudo-labels given: AdvCL trains without the pseudo-label term "
                 "(make labels with `advcl pseudo-labels --encoder CKPT`)"
             )
+        self.epoch = 0
+        # A-InfoNCE's adaptive stop-gradient: the distance accumulated over its first epochs (sum, count)
+        self.distance = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    @property
+    def checkpoint_name(self) -> str:
+        """AdvCL with A-InfoNCE's loss records "a-infonce"."""
+        return self.name if self.settings.a_infonce == "off" else "a-infonce"
+
+    @property
+    def adaptive(self) -> bool:
+        return "ip" in self.settings.a_infonce and self.settings.stpg_adaptive_epochs > 0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state(self) -> dict[str, Tensor]:
+        return {"stpg_distance": self.distance} if self.adaptive else {}
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        if self.adaptive:
+            self.distance = tensors["stpg_distance"].to(self.device, torch.float64)
 
     def model_config(self, arch: str) -> dict:
         return {"bn_sets": BN_SETS, "proj_dim": 128, "pseudo_ks": self.ks}
@@ -161,10 +228,31 @@ class AdvCL(Method):
         targets = self.targets(indices)
         clean = [net.project(net.features(v, "normal")) for v in (x1, x2, x_hfc)]
         x_cl, x_ce = attack(net, x_org, clean, targets, gen, self.settings, noise=noise, ctx=ctx)
-        contrast = contrastive_term(net, x_cl, clean, self.settings, ctx)
+        degree = self.stop_grad_degree(net, x_org, x_cl, ctx) if "ip" in self.settings.a_infonce else None
+        contrast = contrastive_term(net, x_cl, clean, self.settings, ctx, stop_grad=degree)
         loss, terms = contrast, {"contrast": contrast.detach()}
+        if degree is not None:
+            terms["stpg_degree"] = torch.as_tensor(degree, dtype=contrast.dtype, device=contrast.device)
         if x_ce is not None:
             ce = pseudo_label_term(net, x_ce, targets)
             loss = loss + self.settings.ce_weight * ce
             terms["pseudo_ce"] = ce.detach()
         return loss, terms
+
+    def stop_grad_degree(self, net, x_org: Tensor, x_cl: Tensor, ctx: DistContext = DistContext()) -> float | Tensor:
+        """A-InfoNCE's inferior-positive degree for this step (see the module's docstring); in its
+        first ``stpg_adaptive_epochs`` epochs it accumulates the distance and returns ``stpg_degree``.
+        Computed on the device, without a host sync."""
+        s = self.settings
+        if not self.adaptive:
+            return s.stpg_degree
+        with torch.no_grad():
+            d = F.pairwise_distance(net.features(x_org, "normal"), net.features(x_cl, "normal"))
+            d = all_gather_with_grad(d, ctx)
+        mean = d.mean().to(torch.float64)
+        if self.epoch + 1 <= s.stpg_adaptive_epochs:
+            self.distance = self.distance + torch.stack([mean * len(d), mean.new_tensor(len(d))])
+            return s.stpg_degree
+        avg = self.distance[0] / self.distance[1]
+        ramp = (avg - mean) / (avg - s.stpg_d_min) * (0.5 - s.stpg_degree) + s.stpg_degree
+        return torch.where(mean > avg, s.stpg_degree, torch.where(mean < s.stpg_d_min, 0.5, ramp))

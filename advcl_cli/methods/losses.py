@@ -20,6 +20,11 @@ and ``NT_xent``), which differs from ``nt_xent`` in three ways kept on purpose: 
 the normalisation and the softmax carry ``+ 1e-8`` terms, and with three views every anchor has
 two positives, each pair counted, the sum divided by the number of vectors.
 
+``asym_supcon_loss`` is A-InfoNCE's (Yu et al., ECCV 2022) SupCon loss with asymmetric
+positives, as the authors' ``Asym-AdvCL/losses.py`` computes it (``ori_SupConLoss`` and, with
+hard negatives, ``SupConLoss``); see its docstring for the two places where the code differs
+from the paper's formulas, both kept on purpose.
+
 ``pseudo_label_ce`` is AdvCL's pseudo-supervision term: the mean over the ClusterFit heads of the
 cross-entropy, with ``-1`` labels ignored (``reduction="sum"`` inside the attack, ``"mean"`` in
 the training loss, as in the reference).
@@ -29,6 +34,8 @@ autocast are upcast to float32.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +114,61 @@ def rocl_nt_xent(z: Tensor, views: int, temperature: float = 0.5) -> Tensor:
     image = torch.arange(n // views, device=z.device).repeat(views)
     positive = (image[:, None] == image[None, :]) & ~eye
     return (nll * positive).sum() / n
+
+
+def asym_supcon_loss(features: Tensor, temperature: float = 0.5, base_temperature: float = 0.07, *,
+                     adv_weight: float = 1.0, stop_grad: float | Tensor | None = None,
+                     hard_negatives: tuple[float, float] | None = None) -> Tensor:
+    """A-InfoNCE's loss of ``features`` (B, V, D), L2-normalised, view 0 the adversarial one.
+
+    Every (anchor, positive) pair of ``supcon_loss`` has its term ``l[i, j] = -log p(j | i)``;
+    the pairs of an adversarial and a clean view are changed:
+
+    - ``stop_grad`` (the inferior-positive degree s, a number or a 0-d tensor): the terms are
+      recomputed with the similarities' second factor detached (gradients reach the anchor's
+      row only), and pair (adv a, clean c) gets ``s * l_sg[c, a] + (1 - s) * l_sg[a, c]``
+      (s = 0: the clean view gets no gradient from the pair), in both directions;
+    - ``adv_weight`` multiplies those terms. Without ``stop_grad`` the authors' code writes the
+      (clean, adv) block through a view of the (adv, clean) one, so it becomes
+      ``adv_weight ** 2 * l[a, c]`` (not ``l[c, a]``): reproduced as coded;
+    - ``hard_negatives`` ``(tau_plus, beta)``: HCL's reweighted negatives. With ``e`` the
+      similarities' exponentials shifted by the row maximum (the self-similarity),
+      ``imp = (neg + 1e-9) ** beta``, ``Ng = (-tau_plus * N * pos + sum_k imp * neg / m) /
+      (1 - tau_plus)`` clamped below at ``N * exp(-2)`` (the code fixes its temperature 0.5
+      there), ``N = (B - 1) * V``, ``pos`` the mean of the positives' ``e``, and
+      ``l[i, j] = -log(e[i, j] / (pos[j] + Ng[j]))``. As coded, two divisions broadcast over the
+      last dimension: ``m`` for entry (i, k) is the mean of ``imp`` over row k, not over the
+      anchor's row i, and the normaliser of ``l[i, j]`` is the positive j's ``pos + Ng``, not the
+      anchor's (the authors' Asym-RoCL loss reshapes it to the anchor's; Asym-AdvCL does not).
+
+    The sum over an anchor's positives is divided by V - 1 and the mean over anchors scaled by
+    ``temperature / base_temperature``, as ``supcon_loss``."""
+    b, v, _ = features.shape
+    z = upcast(features.transpose(0, 1).reshape(b * v, -1))
+    eye = torch.eye(b * v, dtype=torch.bool, device=z.device)
+    image = torch.arange(b, device=z.device).repeat(v)
+    positive = (image[:, None] == image[None, :]) & ~eye
+
+    def nll(logits: Tensor) -> Tensor:
+        if hard_negatives is None:
+            return torch.logsumexp(logits.masked_fill(eye, float("-inf")), dim=1, keepdim=True) - logits
+        tau_plus, beta = hard_negatives
+        n = (b - 1) * v
+        e = torch.exp(logits - logits.max(dim=1, keepdim=True).values.detach())
+        neg = e * ~(positive | eye)
+        pos = (e * positive).sum(1) / (v - 1)
+        imp = torch.exp(beta * torch.log(neg + 1e-9))
+        ng = (-tau_plus * n * pos + (imp * neg / imp.mean(dim=-1)).sum(-1)) / (1 - tau_plus)
+        return -torch.log(e / (pos + ng.clamp(min=n * math.exp(-1 / 0.5))))  # broadcast over columns, as coded
+
+    full = nll(z @ z.T / temperature) * positive
+    if stop_grad is None:
+        cross, back = full[:b, b:], adv_weight * adv_weight
+    else:
+        sg = nll(z @ z.T.detach() / temperature) * positive
+        cross, back = stop_grad * sg[b:, :b].T + (1 - stop_grad) * sg[:b, b:], adv_weight
+    per_anchor = torch.cat([adv_weight * cross.sum(1), back * cross.sum(0) + full[b:, b:].sum(1)]) / (v - 1)
+    return (temperature / base_temperature) * per_anchor.mean()
 
 
 def pseudo_label_ce(logits: list[Tensor], targets: list[Tensor], reduction: str = "mean") -> Tensor:

@@ -80,8 +80,12 @@ class ReferenceAttack:
         z1 = m.proj(m.backbone(x1, "normal"))
         z2 = m.proj(m.backbone(x2, "normal"))
         z_hfc = m.proj(m.backbone(x_hfc, "normal"))
-        contrast = supcon(torch.stack([z_cl, z1, z2, z_hfc], dim=1), cfg["nce_t"], cfg["base_temperature"])
+        contrast = self.criterion(torch.stack([z_cl, z1, z2, z_hfc], dim=1))
         return contrast + cfg["ce_weight"] * _pseudo_ce(m, feat_ce, targets, "sum")
+
+    def criterion(self, features):
+        """The contrastive loss the attack ascends."""
+        return supcon(features, self.cfg["nce_t"], self.cfg["base_temperature"])
 
     def __call__(self, x1, x2, x_org, targets, uniform):
         """``uniform`` (2, B, C, H, W) in [-1, 1]: the random starts of x_cl and x_ce."""
@@ -100,6 +104,18 @@ class ReferenceAttack:
         return x1, x2, x_cl, x_ce, x_hfc
 
 
+def training_forward(model, x1, x2, x_cl, x_ce, x_hfc):
+    """train()'s forward passes after the attack: the (B, 4, D) projections [x_cl, x1, x2,
+    x_HFC] and x_ce's backbone feature."""
+    z_cl = model.proj(model.backbone(x_cl, "pgd"))
+    feat_ce = model.backbone(x_ce, "pgd_ce")
+    model.proj(feat_ce)  # unused, as in the authors' code
+    z1 = model.proj(model.backbone(x1, "normal"))
+    z2 = model.proj(model.backbone(x2, "normal"))
+    z_hfc = model.proj(model.backbone(x_hfc, "normal"))
+    return torch.stack([z_cl, z1, z2, z_hfc], dim=1), feat_ce
+
+
 def reference_step(model, x1, x2, x_org, targets, uniform, **config) -> dict:
     """The training loss of one batch (the model in train mode), as the authors' ``train()``:
     returns the total ``loss`` (with its graph), its ``contrast`` and ``pseudo_ce`` parts and the
@@ -107,13 +123,8 @@ def reference_step(model, x1, x2, x_org, targets, uniform, **config) -> dict:
     cfg = {**DEFAULTS, **config}
     model.train()
     x1, x2, x_cl, x_ce, x_hfc = ReferenceAttack(model, **cfg)(x1, x2, x_org, targets, uniform)
-    z_cl = model.proj(model.backbone(x_cl, "pgd"))
-    feat_ce = model.backbone(x_ce, "pgd_ce")
-    model.proj(feat_ce)  # unused, as in the authors' code
-    z1 = model.proj(model.backbone(x1, "normal"))
-    z2 = model.proj(model.backbone(x2, "normal"))
-    z_hfc = model.proj(model.backbone(x_hfc, "normal"))
-    contrast = supcon(torch.stack([z_cl, z1, z2, z_hfc], dim=1), cfg["nce_t"], cfg["base_temperature"])
+    features, feat_ce = training_forward(model, x1, x2, x_cl, x_ce, x_hfc)
+    contrast = supcon(features, cfg["nce_t"], cfg["base_temperature"])
     pseudo = _pseudo_ce(model, feat_ce, targets, "mean")
     return {"loss": contrast + cfg["ce_weight"] * pseudo, "contrast": contrast, "pseudo_ce": pseudo,
             "x_cl": x_cl, "x_ce": x_ce, "x_hfc": x_hfc}
