@@ -54,3 +54,22 @@ def test_a_row_without_its_source_encoder_is_refused(tmp_path, monkeypatch, caps
         script.main(["--methods", "autolora", "--out", str(tmp_path), "--no-record"])
     assert e.value.code == 2 and not calls
     assert "autolora finetunes the acl encoder: add acl to --methods" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("epochs, measuring", [(40, "3"), (4, "1")])  # the authors' 30 of 400, at least 1
+def test_a_infonce_is_advcl_with_its_loss_from_a_reused_simclr_encoder(tmp_path, monkeypatch, capsys, epochs,
+                                                                       measuring):
+    calls = []
+    monkeypatch.setattr(script, "advcl", fake_advcl(calls))
+    simclr = str(tmp_path / "simclr.safetensors")
+    script.main(["--methods", "a-infonce", "--simclr", simclr, "--epochs", str(epochs), "--out", str(tmp_path),
+                 "--no-record"])
+    assert [c[0] for c in calls] == ["pseudo-labels", "pretrain", "finetune", "eval"]  # no SimCLR run
+    assert calls[0][calls[0].index("--encoder") + 1] == simclr
+    labels = f"{tmp_path / 'pseudo-labels.safetensors'}/encoder.safetensors"  # what the fake pseudo-labels printed
+    pretrain = calls[1]
+    assert pretrain[pretrain.index("--method") + 1] == "advcl"
+    at = pretrain.index("--pseudo-labels")
+    assert pretrain[at + 1:at + 6] == [labels, "--a-infonce", "iphn", "--stpg-adaptive-epochs", measuring]
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows == ["| method", "| a-infonce"]
