@@ -57,6 +57,7 @@ AdvCL's step:
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
